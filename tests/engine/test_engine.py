@@ -143,3 +143,39 @@ def test_mixture_without_loaded_adapters(tiny_model_dir):
 def test_engine_without_library_cannot_load(tiny_model_dir):
     with pytest.raises(LoramuxError, match="this engine has no library"):
         Engine(load_base(str(tiny_model_dir))).load("a")
+
+
+class _FixedRouter:
+    """Routes by a prompt's first word: a constructed case with a known answer."""
+
+    def route(self, prompts):
+        from loramux.routers import Routing
+
+        table = {"one": (("a",), (1.0,)), "The": (("b", "c"), (0.7, 0.3))}
+        out = []
+        for p in prompts:
+            adapters, weights = table.get(p.split()[0], ((), ()))
+            out.append(Routing(adapters, weights, {"a": 0.5}, abstained=not adapters, router="fixed"))
+        return out
+
+
+def test_router_routes_each_row_and_results_carry_the_routing(engine):
+    requests = [greedy(p) for p in PROMPTS] + [greedy("one two", {"b": 1.0})]
+    routed = engine.generate(requests, router=_FixedRouter())
+    assert [r.mixture for r in routed] == [{"a": 1.0}, {"b": 0.7, "c": 0.3}, None, {"b": 1.0}]
+    assert routed[0].routing.router == "fixed" and routed[2].routing.abstained and routed[3].routing is None
+    explicit = engine.generate([greedy(p, m) for p, m in zip(PROMPTS, [{"a": 1.0}, {"b": 0.7, "c": 0.3}, None])])
+    assert [r.token_ids for r in routed[:3]] == [r.token_ids for r in explicit]
+
+
+def test_route_loads_chosen_adapters_on_demand(tiny_model_dir, lib):
+    e = Engine(load_base(str(tiny_model_dir)), lib)
+    [result] = e.generate([greedy("one two")], router=_FixedRouter())
+    assert e.adapters == ["a"] and result.mixture == {"a": 1.0}
+
+
+def test_request_with_conflicting_mixture_and_routing():
+    from loramux.routers import Routing
+
+    with pytest.raises(LoramuxError, match="both a mixture"):
+        GenerationRequest("x", {"a": 1.0}, routing=Routing(("b",), (1.0,)))

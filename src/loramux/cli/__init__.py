@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from . import bench, data, library, model
+from . import bench, data, library, model, router
 from .demo import demo
 from .generate import generate
 from .score import score
@@ -26,6 +26,8 @@ app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
 app.add_typer(library.app, name="library")
 app.add_typer(bench.app, name="bench")
+app.add_typer(router.app, name="router")
+app.command()(router.route)
 app.command()(train)
 app.command()(score)
 app.command()(generate)

@@ -27,6 +27,7 @@ def generate(
     prompt: str = typer.Argument(..., help="The prompt (sent as the user turn when the model has a chat template)."),
     adapter: Optional[str] = typer.Option(None, help="One library adapter (same as --mix NAME=1)."),
     mix: Optional[str] = typer.Option(None, help="A mixture of library adapters: name=weight,name=weight,..."),
+    router: Optional[str] = typer.Option(None, help="Let a trained router of the library choose the mixture (dlp)."),
     library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
     max_new_tokens: int = typer.Option(64, help="Maximum tokens to generate."),
@@ -43,17 +44,25 @@ def generate(
     from ..models import load_base
     from .common import open_library
 
-    if adapter and mix:
-        raise LoramuxError("give either --adapter or --mix, not both")
+    if sum(x is not None for x in (adapter, mix, router)) > 1:
+        raise LoramuxError("give one of --adapter, --mix and --router")
     mixture = parse_mix(mix) if mix else ({adapter: 1.0} if adapter else None)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               stop=tuple(stop or ()))
     base = load_base(model, device=device)
-    lib = open_library(library) if mixture else None
+    lib = open_library(library) if (mixture or router) else None
     engine = Engine(base, lib)
     for name in mixture or {}:
         engine.load(name)
     request = GenerationRequest(prompt, mixture, sampling)
+    if router:
+        from ..routers import load_router
+
+        request = engine.route([request], load_router(lib, router, base=base))[0]
+        r = request.routing
+        chosen = (f"abstained ({r.reason}): base model" if r.abstained else
+                  ", ".join(f"{a}={w:.3f}" for a, w in zip(r.adapters, r.weights)))
+        typer.echo(f"[{router}] {chosen}", err=True)
     if stream:
         for piece in engine.stream(request):
             typer.echo(piece, nl=False)

@@ -9,6 +9,7 @@ dropped), so it costs nothing after that step.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Callable, Generator, Iterator
 
@@ -24,6 +25,7 @@ from .sampling import choose
 if TYPE_CHECKING:
     from ..library import Library
     from ..models import BaseModel
+    from ..routers.routing import Router
 
 DeltaCallback = Callable[[int, str], None]  # (request index, new text)
 
@@ -80,7 +82,7 @@ class _Row:
         now = time.perf_counter()
         return GenerationResult(
             text=self.text, token_ids=self.tokens, finish_reason=self.finish or "length",
-            mixture=self.request.mixture, prompt_tokens=len(self.prompt_ids),
+            mixture=self.request.mixture, prompt_tokens=len(self.prompt_ids), routing=self.request.routing,
             seconds_to_first_token=(self.first_token_at or now) - self.started, seconds=now - self.started,
         )
 
@@ -116,8 +118,29 @@ class Engine:
         self.fused.remove_adapter(name)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, requests: list[GenerationRequest], on_delta: DeltaCallback | None = None) -> list[GenerationResult]:
-        """Generate for all requests in one batch; `on_delta(i, text)` streams each row's new text."""
+    def route(self, requests: list[GenerationRequest], router: "Router") -> list[GenerationRequest]:
+        """Route, in one batch, every request that has neither a mixture nor a routing."""
+        todo = [i for i, r in enumerate(requests) if r.mixture is None and r.routing is None]
+        if not todo:
+            return list(requests)
+        routings = router.route([requests[i].prompt for i in todo])
+        out = list(requests)
+        for i, routing in zip(todo, routings):
+            for name in routing.adapters:  # adapters load on first use when the engine has the library
+                if name not in self.fused.adapters and self.library is not None:
+                    self.load(name)
+            out[i] = dataclasses.replace(requests[i], routing=routing)
+        return out
+
+    def generate(self, requests: list[GenerationRequest], on_delta: DeltaCallback | None = None, *,
+                 router: "Router | None" = None) -> list[GenerationResult]:
+        """Generate for all requests in one batch; `on_delta(i, text)` streams each row's new text.
+
+        With a `router`, each request without a mixture is routed on its own first; every row
+        then carries its own mixture through one fused batch.
+        """
+        if router is not None:
+            requests = self.route(requests, router)
         run = self._run(requests)
         while True:
             try:

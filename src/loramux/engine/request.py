@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import LoramuxError
+from ..routers.routing import Routing
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,14 @@ class GenerationRequest:
     mixture: dict[str, float] | None = None  # adapter name -> weight; None: the base model
     sampling: SamplingParams = field(default_factory=SamplingParams)
     chat: bool = True  # wrap the prompt in the model's chat template (when it has one)
+    routing: Routing | None = None  # a router's decision; sets the mixture when none is given
+
+    def __post_init__(self) -> None:
+        if self.routing is not None:
+            if self.mixture is not None and self.mixture != self.routing.mixture:
+                raise LoramuxError(f"request gives both a mixture {self.mixture} and a routing whose mixture is "
+                                   f"{self.routing.mixture}; give one")
+            object.__setattr__(self, "mixture", self.routing.mixture)
 
 
 @dataclass
@@ -41,7 +50,8 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    mixture: dict[str, float] | None  # the routing actually used
+    mixture: dict[str, float] | None  # the mixture actually used
     prompt_tokens: int
     seconds_to_first_token: float = 0.0
     seconds: float = 0.0
+    routing: Routing | None = None  # the router's decision and scores, when a router chose the mixture

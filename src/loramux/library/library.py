@@ -3,6 +3,7 @@
     <library>/
       loramux-library.json        manifest: format version + one AdapterSpec per adapter
       adapters/<name>-<id>/       adapter_config.json + adapter_model.safetensors (PEFT format)
+      routers/<name>-<id>/        a trained router (safetensors + json), see save_router
       .lock
 
 The manifest is the single commit point. Every change writes new files into a fresh,
@@ -21,7 +22,7 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .._atomic import atomic_write_json, sha256_file, staging_dir
 from ..errors import LoramuxError
@@ -79,20 +80,28 @@ class Library:
                                f"reads up to {FORMAT_VERSION}: upgrade loramux")
         return {name: AdapterSpec.from_dict(d) for name, d in data.get("adapters", {}).items()}
 
-    def _write_manifest(self, adapters: dict[str, AdapterSpec]) -> None:
+    def _read_routers(self) -> dict[str, dict]:
+        data = json.loads((self.path / MANIFEST).read_text())
+        return dict(data.get("routers", {}))
+
+    def _write_manifest(self, adapters: dict[str, AdapterSpec], routers: dict[str, dict] | None = None) -> None:
+        """Commit a new state. `routers=None` keeps the routers the manifest has now."""
+        if routers is None:
+            routers = self._read_routers() if (self.path / MANIFEST).is_file() else {}
         atomic_write_json(self.path / MANIFEST, {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "adapters": {name: spec.to_dict() for name, spec in sorted(adapters.items())},
+            "routers": dict(sorted(routers.items())),
         })
 
     def _sweep(self, adapters: dict[str, AdapterSpec]) -> None:
-        """Delete adapter dirs no manifest entry references (left by a crash or a replace)."""
-        live = {spec.dir for spec in adapters.values()}
-        root = self.path / "adapters"
-        for d in root.iterdir() if root.is_dir() else ():
-            if d.name not in live:
-                shutil.rmtree(d, ignore_errors=True)
+        """Delete adapter and router dirs no manifest entry references (left by a crash or a replace)."""
+        live = {spec.dir for spec in adapters.values()} | {r["dir"] for r in self._read_routers().values()}
+        for root in (self.path / "adapters", self.path / "routers"):
+            for d in root.iterdir() if root.is_dir() else ():
+                if d.name not in live:
+                    shutil.rmtree(d, ignore_errors=True)
 
     # ---------------------------------------------------------------- reading
     def list(self) -> list[AdapterSpec]:
@@ -190,17 +199,87 @@ class Library:
                 shutil.copy2(src / f, tmp / f)
         return dest
 
+    # ---------------------------------------------------------------- routers
+    def save_router(self, name: str, kind: str, adapters: list[str], write: "Callable[[Path], None]") -> Path:
+        """Store a trained router beside the adapters; `write(dir)` puts its files into a fresh dir.
+
+        The router records the adapters it was trained for with the sha256 of their weights, so
+        `router_dir` refuses it once any of them is replaced or removed. Same commit protocol as
+        adapters: staged dir, then the manifest, then the old dir is swept.
+        """
+        check_name(name)
+        with self._lock():
+            current = self._read_manifest()
+            missing = [a for a in adapters if a not in current]
+            if missing:
+                raise LoramuxError(f"router {name!r} names adapters {missing} that are not in library "
+                                   f"{str(self.path)!r}; it has {sorted(current)}")
+            self._sweep(current)
+            dir_name = f"{name}-{uuid.uuid4().hex[:8]}"
+            with staging_dir(self.path / "routers" / dir_name) as tmp:
+                write(tmp)
+                sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+            routers = self._read_routers()
+            routers[name] = {
+                "kind": kind,
+                "dir": dir_name,
+                "files": sums,
+                "adapters": {a: current[a].files.get(WEIGHTS_FILE, "") for a in adapters},
+                "added_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            self._write_manifest(current, routers)
+            self._sweep(current)
+        return self.path / "routers" / dir_name
+
+    def routers(self) -> dict[str, dict]:
+        """Router name -> its manifest entry (kind, dir, files, the adapters it was trained for)."""
+        return self._read_routers()
+
+    def router_dir(self, name: str) -> Path:
+        """The dir of a stored router, after checking its files and that its adapters are unchanged."""
+        routers = self._read_routers()
+        if name not in routers:
+            raise LoramuxError(f"no router named {name!r} in library {str(self.path)!r}; it has {sorted(routers)} "
+                               f"(train one with `loramux router train`)")
+        entry = routers[name]
+        d = self.path / "routers" / entry["dir"]
+        self._check_sums(f"router {name!r}", d, entry["files"])
+        adapters = self._read_manifest()
+        trained = entry["adapters"]
+        removed = sorted(a for a in trained if a not in adapters)
+        changed = sorted(a for a in trained if a in adapters and adapters[a].files.get(WEIGHTS_FILE, "") != trained[a])
+        added = sorted(a for a in adapters if a not in trained)
+        if removed or changed or added:
+            raise LoramuxError(
+                f"router {name!r} was trained for adapters {sorted(trained)}, but the library changed since "
+                f"(removed {removed}, replaced {changed}, added {added}); retrain it with "
+                f"`loramux router train --library {self.path}`")
+        return d
+
+    def remove_router(self, name: str) -> None:
+        with self._lock():
+            routers = self._read_routers()
+            if name not in routers:
+                raise LoramuxError(f"no router named {name!r} in library {str(self.path)!r}; it has {sorted(routers)}")
+            del routers[name]
+            adapters = self._read_manifest()
+            self._write_manifest(adapters, routers)
+            self._sweep(adapters)
+
     # ---------------------------------------------------------------- checks
-    def _check_files(self, spec: AdapterSpec) -> None:
-        d = self.path / "adapters" / spec.dir
-        for fname, expected in spec.files.items():
+    @staticmethod
+    def _check_sums(what: str, d: Path, files: dict[str, str]) -> None:
+        for fname, expected in files.items():
             f = d / fname
             if not f.is_file():
-                raise LoramuxError(f"adapter {spec.name!r}: file {str(f)!r} is missing from the library")
+                raise LoramuxError(f"{what}: file {str(f)!r} is missing from the library")
             actual = sha256_file(f)
             if actual != expected:
-                raise LoramuxError(f"adapter {spec.name!r}: {fname} has sha256 {actual[:12]}..., the manifest "
+                raise LoramuxError(f"{what}: {fname} has sha256 {actual[:12]}..., the manifest "
                                    f"records {expected[:12]}...; the file was changed or corrupted")
+
+    def _check_files(self, spec: AdapterSpec) -> None:
+        self._check_sums(f"adapter {spec.name!r}", self.path / "adapters" / spec.dir, spec.files)
 
     def verify(self, base: "BaseModel | None" = None) -> list[str]:
         """Check every adapter (files, sha256, safetensors; fit to `base` if given). Returns problems."""
@@ -218,11 +297,17 @@ class Library:
                     check_against_base(files, base)
             except LoramuxError as e:
                 problems.append(str(e))
-        live = {spec.dir for spec in adapters.values()}
-        root = self.path / "adapters"
-        for d in sorted(root.iterdir()) if root.is_dir() else ():
-            if d.name not in live:
-                problems.append(f"unreferenced dir {str(d)!r} (left by an interrupted write; the next write removes it)")
+        for name, entry in self._read_routers().items():
+            try:
+                self._check_sums(f"router {name!r}", self.path / "routers" / entry["dir"], entry["files"])
+            except LoramuxError as e:
+                problems.append(str(e))
+        live = {spec.dir for spec in adapters.values()} | {r["dir"] for r in self._read_routers().values()}
+        for root in (self.path / "adapters", self.path / "routers"):
+            for d in sorted(root.iterdir()) if root.is_dir() else ():
+                if d.name not in live:
+                    problems.append(f"unreferenced dir {str(d)!r} (left by an interrupted write; the next write "
+                                    f"removes it)")
         return problems
 
     def check_loadable(self, name: str, base: "BaseModel") -> AdapterSpec:

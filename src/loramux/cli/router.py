@@ -1,0 +1,122 @@
+"""`loramux router train` and `loramux route`: train a router into the library, ask it about a prompt."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from ..models import DEFAULT_MODEL
+from ..routers.sentence.train import DlpTrainConfig
+
+app = typer.Typer(help="Routers that choose adapters per prompt (DLP-LoRA).", no_args_is_help=True)
+LIBRARY = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library).")
+_D = DlpTrainConfig()
+
+
+def _parse_hidden(hidden: str) -> tuple[int, ...]:
+    from ..errors import LoramuxError
+
+    try:
+        return tuple(int(h) for h in hidden.split(",") if h.strip())
+    except ValueError:
+        raise LoramuxError(f"--hidden {hidden!r} must be comma-separated integers, e.g. 2048,2048 ('' for none)") from None
+
+
+@app.command("train")
+def train(
+    method: str = typer.Option("dlp", help="Router method (dlp)."),
+    library: Optional[str] = LIBRARY,
+    data: Optional[str] = typer.Option(None, "--data", help="Dir of task dirs holding each adapter's tasks."),
+    name: Optional[str] = typer.Option(None, help="Name to store the router under (default: the method)."),
+    encoder: str = typer.Option(_D.encoder, help="minilm | base | base:LAYER | path to an HF encoder dir."),
+    hidden: str = typer.Option(",".join(map(str, _D.hidden)), help="MLP hidden sizes ('' = linear probe)."),
+    dropout: float = typer.Option(_D.dropout, help="Dropout in the head."),
+    lr: float = typer.Option(_D.lr, help="AdamW learning rate."),
+    batch_size: int = typer.Option(_D.batch_size, help="Prompts per step."),
+    max_epochs: int = typer.Option(_D.max_epochs, help="Epoch limit."),
+    patience: int = typer.Option(_D.patience, help="Early stopping: epochs without a better validation loss."),
+    val_fraction: float = typer.Option(_D.val_fraction, help="Held-out share of each task's prompts."),
+    max_per_task: Optional[int] = typer.Option(None, help="Cap on training prompts per task."),
+    top_p: float = typer.Option(0.6, help="Default selection threshold stored with the router."),
+    seed: int = typer.Option(_D.seed, help="Random seed."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model (only read for --encoder base)."),
+) -> None:
+    """Train a router on each adapter's training prompts and store it in the library."""
+    from ..errors import LoramuxError
+    from ..routers import METHODS
+    from ..routers.sentence import DlpConfig, train_dlp
+    from ..data import load_tasks
+    from .common import default_data_dir, open_library
+
+    if method not in METHODS:
+        raise LoramuxError(f"unknown router method {method!r}; available: {list(METHODS)}")
+    lib = open_library(library)
+    config = DlpTrainConfig(encoder=encoder, hidden=_parse_hidden(hidden), dropout=dropout, lr=lr,
+                            batch_size=batch_size, max_epochs=max_epochs, patience=patience,
+                            val_fraction=val_fraction, max_per_task=max_per_task, seed=seed)
+    wanted = sorted({t for spec in lib.list() for t in spec.tasks})
+    tasks = load_tasks(data or default_data_dir(), wanted, "train") if wanted else []
+    base = None
+    if encoder == "base" or encoder.startswith("base:"):
+        from ..models import load_base
+
+        base = load_base(model)
+    router = train_dlp(lib, tasks, config, base=base, selection=DlpConfig(top_p=top_p), log=typer.echo)
+    path = router.save(lib, name or method)
+    typer.echo(f"router {name or method!r} saved to {path}")
+
+
+def _selection(top_p, top_k, weighting, min_confidence, max_distance) -> dict:
+    out = {"top_p": top_p, "top_k": top_k, "weighting": weighting, "min_confidence": min_confidence}
+    if max_distance is not None:
+        out["max_distance"] = max_distance if max_distance == "auto" else float(max_distance)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def route(
+    prompt: str = typer.Argument(..., help="The prompt to route."),
+    library: Optional[str] = LIBRARY,
+    router: str = typer.Option("dlp", help="Router method (dlp)."),
+    name: Optional[str] = typer.Option(None, help="Stored router name (default: the method)."),
+    top_p: Optional[float] = typer.Option(None, help="Override the stored top-p."),
+    top_k: Optional[int] = typer.Option(None, help="Cap the number of adapters fused."),
+    weighting: Optional[str] = typer.Option(None, help="renorm (default) or softmax."),
+    min_confidence: Optional[float] = typer.Option(None, help="Abstain below this top probability."),
+    max_distance: Optional[str] = typer.Option(None, help="Abstain beyond this centroid distance, or 'auto'."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model (only read for a base-encoder router)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the routing as JSON."),
+) -> None:
+    """Show the router's ranking of the library's adapters and the mixture it chooses."""
+    from ..routers import load_router
+    from .common import open_library
+
+    lib = open_library(library)
+    rt = load_router(lib, router, name=name, base=_base_if_needed(lib, router, name, model),
+                     **_selection(top_p, top_k, weighting, min_confidence, max_distance))
+    routing = rt.route([prompt])[0]
+    if as_json:
+        typer.echo(json.dumps(routing.to_dict(), indent=2))
+        return
+    for adapter, p in routing.ranked():
+        mark = "*" if adapter in routing.adapters else " "
+        typer.echo(f"{mark} {p:7.4f}  {adapter}")
+    if routing.abstained:
+        typer.echo(f"abstained: {routing.reason} -> base model alone")
+    else:
+        mix = ",".join(f"{a}={w:.4f}" for a, w in zip(routing.adapters, routing.weights))
+        typer.echo(f"mixture: {mix}  ({routing.reason})")
+
+
+def _base_if_needed(lib, method: str, name: str | None, model: str):
+    """A router with a base-model encoder needs the base model; others do not load it."""
+    entry = lib.routers().get(name or method)
+    if entry is None:
+        return None
+    meta = json.loads((lib.path / "routers" / entry["dir"] / "router.json").read_text())
+    if str(meta.get("encoder", "")).startswith("base"):
+        from ..models import load_base
+
+        return load_base(model)
+    return None

@@ -1,0 +1,49 @@
+"""`loramux router train`, `loramux route` and `loramux generate --router`, driven as a user would."""
+
+import json
+
+import pytest
+
+from ..routers.sentence.conftest import bert_dir, task_dir, task_lib, task_prompts  # noqa: F401 (fixtures)
+from .test_cli import run
+
+
+@pytest.fixture
+def trained_lib(capsys, task_lib, task_dir, bert_dir):
+    code, out, err = run(capsys, "router", "train", "-l", str(task_lib.path), "--data", str(task_dir),
+                         "--encoder", str(bert_dir), "--hidden", "64", "--lr", "3e-3", "--batch-size", "16",
+                         "--max-epochs", "60", "--patience", "10")
+    assert code == 0, err
+    assert "router 'dlp' saved to" in out and "head 2,307 parameters" in out  # 32*64+64 + 64*3+3
+    return task_lib
+
+
+def test_route_prints_the_ranking_and_the_mixture(capsys, trained_lib):
+    code, out, err = run(capsys, "route", task_prompts("numbers", 1, offset=1)[0], "-l", str(trained_lib.path))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("*") and lines[0].endswith("numbers")
+    assert lines[-1].startswith("mixture: numbers=")
+    code, out, _ = run(capsys, "route", "hello world zebra quantum", "-l", str(trained_lib.path),
+                       "--max-distance", "auto", "--json")
+    routing = json.loads(out)
+    assert routing["abstained"] and routing["adapters"] == [] and "radius" in routing["reason"]
+
+
+def test_generate_with_the_router(capsys, trained_lib, tiny_model_dir):
+    code, out, err = run(capsys, "generate", task_prompts("colors", 1)[0], "-l", str(trained_lib.path),
+                         "--router", "dlp", "--model", str(tiny_model_dir), "--max-new-tokens", "4")
+    assert code == 0, err
+    assert err.startswith("[dlp] colors=")
+
+
+def test_router_errors(capsys, task_lib, task_dir, bert_dir):
+    code, _, err = run(capsys, "route", "x", "-l", str(task_lib.path))
+    assert code == 2 and "no router named 'dlp'" in err and "loramux router train" in err
+    code, _, err = run(capsys, "router", "train", "--method", "moe", "-l", str(task_lib.path))
+    assert code == 2 and "unknown router method 'moe'; available: ['dlp']" in err
+    code, _, err = run(capsys, "router", "train", "-l", str(task_lib.path), "--data", str(task_dir),
+                       "--encoder", str(bert_dir), "--hidden", "6x4")
+    assert code == 2 and "--hidden '6x4' must be comma-separated integers" in err
+    code, _, err = run(capsys, "generate", "x", "--mix", "a=1", "--router", "dlp")
+    assert code == 2 and "give one of --adapter, --mix and --router" in err
