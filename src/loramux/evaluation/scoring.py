@@ -122,6 +122,12 @@ def greedy_generate(model: "PreTrainedModel", formatter: PromptFormatter, prompt
     return [tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
 
 
+def answer_budget(tokenizer: "PreTrainedTokenizerBase", examples: list[Example] | tuple[Example, ...]) -> int:
+    """Greedy-decoding budget for a generative task: its longest reference plus 8 tokens, at most 128."""
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for ex in examples for t in ex.targets)
+    return min(128, longest + 8)
+
+
 def score_task(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",
@@ -146,8 +152,7 @@ def score_task(
     predictions: list[Prediction] = []
     bar = tqdm(total=len(examples), desc=f"score {task.name}"[:50], disable=not progress, unit="ex")
     if max_new_tokens is None and task.kind == "generative":
-        longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for ex in examples for t in ex.targets)
-        max_new_tokens = min(128, longest + 8)
+        max_new_tokens = answer_budget(tokenizer, examples)
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]

@@ -1,0 +1,67 @@
+import pytest
+
+from loramux.data import Example, Task
+from loramux.evaluation import MixtureScorer, compare_policies, score_task
+from loramux.fusion import FusedModel
+from loramux.library import Library
+from loramux.models import load_base
+
+from ..library.conftest import make_peft_dir
+
+MC = Task("mc", tuple(Example(prompt=p, targets=("yes",), choices=("yes", "no", "maybe"), choice_scores=(1, 0, 0))
+                      for p in ["one two", "The quick brown fox", "three", "x y z", "Question: which one?"]),
+          "multiple_choice")
+GEN = Task("gen", tuple(Example(prompt=p, targets=(t,)) for p, t in
+                        [("one", "two"), ("four", "five six seven"), ("abc", "d")]), "generative")
+
+
+@pytest.fixture
+def lib(tiny_base, tmp_path):
+    lib = Library(tmp_path / "lib", create=True)
+    for i, name in enumerate(["a", "b"]):
+        lib.add(name, make_peft_dir(tiny_base, tmp_path / name, r=4, seed=i + 3), base=tiny_base, tasks=[name])
+    return lib
+
+
+@pytest.fixture
+def scorer(tiny_model_dir, lib):
+    fused = FusedModel(load_base(str(tiny_model_dir)))
+    for name in ("a", "b"):
+        fused.load(lib, name)
+    return MixtureScorer(fused, batch_size=2, progress=False)
+
+
+def test_each_example_scores_as_under_peft_with_its_own_adapter(scorer, tiny_model_dir, lib):
+    mixtures = [{"a": 1.0}, None, {"b": 1.0}, {"a": 1.0}, None]
+    got = scorer.score(MC, mixtures)
+    for name in ("a", "b", None):
+        base = load_base(str(tiny_model_dir))
+        model = lib.load_peft(base, name) if name else base.model
+        ref = score_task(model, base.tokenizer, MC, progress=False).predictions
+        for j, mix in enumerate(mixtures):
+            if (mix and list(mix)[0]) == name or (mix is None and name is None):
+                assert got[j].choice_logprobs == pytest.approx(ref[j].choice_logprobs, abs=1e-4)
+                assert got[j].prediction == ref[j].prediction
+
+
+def test_memo_scores_each_example_and_mixture_once(scorer):
+    scorer.score(MC, [{"a": 1.0}] * 5)
+    groups = scorer.forward_groups
+    again = scorer.score(MC, [{"a": 1.0}] * 5)
+    assert scorer.forward_groups == groups and len(again) == 5
+    scorer.score(MC, [{"a": 0.5, "b": 0.5}] * 2, indices=[3, 4])
+    assert scorer.forward_groups == groups + 1
+
+
+def test_generation_budget_does_not_depend_on_the_group(scorer):
+    whole = scorer.score(GEN, [{"a": 1.0}] * 3)
+    fresh = MixtureScorer(scorer.fused, progress=False)
+    alone = fresh.score(GEN, [{"a": 1.0}], indices=[2])  # the shortest reference alone
+    assert alone[0].prediction == whole[2].prediction
+
+
+def test_compare_policies(scorer):
+    out = compare_policies(scorer, [MC], {"base": lambda t, idx: [None] * len(idx),
+                                          "oracle": lambda t, idx: [{"a": 1.0}] * len(idx)})
+    assert set(out) == {"base", "oracle"} and 0 <= out["oracle"]["average"] <= 1
+    assert out["base"]["per_task"]["mc"] == out["base"]["average"]
