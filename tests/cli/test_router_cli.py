@@ -41,9 +41,30 @@ def test_router_errors(capsys, task_lib, task_dir, bert_dir):
     code, _, err = run(capsys, "route", "x", "-l", str(task_lib.path))
     assert code == 2 and "no router named 'dlp'" in err and "loramux router train" in err
     code, _, err = run(capsys, "router", "train", "--method", "moe", "-l", str(task_lib.path))
-    assert code == 2 and "unknown router method 'moe'; available: ['dlp']" in err
+    assert code == 2 and "cannot train router method 'moe'; trainable: ['dlp']" in err
+    code, _, err = run(capsys, "router", "train", "--method", "arrow", "-l", str(task_lib.path))
+    assert code == 2 and "arrow needs no training" in err
+    code, _, err = run(capsys, "route", "x", "--router", "moe", "-l", str(task_lib.path))
+    assert code == 2 and "unknown router method 'moe'; available: ['dlp', 'arrow']" in err
     code, _, err = run(capsys, "router", "train", "-l", str(task_lib.path), "--data", str(task_dir),
                        "--encoder", str(bert_dir), "--hidden", "6x4")
     assert code == 2 and "--hidden '6x4' must be comma-separated integers" in err
     code, _, err = run(capsys, "generate", "x", "--mix", "a=1", "--router", "dlp")
     assert code == 2 and "give one of --adapter, --mix and --router" in err
+
+
+def test_route_and_generate_with_arrow(capsys, task_lib, tiny_model_dir):
+    code, out, err = run(capsys, "route", "one two three", "--router", "arrow", "-l", str(task_lib.path),
+                         "--model", str(tiny_model_dir), "--top-k", "2", "--json")
+    assert code == 0, err
+    routing = json.loads(out)
+    assert routing["router"] == "arrow" and routing["granularity"] == "token" and routing["layers"]
+    assert set(routing["adapters"]) <= {"animals", "colors", "numbers"}
+    assert sum(routing["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+    code, out, err = run(capsys, "generate", "one two", "--router", "arrow", "-l", str(task_lib.path),
+                         "--model", str(tiny_model_dir), "--max-new-tokens", "3")
+    assert code == 0, err
+    assert err.startswith("[arrow] per token over 3 adapters")
+    code, _, err = run(capsys, "route", "x", "--router", "arrow", "--top-p", "0.5", "-l", str(task_lib.path),
+                       "--model", str(tiny_model_dir))
+    assert code == 2 and "DLP options" in err

@@ -179,3 +179,20 @@ def test_request_with_conflicting_mixture_and_routing():
 
     with pytest.raises(LoramuxError, match="both a mixture"):
         GenerationRequest("x", {"a": 1.0}, routing=Routing(("b",), (1.0,)))
+
+
+def test_arrow_in_the_engine_equals_a_forward_with_its_gate(engine, lib):
+    from loramux.routers.arrow import ArrowConfig, ArrowRouter
+
+    router = ArrowRouter(engine.fused, lib, ArrowConfig(top_k=2))
+    results = engine.generate([greedy(p, n=6) for p in PROMPTS], router=router)
+    for prompt, result in zip(PROMPTS, results):
+        assert result.routing.router == "arrow" and result.mixture is None
+        ids = list(engine.formatter.encode_prompt(prompt))
+        for token in result.token_ids:  # greedy, one token at a time, no cache, Arrow's gate active
+            with torch.no_grad(), engine.fused.mixture(router.layer_mixture()):
+                logits = engine.base.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            assert int(logits.argmax()) == token
+            ids.append(token)
+    with pytest.raises(LoramuxError, match=r"requests \[0\] carry a mixture, but a per-token router"):
+        engine.generate([greedy("x", {"a": 1.0})], router=router)

@@ -96,6 +96,30 @@ def test_token_mixture_fast_equals_reference_and_formula():
     assert torch.allclose(ref, explicit(layer, factors, x, C), atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_sparse_per_token_gate_equals_reference_and_formula(k):
+    """Top-k per-token weights (Arrow's shape) take the sparse path: each adapter on its own tokens."""
+    layer, factors = make_layer(ranks=[2, 4, None, 8, 4, 4, 2, 8])
+    torch.manual_seed(k)
+    x = torch.randn(3, 7, 12)
+    logits = torch.randn(3, 7, 8)
+    top = logits.topk(k, dim=-1)
+    C = torch.zeros_like(logits).scatter_(-1, top.indices, torch.softmax(top.values, -1))
+    assert int(torch.count_nonzero(C)) <= C.numel() // 2  # sparse enough for the sparse path
+    mix = LayerMixture(lambda name, x, mask: C)
+    fast, ref = run(layer, x, mix), run(layer, x, mix, reference=True)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert torch.allclose(ref, explicit(layer, factors, x, C), atol=1e-4)
+    dense = C + 1e-3  # no zeros: the dense path, same formula
+    assert torch.allclose(run(layer, x, LayerMixture(lambda n, x, m: dense)), explicit(layer, factors, x, dense), atol=1e-4)
+
+
+def test_gate_with_a_wrong_shape_is_refused():
+    layer, _ = make_layer()
+    with pytest.raises(LoramuxError, match=r"gate at blk.q_proj returned weights of shape \(2, 3\); expected \(B, 5\)"):
+        run(layer, torch.randn(2, 4, 12), LayerMixture(lambda n, x, m: torch.ones(2, 3)))
+
+
 def test_layer_mixture_calls_the_gate_with_name_input_and_mask():
     layer, factors = make_layer()
     seen = {}

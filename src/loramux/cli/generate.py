@@ -27,7 +27,7 @@ def generate(
     prompt: str = typer.Argument(..., help="The prompt (sent as the user turn when the model has a chat template)."),
     adapter: Optional[str] = typer.Option(None, help="One library adapter (same as --mix NAME=1)."),
     mix: Optional[str] = typer.Option(None, help="A mixture of library adapters: name=weight,name=weight,..."),
-    router: Optional[str] = typer.Option(None, help="Let a trained router of the library choose the mixture (dlp)."),
+    router: Optional[str] = typer.Option(None, help="Let a router choose: dlp (trained, per prompt) or arrow (per token)."),
     library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
     max_new_tokens: int = typer.Option(64, help="Maximum tokens to generate."),
@@ -55,17 +55,23 @@ def generate(
     for name in mixture or {}:
         engine.load(name)
     request = GenerationRequest(prompt, mixture, sampling)
+    rt = None
     if router:
-        from ..routers import load_router
+        from .router import build_router
 
-        request = engine.route([request], load_router(lib, router, base=base))[0]
-        r = request.routing
-        chosen = (f"abstained ({r.reason}): base model" if r.abstained else
-                  ", ".join(f"{a}={w:.3f}" for a, w in zip(r.adapters, r.weights)))
-        typer.echo(f"[{router}] {chosen}", err=True)
+        rt = build_router(lib, router, model=model, base=base, fused=engine.fused)
+        if getattr(rt, "granularity", "sequence") == "sequence":
+            request = engine.route([request], rt)[0]
+            r = request.routing
+            chosen = (f"abstained ({r.reason}): base model" if r.abstained else
+                      ", ".join(f"{a}={w:.3f}" for a, w in zip(r.adapters, r.weights)))
+            typer.echo(f"[{router}] {chosen}", err=True)
+            rt = None
+        else:
+            typer.echo(f"[{router}] per token over {len(engine.adapters)} adapters", err=True)
     if stream:
-        for piece in engine.stream(request):
+        for piece in engine.stream(request, router=rt):
             typer.echo(piece, nl=False)
         typer.echo("")
     else:
-        typer.echo(engine.generate([request])[0].text)
+        typer.echo(engine.generate([request], router=rt)[0].text)

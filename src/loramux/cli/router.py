@@ -45,13 +45,13 @@ def train(
 ) -> None:
     """Train a router on each adapter's training prompts and store it in the library."""
     from ..errors import LoramuxError
-    from ..routers import METHODS
     from ..routers.sentence import DlpConfig, train_dlp
     from ..data import load_tasks
     from .common import default_data_dir, open_library
 
-    if method not in METHODS:
-        raise LoramuxError(f"unknown router method {method!r}; available: {list(METHODS)}")
+    if method != "dlp":
+        hint = " (arrow needs no training: use it directly with --router arrow)" if method == "arrow" else ""
+        raise LoramuxError(f"cannot train router method {method!r}; trainable: ['dlp']{hint}")
     lib = open_library(library)
     config = DlpTrainConfig(encoder=encoder, hidden=_parse_hidden(hidden), dropout=dropout, lr=lr,
                             batch_size=batch_size, max_epochs=max_epochs, patience=patience,
@@ -75,13 +75,45 @@ def _selection(top_p, top_k, weighting, min_confidence, max_distance) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def build_router(lib, method: str, *, name: str | None = None, model: str = DEFAULT_MODEL, base=None, fused=None,
+                 top_p=None, top_k=None, weighting=None, min_confidence=None, max_distance=None,
+                 temperature=None, candidates: str | None = None):
+    """The router the CLI options describe. Arrow runs inside a fused model (built here unless
+    given) with every library adapter, or only --candidates, loaded."""
+    from ..errors import LoramuxError
+    from ..routers import METHODS, load_router
+
+    if method not in METHODS:
+        raise LoramuxError(f"unknown router method {method!r}; available: {list(METHODS)}")
+    if method == "arrow":
+        from ..fusion import FusedModel
+        from ..models import load_base
+
+        if any(v is not None for v in (top_p, weighting, min_confidence, max_distance)):
+            raise LoramuxError("--top-p, --weighting, --min-confidence and --max-distance are DLP options; Arrow "
+                               "takes --top-k, --temperature and --candidates")
+        fused = fused or FusedModel(base or load_base(model))
+        names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else lib.names()
+        for n in names:
+            if n not in fused.adapters:
+                fused.load(lib, n)
+        opts = {k: v for k, v in (("top_k", top_k), ("temperature", temperature)) if v is not None}
+        return load_router(lib, "arrow", fused=fused, **opts)
+    if temperature is not None or candidates is not None:
+        raise LoramuxError("--temperature and --candidates are Arrow options")
+    return load_router(lib, method, name=name, base=base or _base_if_needed(lib, method, name, model),
+                       **_selection(top_p, top_k, weighting, min_confidence, max_distance))
+
+
 def route(
     prompt: str = typer.Argument(..., help="The prompt to route."),
     library: Optional[str] = LIBRARY,
-    router: str = typer.Option("dlp", help="Router method (dlp)."),
+    router: str = typer.Option("dlp", help="Router method: dlp (trained) or arrow (zero-shot, per token)."),
     name: Optional[str] = typer.Option(None, help="Stored router name (default: the method)."),
     top_p: Optional[float] = typer.Option(None, help="Override the stored top-p."),
-    top_k: Optional[int] = typer.Option(None, help="Cap the number of adapters fused."),
+    top_k: Optional[int] = typer.Option(None, help="DLP: cap on adapters fused; Arrow: adapters per token (4)."),
+    temperature: Optional[float] = typer.Option(None, help="Arrow: softmax temperature T (1.0)."),
+    candidates: Optional[str] = typer.Option(None, help="Arrow: route only between these adapters (a,b,...)."),
     weighting: Optional[str] = typer.Option(None, help="renorm (default) or softmax."),
     min_confidence: Optional[float] = typer.Option(None, help="Abstain below this top probability."),
     max_distance: Optional[str] = typer.Option(None, help="Abstain beyond this centroid distance, or 'auto'."),
@@ -89,12 +121,12 @@ def route(
     as_json: bool = typer.Option(False, "--json", help="Print the routing as JSON."),
 ) -> None:
     """Show the router's ranking of the library's adapters and the mixture it chooses."""
-    from ..routers import load_router
     from .common import open_library
 
     lib = open_library(library)
-    rt = load_router(lib, router, name=name, base=_base_if_needed(lib, router, name, model),
-                     **_selection(top_p, top_k, weighting, min_confidence, max_distance))
+    rt = build_router(lib, router, name=name, model=model, top_p=top_p, top_k=top_k, weighting=weighting,
+                      min_confidence=min_confidence, max_distance=max_distance, temperature=temperature,
+                      candidates=candidates)
     routing = rt.route([prompt])[0]
     if as_json:
         typer.echo(json.dumps(routing.to_dict(), indent=2))
@@ -102,7 +134,9 @@ def route(
     for adapter, p in routing.ranked():
         mark = "*" if adapter in routing.adapters else " "
         typer.echo(f"{mark} {p:7.4f}  {adapter}")
-    if routing.abstained:
+    if routing.granularity == "token":
+        typer.echo(f"per token: {routing.reason}")
+    elif routing.abstained:
         typer.echo(f"abstained: {routing.reason} -> base model alone")
     else:
         mix = ",".join(f"{a}={w:.4f}" for a, w in zip(routing.adapters, routing.weights))

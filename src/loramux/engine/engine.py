@@ -9,6 +9,7 @@ dropped), so it costs nothing after that step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import TYPE_CHECKING, Callable, Generator, Iterator
@@ -25,7 +26,7 @@ from .sampling import choose
 if TYPE_CHECKING:
     from ..library import Library
     from ..models import BaseModel
-    from ..routers.routing import Router
+    from ..routers.routing import Router, TokenRouter
 
 DeltaCallback = Callable[[int, str], None]  # (request index, new text)
 
@@ -133,15 +134,16 @@ class Engine:
         return out
 
     def generate(self, requests: list[GenerationRequest], on_delta: DeltaCallback | None = None, *,
-                 router: "Router | None" = None) -> list[GenerationResult]:
+                 router: "Router | TokenRouter | None" = None) -> list[GenerationResult]:
         """Generate for all requests in one batch; `on_delta(i, text)` streams each row's new text.
 
-        With a `router`, each request without a mixture is routed on its own first; every row
-        then carries its own mixture through one fused batch.
+        With a sentence-level `router` (DLP), each request without a mixture is routed on its own
+        first and every row carries its own mixture through one fused batch. With a per-token
+        router (Arrow) the fused layers weight adapters per token from their own inputs; each
+        result's `routing` reports what its prompt's tokens used.
         """
-        if router is not None:
-            requests = self.route(requests, router)
-        run = self._run(requests)
+        requests, token_router = self._routed(requests, router)
+        run = self._run(requests, token_router)
         while True:
             try:
                 i, delta = next(run)
@@ -150,11 +152,19 @@ class Engine:
             if on_delta is not None and delta:
                 on_delta(i, delta)
 
-    def stream(self, request: GenerationRequest) -> Iterator[str]:
+    def stream(self, request: GenerationRequest, *, router: "Router | TokenRouter | None" = None) -> Iterator[str]:
         """Yield the text of one request piece by piece as it is generated."""
-        for _, delta in self._run([request]):
+        requests, token_router = self._routed([request], router)
+        for _, delta in self._run(requests, token_router):
             if delta:
                 yield delta
+
+    def _routed(self, requests: list[GenerationRequest], router) -> tuple[list[GenerationRequest], "TokenRouter | None"]:
+        if router is None:
+            return list(requests), None
+        if getattr(router, "granularity", "sequence") == "token":
+            return list(requests), router  # Arrow: weights come from each layer's input, inside the forward
+        return self.route(requests, router), None
 
     def _prepare(self, requests: list[GenerationRequest]) -> tuple[list[_Row], SequenceMixture | None]:
         """Tokenize and check everything before any compute, so a bad request changes nothing."""
@@ -183,8 +193,15 @@ class Engine:
         return rows, self.fused.sequence_mixture(mixtures)
 
     @torch.no_grad()
-    def _run(self, requests: list[GenerationRequest]) -> Generator[tuple[int, str], None, list[GenerationResult]]:
+    def _run(self, requests: list[GenerationRequest], token_router: "TokenRouter | None" = None,
+             ) -> Generator[tuple[int, str], None, list[GenerationResult]]:
         rows, mix = self._prepare(requests)
+        if token_router is not None:
+            given = [i for i, r in enumerate(requests) if r.mixture is not None]
+            if given:
+                raise LoramuxError(f"requests {given} carry a mixture, but a per-token router "
+                                   f"({token_router.kind}) routes every row of its batch; send them separately")
+            mix = token_router.layer_mixture()
         try:
             model, tok = self.base.model, self.base.tokenizer
             device = next(model.parameters()).device
@@ -194,10 +211,15 @@ class Engine:
             mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             active = list(range(len(rows)))  # request index of each batch row
-            fold = self.fold and mix is not None and mix.indices.shape[0] == 1
+            fold = self.fold and isinstance(mix, SequenceMixture) and mix.indices.shape[0] == 1
 
-            with self.fused.mixture(mix, fold=fold):
+            with contextlib.ExitStack() as stack:
+                recorder = stack.enter_context(token_router.recording(mask)) if token_router else None
+                stack.enter_context(self.fused.mixture(mix, attention_mask=mask, fold=fold))
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            if recorder is not None:  # what each row's prompt tokens used, for its result
+                for row, routing in zip(rows, token_router.routings(recorder)):
+                    row.request = dataclasses.replace(row.request, routing=routing)
             cache, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
             next_pos = mask.sum(-1)  # (B,) position of each row's next token
 
@@ -217,7 +239,7 @@ class Engine:
                     index = torch.tensor(keep, device=device)
                     cache.batch_select_indices(index)
                     mask, next_pos = mask[index], next_pos[index]
-                    if mix is not None and mix.indices.shape[0] > 1:
+                    if isinstance(mix, SequenceMixture) and mix.indices.shape[0] > 1:
                         mix = SequenceMixture(mix.indices[keep], mix.weights[keep])
                     active = [active[b] for b in keep]
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)

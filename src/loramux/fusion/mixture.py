@@ -53,14 +53,15 @@ class TokenMixture:
         _check(self.indices, self.weights, "token mixture", 2)
 
 
-# A gate living at each adapted layer (MoLE): called with the layer's name, its input x (B, T, d_in)
-# and the attention mask (B, T) or None; returns dense weights over all K slots, (B, K).
+# A gate living at each adapted layer: called with the layer's name, its input x (B, T, d_in) and
+# the attention mask (B, T) or None; returns dense weights over all K slots, either per sequence
+# (B, K) (MoLE) or per token (B, T, K) (Arrow, computed from the layer's own input).
 LayerGate = Callable[[str, "torch.Tensor", "torch.Tensor | None"], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
 class LayerMixture:
-    """Per layer and sequence weights, computed by a gate at each adapted layer."""
+    """Weights computed at each adapted layer by a gate, per sequence (MoLE) or per token (Arrow)."""
 
     gate: LayerGate
 

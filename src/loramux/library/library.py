@@ -278,6 +278,12 @@ class Library:
                 raise LoramuxError(f"{what}: {fname} has sha256 {actual[:12]}..., the manifest "
                                    f"records {expected[:12]}...; the file was changed or corrupted")
 
+    def check_files(self, name: str) -> AdapterSpec:
+        """Refuse an adapter whose files are missing or changed since it was added."""
+        spec = self.get(name)
+        self._check_files(spec)
+        return spec
+
     def _check_files(self, spec: AdapterSpec) -> None:
         self._check_sums(f"adapter {spec.name!r}", self.path / "adapters" / spec.dir, spec.files)
 

@@ -9,15 +9,27 @@ from ..errors import LoramuxError
 from .routing import Routing, fusion_weights, top_p_select
 
 if TYPE_CHECKING:
+    from ..fusion import FusedModel
     from ..library import Library
     from ..models import BaseModel
 
-METHODS = ("dlp",)
+METHODS = ("dlp", "arrow")
 
 
 def load_router(library: "Library", method: str = "dlp", *, name: str | None = None,
-                base: "BaseModel | None" = None, **config):
-    """Load a trained router of `method` stored in `library` (under `name`, default the method)."""
+                base: "BaseModel | None" = None, fused: "FusedModel | None" = None, **config):
+    """A router over `library`: a trained one stored in it (dlp, under `name`, default the method),
+    or Arrow, which needs no training and routes between the adapters loaded in `fused` (when
+    none are loaded, every library adapter is loaded)."""
+    if method == "arrow":
+        from .arrow import ArrowConfig, ArrowRouter
+
+        if fused is None:
+            raise LoramuxError("the arrow router works inside a fused model; pass fused= (e.g. Engine(...).fused)")
+        if not fused.adapters:
+            for adapter in library.names():
+                fused.load(library, adapter)
+        return ArrowRouter(fused, library, ArrowConfig(**config))
     if method == "dlp":
         from dataclasses import replace
 

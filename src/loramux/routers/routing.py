@@ -25,11 +25,14 @@ class Routing:
     abstained: bool = False  # True: the prompt goes to the base model alone
     reason: str = ""  # why it abstained (or how it chose), in words
     router: str = ""  # which router decided
+    granularity: str = "sequence"  # "sequence": one mixture for the prompt; "token": chosen per token and module
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)  # token routers: mean weights per module
 
     @property
     def mixture(self) -> dict[str, float] | None:
-        """The engine's mixture for this routing; None (the base model) when abstained."""
-        if self.abstained or not self.adapters:
+        """The engine's mixture for this routing; None (the base model) when abstained, and for a
+        per-token routing (which the engine applies through the router's own gate)."""
+        if self.abstained or not self.adapters or self.granularity != "sequence":
             return None
         return dict(zip(self.adapters, self.weights))
 
@@ -37,14 +40,29 @@ class Routing:
         return sorted(self.probabilities.items(), key=lambda kv: (-kv[1], kv[0]))
 
     def to_dict(self) -> dict:
-        return {"router": self.router, "adapters": list(self.adapters), "weights": list(self.weights),
-                "probabilities": dict(self.probabilities), "abstained": self.abstained, "reason": self.reason}
+        return {"router": self.router, "granularity": self.granularity, "adapters": list(self.adapters),
+                "weights": list(self.weights), "probabilities": dict(self.probabilities), "abstained": self.abstained,
+                "reason": self.reason, **({"layers": self.layers} if self.layers else {})}
 
 
 class Router(Protocol):
     """What the engine needs of a sentence-level router."""
 
     def route(self, prompts: list[str]) -> list[Routing]: ...
+
+
+class TokenRouter(Protocol):
+    """What the engine needs of a per-token router (Arrow): a gate for the fused layers, and a
+    way to report what each row's prompt used."""
+
+    kind: str
+    granularity: str  # "token"
+
+    def layer_mixture(self): ...
+
+    def recording(self, attention_mask): ...
+
+    def routings(self, recorder) -> list[Routing]: ...
 
 
 def top_p_select(probs: Sequence[float], p: float, top_k: int | None = None) -> list[int]:

@@ -1,0 +1,240 @@
+"""DLP-LoRA benchmark: router accuracy, latency, and routed vs oracle vs base on the mixed test sets.
+
+Needs a library with one adapter per task (`loramux train --data-dir ../shared/data/bigbench`).
+Trains the `dlp` router into it with loramux's defaults unless a current one is stored, then:
+
+  router    accuracy on every test.json prompt (top-1 adapter == the prompt's task), per task,
+            confusion matrix (JSON + PNG), router latency at batch 1 and 32, and routing's share
+            of a 32-token routed generation;
+  composite all test sets mixed and shuffled, each prompt routed on its own; accuracy per task of
+            DLP vs the oracle (the task's own adapter) vs the base model (scorer of `loramux score`).
+
+    python benchmarks/router_dlp.py --data-dir ../shared/data/bigbench [--library DIR]
+        [--parts router,composite] [--per-task N]
+
+Results merge into benchmarks/results/router_dlp.json (each part can be rerun on its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from loramux import Library, load_base, load_tasks
+from loramux.bench.machine import machine
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def get_router(lib: Library, data_dir: str, retrain: bool):
+    from loramux.routers import load_router
+    from loramux.routers.sentence import train_dlp
+
+    if not retrain and "dlp" in lib.routers():
+        try:
+            return load_router(lib, "dlp"), None
+        except Exception as e:  # stale: the library changed since
+            print(f"retraining: {e}", file=sys.stderr)
+    tasks = load_tasks(data_dir, sorted({t for s in lib.list() for t in s.tasks}), "train")
+    t = time.perf_counter()
+    router = train_dlp(lib, tasks)
+    seconds = time.perf_counter() - t
+    router.save(lib)
+    return router, round(seconds, 1)
+
+
+def timed(fn, reps: int) -> float:
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def router_part(router, lib: Library, test_tasks, owner: dict[str, str]) -> dict:
+    from sklearn.metrics import confusion_matrix
+
+    from loramux.routers.sentence import encode_cached
+
+    prompts = [ex.prompt for t in test_tasks for ex in t.examples]
+    truth = [owner[t.name] for t in test_tasks for _ in t.examples]
+    emb = encode_cached(router.encoder, prompts, progress=True)
+    with torch.no_grad():
+        probs = torch.softmax(router.head(emb), -1)
+    routings = router.decide(probs, emb)
+    top1 = [r.adapters[0] for r in routings]
+    names = router.adapters
+    cm = confusion_matrix(truth, top1, labels=names)
+    per_task = {}
+    for t in test_tasks:
+        k = names.index(owner[t.name])
+        per_task[t.name] = round(float(cm[k, k] / cm[k].sum()), 4)
+    accuracy = sum(a == b for a, b in zip(top1, truth)) / len(truth)
+    sizes = [len(r.adapters) for r in routings]
+    sweep = {}
+    for p in (0.3, 0.6, 0.8, 0.9, 1.0):
+        rs = router.decide(probs, emb, top_p=p)
+        sweep[str(p)] = {"mean_adapters": round(statistics.mean(len(r.adapters) for r in rs), 3),
+                         "single_adapter_share": round(sum(len(r.adapters) == 1 for r in rs) / len(rs), 4)}
+
+    # latency: the whole route() (encode + head + selection), uncached
+    sample = prompts[:: max(1, len(prompts) // 64)][:64]
+    router.route(sample[:4])  # warm-up
+    b1 = statistics.median([timed(lambda p=p: router.route([p]), 1) for p in sample[:32]])
+    b32 = timed(lambda: router.route(sample[:32]), 5) / 32
+    return {"accuracy": round(accuracy, 4), "per_task_accuracy": per_task, "n_test": len(truth),
+            "adapters": names, "confusion_matrix": cm.tolist(), "top_p_sweep": sweep,
+            "selected_adapters_mean": round(statistics.mean(sizes), 3),
+            "latency_ms_b1": round(1000 * b1, 2), "latency_ms_b32": round(1000 * b32, 2), "_cm": cm}
+
+
+def plot_confusion(cm, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 8))
+    norm = cm / cm.sum(1, keepdims=True).clip(min=1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("routed to (top-1 adapter)")
+    ax.set_ylabel("prompt's task")
+    ax.set_title("DLP router on the 14 BIG-bench test sets")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def share_part(router, base, lib: Library, test_tasks) -> dict:
+    """Routing time as a share of a routed 32-token generation (batch 1, medians)."""
+    from loramux.engine import Engine, GenerationRequest, SamplingParams
+
+    engine = Engine(base, lib)
+    prompts = [t.examples[0].prompt for t in test_tasks][:8]
+    sampling = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    engine.generate([GenerationRequest(prompts[0], sampling=sampling)], router=router)  # warm-up, loads adapters
+    route_s, total_s = [], []
+    for p in prompts:
+        t = time.perf_counter()
+        [req] = engine.route([GenerationRequest(p, sampling=sampling)], router)
+        t_route = time.perf_counter() - t
+        engine.generate([req])
+        route_s.append(t_route)
+        total_s.append(time.perf_counter() - t)
+    return {"routing_share_of_generation": round(statistics.median(r / s for r, s in zip(route_s, total_s)), 4),
+            "route_seconds_b1": round(statistics.median(route_s), 4),
+            "routed_generation_seconds_32_tokens": round(statistics.median(total_s), 3)}
+
+
+def composite_part(router, base, lib: Library, test_tasks, owner, per_task: int | None, seed: int) -> dict:
+    from loramux.evaluation import MixtureScorer
+    from loramux.fusion import FusedModel
+
+    rng = random.Random(seed)
+    chosen = {}
+    for t in test_tasks:
+        idx = list(range(len(t.examples)))
+        rng.shuffle(idx)
+        chosen[t.name] = sorted(idx[:per_task] if per_task else idx)
+    pool = [(t.name, i) for t in test_tasks for i in chosen[t.name]]
+    rng.shuffle(pool)  # all test sets mixed: the router sees prompts in no task order
+    by_name = {t.name: t for t in test_tasks}
+    routed = {}
+    for s in range(0, len(pool), 32):
+        batch = pool[s:s + 32]
+        for key, r in zip(batch, router.route([by_name[n].examples[i].prompt for n, i in batch])):
+            routed[key] = r
+    fused = FusedModel(base)
+    for name in lib.names():
+        fused.load(lib, name)
+    scorer = MixtureScorer(fused)
+    policies = {
+        "base": lambda t, i: None,
+        "oracle": lambda t, i: {owner[t]: 1.0},
+        "dlp": lambda t, i: routed[(t, i)].mixture,
+    }
+    out: dict = {name: {} for name in policies}
+    t0 = time.perf_counter()
+    for t in test_tasks:
+        idx = chosen[t.name]
+        for name, policy in policies.items():
+            preds = scorer.score(t, [policy(t.name, i) for i in idx], idx)
+            out[name][t.name] = round(sum(p.correct for p in preds) / len(preds), 4)
+        print(f"{t.name}: " + ", ".join(f"{k} {out[k][t.name]:.3f}" for k in policies), file=sys.stderr, flush=True)
+    same = sum(routed[k].mixture == {owner[k[0]]: 1.0} for k in pool)
+    return {
+        "n_per_task": {t: len(v) for t, v in chosen.items()}, "n_total": len(pool), "seed": seed,
+        "per_task": out,
+        "average": {k: round(statistics.mean(v.values()), 4) for k, v in out.items()},
+        "dlp_minus_oracle_points": round(100 * (statistics.mean(out["dlp"].values())
+                                                - statistics.mean(out["oracle"].values())), 2),
+        "dlp_equals_oracle_mixture": same, "scored_groups": scorer.forward_groups,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"))
+    ap.add_argument("--library", default=None, help="default: $LORAMUX_HOME/library")
+    ap.add_argument("--parts", default="router,composite")
+    ap.add_argument("--per-task", type=int, default=None, help="composite: test prompts per task (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--output", default=str(RESULTS / "router_dlp.json"))
+    args = ap.parse_args()
+
+    from loramux._home import default_library_path
+
+    lib = Library(args.library or default_library_path())
+    owner = {t: s.name for s in lib.list() for t in s.tasks}
+    test_tasks = load_tasks(args.data_dir, sorted(owner), "test")
+    out_path = Path(args.output)
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    router, train_seconds = get_router(lib, args.data_dir, args.retrain)
+    info = router.info
+    result.update({
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "library": {"adapters": len(owner), "tasks": sorted(owner)},
+        "head_params": router.head.n_params, "encoder": router.encoder.spec, "selection": router.config.__dict__,
+        "router_training": {k: info.get(k) for k in ("n_train", "n_val", "best_epoch", "val_loss", "val_accuracy")}
+        | ({"seconds": train_seconds} if train_seconds is not None else {}),
+    })
+    parts = set(args.parts.split(","))
+    base = load_base() if parts & {"router", "composite"} else None
+    if "router" in parts:
+        r = router_part(router, lib, test_tasks, owner)
+        cm = r.pop("_cm")
+        plot_confusion(cm, router.adapters, out_path.with_name(out_path.stem + "_confusion.png"))
+        out_path.with_name(out_path.stem + "_confusion.json").write_text(json.dumps(
+            {"labels": router.adapters, "rows": "prompt's task (its adapter)", "columns": "top-1 routed adapter",
+             "matrix": cm.tolist()}, indent=1) + "\n")
+        r.pop("confusion_matrix")
+        r.update(share_part(router, base, lib, test_tasks))
+        result.update(r)
+        result["command_router"] = "python " + " ".join(sys.argv)
+    if "composite" in parts:
+        result["composite"] = composite_part(router, base, lib, test_tasks, owner, args.per_task, args.seed)
+        result["command_composite"] = "python " + " ".join(sys.argv)
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("per_task_accuracy", "machine")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

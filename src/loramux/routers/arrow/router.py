@@ -1,0 +1,164 @@
+"""Arrow: zero-shot per-token routing over a library of LoRAs (ALGORITHMS.md §4, arXiv 2405.11157).
+
+At every adapted module and for every token h (the module's own input):
+
+    logit_i = |⟨h, v_i⟩| / T        v_i: adapter i's prototype at this module
+    keep the top-k logits, softmax over them, zero elsewhere
+
+and the fused layer combines the kept adapters' outputs with those weights (its per-token shape,
+via a LayerMixture gate). No training data and no trained parameters. Adapters that do not adapt
+a module, or are outside `candidates`, are never chosen there.
+
+`route(prompts)` runs the prompts once and reports, per prompt, the mean weight each adapter
+received over its tokens and modules (and per module), so a user can see what Arrow chose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from ...errors import LoramuxError
+from ...fusion import LayerMixture
+from ..routing import Routing
+from .prototypes import library_prototypes
+
+if TYPE_CHECKING:
+    from ...fusion import FusedModel
+    from ...library import Library
+
+KIND = "arrow"
+
+
+@dataclass(frozen=True)
+class ArrowConfig:
+    top_k: int = 4  # the paper's k
+    temperature: float = 1.0  # the paper's T
+    candidates: tuple[str, ...] | None = None  # restrict routing to these adapters (None: all loaded)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise LoramuxError(f"Arrow top_k must be a positive integer; got {self.top_k!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise LoramuxError(f"Arrow temperature must be a finite number > 0; got {self.temperature!r}")
+        if self.candidates is not None and not self.candidates:
+            raise LoramuxError("Arrow candidates must name at least one adapter (or be None for all)")
+
+
+class _Recorder:
+    """Per-row sums of the weights each adapter received, per module, over unmasked tokens."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask.float()  # (B, T)
+        self.sums: dict[str, torch.Tensor] = {}  # module -> (B, K)
+
+    def add(self, name: str, C: torch.Tensor) -> None:
+        if C.shape[:2] != self.mask.shape:
+            return  # a decode step: only the prompt is reported
+        self.sums[name] = (C.float() * self.mask[..., None]).sum(1)
+
+
+class ArrowRouter:
+    kind = KIND
+    granularity = "token"
+
+    def __init__(self, fused: "FusedModel", library: "Library", config: ArrowConfig = ArrowConfig()):
+        self.fused, self.library, self.config = fused, library, config
+        self._recorder: _Recorder | None = None
+        self._slots: tuple[str, ...] = ()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)build the per-module prototype matrices for the adapters loaded now, in slot order."""
+        names = tuple(self.fused.adapters)
+        if not names:
+            raise LoramuxError("Arrow routes between loaded adapters; load some first (FusedModel.load / Engine.load)")
+        wanted = set(self.config.candidates or names)
+        unknown = sorted(wanted - set(names))
+        if unknown:
+            raise LoramuxError(f"Arrow candidates {unknown} are not loaded; loaded adapters: {list(names)}")
+        per_adapter = [library_prototypes(self.library, n) for n in names]
+        self.prototypes: dict[str, torch.Tensor] = {}  # module -> (K, d_in)
+        self.valid: dict[str, torch.Tensor] = {}  # module -> (K,) bool: adapts this module and is a candidate
+        for module, layer in self.fused.layers.items():
+            d_in = layer.base.in_features
+            P = torch.zeros(len(names), d_in, dtype=layer.base.weight.dtype, device=layer.base.weight.device)
+            ok = torch.zeros(len(names), dtype=torch.bool, device=P.device)
+            for k, (name, protos) in enumerate(zip(names, per_adapter)):
+                if module in protos and name in wanted:
+                    P[k] = protos[module].to(P)
+                    ok[k] = True
+            self.prototypes[module], self.valid[module] = P, ok
+        self._slots = names
+
+    # ------------------------------------------------------------------ the gate
+    def gate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Per-token weights over all K slots at module `name`: (B, T, K), top-k nonzero per token."""
+        if tuple(self.fused.adapters) != self._slots:
+            raise LoramuxError("the loaded adapters changed since Arrow's prototypes were built; call refresh()")
+        P, ok = self.prototypes[name], self.valid[name]
+        logits = (x @ P.T).abs() / self.config.temperature  # (B, T, K)
+        logits = logits.masked_fill(~ok, float("-inf"))
+        k = min(self.config.top_k, int(ok.sum()))
+        top = logits.topk(k, dim=-1)
+        C = torch.zeros_like(logits).scatter_(-1, top.indices, torch.softmax(top.values, dim=-1))
+        if self._recorder is not None:
+            self._recorder.add(name, C)
+        return C
+
+    def layer_mixture(self) -> LayerMixture:
+        return LayerMixture(self.gate)
+
+    # ------------------------------------------------------------------ reporting
+    @contextlib.contextmanager
+    def recording(self, attention_mask: torch.Tensor) -> Iterator[_Recorder]:
+        """Record the weights of forwards over inputs shaped like `attention_mask` (a prefill)."""
+        self._recorder = _Recorder(attention_mask)
+        try:
+            yield self._recorder
+        finally:
+            self._recorder = None
+
+    def routings(self, recorder: _Recorder) -> list[Routing]:
+        """One Routing per row: adapters ranked by mean weight over its tokens and modules."""
+        names = self._slots
+        if not recorder.sums:
+            return []
+        tokens = recorder.mask.sum(1).clamp(min=1)  # (B,)
+        per_module = {m: s / tokens[:, None] for m, s in recorder.sums.items()}  # (B, K) mean per token
+        mean = torch.stack(list(per_module.values())).mean(0)  # (B, K); each row sums to 1
+        out = []
+        for b in range(mean.shape[0]):
+            share = {n: round(float(mean[b, k]), 6) for k, n in enumerate(names)}
+            ranked = sorted(((n, w) for n, w in share.items() if w > 0), key=lambda kv: -kv[1])
+            layers = {m: {n: round(float(v[b, k]), 4) for k, n in enumerate(names) if float(v[b, k]) > 0}
+                      for m, v in per_module.items()}
+            out.append(Routing(tuple(n for n, _ in ranked), tuple(w for _, w in ranked), share, router=self.kind,
+                               reason=f"per token and module: top-{self.config.top_k} of |<h, prototype>| / "
+                                      f"{self.config.temperature}; weights are the mean over tokens and modules",
+                               granularity="token", layers=layers))
+        return out
+
+    @torch.no_grad()
+    def route(self, prompts: list[str]) -> list[Routing]:
+        """Run the prompts once (chat-formatted like the engine) and report what Arrow chose."""
+        from ...data import PromptFormatter
+
+        if isinstance(prompts, str):
+            raise LoramuxError("route() takes a list of prompts; wrap a single prompt in a list")
+        base = self.fused.base
+        fmt = PromptFormatter(base.tokenizer)
+        rows = [fmt.encode_prompt(p) for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+        device = next(base.model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        with self.recording(mask) as rec, self.fused.mixture(self.layer_mixture(), attention_mask=mask):
+            base.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=1)
+        return self.routings(rec)

@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+from loramux.errors import LoramuxError
+from loramux.fusion import FusedModel
+from loramux.library import Library
+from loramux.models import load_base
+from loramux.routers.arrow import ArrowConfig, ArrowRouter, library_prototypes, top_right_singular_vector
+from loramux.routers.arrow.prototypes import CACHE_DIR
+
+TARGETS = ("q_proj", "v_proj", "up_proj")
+
+
+def make_gapped_peft_dir(base, path, *, r=4, seed=0, targets=TARGETS):
+    """A random PEFT LoRA whose ΔW has well separated singular values at every module, so PEFT's
+    power iteration (15 steps) converges to the same prototype as an exact SVD."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(base.model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                q, _ = torch.linalg.qr(torch.randn(p.shape[1], p.shape[0]))
+                p.copy_((q.T * torch.tensor([1.0, 0.25, 0.06, 0.015][: p.shape[0]])[:, None]) * 3)
+            elif "lora_B" in name:
+                q, _ = torch.linalg.qr(torch.randn(p.shape[0], p.shape[1]))
+                p.copy_(q)
+    model.save_pretrained(path)
+    model.unload()
+    return path
+
+
+@pytest.fixture
+def arrow_lib(tiny_base, tmp_path):
+    lib = Library(tmp_path / "lib", create=True)
+    for i in range(5):
+        lib.add(f"t{i}", make_gapped_peft_dir(tiny_base, tmp_path / f"p{i}", seed=i), base=tiny_base, tasks=[f"t{i}"])
+    return lib
+
+
+def fused_with(model_dir, lib, names=None):
+    fused = FusedModel(load_base(str(model_dir)))
+    for n in names or lib.names():
+        fused.load(lib, n)
+    return fused
+
+
+@pytest.mark.parametrize("r, d_in, d_out", [(1, 7, 5), (4, 12, 10), (8, 20, 6)])
+def test_prototype_is_the_top_right_singular_vector(r, d_in, d_out):
+    torch.manual_seed(r)
+    A, B = torch.randn(r, d_in), torch.randn(d_out, r)
+    v = top_right_singular_vector(A, B)
+    ref = torch.linalg.svd((B @ A).double()).Vh[0].float()
+    assert torch.allclose(v.norm(), torch.tensor(1.0), atol=1e-6)
+    assert torch.allclose(v, ref, atol=1e-5) or torch.allclose(v, -ref, atol=1e-5)
+    assert float((B @ A @ v).norm()) == pytest.approx(float(torch.linalg.matrix_norm(B @ A, 2)), rel=1e-5)
+
+
+def test_prototypes_are_cached_and_recomputed_when_an_adapter_changes(arrow_lib, tiny_base, tmp_path):
+    cache = arrow_lib.path / CACHE_DIR
+    first = library_prototypes(arrow_lib, "t0")
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 1 and files[0].startswith("t0-")
+    stamp = (cache / files[0]).stat().st_mtime_ns
+    again = library_prototypes(arrow_lib, "t0")
+    assert (cache / files[0]).stat().st_mtime_ns == stamp  # read, not recomputed
+    assert all(torch.equal(first[m], again[m]) for m in first)
+    arrow_lib.add("t0", make_gapped_peft_dir(tiny_base, tmp_path / "new", seed=9), base=tiny_base, tasks=["t0"],
+                  replace=True)
+    fresh = library_prototypes(arrow_lib, "t0")
+    assert sorted(p.name for p in cache.iterdir()) != files and len(list(cache.iterdir())) == 1
+    assert not torch.allclose(fresh["model.layers.0.self_attn.q_proj"], first["model.layers.0.self_attn.q_proj"])
+
+
+def test_top_k_and_temperature_semantics(tiny_model_dir, arrow_lib):
+    fused = fused_with(tiny_model_dir, arrow_lib)
+    module = "model.layers.1.mlp.up_proj"
+    router = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=2, temperature=0.5))
+    P = router.prototypes[module]  # (5, d_in)
+    x = (P[3] * 2.0)[None, None]  # a token along adapter 3's prototype
+    C = router.gate(module, x, None)[0, 0]
+    logits = (x[0, 0] @ P.T).abs() / 0.5
+    kept = logits.topk(2).indices
+    assert int(kept[0]) == 3 and set(torch.nonzero(C).flatten().tolist()) == set(kept.tolist())
+    assert torch.allclose(C[kept], torch.softmax(logits[kept], -1), atol=1e-6)
+    assert float(C.sum()) == pytest.approx(1.0)
+    cold = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=2, temperature=1e-3)).gate(module, x, None)[0, 0]
+    assert float(cold[3]) == pytest.approx(1.0)  # T -> 0: all weight on the best adapter
+    hot = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=5, temperature=1e4)).gate(module, x, None)[0, 0]
+    assert torch.allclose(hot, torch.full((5,), 0.2), atol=1e-3)  # T -> inf: uniform over the kept
+
+
+def test_candidates_restrict_the_choice(tiny_model_dir, arrow_lib):
+    fused = fused_with(tiny_model_dir, arrow_lib)
+    router = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=4, candidates=("t1", "t4")))
+    C = router.gate("model.layers.0.self_attn.q_proj", torch.randn(2, 3, 32), None)
+    assert set(torch.nonzero(C.sum((0, 1))).flatten().tolist()) == {1, 4}  # k capped at the 2 candidates
+    with pytest.raises(LoramuxError, match=r"candidates \['zz'\] are not loaded"):
+        ArrowRouter(fused, arrow_lib, ArrowConfig(candidates=("zz",)))
+
+
+@pytest.mark.parametrize("top_k, temperature", [(2, 1.0), (4, 0.5), (1, 1.0)])
+def test_logits_equal_peft_create_arrow_model(tiny_model_dir, arrow_lib, top_k, temperature):
+    from peft import ArrowConfig as PeftArrowConfig
+    from peft import create_arrow_model
+
+    names = arrow_lib.names()
+    fused = fused_with(tiny_model_dir, arrow_lib)
+    router = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=top_k, temperature=temperature))
+    tok = fused.base.tokenizer
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog")["input_ids"]])
+    with torch.no_grad(), fused.mixture(router.layer_mixture()):
+        ours = fused.base.model(input_ids=ids).logits
+    with torch.no_grad(), fused.mixture(router.layer_mixture(), reference=True):
+        reference = fused.base.model(input_ids=ids).logits
+    peft_base = load_base(str(tiny_model_dir))
+    peft = create_arrow_model(peft_base.model, [str(arrow_lib.adapter_dir(n)) for n in names],
+                              PeftArrowConfig(top_k=top_k, router_temperature=temperature)).eval()
+    with torch.no_grad():
+        theirs = peft(input_ids=ids).logits
+    with torch.no_grad():
+        base_logits = load_base(str(tiny_model_dir)).model(input_ids=ids).logits
+    assert float((ours - base_logits).abs().max()) > 1e-2  # the adapters do move the logits
+    assert float((ours - theirs).abs().max()) <= 1e-4
+    assert float((ours - reference).abs().max()) <= 1e-5
+
+
+def test_route_reports_what_each_prompt_used(tiny_model_dir, arrow_lib):
+    fused = fused_with(tiny_model_dir, arrow_lib)
+    router = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=2))
+    r1, r2 = router.route(["one two three", "The quick brown fox jumps over the lazy dog"])
+    for r in (r1, r2):
+        assert r.router == "arrow" and r.granularity == "token" and r.mixture is None
+        assert sum(r.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+        assert list(r.weights) == sorted(r.weights, reverse=True) and set(r.adapters) <= set(arrow_lib.names())
+        assert len(r.layers) == len(fused.layers) // 7 * 3  # the 3 adapted module kinds per block
+        # each token keeps 2 adapters per module; a module's mean over tokens sums to 1
+        assert all(sum(w.values()) == pytest.approx(1.0, abs=1e-3) for w in r.layers.values())
+
+
+def test_loaded_adapters_changing_needs_refresh(tiny_model_dir, arrow_lib):
+    fused = fused_with(tiny_model_dir, arrow_lib, ["t0", "t1"])
+    router = ArrowRouter(fused, arrow_lib)
+    fused.load(arrow_lib, "t2")
+    with pytest.raises(LoramuxError, match="call refresh"):
+        router.gate("model.layers.0.self_attn.q_proj", torch.randn(1, 1, 32), None)
+    router.refresh()
+    assert router.gate("model.layers.0.self_attn.q_proj", torch.randn(1, 1, 32), None).shape == (1, 1, 3)
+    with pytest.raises(LoramuxError, match="top_k must be a positive integer"):
+        ArrowConfig(top_k=0)
+    with pytest.raises(LoramuxError, match="temperature must be a finite number > 0"):
+        ArrowConfig(temperature=0)
