@@ -62,7 +62,7 @@ def test_prototypes_are_cached_and_recomputed_when_an_adapter_changes(arrow_lib,
     cache = arrow_lib.path / CACHE_DIR
     first = library_prototypes(arrow_lib, "t0")
     files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and files[0].startswith("t0-")
+    assert len(files) == 1 and files[0].startswith("t0-svd-")
     stamp = (cache / files[0]).stat().st_mtime_ns
     again = library_prototypes(arrow_lib, "t0")
     assert (cache / files[0]).stat().st_mtime_ns == stamp  # read, not recomputed
@@ -101,14 +101,18 @@ def test_candidates_restrict_the_choice(tiny_model_dir, arrow_lib):
         ArrowRouter(fused, arrow_lib, ArrowConfig(candidates=("zz",)))
 
 
-@pytest.mark.parametrize("top_k, temperature", [(2, 1.0), (4, 0.5), (1, 1.0)])
-def test_logits_equal_peft_create_arrow_model(tiny_model_dir, arrow_lib, top_k, temperature):
+@pytest.mark.parametrize("top_k, temperature, prototype", [(2, 1.0, "svd"), (4, 0.5, "svd"), (1, 1.0, "svd"),
+                                                           (2, 1.0, "power"), (3, 2.0, "power")])
+def test_logits_equal_peft_create_arrow_model(tiny_model_dir, arrow_lib, top_k, temperature, prototype):
+    """Exact SVD prototypes match PEFT's when its power iteration converges (a clear spectral gap,
+    as built here); with prototype='power' loramux runs PEFT's seeded iteration and matches always."""
     from peft import ArrowConfig as PeftArrowConfig
     from peft import create_arrow_model
 
     names = arrow_lib.names()
     fused = fused_with(tiny_model_dir, arrow_lib)
-    router = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=top_k, temperature=temperature))
+    router = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=top_k, temperature=temperature, prototype=prototype,
+                                                       power_seed=7))
     tok = fused.base.tokenizer
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog")["input_ids"]])
     with torch.no_grad(), fused.mixture(router.layer_mixture()):
@@ -117,7 +121,7 @@ def test_logits_equal_peft_create_arrow_model(tiny_model_dir, arrow_lib, top_k, 
         reference = fused.base.model(input_ids=ids).logits
     peft_base = load_base(str(tiny_model_dir))
     peft = create_arrow_model(peft_base.model, [str(arrow_lib.adapter_dir(n)) for n in names],
-                              PeftArrowConfig(top_k=top_k, router_temperature=temperature)).eval()
+                              PeftArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=7)).eval()
     with torch.no_grad():
         theirs = peft(input_ids=ids).logits
     with torch.no_grad():
@@ -152,3 +156,15 @@ def test_loaded_adapters_changing_needs_refresh(tiny_model_dir, arrow_lib):
         ArrowConfig(top_k=0)
     with pytest.raises(LoramuxError, match="temperature must be a finite number > 0"):
         ArrowConfig(temperature=0)
+
+
+def test_power_prototypes_follow_pefts_procedure_and_approach_the_svd():
+    from loramux.routers.arrow.prototypes import power_iteration_vector
+
+    torch.manual_seed(0)
+    A, B = torch.randn(4, 30), torch.randn(20, 4)
+    exact = top_right_singular_vector(A, B)
+    few, many = power_iteration_vector(A, B, iters=2, seed=3), power_iteration_vector(A, B, iters=500, seed=3)
+    assert abs(float(many @ exact)) == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(few @ exact)) <= abs(float(many @ exact))
+    assert torch.equal(power_iteration_vector(A, B, seed=3), power_iteration_vector(A, B, seed=3))  # seeded

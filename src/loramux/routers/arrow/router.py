@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -39,8 +39,13 @@ class ArrowConfig:
     top_k: int = 4  # the paper's k
     temperature: float = 1.0  # the paper's T
     candidates: tuple[str, ...] | None = None  # restrict routing to these adapters (None: all loaded)
+    prototype: str = "svd"  # "svd": exact; "power": PEFT's seeded power iteration (matches its logits)
+    power_iters: int = 15
+    power_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.prototype not in ("svd", "power"):
+            raise LoramuxError(f"Arrow prototype must be 'svd' (exact) or 'power' (PEFT's); got {self.prototype!r}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise LoramuxError(f"Arrow top_k must be a positive integer; got {self.top_k!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
@@ -66,8 +71,15 @@ class ArrowRouter:
     kind = KIND
     granularity = "token"
 
-    def __init__(self, fused: "FusedModel", library: "Library", config: ArrowConfig = ArrowConfig()):
+    def __init__(self, fused: "FusedModel", library: "Library | None", config: ArrowConfig = ArrowConfig(), *,
+                 prototypes: "Callable[[str], dict[str, torch.Tensor]] | None" = None):
+        """`prototypes(name)` overrides where an adapter's prototypes come from (default: the
+        library's cache); adapters loaded from plain PEFT dirs use `adapter_prototypes` there."""
+        if library is None and prototypes is None:
+            raise LoramuxError("ArrowRouter needs the library its adapters came from, or a prototypes function")
         self.fused, self.library, self.config = fused, library, config
+        self._source = prototypes or (lambda name: library_prototypes(
+            library, name, config.prototype, config.power_iters, config.power_seed))
         self._recorder: _Recorder | None = None
         self._slots: tuple[str, ...] = ()
         self.refresh()
@@ -81,7 +93,7 @@ class ArrowRouter:
         unknown = sorted(wanted - set(names))
         if unknown:
             raise LoramuxError(f"Arrow candidates {unknown} are not loaded; loaded adapters: {list(names)}")
-        per_adapter = [library_prototypes(self.library, n) for n in names]
+        per_adapter = [self._source(n) for n in names]
         self.prototypes: dict[str, torch.Tensor] = {}  # module -> (K, d_in)
         self.valid: dict[str, torch.Tensor] = {}  # module -> (K,) bool: adapts this module and is a candidate
         for module, layer in self.fused.layers.items():
