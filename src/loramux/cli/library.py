@@ -88,3 +88,24 @@ def export(
 ) -> None:
     """Copy an adapter out as a plain PEFT dir."""
     typer.echo(str(open_library(library).export(name, dest)))
+
+
+@app.command("cluster")
+def cluster(
+    k: int = typer.Option(..., "--k", help="Number of clusters."),
+    library: Optional[str] = LIBRARY,
+    sparsity: float = typer.Option(0.5, help="Fraction of each flattened adapter zeroed (smallest magnitudes)."),
+    svd_dims: int = typer.Option(64, help="Truncated SVD dimensions (capped at adapters - 1)."),
+    n_init: int = typer.Option(10, help="k-means restarts (k-means++ init)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    out: Optional[str] = typer.Option(None, help="Output dir for clustering.json + similarity.png (default: mbc-k<K>)."),
+) -> None:
+    """MBC: group the library's adapters by parameter similarity (then `loramux train --cluster`)."""
+    from ..library.clustering import ClusterConfig, cluster_adapters, save_clustering
+
+    lib = open_library(library)
+    clustering = cluster_adapters(lib, ClusterConfig(k=k, sparsity=sparsity, svd_dims=svd_dims, n_init=n_init, seed=seed))
+    json_path, png_path = save_clustering(clustering, out or f"mbc-k{k}")
+    for i, group in enumerate(clustering.members):
+        typer.echo(f"cluster {i}: {', '.join(group)}")
+    typer.echo(f"wrote {json_path} and {png_path}")

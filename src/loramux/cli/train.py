@@ -35,8 +35,10 @@ def train(
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     skip_existing: bool = typer.Option(False, help="Skip tasks whose adapter is already in the library."),
     replace: bool = typer.Option(False, help="Replace adapters of the same name."),
+    cluster: Optional[str] = typer.Option(None, help="clustering.json from `loramux library cluster`: one adapter "
+                                                     "per cluster on the union of its tasks, steps matched."),
 ) -> None:
-    """Train one LoRA per task and save each into the library."""
+    """Train one LoRA per task (or per MBC cluster) and save each into the library."""
     from ..errors import LoramuxError
     from ..models import load_base
     from ..training import train_adapters
@@ -48,6 +50,9 @@ def train(
         warmup_steps=warmup_steps, weight_decay=weight_decay, max_seq_len=max_seq_len, seed=seed,
         checkpoint_every=checkpoint_every,
     )
+    if cluster:
+        return _train_clusters(cluster, data_dir, library, model, device, config, steps_given=steps != _D.steps,
+                               skip_existing=skip_existing, replace=replace, resume=resume)
     task_list = resolve_tasks(task, tasks, data_dir, "train")
     if name and len(task_list) != 1:
         raise LoramuxError(f"--name {name!r} needs exactly one task; got {len(task_list)} (adapters take task names)")
@@ -55,3 +60,32 @@ def train(
     base = load_base(model, device=device)
     train_adapters(base, task_list, lib, config, names=[name] if name else None, skip_existing=skip_existing,
                    replace=replace, resume=resume, log=typer.echo)
+
+
+def _train_clusters(path: str, data_dir: Optional[str], library: Optional[str], model: str, device: str,
+                    config: LoraTrainConfig, *, steps_given: bool, skip_existing: bool, replace: bool,
+                    resume: bool) -> None:
+    """One adapter per cluster, named cluster<i>, on the union of its tasks. Each gets the sum of
+    its members' training steps (the private library's total), unless --steps was given."""
+    import dataclasses
+
+    from ..data import load_tasks
+    from ..library.clustering import Clustering
+    from ..models import load_base
+    from ..training import train_adapters
+    from .common import default_data_dir, open_library
+
+    clustering = Clustering.load(path)
+    root = data_dir or default_data_dir()
+    groups, names, configs = [], [], []
+    for i, members in enumerate(clustering.members):
+        task_names = [t for m in members for t in clustering.tasks.get(m, [m])]
+        groups.append(load_tasks(root, task_names, "train"))
+        names.append(f"cluster{i}")
+        steps = config.steps if steps_given else sum(clustering.steps.get(m, config.steps) for m in members)
+        configs.append(dataclasses.replace(config, steps=steps))
+        typer.echo(f"cluster{i}: {', '.join(task_names)} ({steps} steps)")
+    lib = open_library(library, create=True)
+    base = load_base(model, device=device)
+    train_adapters(base, groups, lib, configs, names=names, skip_existing=skip_existing, replace=replace,
+                   resume=resume, log=typer.echo)

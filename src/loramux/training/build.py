@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .._home import loramux_home
 from ..data import Task
+from ..errors import LoramuxError
 from ..library import AdapterSpec, Library
 from .config import LoraTrainConfig
 from .lora import train_lora
@@ -24,9 +25,9 @@ def default_checkpoint_dir(library: Library, name: str) -> Path:
 
 def train_adapters(
     base: "BaseModel",
-    tasks: list[Task],
+    tasks: list[Task | list[Task]],
     library: Library,
-    config: LoraTrainConfig | None = None,
+    config: LoraTrainConfig | list[LoraTrainConfig] | None = None,
     *,
     names: list[str] | None = None,
     skip_existing: bool = False,
@@ -35,23 +36,32 @@ def train_adapters(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[AdapterSpec]:
-    """Train one adapter per task (named after the task unless `names` says otherwise).
+    """Train one adapter per entry of `tasks`: a task, or a group of tasks trained on their union
+    (MBC clusters). Adapters are named after their task unless `names` says otherwise (a group
+    needs a name); `config` may give one config per entry.
 
-    Restartable: with `skip_existing` tasks whose adapter is already in the library are skipped,
-    and with `resume` an interrupted task continues from its last checkpoint.
+    Restartable: with `skip_existing` entries whose adapter is already in the library are
+    skipped, and with `resume` an interrupted one continues from its last checkpoint.
     """
-    config = config or LoraTrainConfig()
-    names = names or [t.name for t in tasks]
+    groups = [[t] if isinstance(t, Task) else list(t) for t in tasks]
+    if names is None:
+        if any(len(g) != 1 for g in groups):
+            raise LoramuxError("a group of tasks trains one adapter and needs a name; pass names=[...]")
+        names = [g[0].name for g in groups]
+    configs = config if isinstance(config, list) else [config or LoraTrainConfig()] * len(groups)
+    if not len(names) == len(configs) == len(groups):
+        raise LoramuxError(f"{len(groups)} task groups, {len(names)} names and {len(configs)} configs: give one each")
     specs = []
-    for task, name in zip(tasks, names):
+    for group, name, cfg in zip(groups, names, configs):
         if skip_existing and name in library:
             log(f"[loramux] {name}: already in the library, skipped")
             specs.append(library.get(name))
             continue
         ckpt = default_checkpoint_dir(library, name)
-        result = train_lora(base, task, config, checkpoint_dir=ckpt, resume=resume, progress=progress)
-        spec = library.add(name, result.model, base=base, tasks=(task.name,), training=result.summary, replace=replace)
-        result.model.unload()  # restore the plain base model for the next task
+        result = train_lora(base, group, cfg, checkpoint_dir=ckpt, resume=resume, progress=progress)
+        spec = library.add(name, result.model, base=base, tasks=tuple(t.name for t in group),
+                           training=result.summary, replace=replace)
+        result.model.unload()  # restore the plain base model for the next adapter
         log(f"[loramux] {name}: {result.summary.steps} steps, loss {result.summary.final_loss}, "
             f"{result.summary.seconds:.0f}s -> {library.path}")
         specs.append(spec)
