@@ -8,6 +8,10 @@
   cost   K random r=8 adapters on all seven projections, batch 8 x 96 tokens, forward with last
          position logits, variants interleaved, medians: base, loramux single adapter, loramux
          Arrow (top-k 4 of K), PEFT single adapter, PEFT Arrow.
+  layer  what bounds Arrow's cost: one fused layer per projection shape of the default model,
+         768 tokens, K=14 r=8, top-4 per token; time / base layer for a single adapter, Arrow's
+         dense path (all K·r ranks, zero weights off the top-k) and a grouped variant that runs
+         each adapter only on its tokens (kept here as the measured alternative).
 
     python benchmarks/arrow.py [--parts peft,cost] [--library DIR] [--adapters a,b,c]
 
@@ -77,9 +81,70 @@ def peft_check(dirs: dict[str, Path], top_k: int, temperature: float, ids: torch
     return out
 
 
+def grouped_delta(layer, x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Alternative to the dense path: (token, adapter) pairs sorted by adapter, one gather, one
+    plain GEMM pair per adapter on its segment, one scatter-add (k outputs per token)."""
+    flat_x, flat_c = x.reshape(-1, x.shape[-1]), C.reshape(-1, C.shape[-1])
+    pairs = flat_c.nonzero()
+    order = torch.argsort(pairs[:, 1], stable=True)
+    token, slot = pairs[order, 0], pairs[order, 1]
+    counts = torch.bincount(slot, minlength=layer.num_slots).tolist()
+    xs = flat_x.index_select(0, token)
+    z = xs.new_empty(xs.shape[0], layer.max_rank)
+    ys = xs.new_empty(xs.shape[0], layer.base.out_features)
+    start = 0
+    for i, n in enumerate(counts):
+        if n:
+            torch.mm(xs[start:start + n], layer.lora_A[i].T, out=z[start:start + n])
+            start += n
+    z.mul_((flat_c[token, slot] * layer.scaling[slot])[:, None])
+    start = 0
+    for i, n in enumerate(counts):
+        if n:
+            torch.mm(z[start:start + n], layer.lora_B[i].T, out=ys[start:start + n])
+            start += n
+    return flat_x.new_zeros(flat_x.shape[0], layer.base.out_features).index_add_(0, token, ys).view(*x.shape[:-1], -1)
+
+
+def layer_profile(reps: int = 20) -> dict:
+    from loramux.fusion import FusionState, LayerMixture, MultiLoraLinear, SequenceMixture
+
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for d_in, d_out, names in [(576, 1536, "gate/up"), (1536, 576, "down"), (576, 576, "q/o"), (576, 192, "k/v")]:
+        layer = MultiLoraLinear(torch.nn.Linear(d_in, d_out, bias=False), names, FusionState())
+        for _ in range(14):
+            layer.add_slot(torch.randn(8, d_in, generator=g) * 0.01, torch.randn(d_out, 8, generator=g) * 0.01, 2.0)
+        x = torch.randn(8, 96, d_in, generator=g)
+        top = torch.randn(8, 96, 14, generator=g).topk(4, -1)
+        C = torch.zeros(8, 96, 14).scatter_(-1, top.indices, torch.softmax(top.values, -1))
+        single = SequenceMixture(torch.tensor([[0]]), torch.tensor([[1.0]]))
+        arrow = LayerMixture(lambda n, x, m: C)
+
+        def fused(mix):
+            def f():
+                layer.state.mixture = mix
+                layer(x)
+            return f
+
+        with torch.no_grad():
+            t = _median_times({"base": lambda: layer.base(x), "single": fused(single), "arrow_dense": fused(arrow),
+                               "arrow_grouped": lambda: layer.base(x) + grouped_delta(layer, x, C)}, reps)
+        lora_flops = lambda rank: rank * (d_in + d_out) / (d_in * d_out)  # noqa: E731
+        out[f"{d_in}x{d_out} ({names})"] = {
+            "base_ms": round(1000 * t["base"], 3),
+            "single_over_base": round(t["single"] / t["base"], 3),
+            "arrow_dense_over_base": round(t["arrow_dense"] / t["base"], 3),
+            "arrow_grouped_over_base": round(t["arrow_grouped"] / t["base"], 3),
+            "flops_over_base": {"single_r8": round(lora_flops(8), 4), "dense_K14_r8": round(lora_flops(112), 4),
+                                "ideal_top4_r8": round(lora_flops(32), 4)},
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="peft,cost")
+    ap.add_argument("--parts", default="peft,cost,layer")
     ap.add_argument("--library", default=None, help="default: $LORAMUX_HOME/library")
     ap.add_argument("--adapters", default=None, help="library adapters for the PEFT check (default: all)")
     ap.add_argument("--k", type=int, default=14, help="cost: number of random adapters")
@@ -149,6 +214,9 @@ def main() -> None:
             result["cost_ratio_vs_single"] = t["loramux_arrow"] / t["loramux_single"]
             result["peft_cost_ratio_vs_single"] = t["peft_arrow"] / t["peft_single"]
             result["command_cost"] = "python " + " ".join(sys.argv)
+    if "layer" in parts:
+        result["layer_profile"] = layer_profile()
+        result["command_layer"] = "python " + " ".join(sys.argv)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
 

@@ -98,20 +98,21 @@ def test_token_mixture_fast_equals_reference_and_formula():
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_sparse_per_token_gate_equals_reference_and_formula(k):
-    """Top-k per-token weights (Arrow's shape) take the sparse path: each adapter on its own tokens."""
+    """Top-k per-token weights (Arrow's shape): mostly zeros, many slots."""
     layer, factors = make_layer(ranks=[2, 4, None, 8, 4, 4, 2, 8])
     torch.manual_seed(k)
     x = torch.randn(3, 7, 12)
     logits = torch.randn(3, 7, 8)
     top = logits.topk(k, dim=-1)
     C = torch.zeros_like(logits).scatter_(-1, top.indices, torch.softmax(top.values, -1))
-    assert int(torch.count_nonzero(C)) <= C.numel() // 2  # sparse enough for the sparse path
     mix = LayerMixture(lambda name, x, mask: C)
     fast, ref = run(layer, x, mix), run(layer, x, mix, reference=True)
     assert torch.allclose(fast, ref, atol=1e-5)
     assert torch.allclose(ref, explicit(layer, factors, x, C), atol=1e-4)
-    dense = C + 1e-3  # no zeros: the dense path, same formula
-    assert torch.allclose(run(layer, x, LayerMixture(lambda n, x, m: dense)), explicit(layer, factors, x, dense), atol=1e-4)
+    layer.remove_slot(1)  # the flattened factors are rebuilt for the new set of slots
+    C7 = torch.cat([C[..., :1], C[..., 2:]], -1)
+    assert torch.allclose(run(layer, x, LayerMixture(lambda n, x, m: C7)),
+                          explicit(layer, factors[:1] + factors[2:], x, C7), atol=1e-4)
 
 
 def test_gate_with_a_wrong_shape_is_refused():

@@ -128,7 +128,7 @@ def test_logits_equal_peft_create_arrow_model(tiny_model_dir, arrow_lib, top_k, 
         base_logits = load_base(str(tiny_model_dir)).model(input_ids=ids).logits
     assert float((ours - base_logits).abs().max()) > 1e-2  # the adapters do move the logits
     assert float((ours - theirs).abs().max()) <= 1e-4
-    assert float((ours - reference).abs().max()) <= 1e-5
+    assert float((ours - reference).abs().max()) <= 1e-4
 
 
 def test_route_reports_what_each_prompt_used(tiny_model_dir, arrow_lib):

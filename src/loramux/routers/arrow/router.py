@@ -106,16 +106,27 @@ class ArrowRouter:
                     ok[k] = True
             self.prototypes[module], self.valid[module] = P, ok
         self._slots = names
+        self._compile()
+
+    def _compile(self) -> None:
+        """Per module, what the gate needs in its cheapest form: prototypes transposed with 1/T
+        folded in (|⟨h, v⟩| / T = |⟨h, v / T⟩| for T > 0), the mask only where some slot is out,
+        and k."""
+        self._gate = {}
+        for module, P in self.prototypes.items():
+            ok = self.valid[module]
+            k = min(self.config.top_k, int(ok.sum()))
+            self._gate[module] = ((P.T / self.config.temperature).contiguous(), None if bool(ok.all()) else ~ok, k)
 
     # ------------------------------------------------------------------ the gate
     def gate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-token weights over all K slots at module `name`: (B, T, K), top-k nonzero per token."""
         if tuple(self.fused.adapters) != self._slots:
             raise LoramuxError("the loaded adapters changed since Arrow's prototypes were built; call refresh()")
-        P, ok = self.prototypes[name], self.valid[name]
-        logits = (x @ P.T).abs() / self.config.temperature  # (B, T, K)
-        logits = logits.masked_fill(~ok, float("-inf"))
-        k = min(self.config.top_k, int(ok.sum()))
+        Pt, out, k = self._gate[name]
+        logits = (x @ Pt).abs_()  # (B, T, K): |⟨h, v_i⟩| / T
+        if out is not None:  # adapters that do not adapt this module, or are not candidates
+            logits.masked_fill_(out, float("-inf"))
         top = logits.topk(k, dim=-1)
         C = torch.zeros_like(logits).scatter_(-1, top.indices, torch.softmax(top.values, dim=-1))
         if self._recorder is not None:

@@ -31,6 +31,7 @@ class DlpTrainConfig:
     batch_size: int = 64
     max_epochs: int = 50
     patience: int = 5  # epochs without a better validation loss before stopping
+    min_delta: float = 1e-4  # what counts as better: a validation loss lower by more than this
     val_fraction: float = 0.1
     max_per_task: int | None = None  # cap on training prompts per task (None: all)
     seed: int = 0
@@ -125,7 +126,7 @@ def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = 
             val_acc = float((logits.argmax(-1) == target).float().mean())
         history.append({"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc})
         bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
-        if val_loss < best[0]:
+        if val_loss < best[0] - config.min_delta:
             best = (val_loss, {k: v.clone() for k, v in head.state_dict().items()}, epoch)
         elif epoch - best[2] >= config.patience:
             break
