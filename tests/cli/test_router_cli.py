@@ -41,11 +41,11 @@ def test_router_errors(capsys, task_lib, task_dir, bert_dir):
     code, _, err = run(capsys, "route", "x", "-l", str(task_lib.path))
     assert code == 2 and "no router named 'dlp'" in err and "loramux router train" in err
     code, _, err = run(capsys, "router", "train", "--method", "moe", "-l", str(task_lib.path))
-    assert code == 2 and "cannot train router method 'moe'; trainable: ['dlp']" in err
+    assert code == 2 and "cannot train router method 'moe'; trainable: ['dlp', 'mole']" in err
     code, _, err = run(capsys, "router", "train", "--method", "arrow", "-l", str(task_lib.path))
     assert code == 2 and "arrow needs no training" in err
     code, _, err = run(capsys, "route", "x", "--router", "moe", "-l", str(task_lib.path))
-    assert code == 2 and "unknown router method 'moe'; available: ['dlp', 'arrow']" in err
+    assert code == 2 and "unknown router method 'moe'; available: ['dlp', 'arrow', 'mole']" in err
     code, _, err = run(capsys, "router", "train", "-l", str(task_lib.path), "--data", str(task_dir),
                        "--encoder", str(bert_dir), "--hidden", "6x4")
     assert code == 2 and "--hidden '6x4' must be comma-separated integers" in err
@@ -68,3 +68,27 @@ def test_route_and_generate_with_arrow(capsys, task_lib, tiny_model_dir):
     code, _, err = run(capsys, "route", "x", "--router", "arrow", "--top-p", "0.5", "-l", str(task_lib.path),
                        "--model", str(tiny_model_dir))
     assert code == 2 and "DLP options" in err
+
+
+def test_mole_train_route_mask_plot_generate(capsys, task_lib, task_dir, tiny_model_dir, tmp_path):
+    lib, model = str(task_lib.path), str(tiny_model_dir)
+    code, out, err = run(capsys, "router", "train", "--method", "mole", "-l", lib, "--data", str(task_dir),
+                         "--model", model, "--granularity", "block", "--steps", "2", "--batch-size", "4")
+    assert code == 0, err
+    assert "router 'mole' saved to" in out
+    png = tmp_path / "gates.png"
+    code, out, err = run(capsys, "route", "one two", "--router", "mole", "-l", lib, "--model", model, "--mask", "colors",
+                         "--plot", str(png), "--json")
+    assert code == 0, err
+    routing = json.loads(out)
+    assert routing["router"] == "mole" and routing["probabilities"]["colors"] == 0.0
+    assert all(w["colors"] == 0.0 for w in routing["layers"].values()) and len(routing["layers"]) == 2  # 2 blocks
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    code, out, err = run(capsys, "generate", "one two", "--router", "mole", "--mask", "animals", "-l", lib,
+                         "--model", model, "--max-new-tokens", "3")
+    assert code == 0, err
+    assert err.startswith("[mole] per layer over 3 adapters")
+    code, _, err = run(capsys, "route", "x", "--router", "mole", "--mask", "zebra", "-l", lib, "--model", model)
+    assert code == 2 and "cannot mask ['zebra']" in err
+    code, _, err = run(capsys, "route", "x", "--router", "arrow", "--mask", "colors", "-l", lib, "--model", model)
+    assert code == 2 and "--mask is a MoLE option" in err

@@ -27,7 +27,9 @@ def generate(
     prompt: str = typer.Argument(..., help="The prompt (sent as the user turn when the model has a chat template)."),
     adapter: Optional[str] = typer.Option(None, help="One library adapter (same as --mix NAME=1)."),
     mix: Optional[str] = typer.Option(None, help="A mixture of library adapters: name=weight,name=weight,..."),
-    router: Optional[str] = typer.Option(None, help="Let a router choose: dlp (trained, per prompt) or arrow (per token)."),
+    router: Optional[str] = typer.Option(None, help="Let a router choose: dlp (per prompt), arrow (per token) or mole "
+                                                    "(trained gates)."),
+    mask: Optional[str] = typer.Option(None, help="With --router mole: switch these adapters off (a,b,...)."),
     library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
     max_new_tokens: int = typer.Option(64, help="Maximum tokens to generate."),
@@ -59,7 +61,8 @@ def generate(
     if router:
         from .router import build_router
 
-        rt = build_router(lib, router, model=model, base=base, fused=engine.fused)
+        rt = build_router(lib, router, model=model, base=base, fused=engine.fused,
+                          mask=[m.strip() for m in mask.split(",") if m.strip()] if mask else None)
         if getattr(rt, "granularity", "sequence") == "sequence":
             request = engine.route([request], rt)[0]
             r = request.routing
@@ -68,7 +71,7 @@ def generate(
             typer.echo(f"[{router}] {chosen}", err=True)
             rt = None
         else:
-            typer.echo(f"[{router}] per token over {len(engine.adapters)} adapters", err=True)
+            typer.echo(f"[{router}] per {rt.granularity} over {len(engine.adapters)} adapters", err=True)
     if stream:
         for piece in engine.stream(request, router=rt):
             typer.echo(piece, nl=False)

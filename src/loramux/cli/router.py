@@ -26,44 +26,61 @@ def _parse_hidden(hidden: str) -> tuple[int, ...]:
 
 @app.command("train")
 def train(
-    method: str = typer.Option("dlp", help="Router method (dlp)."),
+    method: str = typer.Option("dlp", help="dlp (sentence classifier) or mole (gates over frozen LoRAs)."),
     library: Optional[str] = LIBRARY,
     data: Optional[str] = typer.Option(None, "--data", help="Dir of task dirs holding each adapter's tasks."),
     name: Optional[str] = typer.Option(None, help="Name to store the router under (default: the method)."),
-    encoder: str = typer.Option(_D.encoder, help="minilm | base | base:LAYER | path to an HF encoder dir."),
-    hidden: str = typer.Option(",".join(map(str, _D.hidden)), help="MLP hidden sizes ('' = linear probe)."),
-    dropout: float = typer.Option(_D.dropout, help="Dropout in the head."),
-    lr: float = typer.Option(_D.lr, help="AdamW learning rate."),
-    batch_size: int = typer.Option(_D.batch_size, help="Prompts per step."),
-    max_epochs: int = typer.Option(_D.max_epochs, help="Epoch limit."),
-    patience: int = typer.Option(_D.patience, help="Early stopping: epochs without a better validation loss."),
-    val_fraction: float = typer.Option(_D.val_fraction, help="Held-out share of each task's prompts."),
-    max_per_task: Optional[int] = typer.Option(None, help="Cap on training prompts per task."),
-    top_p: float = typer.Option(0.6, help="Default selection threshold stored with the router."),
-    seed: int = typer.Option(_D.seed, help="Random seed."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Base model (only read for --encoder base)."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per step (dlp: 64 prompts, mole: 8)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model (mole, and dlp with --encoder base)."),
+    encoder: str = typer.Option(_D.encoder, help="dlp: minilm | base | base:LAYER | path to an HF encoder dir."),
+    hidden: str = typer.Option(",".join(map(str, _D.hidden)), help="dlp: MLP hidden sizes ('' = linear probe)."),
+    dropout: float = typer.Option(_D.dropout, help="dlp: dropout in the head."),
+    max_epochs: int = typer.Option(_D.max_epochs, help="dlp: epoch limit."),
+    patience: int = typer.Option(_D.patience, help="dlp: early stopping, epochs without a better validation loss."),
+    val_fraction: float = typer.Option(_D.val_fraction, help="dlp: held-out share of each task's prompts."),
+    max_per_task: Optional[int] = typer.Option(None, help="dlp: cap on training prompts per task."),
+    top_p: float = typer.Option(0.6, help="dlp: default selection threshold stored with the router."),
+    granularity: str = typer.Option("layer", help="mole: layer | block | network."),
+    balance_alpha: float = typer.Option(0.5, help="mole: weight of the balance loss (0 = off)."),
+    steps: int = typer.Option(100, help="mole: optimizer steps."),
+    device: str = typer.Option("cpu", help="mole: torch device."),
 ) -> None:
-    """Train a router on each adapter's training prompts and store it in the library."""
-    from ..errors import LoramuxError
-    from ..routers.sentence import DlpConfig, train_dlp
+    """Train a router on the library's tasks and store it in the library beside the adapters."""
     from ..data import load_tasks
+    from ..errors import LoramuxError
     from .common import default_data_dir, open_library
 
-    if method != "dlp":
+    if method not in ("dlp", "mole"):
         hint = " (arrow needs no training: use it directly with --router arrow)" if method == "arrow" else ""
-        raise LoramuxError(f"cannot train router method {method!r}; trainable: ['dlp']{hint}")
+        raise LoramuxError(f"cannot train router method {method!r}; trainable: ['dlp', 'mole']{hint}")
     lib = open_library(library)
-    config = DlpTrainConfig(encoder=encoder, hidden=_parse_hidden(hidden), dropout=dropout, lr=lr,
-                            batch_size=batch_size, max_epochs=max_epochs, patience=patience,
-                            val_fraction=val_fraction, max_per_task=max_per_task, seed=seed)
     wanted = sorted({t for spec in lib.list() for t in spec.tasks})
     tasks = load_tasks(data or default_data_dir(), wanted, "train") if wanted else []
-    base = None
-    if encoder == "base" or encoder.startswith("base:"):
+    if method == "mole":
+        from ..fusion import FusedModel
         from ..models import load_base
+        from ..routers.gating import MoleTrainConfig, train_mole
 
-        base = load_base(model)
-    router = train_dlp(lib, tasks, config, base=base, selection=DlpConfig(top_p=top_p), log=typer.echo)
+        config = MoleTrainConfig(granularity=granularity, balance_alpha=balance_alpha, lr=lr, steps=steps,
+                                 batch_size=batch_size or 8, seed=seed)
+        fused = FusedModel(load_base(model, device=device))
+        for adapter in lib.names():
+            fused.load(lib, adapter)
+        router = train_mole(fused, tasks, config, log=typer.echo)
+    else:
+        from ..routers.sentence import DlpConfig, train_dlp
+
+        config = DlpTrainConfig(encoder=encoder, hidden=_parse_hidden(hidden), dropout=dropout, lr=lr,
+                                batch_size=batch_size or _D.batch_size, max_epochs=max_epochs, patience=patience,
+                                val_fraction=val_fraction, max_per_task=max_per_task, seed=seed)
+        base = None
+        if encoder == "base" or encoder.startswith("base:"):
+            from ..models import load_base
+
+            base = load_base(model)
+        router = train_dlp(lib, tasks, config, base=base, selection=DlpConfig(top_p=top_p), log=typer.echo)
     path = router.save(lib, name or method)
     typer.echo(f"router {name or method!r} saved to {path}")
 
@@ -77,7 +94,7 @@ def _selection(top_p, top_k, weighting, min_confidence, max_distance) -> dict:
 
 def build_router(lib, method: str, *, name: str | None = None, model: str = DEFAULT_MODEL, base=None, fused=None,
                  top_p=None, top_k=None, weighting=None, min_confidence=None, max_distance=None,
-                 temperature=None, candidates: str | None = None):
+                 temperature=None, candidates: str | None = None, mask: list[str] | None = None):
     """The router the CLI options describe. Arrow runs inside a fused model (built here unless
     given) with every library adapter, or only --candidates, loaded."""
     from ..errors import LoramuxError
@@ -85,6 +102,8 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
 
     if method not in METHODS:
         raise LoramuxError(f"unknown router method {method!r}; available: {list(METHODS)}")
+    if mask and method != "mole":
+        raise LoramuxError("--mask is a MoLE option (--router mole)")
     if method == "arrow":
         from ..fusion import FusedModel
         from ..models import load_base
@@ -99,6 +118,14 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
                 fused.load(lib, n)
         opts = {k: v for k, v in (("top_k", top_k), ("temperature", temperature)) if v is not None}
         return load_router(lib, "arrow", fused=fused, **opts)
+    if method == "mole":
+        from ..fusion import FusedModel
+        from ..models import load_base
+
+        if any(v is not None for v in (top_p, top_k, weighting, min_confidence, max_distance, temperature, candidates)):
+            raise LoramuxError("MoLE's trained gates take only --mask")
+        fused = fused or FusedModel(base or load_base(model))
+        return load_router(lib, "mole", name=name, fused=fused, mask=tuple(mask or ()))
     if temperature is not None or candidates is not None:
         raise LoramuxError("--temperature and --candidates are Arrow options")
     return load_router(lib, method, name=name, base=base or _base_if_needed(lib, method, name, model),
@@ -108,12 +135,15 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
 def route(
     prompt: str = typer.Argument(..., help="The prompt to route."),
     library: Optional[str] = LIBRARY,
-    router: str = typer.Option("dlp", help="Router method: dlp (trained) or arrow (zero-shot, per token)."),
+    router: str = typer.Option("dlp", help="Router: dlp (trained, per prompt), arrow (zero-shot, per token) or mole "
+                                            "(trained gates per layer/block)."),
     name: Optional[str] = typer.Option(None, help="Stored router name (default: the method)."),
     top_p: Optional[float] = typer.Option(None, help="Override the stored top-p."),
     top_k: Optional[int] = typer.Option(None, help="DLP: cap on adapters fused; Arrow: adapters per token (4)."),
     temperature: Optional[float] = typer.Option(None, help="Arrow: softmax temperature T (1.0)."),
     candidates: Optional[str] = typer.Option(None, help="Arrow: route only between these adapters (a,b,...)."),
+    mask: Optional[str] = typer.Option(None, help="MoLE: switch these adapters off (a,b,...); the rest renormalise."),
+    plot: Optional[str] = typer.Option(None, help="MoLE/Arrow: save a heatmap of the weights per unit (PNG)."),
     weighting: Optional[str] = typer.Option(None, help="renorm (default) or softmax."),
     min_confidence: Optional[float] = typer.Option(None, help="Abstain below this top probability."),
     max_distance: Optional[str] = typer.Option(None, help="Abstain beyond this centroid distance, or 'auto'."),
@@ -126,21 +156,29 @@ def route(
     lib = open_library(library)
     rt = build_router(lib, router, name=name, model=model, top_p=top_p, top_k=top_k, weighting=weighting,
                       min_confidence=min_confidence, max_distance=max_distance, temperature=temperature,
-                      candidates=candidates)
+                      candidates=candidates, mask=_names(mask))
     routing = rt.route([prompt])[0]
+    if plot:
+        from ..routers.plot import plot_layer_weights
+
+        typer.echo(f"wrote {plot_layer_weights(routing, plot)}", err=True)
     if as_json:
         typer.echo(json.dumps(routing.to_dict(), indent=2))
         return
     for adapter, p in routing.ranked():
         mark = "*" if adapter in routing.adapters else " "
         typer.echo(f"{mark} {p:7.4f}  {adapter}")
-    if routing.granularity == "token":
-        typer.echo(f"per token: {routing.reason}")
+    if routing.granularity in ("token", "layer"):
+        typer.echo(f"per {routing.granularity}: {routing.reason}")
     elif routing.abstained:
         typer.echo(f"abstained: {routing.reason} -> base model alone")
     else:
         mix = ",".join(f"{a}={w:.4f}" for a, w in zip(routing.adapters, routing.weights))
         typer.echo(f"mixture: {mix}  ({routing.reason})")
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
 def _base_if_needed(lib, method: str, name: str | None, model: str):

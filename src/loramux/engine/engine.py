@@ -162,8 +162,9 @@ class Engine:
     def _routed(self, requests: list[GenerationRequest], router) -> tuple[list[GenerationRequest], "TokenRouter | None"]:
         if router is None:
             return list(requests), None
-        if getattr(router, "granularity", "sequence") == "token":
-            return list(requests), router  # Arrow: weights come from each layer's input, inside the forward
+        if getattr(router, "granularity", "sequence") in ("token", "layer"):
+            # Arrow, MoLE: weights come from each layer's input, inside the forward
+            return list(requests), router
         return self.route(requests, router), None
 
     def _prepare(self, requests: list[GenerationRequest]) -> tuple[list[_Row], SequenceMixture | None]:
@@ -241,6 +242,8 @@ class Engine:
                     mask, next_pos = mask[index], next_pos[index]
                     if isinstance(mix, SequenceMixture) and mix.indices.shape[0] > 1:
                         mix = SequenceMixture(mix.indices[keep], mix.weights[keep])
+                    if token_router is not None and hasattr(token_router, "select_rows"):
+                        token_router.select_rows(keep)  # routers that hold per-row state (MoLE)
                     active = [active[b] for b in keep]
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
                 with self.fused.mixture(mix, fold=fold):
@@ -250,4 +253,6 @@ class Engine:
                 next_pos = next_pos + 1
         finally:
             self.fused.release()  # frees folded weight copies, also when a stream is abandoned
+            if token_router is not None and hasattr(token_router, "release"):
+                token_router.release()
         return [r.result() for r in rows]

@@ -151,7 +151,11 @@ class MultiLoraLinear(nn.Module):
                           self.lora_B.permute(0, 2, 1).reshape(K * r, self.base.out_features).contiguous())
         At, Bt = self._flat  # (d_in, K·r), (K·r, d_out); rows of Bt ordered (slot, rank) like columns of At
         z = x @ At  # (B, T, K·r)
-        z.view(*z.shape[:-1], K, r).mul_((C * self.scaling).unsqueeze(-1))  # each rank block times its weight
+        coef = (C * self.scaling).unsqueeze(-1)  # each rank block times its weight
+        if torch.is_grad_enabled() and (C.requires_grad or x.requires_grad):  # training gates: autograd needs z
+            z = (z.view(*z.shape[:-1], K, r) * coef).view(z.shape)
+        else:
+            z.view(*z.shape[:-1], K, r).mul_(coef)
         return z @ Bt  # (B, T, d_out)
 
     # Measured on the 2-core CPU (fp32; benchmarks/results/cpu_profile.json, "gemm"): with the

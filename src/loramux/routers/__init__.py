@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..library import Library
     from ..models import BaseModel
 
-METHODS = ("dlp", "arrow")
+METHODS = ("dlp", "arrow", "mole")
 
 
 def load_router(library: "Library", method: str = "dlp", *, name: str | None = None,
@@ -30,6 +30,12 @@ def load_router(library: "Library", method: str = "dlp", *, name: str | None = N
             for adapter in library.names():
                 fused.load(library, adapter)
         return ArrowRouter(fused, library, ArrowConfig(**config))
+    if method == "mole":
+        from .gating import MoleRouter
+
+        if fused is None:
+            raise LoramuxError("the mole router works inside a fused model; pass fused= (e.g. Engine(...).fused)")
+        return MoleRouter.load(library, fused, name or method, mask=tuple(config.pop("mask", ()) or ()))
     if method == "dlp":
         from dataclasses import replace
 

@@ -1,0 +1,179 @@
+"""MoleRouter: applies trained MoLE gates through the fused layer's per-layer weights.
+
+Hierarchical control at inference: `mask` names adapters to switch off; their logits become
+-inf, so the softmax renormalises the remaining weights without retraining.
+
+In generation the weights are computed from the prompt at prefill and kept for the tokens that
+follow (a one-token decode step has nothing to pool), row by row as rows finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from ...errors import LoramuxError
+from ...fusion import LayerMixture
+from ..routing import Routing
+from .gates import MoleConfig, MoleGates, gated_modules
+
+if TYPE_CHECKING:
+    from ...fusion import FusedModel
+    from ...library import Library
+
+KIND = "mole"
+CONFIG_FILE = "router.json"
+WEIGHTS_FILE = "router.safetensors"
+
+
+class _Recorder:
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self.units: dict[str, torch.Tensor] = {}  # unit -> (B, K) weights of the prefill
+
+
+class MoleRouter:
+    kind = KIND
+    granularity = "layer"
+
+    def __init__(self, fused: "FusedModel", gates: MoleGates, adapters: list[str], *, mask: tuple[str, ...] = (),
+                 info: dict | None = None):
+        if list(fused.adapters) != list(adapters):
+            raise LoramuxError(f"the fused model's loaded adapters {list(fused.adapters)} differ from the ones the "
+                               f"gates were trained for {list(adapters)} (same names, same order needed)")
+        unknown = sorted(set(mask) - set(adapters))
+        if unknown:
+            raise LoramuxError(f"cannot mask {unknown}: not among the gated adapters {list(adapters)}")
+        if len(set(mask)) >= len(adapters):
+            raise LoramuxError(f"masking {sorted(set(mask))} leaves no adapter; keep at least one of {list(adapters)}")
+        self.fused, self.gates, self.adapters = fused, gates, list(adapters)
+        self.mask = tuple(mask)
+        self._off = torch.tensor([a in set(mask) for a in adapters])
+        self.info = dict(info or {})
+        self.collected: list[torch.Tensor] | None = None  # training: every unit's weights, for the balance loss
+        self._current: dict[str, torch.Tensor] = {}
+        self._recorder: _Recorder | None = None
+        self._frozen: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ the gate
+    def weights(self, unit: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        logits = self.gates.logits(unit, x, attention_mask)
+        if bool(self._off.any()):
+            logits = logits.masked_fill(self._off.to(logits.device), float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+    def gate(self, name: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        unit = self.gates.unit[name]
+        if self._frozen is not None and self._recorder is None:  # decode: the prompt's weights
+            return self._frozen[unit].to(x.dtype)
+        if self.gates.anchor[unit] == name:  # first module of the unit in this forward
+            w = self.weights(unit, x, attention_mask)
+            self._current[unit] = w
+            if self.collected is not None:
+                self.collected.append(w)
+            if self._recorder is not None:
+                self._recorder.units[unit] = w.detach()
+        return self._current[unit].to(x.dtype)
+
+    def layer_mixture(self) -> LayerMixture:
+        return LayerMixture(self.gate)
+
+    # ------------------------------------------------------------------ engine protocol
+    @contextlib.contextmanager
+    def recording(self, attention_mask: torch.Tensor) -> Iterator[_Recorder]:
+        self._recorder = _Recorder(attention_mask)
+        try:
+            yield self._recorder
+        finally:
+            self._frozen = dict(self._recorder.units)
+            self._recorder = None
+
+    def select_rows(self, keep: list[int]) -> None:
+        """Rows that finished leave the batch: keep the frozen weights of the others."""
+        if self._frozen is not None:
+            self._frozen = {u: w[keep] for u, w in self._frozen.items()}
+
+    def release(self) -> None:
+        self._frozen = None
+        self._current = {}
+
+    def routings(self, recorder: _Recorder) -> list[Routing]:
+        units = recorder.units
+        mean = torch.stack(list(units.values())).mean(0)  # (B, K) over units
+        out = []
+        for b in range(mean.shape[0]):
+            share = {a: round(float(mean[b, k]), 6) for k, a in enumerate(self.adapters)}
+            ranked = sorted(((a, w) for a, w in share.items() if w > 0), key=lambda kv: -kv[1])
+            layers = {u: {a: round(float(w[b, k]), 4) for k, a in enumerate(self.adapters)} for u, w in units.items()}
+            masked = f"; masked {list(self.mask)}" if self.mask else ""
+            out.append(Routing(tuple(a for a, _ in ranked), tuple(w for _, w in ranked), share, router=self.kind,
+                               granularity="layer", layers=layers,
+                               reason=f"{self.gates.config.granularity}-wise gates, mean over {len(units)} units{masked}"))
+        return out
+
+    def route_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unit -> (B, K) gate weights for a batch of token ids (one forward)."""
+        try:
+            with self.recording(attention_mask) as rec, self.fused.mixture(self.layer_mixture(),
+                                                                           attention_mask=attention_mask):
+                self.fused.base.model(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+        finally:
+            self.release()
+        return rec.units
+
+    @torch.no_grad()
+    def route(self, prompts: list[str]) -> list[Routing]:
+        """Run the prompts once and report each one's gate weights (mean and per unit)."""
+        from ...data import PromptFormatter
+
+        base = self.fused.base
+        fmt = PromptFormatter(base.tokenizer)
+        rows = [fmt.encode_prompt(p) for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+        device = next(base.model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        units = self.route_weights(ids, mask)
+        rec = _Recorder(mask)
+        rec.units = units
+        return self.routings(rec)
+
+    # ------------------------------------------------------------------ storage
+    def save(self, library: "Library", name: str = KIND) -> Path:
+        from safetensors.torch import save_file
+
+        def write(d: Path) -> None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.gates.state_dict().items()},
+                      str(d / WEIGHTS_FILE), metadata={"format": "pt", "kind": self.kind})
+            (d / CONFIG_FILE).write_text(json.dumps({
+                "kind": self.kind, "adapters": self.adapters, "gates": asdict(self.gates.config),
+                "modules": gated_modules(self.fused),
+                "info": self.info}, indent=2, sort_keys=True) + "\n")
+
+        return library.save_router(name, self.kind, self.adapters, write)
+
+    @classmethod
+    def load(cls, library: "Library", fused: "FusedModel", name: str = KIND, *, mask: tuple[str, ...] = ()) -> "MoleRouter":
+        """Load stored gates; loads their adapters into `fused` (in their order) when none are loaded."""
+        from safetensors.torch import load_file
+
+        d = library.router_dir(name)  # refuses a library whose adapters changed
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        if meta.get("kind") != cls.kind:
+            raise LoramuxError(f"router {name!r} is a {meta.get('kind')!r} router, not {cls.kind!r}")
+        if not fused.adapters:
+            for a in meta["adapters"]:
+                fused.load(library, a)
+        modules = gated_modules(fused)
+        if modules != meta["modules"]:
+            raise LoramuxError(f"router {name!r} was trained for other fused modules than this model's")
+        gates = MoleGates(modules, len(meta["adapters"]), MoleConfig(**meta["gates"]))
+        gates.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
+        return cls(fused, gates.eval(), meta["adapters"], mask=mask, info=meta.get("info"))

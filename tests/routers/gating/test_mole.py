@@ -1,0 +1,162 @@
+import pytest
+import torch
+
+from loramux.engine import Engine, GenerationRequest, SamplingParams
+from loramux.errors import LoramuxError
+from loramux.fusion import FusedModel
+from loramux.library import Library
+from loramux.models import load_base
+from loramux.routers import load_router
+from loramux.routers.gating import (MoleConfig, MoleGates, MoleRouter, MoleTrainConfig, balance_loss, gated_modules,
+                                    train_mole, unit_of)
+
+from ...conftest import toy_mc_task
+from ...library.conftest import make_peft_dir
+
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture
+def lib(tiny_base, tmp_path):
+    lib = Library(tmp_path / "lib", create=True)
+    for i, n in enumerate(NAMES):
+        lib.add(n, make_peft_dir(tiny_base, tmp_path / n, targets=("q_proj", "v_proj", "down_proj"), seed=i),
+                base=tiny_base, tasks=[f"task_{n}"])
+    return lib
+
+
+def fused_for(model_dir, lib):
+    fused = FusedModel(load_base(str(model_dir)))
+    for n in NAMES:
+        fused.load(lib, n)
+    return fused
+
+
+def router_for(fused, granularity, seed=0, **kw):
+    torch.manual_seed(seed)
+    gates = MoleGates(gated_modules(fused), 3, MoleConfig(granularity))
+    for p in gates.projs:  # random, not the uniform start, so the weights differ by input
+        torch.nn.init.normal_(p.weight, std=1.0)
+    return MoleRouter(fused, gates, NAMES, **kw)
+
+
+def padded_batch(tok):
+    rows = [tok("one two three four five")["input_ids"], tok("x")["input_ids"]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return rows, ids, mask
+
+
+@pytest.mark.parametrize("granularity, n_units", [("layer", 3 * 2), ("block", 2), ("network", 1)])
+def test_gate_shapes_and_padding_invariance(tiny_model_dir, lib, granularity, n_units):
+    fused = fused_for(tiny_model_dir, lib)
+    router = router_for(fused, granularity)
+    # the tiny model has 2 blocks; all 7 projections are fused, 3 adapted (q, v, down): gates only there
+    assert len(router.gates.units) == n_units
+    rows, ids, mask = padded_batch(fused.base.tokenizer)
+    with torch.no_grad():
+        batch = router.route_weights(ids, mask)
+        alone = router.route_weights(torch.tensor([rows[1]]), torch.ones(1, len(rows[1]), dtype=torch.long))
+    for unit, w in batch.items():
+        assert w.shape == (2, 3) and torch.allclose(w.sum(-1), torch.ones(2), atol=1e-6)
+        assert torch.allclose(w[1], alone[unit][0], atol=1e-5)  # padding does not change a row's weights
+    if granularity == "network":
+        assert list(batch) == ["network"]
+
+
+def test_units_by_granularity():
+    m = "model.layers.7.mlp.down_proj"
+    assert unit_of(m, "layer") == m and unit_of(m, "block") == "block.7" and unit_of(m, "network") == "network"
+    with pytest.raises(LoramuxError, match="cannot tell the transformer block"):
+        unit_of("encoder.proj", "block")
+    with pytest.raises(LoramuxError, match="granularity must be one of"):
+        MoleConfig("head")
+
+
+def test_balance_loss_gradient_reaches_the_gates(tiny_model_dir, lib):
+    fused = fused_for(tiny_model_dir, lib)
+    router = router_for(fused, "block")
+    _, ids, mask = padded_batch(fused.base.tokenizer)
+    router.collected = []
+    with fused.mixture(router.layer_mixture(), attention_mask=mask):
+        fused.base.model(input_ids=ids, attention_mask=mask)
+    loss = balance_loss(router.collected)
+    loss.backward()
+    grads = [p.grad for p in router.gates.projs.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    detached = balance_loss([w.detach() for w in router.collected])  # what the public code does
+    assert not detached.requires_grad  # ...a constant: no gradient at all
+    # one step along the gradient lowers the balance loss
+    with torch.no_grad():
+        for p in router.gates.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    router.collected = []
+    with torch.no_grad(), fused.mixture(router.layer_mixture(), attention_mask=mask):
+        fused.base.model(input_ids=ids, attention_mask=mask)
+    assert float(balance_loss(router.collected)) < float(loss.detach())
+
+
+def test_masking_renormalises_the_rest(tiny_model_dir, lib):
+    fused = fused_for(tiny_model_dir, lib)
+    full, masked = router_for(fused, "layer"), router_for(fused, "layer", mask=("b",))
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    for unit, module in full.gates.anchor.items():  # the same input at every unit
+        x = torch.randn(2, 4, fused.layers[module].base.in_features)
+        with torch.no_grad():
+            w_full, w_masked = full.weights(unit, x, mask), masked.weights(unit, x, mask)
+        keep = w_full[:, [0, 2]]
+        assert torch.equal(w_masked[:, 1], torch.zeros(2))
+        assert torch.allclose(w_masked[:, [0, 2]], keep / keep.sum(-1, keepdim=True), atol=1e-6)
+    with pytest.raises(LoramuxError, match=r"cannot mask \['z'\]"):
+        router_for(fused, "layer", mask=("z",))
+    with pytest.raises(LoramuxError, match="leaves no adapter"):
+        router_for(fused, "layer", mask=("a", "b", "c"))
+
+
+def test_train_save_load_and_refuse_a_changed_library(tiny_model_dir, lib, tmp_path, tiny_base):
+    from loramux.data import load_task
+
+    for n in NAMES:
+        toy_mc_task(tmp_path / "data" / f"task_{n}" / "train.json", n=8)
+    tasks = [load_task(tmp_path / "data" / f"task_{n}") for n in NAMES]
+    fused = fused_for(tiny_model_dir, lib)
+    before = {k: v.clone() for k, v in fused.base.model.state_dict().items()}
+    lora_before = fused.layers["model.layers.0.self_attn.q_proj"].lora_A.clone()
+    router = train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=3, batch_size=4, lr=0.1),
+                        progress=False, log=lambda s: None)
+    assert router.info["gate_params"] == router.gates.n_params and len(router.info["history"]) == 3
+    after = fused.base.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # base frozen
+    assert torch.equal(fused.layers["model.layers.0.self_attn.q_proj"].lora_A, lora_before)  # LoRAs frozen
+    assert any(float(p.abs().sum()) > 0 for p in router.gates.projs.parameters())  # the gates learned
+    router.save(lib)
+    other = FusedModel(load_base(str(tiny_model_dir)))
+    loaded = load_router(lib, "mole", fused=other)  # loads the adapters in the gates' order
+    assert other.adapters == NAMES
+    _, ids, mask = padded_batch(fused.base.tokenizer)
+    with torch.no_grad():
+        a, b = router.route_weights(ids, mask), loaded.route_weights(ids, mask)
+    assert all(torch.allclose(a[u], b[u]) for u in a)
+    lib.add("b", make_peft_dir(tiny_base, tmp_path / "b2", targets=("q_proj", "v_proj", "down_proj"), seed=9),
+            base=tiny_base, tasks=["task_b"], replace=True)
+    with pytest.raises(LoramuxError, match=r"replaced \['b'\]"):
+        load_router(lib, "mole", fused=FusedModel(load_base(str(tiny_model_dir))))
+
+
+def test_generation_uses_the_prompts_gate_weights(tiny_model_dir, lib):
+    engine = Engine(load_base(str(tiny_model_dir)), lib)
+    for n in NAMES:
+        engine.load(n)
+    router = router_for(engine.fused, "layer")
+    prompts = ["one two three", "The quick brown fox"]
+    results = engine.generate([GenerationRequest(p, sampling=SamplingParams(max_new_tokens=5)) for p in prompts],
+                              router=router)
+    for prompt, result in zip(prompts, results):
+        ids = torch.tensor([engine.formatter.encode_prompt(prompt)])
+        with torch.no_grad(), engine.fused.mixture(router.layer_mixture(), attention_mask=torch.ones_like(ids)):
+            first = int(engine.base.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+        assert result.token_ids[0] == first
+        assert result.routing.router == "mole" and len(result.routing.layers) == len(router.gates.units)
+    assert router._frozen is None  # released after generation
