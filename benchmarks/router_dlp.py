@@ -30,6 +30,7 @@ import torch
 
 from loramux import Library, load_base, load_tasks
 from loramux.bench.machine import machine
+from loramux.bench.speed import _median_times
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,12 +53,7 @@ def get_router(lib: Library, data_dir: str, retrain: bool):
 
 
 def timed(fn, reps: int) -> float:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    return _median_times({"fn": fn}, reps, warmup=0)["fn"]
 
 
 def router_part(router, lib: Library, test_tasks, owner: dict[str, str]) -> dict:

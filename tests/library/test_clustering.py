@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from loramux.bench.speed import random_adapter, write_peft
 from loramux.errors import LoramuxError

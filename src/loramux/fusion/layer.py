@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import LoramuxError
-from .mixture import LayerMixture, Mixture, SequenceMixture, TokenMixture
+from .mixture import LayerMixture, Mixture, SequenceMixture
 
 
 @dataclass

@@ -15,15 +15,14 @@ received over its tokens and modules (and per module), so a user can see what Ar
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ...errors import LoramuxError
-from ...fusion import LayerMixture
+from ..layerwise import InForwardRouter, per_row_routings, prefill, prompt_batch
 from ..routing import Routing
 from .prototypes import library_prototypes
 
@@ -67,7 +66,7 @@ class _Recorder:
         self.sums[name] = (C.float() * self.mask[..., None]).sum(1)
 
 
-class ArrowRouter:
+class ArrowRouter(InForwardRouter):
     kind = KIND
     granularity = "token"
 
@@ -80,7 +79,6 @@ class ArrowRouter:
         self.fused, self.library, self.config = fused, library, config
         self._source = prototypes or (lambda name: library_prototypes(
             library, name, config.prototype, config.power_iters, config.power_seed))
-        self._recorder: _Recorder | None = None
         self._slots: tuple[str, ...] = ()
         self.refresh()
 
@@ -133,55 +131,19 @@ class ArrowRouter:
             self._recorder.add(name, C)
         return C
 
-    def layer_mixture(self) -> LayerMixture:
-        return LayerMixture(self.gate)
-
     # ------------------------------------------------------------------ reporting
-    @contextlib.contextmanager
-    def recording(self, attention_mask: torch.Tensor) -> Iterator[_Recorder]:
-        """Record the weights of forwards over inputs shaped like `attention_mask` (a prefill)."""
-        self._recorder = _Recorder(attention_mask)
-        try:
-            yield self._recorder
-        finally:
-            self._recorder = None
+    def new_recorder(self, attention_mask: torch.Tensor) -> _Recorder:
+        return _Recorder(attention_mask)
 
     def routings(self, recorder: _Recorder) -> list[Routing]:
         """One Routing per row: adapters ranked by mean weight over its tokens and modules."""
-        names = self._slots
-        if not recorder.sums:
-            return []
-        tokens = recorder.mask.sum(1).clamp(min=1)  # (B,)
-        per_module = {m: s / tokens[:, None] for m, s in recorder.sums.items()}  # (B, K) mean per token
-        mean = torch.stack(list(per_module.values())).mean(0)  # (B, K); each row sums to 1
-        out = []
-        for b in range(mean.shape[0]):
-            share = {n: round(float(mean[b, k]), 6) for k, n in enumerate(names)}
-            ranked = sorted(((n, w) for n, w in share.items() if w > 0), key=lambda kv: -kv[1])
-            layers = {m: {n: round(float(v[b, k]), 4) for k, n in enumerate(names) if float(v[b, k]) > 0}
-                      for m, v in per_module.items()}
-            out.append(Routing(tuple(n for n, _ in ranked), tuple(w for _, w in ranked), share, router=self.kind,
-                               reason=f"per token and module: top-{self.config.top_k} of |<h, prototype>| / "
-                                      f"{self.config.temperature}; weights are the mean over tokens and modules",
-                               granularity="token", layers=layers))
-        return out
+        tokens = recorder.mask.sum(1).clamp(min=1)[:, None]  # (B, 1)
+        return per_row_routings({m: s / tokens for m, s in recorder.sums.items()}, list(self._slots), router=self.kind,
+                                granularity="token",
+                                reason=f"per token and module: top-{self.config.top_k} of |<h, prototype>| / "
+                                       f"{self.config.temperature}; weights are the mean over tokens and modules")
 
-    @torch.no_grad()
     def route(self, prompts: list[str]) -> list[Routing]:
         """Run the prompts once (chat-formatted like the engine) and report what Arrow chose."""
-        from ...data import PromptFormatter
-
-        if isinstance(prompts, str):
-            raise LoramuxError("route() takes a list of prompts; wrap a single prompt in a list")
-        base = self.fused.base
-        fmt = PromptFormatter(base.tokenizer)
-        rows = [fmt.encode_prompt(p) for p in prompts]
-        width = max(len(r) for r in rows)
-        pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-        device = next(base.model.parameters()).device
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        with self.recording(mask) as rec, self.fused.mixture(self.layer_mixture(), attention_mask=mask):
-            base.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=1)
-        return self.routings(rec)
+        ids, mask = prompt_batch(self.fused, prompts)
+        return self.routings(prefill(self, self.fused, ids, mask))

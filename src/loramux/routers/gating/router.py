@@ -9,16 +9,15 @@ follow (a one-token decode step has nothing to pool), row by row as rows finish.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...errors import LoramuxError
-from ...fusion import LayerMixture
+from ..layerwise import InForwardRouter, per_row_routings, prefill, prompt_batch
 from ..routing import Routing
 from .gates import MoleConfig, MoleGates, gated_modules
 
@@ -37,7 +36,7 @@ class _Recorder:
         self.units: dict[str, torch.Tensor] = {}  # unit -> (B, K) weights of the prefill
 
 
-class MoleRouter:
+class MoleRouter(InForwardRouter):
     kind = KIND
     granularity = "layer"
 
@@ -57,7 +56,6 @@ class MoleRouter:
         self.info = dict(info or {})
         self.collected: list[torch.Tensor] | None = None  # training: every unit's weights, for the balance loss
         self._current: dict[str, torch.Tensor] = {}
-        self._recorder: _Recorder | None = None
         self._frozen: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ the gate
@@ -80,18 +78,12 @@ class MoleRouter:
                 self._recorder.units[unit] = w.detach()
         return self._current[unit].to(x.dtype)
 
-    def layer_mixture(self) -> LayerMixture:
-        return LayerMixture(self.gate)
-
     # ------------------------------------------------------------------ engine protocol
-    @contextlib.contextmanager
-    def recording(self, attention_mask: torch.Tensor) -> Iterator[_Recorder]:
-        self._recorder = _Recorder(attention_mask)
-        try:
-            yield self._recorder
-        finally:
-            self._frozen = dict(self._recorder.units)
-            self._recorder = None
+    def new_recorder(self, attention_mask: torch.Tensor) -> _Recorder:
+        return _Recorder(attention_mask)
+
+    def recorded(self, recorder: _Recorder) -> None:
+        self._frozen = dict(recorder.units)  # the decode steps reuse the prompt's weights
 
     def select_rows(self, keep: list[int]) -> None:
         """Rows that finished leave the batch: keep the frozen weights of the others."""
@@ -103,47 +95,19 @@ class MoleRouter:
         self._current = {}
 
     def routings(self, recorder: _Recorder) -> list[Routing]:
-        units = recorder.units
-        mean = torch.stack(list(units.values())).mean(0)  # (B, K) over units
-        out = []
-        for b in range(mean.shape[0]):
-            share = {a: round(float(mean[b, k]), 6) for k, a in enumerate(self.adapters)}
-            ranked = sorted(((a, w) for a, w in share.items() if w > 0), key=lambda kv: -kv[1])
-            layers = {u: {a: round(float(w[b, k]), 4) for k, a in enumerate(self.adapters)} for u, w in units.items()}
-            masked = f"; masked {list(self.mask)}" if self.mask else ""
-            out.append(Routing(tuple(a for a, _ in ranked), tuple(w for _, w in ranked), share, router=self.kind,
-                               granularity="layer", layers=layers,
-                               reason=f"{self.gates.config.granularity}-wise gates, mean over {len(units)} units{masked}"))
-        return out
+        masked = f"; masked {list(self.mask)}" if self.mask else ""
+        return per_row_routings(recorder.units, self.adapters, router=self.kind, granularity="layer",
+                                reason=f"{self.gates.config.granularity}-wise gates, mean over "
+                                       f"{len(recorder.units)} units{masked}")
 
     def route_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unit -> (B, K) gate weights for a batch of token ids (one forward)."""
-        try:
-            with self.recording(attention_mask) as rec, self.fused.mixture(self.layer_mixture(),
-                                                                           attention_mask=attention_mask):
-                self.fused.base.model(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
-        finally:
-            self.release()
-        return rec.units
+        return prefill(self, self.fused, input_ids, attention_mask).units
 
-    @torch.no_grad()
     def route(self, prompts: list[str]) -> list[Routing]:
         """Run the prompts once and report each one's gate weights (mean and per unit)."""
-        from ...data import PromptFormatter
-
-        base = self.fused.base
-        fmt = PromptFormatter(base.tokenizer)
-        rows = [fmt.encode_prompt(p) for p in prompts]
-        width = max(len(r) for r in rows)
-        pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-        device = next(base.model.parameters()).device
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        units = self.route_weights(ids, mask)
-        rec = _Recorder(mask)
-        rec.units = units
-        return self.routings(rec)
+        ids, mask = prompt_batch(self.fused, prompts)
+        return self.routings(prefill(self, self.fused, ids, mask))
 
     # ------------------------------------------------------------------ storage
     def save(self, library: "Library", name: str = KIND) -> Path:

@@ -1,0 +1,92 @@
+"""What the in-forward routers (Arrow per token, MoLE per layer) share: running a batch of prompts
+through the fused model once, and turning per-unit weights into one `Routing` per prompt."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from ..errors import LoramuxError
+from .routing import Routing
+
+if TYPE_CHECKING:
+    from ..fusion import FusedModel
+
+
+def prompt_batch(fused: "FusedModel", prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-formatted prompts, left-padded like the engine's prefill: (input_ids, attention_mask)."""
+    from ..data import PromptFormatter
+
+    if isinstance(prompts, str) or not prompts:
+        raise LoramuxError("route() takes a non-empty list of prompts; wrap a single prompt in a list")
+    base = fused.base
+    fmt = PromptFormatter(base.tokenizer)
+    rows = [fmt.encode_prompt(p) for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    device = next(base.model.parameters()).device
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def prefill(router, fused: "FusedModel", ids: torch.Tensor, mask: torch.Tensor):
+    """One forward with the router's gate active and recording; returns its recorder."""
+    try:
+        with router.recording(mask) as rec, fused.mixture(router.layer_mixture(), attention_mask=mask):
+            fused.base.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             logits_to_keep=1)
+    finally:
+        if hasattr(router, "release"):
+            router.release()
+    return rec
+
+
+def per_row_routings(units: dict[str, torch.Tensor], adapters: list[str], *, router: str, granularity: str,
+                     reason: str) -> list[Routing]:
+    """units: unit -> (B, K) mean weights. Each row: adapters ranked by their mean over units."""
+    if not units:
+        return []
+    mean = torch.stack(list(units.values())).float().mean(0)  # (B, K)
+    out = []
+    for b in range(mean.shape[0]):
+        share = {a: round(float(mean[b, k]), 6) for k, a in enumerate(adapters)}
+        ranked = sorted(((a, w) for a, w in share.items() if w > 0), key=lambda kv: -kv[1])
+        layers = {u: {a: round(float(w[b, k]), 4) for k, a in enumerate(adapters)} for u, w in units.items()}
+        out.append(Routing(tuple(a for a, _ in ranked), tuple(w for _, w in ranked), share, router=router,
+                           granularity=granularity, layers=layers, reason=reason))
+    return out
+
+
+class InForwardRouter:
+    """Base of routers whose gate runs inside the fused layers (the engine's per-token/layer
+    protocol): `gate(name, x, mask)` gives the weights, a recorder keeps what a prefill chose."""
+
+    _recorder = None
+
+    def gate(self, name: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def new_recorder(self, attention_mask: torch.Tensor):
+        raise NotImplementedError
+
+    def recorded(self, recorder) -> None:
+        """Called when a prefill's recording ends (MoLE keeps its weights for the decode steps)."""
+
+    def layer_mixture(self):
+        from ..fusion import LayerMixture
+
+        return LayerMixture(self.gate)
+
+    @contextlib.contextmanager
+    def recording(self, attention_mask: torch.Tensor) -> Iterator:
+        """Record the weights of forwards over inputs shaped like `attention_mask` (a prefill)."""
+        self._recorder = self.new_recorder(attention_mask)
+        try:
+            yield self._recorder
+        finally:
+            self.recorded(self._recorder)
+            self._recorder = None
