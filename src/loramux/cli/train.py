@@ -37,6 +37,11 @@ def train(
     replace: bool = typer.Option(False, help="Replace adapters of the same name."),
     cluster: Optional[str] = typer.Option(None, help="clustering.json from `loramux library cluster`: one adapter "
                                                      "per cluster on the union of its tasks, steps matched."),
+    method: str = typer.Option("lora", help="lora (plain) or dynamic (Dynamic LoRA: importance-driven rank "
+                                            "reallocation + per-token input gates)."),
+    realloc: bool = typer.Option(True, help="dynamic: reallocate rank across layers by importance."),
+    input_gate: bool = typer.Option(True, help="dynamic: per-token input gate on each module's update."),
+    realloc_every: int = typer.Option(10, help="dynamic: steps between reallocations."),
 ) -> None:
     """Train one LoRA per task (or per MBC cluster) and save each into the library."""
     from ..errors import LoramuxError
@@ -50,6 +55,16 @@ def train(
         warmup_steps=warmup_steps, weight_decay=weight_decay, max_seq_len=max_seq_len, seed=seed,
         checkpoint_every=checkpoint_every,
     )
+    if method not in ("lora", "dynamic"):
+        raise LoramuxError(f"--method must be 'lora' or 'dynamic'; got {method!r}")
+    if method == "dynamic":
+        if cluster:
+            raise LoramuxError("--cluster trains plain LoRAs; drop --method dynamic")
+        from ..training.dynamic import DynamicConfig
+
+        dyn = DynamicConfig(realloc=realloc, input_gate=input_gate, realloc_every=realloc_every)
+        task_list = resolve_tasks(task, tasks, data_dir, "train")
+        return _train_dynamic(task_list, name, library, model, device, config, dyn, skip_existing, replace)
     if cluster:
         return _train_clusters(cluster, data_dir, library, model, device, config, steps_given=steps != _D.steps,
                                skip_existing=skip_existing, replace=replace, resume=resume)
@@ -89,3 +104,30 @@ def _train_clusters(path: str, data_dir: Optional[str], library: Optional[str], 
     base = load_base(model, device=device)
     train_adapters(base, groups, lib, configs, names=names, skip_existing=skip_existing, replace=replace,
                    resume=resume, log=typer.echo)
+
+
+def _train_dynamic(task_list, name, library, model, device, config, dyn, skip_existing: bool, replace: bool) -> None:
+    """One Dynamic LoRA per task; its final ranks and importance are plotted beside its checkpoints."""
+    from ..errors import LoramuxError
+    from ..models import load_base
+    from ..training.build import default_checkpoint_dir
+    from ..training.dynamic import plot_allocation, train_dynamic
+    from .common import open_library
+
+    if name and len(task_list) != 1:
+        raise LoramuxError(f"--name {name!r} needs exactly one task; got {len(task_list)} (adapters take task names)")
+    lib = open_library(library, create=True)
+    base = load_base(model, device=device)
+    for t in task_list:
+        adapter = name or t.name
+        if skip_existing and adapter in lib:
+            typer.echo(f"[loramux] {adapter}: already in the library, skipped")
+            continue
+        result = train_dynamic(base, t, config, dyn)
+        lib.add(adapter, result.files, base=base, tasks=(t.name,), training=result.summary, replace=replace)
+        plot = default_checkpoint_dir(lib, adapter).with_name(f"{adapter}-allocation.png")
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_allocation(result.ranks, result.importance, plot)
+        typer.echo(f"[loramux] {adapter}: dynamic, {config.steps} steps, loss {result.summary.final_loss}, "
+                   f"{result.summary.seconds:.0f}s -> {lib.path}; ranks {min(result.ranks.values())}.."
+                   f"{max(result.ranks.values())}; allocation plot {plot}")

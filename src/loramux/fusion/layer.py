@@ -61,6 +61,11 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(0, 0, d_in, dtype=dtype, device=device), persistent=False)  # (K, r, d_in)
         self.register_buffer("lora_B", torch.zeros(0, d_out, 0, dtype=dtype, device=device), persistent=False)  # (K, d_out, r)
         self.register_buffer("scaling", torch.zeros(0, dtype=dtype, device=device), persistent=False)  # (K,)
+        # Dynamic LoRA input gates, per slot: g_k(x) = 2·sigmoid(gate_w[k]·x + gate_b[k]); a slot
+        # without one has gate_w = 0, gate_b = 0 and is not gated (`gated` False).
+        self.register_buffer("gate_w", torch.zeros(0, d_in, dtype=dtype, device=device), persistent=False)  # (K, d_in)
+        self.register_buffer("gate_b", torch.zeros(0, dtype=dtype, device=device), persistent=False)  # (K,)
+        self.gated: list[bool] = []
         self._cache: tuple | None = None
         self._folded: tuple | None = None
         self._flat: tuple | None = None
@@ -74,8 +79,10 @@ class MultiLoraLinear(nn.Module):
     def max_rank(self) -> int:
         return self.lora_A.shape[1]
 
-    def add_slot(self, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float) -> None:
-        """Append one adapter: A (r, d_in), B (d_out, r); None when it does not adapt this layer."""
+    def add_slot(self, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float,
+                 gate: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Append one adapter: A (r, d_in), B (d_out, r); None when it does not adapt this layer.
+        `gate`: a Dynamic LoRA input gate (w (1, d_in), b (1,)) scaling this slot per token."""
         r = A.shape[0] if A is not None else 0
         width = max(self.max_rank, r)
         K = self.num_slots
@@ -88,11 +95,17 @@ class MultiLoraLinear(nn.Module):
             new_B[K, :, :r] = B.to(new_B)
         self.lora_A, self.lora_B = new_A, new_B
         self.scaling = torch.cat([self.scaling, self.scaling.new_tensor([scaling if A is not None else 0.0])])
+        w = gate[0].reshape(1, -1).to(self.gate_w) if gate is not None else self.gate_w.new_zeros(1, self.base.in_features)
+        b = gate[1].reshape(1).to(self.gate_b) if gate is not None else self.gate_b.new_zeros(1)
+        self.gate_w, self.gate_b = torch.cat([self.gate_w, w]), torch.cat([self.gate_b, b])
+        self.gated.append(gate is not None and A is not None)
         self._cache = self._folded = self._flat = None
 
     def remove_slot(self, k: int) -> None:
         keep = [i for i in range(self.num_slots) if i != k]
         self.lora_A, self.lora_B, self.scaling = self.lora_A[keep], self.lora_B[keep], self.scaling[keep]
+        self.gate_w, self.gate_b = self.gate_w[keep], self.gate_b[keep]
+        self.gated.pop(k)
         self._cache = self._folded = self._flat = None
 
     # ------------------------------------------------------------------ forward
@@ -101,7 +114,7 @@ class MultiLoraLinear(nn.Module):
         mix, state = self.state.mixture, self.state
         if mix is None or self.lora_A.shape[1] == 0:  # no mixture, or no loaded adapter adapts this layer
             return y
-        if type(mix) is SequenceMixture and not state.reference:  # the hot path: few Python ops per call
+        if type(mix) is SequenceMixture and not state.reference and not any(self.gated):  # the hot path
             if state.fold:
                 weight = self._folded_weight(mix, x.device)
                 if weight is not None:
@@ -120,7 +133,16 @@ class MultiLoraLinear(nn.Module):
         return y + (delta[:, 0] if squeeze else delta).to(y.dtype)
 
     def dense_weights(self, x: torch.Tensor, mix: Mixture) -> torch.Tensor:
-        """The mixture as dense coefficients C over all K slots: (B, T or 1, K)."""
+        """The mixture as dense coefficients C over all K slots: (B, T or 1, K), times each gated
+        slot's per-token input gate (then (B, T, K))."""
+        C = self._mixture_weights(x, mix)
+        if any(self.gated):
+            on = torch.tensor(self.gated, device=x.device)
+            g = 2 * torch.sigmoid(x @ self.gate_w.T + self.gate_b)  # (B, T, K)
+            C = C * torch.where(on, g, torch.ones_like(g))
+        return C
+
+    def _mixture_weights(self, x: torch.Tensor, mix: Mixture) -> torch.Tensor:
         K = self.num_slots
         if isinstance(mix, LayerMixture):
             C = mix.gate(self.name, x, self.state.attention_mask).to(x.dtype)  # (B, K) or (B, T, K)

@@ -40,6 +40,19 @@ def _return_freed_memory() -> None:
             pass
 
 
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: a key names the module exactly or is a regex for
+    its trailing part (e.g. "q_proj" or "layers.0.self_attn.q_proj")."""
+    import re
+
+    if module in pattern:
+        return pattern[module]
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
 class FusedModel:
     def __init__(self, base: "BaseModel", target_modules: tuple[str, ...] = LLAMA_TARGETS):
         self.base = base
@@ -74,17 +87,18 @@ class FusedModel:
                 f"adapter {name!r} adapts module(s) {outside[:3]}{'...' if len(outside) > 3 else ''} that this engine "
                 f"does not fuse; its fused modules are {list(self.target_modules)} (build the engine with "
                 f"target_modules covering them)")
-        if files.config.get("alpha_pattern") or files.config.get("rank_pattern"):
-            raise LoramuxError(f"adapter {name!r} uses rank_pattern/alpha_pattern, which loramux does not fuse yet")
         alpha = float(files.config.get("lora_alpha", 8))
+        alphas = files.config.get("alpha_pattern") or {}
         rslora = bool(files.config.get("use_rslora", False))
         for module, layer in self.layers.items():
             ab = factors.get(module)
             if ab is None:
                 layer.add_slot(None, None, 0.0)
                 continue
-            r = ab["A"].shape[0]
-            layer.add_slot(ab["A"], ab["B"], alpha / (math.sqrt(r) if rslora else r))
+            r = ab["A"].shape[0]  # per module: a rank_pattern shows in the factors' shapes
+            a = float(_pattern_value(alphas, module, alpha))
+            gate = (ab["gate_w"], ab["gate_b"]) if "gate_w" in ab else None
+            layer.add_slot(ab["A"], ab["B"], a / (math.sqrt(r) if rslora else r), gate)
         self.adapters.append(name)
         _return_freed_memory()
         return len(self.adapters) - 1

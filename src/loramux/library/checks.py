@@ -23,7 +23,10 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FINGERPRINT_KEY = "loramux.base_fingerprint"
 BASE_ID_KEY = "loramux.base_model"
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>A|B|gate)\.(?P<kind>weight|bias)$")
+# Dynamic LoRA's input gate (loramux extension): g(x) = 2·sigmoid(w·x + b) scales the update per
+# token; `lora_gate.weight` (1, d_in) and `lora_gate.bias` (1,). PEFT ignores these keys.
+_PART = {("A", "weight"): "A", ("B", "weight"): "B", ("gate", "weight"): "gate_w", ("gate", "bias"): "gate_b"}
 
 
 @dataclass
@@ -79,18 +82,21 @@ def read_peft_dir(path: str | Path) -> PeftFiles:
 
 
 def lora_factors(files: PeftFiles) -> dict[str, dict[str, "torch.Tensor"]]:
-    """module name -> {"A": lora_A, "B": lora_B}; refuses tensors that are not LoRA linear factors."""
+    """module name -> {"A": lora_A, "B": lora_B} (+ "gate_w", "gate_b" for a Dynamic LoRA input
+    gate); refuses tensors that are not LoRA factors of a linear layer."""
     out: dict[str, dict[str, "torch.Tensor"]] = {}
     for key, t in files.tensors.items():
         m = _KEY.match(key)
-        if not m:
+        part = _PART.get((m["which"], m["kind"])) if m else None
+        if part is None:
             raise LoramuxError(f"{files.path / WEIGHTS_FILE}: tensor {key!r} is not a LoRA factor of a linear layer "
                                f"(base_model.model.<module>.lora_A/B.weight); modules_to_save and embedding "
                                f"adapters are not supported")
-        out.setdefault(m["module"], {})[m["which"]] = t
+        out.setdefault(m["module"], {})[part] = t
     for module, ab in out.items():
-        if set(ab) != {"A", "B"}:
-            raise LoramuxError(f"{files.path / WEIGHTS_FILE}: module {module!r} has lora_{next(iter(ab))} but not its pair")
+        if not {"A", "B"} <= set(ab) or len({"gate_w", "gate_b"} & set(ab)) == 1:
+            raise LoramuxError(f"{files.path / WEIGHTS_FILE}: module {module!r} has {sorted(ab)}; expected lora_A "
+                               f"and lora_B (and, for an input gate, both lora_gate.weight and .bias)")
     return out
 
 
@@ -133,3 +139,6 @@ def check_against_base(files: PeftFiles, base: "BaseModel") -> None:
                 f"adapter {where!r}, module {module!r}: lora_A {ab['A']} / lora_B {ab['B']} do not fit the base "
                 f"layer (in={d_in}, out={d_out}); expected lora_A (r, {d_in}) and lora_B ({d_out}, r)"
             )
+        if "gate_w" in ab and (ab["gate_w"] != (1, d_in) or ab["gate_b"] != (1,)):
+            raise LoramuxError(f"adapter {where!r}, module {module!r}: input gate {ab['gate_w']} / {ab['gate_b']}; "
+                               f"expected lora_gate.weight (1, {d_in}) and lora_gate.bias (1,)")

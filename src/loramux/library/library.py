@@ -129,7 +129,7 @@ class Library:
     def add(
         self,
         name: str,
-        source: "str | Path | PeftModel",
+        source: "str | Path | PeftModel | PeftFiles",
         *,
         base: "BaseModel",
         tasks: tuple[str, ...] | list[str] = (),
@@ -349,7 +349,9 @@ class Library:
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
-    def _files_from(source: "str | Path | PeftModel") -> PeftFiles:
+    def _files_from(source: "str | Path | PeftModel | PeftFiles") -> PeftFiles:
+        if isinstance(source, PeftFiles):  # already read (e.g. a Dynamic LoRA's export)
+            return source
         if isinstance(source, (str, Path)):
             return read_peft_dir(source)
         from peft import PeftModel, get_peft_model_state_dict
