@@ -66,6 +66,7 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("gate_w", torch.zeros(0, d_in, dtype=dtype, device=device), persistent=False)  # (K, d_in)
         self.register_buffer("gate_b", torch.zeros(0, dtype=dtype, device=device), persistent=False)  # (K,)
         self.gated: list[bool] = []
+        self.any_gated = False
         self._cache: tuple | None = None
         self._folded: tuple | None = None
         self._flat: tuple | None = None
@@ -99,6 +100,7 @@ class MultiLoraLinear(nn.Module):
         b = gate[1].reshape(1).to(self.gate_b) if gate is not None else self.gate_b.new_zeros(1)
         self.gate_w, self.gate_b = torch.cat([self.gate_w, w]), torch.cat([self.gate_b, b])
         self.gated.append(gate is not None and A is not None)
+        self.any_gated = any(self.gated)
         self._cache = self._folded = self._flat = None
 
     def remove_slot(self, k: int) -> None:
@@ -106,6 +108,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_A, self.lora_B, self.scaling = self.lora_A[keep], self.lora_B[keep], self.scaling[keep]
         self.gate_w, self.gate_b = self.gate_w[keep], self.gate_b[keep]
         self.gated.pop(k)
+        self.any_gated = any(self.gated)
         self._cache = self._folded = self._flat = None
 
     # ------------------------------------------------------------------ forward
@@ -114,7 +117,7 @@ class MultiLoraLinear(nn.Module):
         mix, state = self.state.mixture, self.state
         if mix is None or self.lora_A.shape[1] == 0:  # no mixture, or no loaded adapter adapts this layer
             return y
-        if type(mix) is SequenceMixture and not state.reference and not any(self.gated):  # the hot path
+        if type(mix) is SequenceMixture and not state.reference and not self.any_gated:  # the hot path
             if state.fold:
                 weight = self._folded_weight(mix, x.device)
                 if weight is not None:
@@ -136,7 +139,7 @@ class MultiLoraLinear(nn.Module):
         """The mixture as dense coefficients C over all K slots: (B, T or 1, K), times each gated
         slot's per-token input gate (then (B, T, K))."""
         C = self._mixture_weights(x, mix)
-        if any(self.gated):
+        if self.any_gated:
             on = torch.tensor(self.gated, device=x.device)
             g = 2 * torch.sigmoid(x @ self.gate_w.T + self.gate_b)  # (B, T, K)
             C = C * torch.where(on, g, torch.ones_like(g))
