@@ -87,6 +87,7 @@ def parse_bigbench(data: Any, *, name: str, where: str = "<task.json>", source: 
         stop_string=data.get("stop_string"),
         output_regex=data.get("output_regex"),
         source=source,
+        preferred_score=data.get("preferred_score"),
     )
 
 

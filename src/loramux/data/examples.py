@@ -44,6 +44,7 @@ class Task:
     stop_string: str | None = None
     output_regex: str | None = None
     source: Path | None = field(default=None, compare=False)
+    preferred_score: str | None = None  # BIG-bench's headline metric for the task
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -36,14 +36,16 @@ class Prediction:
 @dataclass
 class ScoreResult:
     task: str
-    metric: str  # "multiple_choice_grade" or "exact_str_match"
+    metric: str  # the task's primary metric (see metrics.primary_metric)
     score: float
     n: int
     seconds: float
     predictions: list[Prediction] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # every metric computed, in [0, 1]
 
     def to_dict(self, with_predictions: bool = False) -> dict:
-        d = {"task": self.task, "metric": self.metric, "score": self.score, "n": self.n, "seconds": round(self.seconds, 2)}
+        d = {"task": self.task, "metric": self.metric, "score": self.score, "n": self.n, "seconds": round(self.seconds, 2),
+             "metrics": {k: round(v, 4) for k, v in self.metrics.items()}}
         if with_predictions:
             d["predictions"] = [p.__dict__ for p in self.predictions]
         return d
@@ -167,12 +169,18 @@ def score_task(
             bar.update(len(chunk))
     bar.close()
     model.train(was_training)
-    metric = "multiple_choice_grade" if task.kind == "multiple_choice" else "exact_str_match"
-    return ScoreResult(
-        task=task.name,
-        metric=metric,
-        score=sum(p.correct for p in predictions) / max(1, len(predictions)),
-        n=len(predictions),
-        seconds=time.perf_counter() - started,
-        predictions=predictions,
-    )
+    return result_of(task, predictions, time.perf_counter() - started)
+
+
+def result_of(task: Task, predictions: list[Prediction], seconds: float = 0.0) -> ScoreResult:
+    """A task's ScoreResult from its predictions: every metric it asks for, and its primary one."""
+    from .metrics import generative_metrics, primary_metric
+
+    accuracy = sum(p.correct for p in predictions) / max(1, len(predictions))
+    if task.kind == "multiple_choice":
+        metrics = {"multiple_choice_grade": accuracy}
+    else:
+        metrics = generative_metrics(task, [p.prediction for p in predictions], [p.targets for p in predictions])
+    metric = primary_metric(task)
+    return ScoreResult(task=task.name, metric=metric, score=metrics[metric], n=len(predictions), seconds=seconds,
+                       predictions=predictions, metrics=metrics)
