@@ -11,6 +11,7 @@ import typer
 
 from . import bench, data, library, model, router
 from .demo import demo
+from .eval import eval_
 from .generate import generate
 from .score import score
 from .train import train
@@ -32,6 +33,7 @@ app.command()(train)
 app.command()(score)
 app.command()(generate)
 app.command()(demo)
+app.command("eval")(eval_)
 
 
 def main(argv: list[str] | None = None) -> None:

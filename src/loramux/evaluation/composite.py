@@ -13,17 +13,23 @@ import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 from ..data import Task
+from ..errors import LoramuxError
 from .scoring import Prediction, answer_budget, score_task
 
 if TYPE_CHECKING:
     from ..fusion import FusedModel
+    from ..routers.layerwise import InForwardRouter
 
-Mixture = dict[str, float] | None
-MixtureKey = tuple[tuple[str, float], ...] | None
+Mixture = "dict[str, float] | None | InForwardRouter"  # a fixed mixture, the base, or an in-forward router
+MixtureKey = tuple
 
 
-def _key(mix: Mixture) -> MixtureKey:
-    return None if mix is None else tuple(sorted((k, round(float(v), 6)) for k, v in mix.items()))
+def _key(mix) -> MixtureKey | None:
+    if mix is None:
+        return None
+    if hasattr(mix, "layer_mixture"):  # Arrow: weights come from each layer's input
+        return ("router", mix.kind, id(mix))
+    return tuple(sorted((k, round(float(v), 6)) for k, v in mix.items()))
 
 
 class MixtureScorer:
@@ -33,6 +39,17 @@ class MixtureScorer:
         self.fused, self.batch_size, self.progress = fused, batch_size, progress
         self.memo: dict[tuple[str, int, MixtureKey], Prediction] = {}
         self.forward_groups = 0
+
+    def _mixture(self, key, router):
+        if key is None:
+            return None
+        if router is not None:
+            if getattr(router, "granularity", "token") != "token":
+                raise LoramuxError(f"scoring with the {router.kind} router is not supported: its gates pool the "
+                                   f"prompt, which the scorer's cached continuations do not see; only per-token "
+                                   f"routers (arrow) and fixed mixtures score this way")
+            return router.layer_mixture()
+        return self.fused.sequence_mixture([dict(key)])
 
     def score(self, task: Task, mixtures: list[Mixture], indices: list[int] | None = None) -> list[Prediction]:
         """Predictions for `task.examples[indices[j]]` under `mixtures[j]`, in that order."""
@@ -47,7 +64,7 @@ class MixtureScorer:
         for key, rows in todo.items():
             rows = sorted(set(rows))
             subset = dataclasses.replace(task, examples=tuple(task.examples[i] for i in rows))
-            mix = None if key is None else self.fused.sequence_mixture([dict(key)])
+            mix = self._mixture(key, mixtures[indices.index(rows[0])] if key and key[0] == "router" else None)
             with self.fused.mixture(mix):
                 result = score_task(self.fused.base.model, self.fused.base.tokenizer, subset,
                                     batch_size=self.batch_size, progress=self.progress,

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ..models import DEFAULT_MODEL
+
+
+def eval_(
+    library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
+    data_dir: Optional[str] = typer.Option(None, help="Dir of task dirs (default: the fetched BIG-bench tasks)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (default: every task of the library)."),
+    strategies: str = typer.Option("base,oracle,uniform", help="base, oracle, uniform, dlp, dlp_p<P>, arrow."),
+    limit_per_task: Optional[int] = typer.Option(None, help="A seeded sample of each task's test set."),
+    seed: int = typer.Option(0, help="Sampling and shuffling seed."),
+    batch_size: int = typer.Option(8, help="Examples per scoring batch."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
+    markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table as Markdown here."),
+) -> None:
+    """Score strategies side by side on the mixed test sets of the library's tasks (composite)."""
+    import json
+
+    from ..data import load_tasks
+    from ..evaluation.harness import EvalConfig, evaluate, to_markdown
+    from ..fusion import FusedModel
+    from ..models import load_base
+    from .common import default_data_dir, open_library
+
+    config = EvalConfig(tuple(s.strip() for s in strategies.split(",") if s.strip()), limit_per_task, seed, batch_size)
+    lib = open_library(library)
+    names = [t.strip() for t in tasks.split(",")] if tasks else sorted({t for s in lib.list() for t in s.tasks})
+    test = load_tasks(data_dir or default_data_dir(), names, "test")
+    result = evaluate(FusedModel(load_base(model)), lib, test, config, log=lambda s: typer.echo(s, err=True))
+    table = to_markdown(result)
+    typer.echo(table)
+    if output:
+        from pathlib import Path
+
+        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    if markdown:
+        from pathlib import Path
+
+        Path(markdown).write_text(table)

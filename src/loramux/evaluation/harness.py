@@ -1,0 +1,125 @@
+"""The evaluation harness: strategies side by side on the same test prompts, through one scorer.
+
+A strategy maps each test example to what the fused model runs for it: nothing (the base
+model), a fixed mixture (oracle, uniform), a routed mixture (DLP at a given top-p), or an
+in-forward router (Arrow). In composite mode every task's test prompts are pooled and shuffled
+and each prompt is routed on its own, as a server would see them; scores are still reported per
+task (each task's primary metric) and averaged over tasks.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import LoramuxError
+from .composite import MixtureScorer
+from .scoring import result_of
+
+if TYPE_CHECKING:
+    from ..data import Task
+    from ..fusion import FusedModel
+    from ..library import Library
+
+FIXED = ("base", "oracle", "uniform")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    strategies: tuple[str, ...] = ("base", "oracle", "uniform")  # + dlp, dlp_p<P>, arrow
+    limit_per_task: int | None = None  # a seeded sample of each task's test set
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for s in self.strategies:
+            if s not in FIXED and s != "arrow" and not (s == "dlp" or s.startswith("dlp_p")):
+                raise LoramuxError(f"unknown strategy {s!r}; use {list(FIXED)}, dlp, dlp_p<top-p> (e.g. dlp_p0.9) "
+                                   f"or arrow")
+            if s.startswith("dlp_p"):
+                try:
+                    float(s[5:])
+                except ValueError:
+                    raise LoramuxError(f"strategy {s!r}: the top-p after 'dlp_p' must be a number") from None
+
+
+def sample_indices(tasks: list["Task"], limit: int | None, seed: int) -> dict[str, list[int]]:
+    rng = random.Random(seed)
+    out = {}
+    for t in tasks:
+        idx = list(range(len(t.examples)))
+        if limit and limit < len(idx):
+            idx = sorted(rng.sample(idx, limit))
+        out[t.name] = idx
+    return out
+
+
+def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], config: EvalConfig = EvalConfig(), *,
+             progress: bool = True, log=print) -> dict:
+    """{"strategies": {name: {"per_task", "average", "metric", "seconds"}}, "n_per_task", ...}."""
+    owner = {t: s.name for s in library.list() for t in s.tasks}
+    missing = [t.name for t in tasks if t.name not in owner]
+    if missing and ("oracle" in config.strategies):
+        raise LoramuxError(f"no adapter in the library was trained on task(s) {missing}; the oracle needs one")
+    for name in library.names():
+        if name not in fused.adapters:
+            fused.load(library, name)
+    indices = sample_indices(tasks, config.limit_per_task, config.seed)
+    pool = [(t.name, i) for t in tasks for i in indices[t.name]]
+    random.Random(config.seed).shuffle(pool)  # composite: every task's prompts mixed
+    by_name = {t.name: t for t in tasks}
+    adapters = list(fused.adapters)
+    plans: dict[str, dict] = {}
+    for s in config.strategies:
+        if s == "base":
+            plans[s] = {k: None for k in pool}
+        elif s == "oracle":
+            plans[s] = {k: {owner[k[0]]: 1.0} for k in pool}
+        elif s == "uniform":
+            plans[s] = {k: {a: 1.0 / len(adapters) for a in adapters} for k in pool}
+        elif s == "arrow":
+            from ..routers import load_router
+
+            router = load_router(library, "arrow", fused=fused)
+            plans[s] = {k: router for k in pool}
+        else:  # dlp, dlp_p<P>: each prompt routed on its own, in the shuffled pool's order
+            from ..routers import load_router
+
+            router = load_router(library, "dlp", **({"top_p": float(s[5:])} if s.startswith("dlp_p") else {}))
+            plans[s] = {}
+            for b in range(0, len(pool), 32):
+                batch = pool[b:b + 32]
+                for key, r in zip(batch, router.route([by_name[n].examples[i].prompt for n, i in batch])):
+                    plans[s][key] = r.mixture
+    scorer = MixtureScorer(fused, batch_size=config.batch_size, progress=progress)
+    result: dict = {"strategies": {}, "n_per_task": {t: len(v) for t, v in indices.items()},
+                    "seed": config.seed, "adapters": adapters}
+    for s, plan in plans.items():
+        started = time.perf_counter()
+        per_task, metric = {}, {}
+        for t in tasks:
+            idx = indices[t.name]
+            preds = scorer.score(t, [plan[(t.name, i)] for i in idx], idx)
+            r = result_of(t, preds)
+            per_task[t.name], metric[t.name] = round(r.score, 4), r.metric
+        average = round(sum(per_task.values()) / max(1, len(per_task)), 4)
+        result["strategies"][s] = {"per_task": per_task, "average": average, "metric": metric,
+                                   "seconds": round(time.perf_counter() - started, 1)}
+        log(f"{s}: average {average:.4f}")
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    """Strategies (rows) x tasks (columns) + average, each task's primary metric."""
+    strategies = result["strategies"]
+    tasks = list(next(iter(strategies.values()))["per_task"]) if strategies else []
+    metric = next(iter(strategies.values()))["metric"] if strategies else {}
+    head = "| strategy | average | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |"
+    rule = "|---|---|" + "---|" * len(tasks)
+    rows = [f"| {s} | {v['average']:.3f} | " + " | ".join(f"{v['per_task'][t]:.3f}" for t in tasks) + " |"
+            for s, v in strategies.items()]
+    n = result.get("n_per_task", {})
+    note = f"\n\nExamples per task: {', '.join(f'{t} {k}' for t, k in n.items())}; seed {result.get('seed')}.\n"
+    return "\n".join([head, rule, *rows]) + note

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from loramux.data import load_tasks
+from loramux.errors import LoramuxError
+from loramux.evaluation.harness import EvalConfig, evaluate, to_markdown
+from loramux.fusion import FusedModel
+from loramux.models import load_base
+from loramux.routers.sentence import DlpTrainConfig, train_dlp
+
+from ..cli.test_cli import run
+from ..routers.sentence.conftest import WORDS, bert_dir, task_dir, task_lib  # noqa: F401 (fixtures)
+
+
+@pytest.fixture
+def routed_lib(task_lib, task_dir, bert_dir):
+    router = train_dlp(task_lib, load_tasks(task_dir, split="train"),
+                       DlpTrainConfig(encoder=str(bert_dir), hidden=(64,), max_epochs=60, patience=10, lr=3e-3,
+                                      batch_size=16), progress=False, log=lambda s: None)
+    router.save(task_lib)
+    return task_lib
+
+
+def test_strategies_side_by_side(tiny_model_dir, routed_lib, task_dir):
+    tasks = load_tasks(task_dir, split="test")
+    config = EvalConfig(("base", "oracle", "uniform", "dlp", "dlp_p1.0", "arrow"), limit_per_task=4, seed=1)
+    result = evaluate(FusedModel(load_base(str(tiny_model_dir))), routed_lib, tasks, config, progress=False,
+                      log=lambda s: None)
+    s = result["strategies"]
+    assert list(s) == list(config.strategies) and result["n_per_task"] == dict.fromkeys(WORDS, 4)
+    for v in s.values():
+        assert set(v["per_task"]) == set(WORDS) and all(0 <= x <= 1 for x in v["per_task"].values())
+        assert v["average"] == pytest.approx(sum(v["per_task"].values()) / 3, abs=1e-4)
+        assert v["metric"] == dict.fromkeys(WORDS, "exact_str_match")
+    assert s["dlp"]["per_task"] == s["oracle"]["per_task"]  # the router picks each task's own adapter
+    md = to_markdown(result)
+    assert md.splitlines()[0].startswith("| strategy | average | animals (exact_str_match)")
+    assert len(md.splitlines()) >= 2 + len(config.strategies)
+
+
+def test_bad_strategies():
+    with pytest.raises(LoramuxError, match="unknown strategy 'best'"):
+        EvalConfig(("best",))
+    with pytest.raises(LoramuxError, match="the top-p after 'dlp_p' must be a number"):
+        EvalConfig(("dlp_pX",))
+
+
+def test_cli_eval(capsys, tiny_model_dir, task_lib, task_dir, tmp_path):
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    code, out, err = run(capsys, "eval", "-l", str(task_lib.path), "--data-dir", str(task_dir), "--model",
+                         str(tiny_model_dir), "--strategies", "base,oracle", "--limit-per-task", "2", "-o",
+                         str(out_json), "--markdown", str(out_md))
+    assert code == 0, err
+    assert "| base |" in out and "| oracle |" in out
+    assert set(json.loads(out_json.read_text())["strategies"]) == {"base", "oracle"}
+    assert out_md.read_text().startswith("| strategy |")
