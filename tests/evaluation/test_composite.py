@@ -65,3 +65,53 @@ def test_compare_policies(scorer):
                                           "oracle": lambda t, idx: [{"a": 1.0}] * len(idx)})
     assert set(out) == {"base", "oracle"} and 0 <= out["oracle"]["average"] <= 1
     assert out["base"]["per_task"]["mc"] == out["base"]["average"]
+
+
+def test_mole_choice_scores_use_each_prompts_gate_weights(tiny_model_dir, tmp_path, tiny_base):
+    import torch
+
+    from loramux.data import PromptFormatter
+    from loramux.fusion import LayerMixture
+
+    from ..routers.gating.test_mole import NAMES, fused_for, router_for
+
+    lib = Library(tmp_path / "mlib", create=True)
+    for i, n in enumerate(NAMES):
+        lib.add(n, make_peft_dir(tiny_base, tmp_path / f"m{n}", targets=("q_proj", "v_proj", "down_proj"), seed=i),
+                base=tiny_base, tasks=[f"task_{n}"])
+    fused = fused_for(tiny_model_dir, lib)
+    router = router_for(fused, "block")
+    got = MixtureScorer(fused, batch_size=3, progress=False).score(MC, [router] * len(MC.examples))
+    f = PromptFormatter(fused.base.tokenizer)
+    for ex, pred in zip(MC.examples, got):
+        p = f.encode_prompt(ex.prompt)
+        with torch.no_grad():
+            w = router.route_weights(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long))
+        fixed = LayerMixture(lambda name, x, m: w[router.gates.unit[name]])  # the prompt's weights, frozen
+        expected = []
+        for c in ex.choices:
+            a = f.encode_answer(c)
+            with torch.no_grad(), fused.mixture(fixed):
+                logp = torch.log_softmax(fused.base.model(input_ids=torch.tensor([p + a])).logits[0].float(), -1)
+            expected.append(sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(a)))
+        assert pred.choice_logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_mole_generation_scores_through_the_engine(tiny_model_dir, tmp_path, tiny_base):
+    from ..routers.gating.test_mole import NAMES, fused_for, router_for
+
+    lib = Library(tmp_path / "glib", create=True)
+    for i, n in enumerate(NAMES):
+        lib.add(n, make_peft_dir(tiny_base, tmp_path / f"g{n}", targets=("q_proj", "v_proj", "down_proj"), seed=i),
+                base=tiny_base, tasks=[f"task_{n}"])
+    fused = fused_for(tiny_model_dir, lib)
+    router = router_for(fused, "layer")
+    preds = MixtureScorer(fused, progress=False).score(GEN, [router] * 3)
+    from loramux.engine import Engine, GenerationRequest, SamplingParams
+    from loramux.evaluation import answer_budget
+
+    engine = Engine(fused.base, fused=fused)
+    budget = answer_budget(fused.base.tokenizer, GEN.examples)
+    alone = [engine.generate([GenerationRequest(ex.prompt, sampling=SamplingParams(max_new_tokens=budget))],
+                             router=router)[0].text.strip() for ex in GEN.examples]
+    assert [p.prediction for p in preds] == alone  # batched scoring = each prompt alone

@@ -14,17 +14,23 @@ from ..routers.sentence.conftest import WORDS, bert_dir, task_dir, task_lib  # n
 
 
 @pytest.fixture
-def routed_lib(task_lib, task_dir, bert_dir):
-    router = train_dlp(task_lib, load_tasks(task_dir, split="train"),
-                       DlpTrainConfig(encoder=str(bert_dir), hidden=(64,), max_epochs=60, patience=10, lr=3e-3,
-                                      batch_size=16), progress=False, log=lambda s: None)
+def routed_lib(task_lib, task_dir, bert_dir, tiny_model_dir):
+    from loramux.routers.gating import MoleTrainConfig, train_mole
+
+    train = load_tasks(task_dir, split="train")
+    router = train_dlp(task_lib, train, DlpTrainConfig(encoder=str(bert_dir), hidden=(64,), max_epochs=60, patience=10,
+                                                       lr=3e-3, batch_size=16), progress=False, log=lambda s: None)
     router.save(task_lib)
+    fused = FusedModel(load_base(str(tiny_model_dir)))
+    for n in task_lib.names():
+        fused.load(task_lib, n)
+    train_mole(fused, train, MoleTrainConfig(steps=2, batch_size=4), progress=False, log=lambda s: None).save(task_lib)
     return task_lib
 
 
 def test_strategies_side_by_side(tiny_model_dir, routed_lib, task_dir):
     tasks = load_tasks(task_dir, split="test")
-    config = EvalConfig(("base", "oracle", "uniform", "dlp", "dlp_p1.0", "arrow"), limit_per_task=4, seed=1)
+    config = EvalConfig(("base", "oracle", "uniform", "dlp", "dlp_p1.0", "arrow", "mole"), limit_per_task=4, seed=1)
     result = evaluate(FusedModel(load_base(str(tiny_model_dir))), routed_lib, tasks, config, progress=False,
                       log=lambda s: None)
     s = result["strategies"]

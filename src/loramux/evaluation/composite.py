@@ -13,12 +13,10 @@ import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 from ..data import Task
-from ..errors import LoramuxError
 from .scoring import Prediction, answer_budget, score_task
 
 if TYPE_CHECKING:
     from ..fusion import FusedModel
-    from ..routers.layerwise import InForwardRouter
 
 Mixture = "dict[str, float] | None | InForwardRouter"  # a fixed mixture, the base, or an in-forward router
 MixtureKey = tuple
@@ -40,14 +38,21 @@ class MixtureScorer:
         self.memo: dict[tuple[str, int, MixtureKey], Prediction] = {}
         self.forward_groups = 0
 
+    def _engine_greedy(self, router):
+        from ..engine import Engine, GenerationRequest, SamplingParams
+
+        engine = Engine(self.fused.base, fused=self.fused)
+
+        def generate(prompts: list[str], max_new_tokens: int) -> list[str]:
+            sampling = SamplingParams(max_new_tokens=max_new_tokens)
+            return [r.text for r in engine.generate([GenerationRequest(p, sampling=sampling) for p in prompts],
+                                                    router=router)]
+        return generate
+
     def _mixture(self, key, router):
         if key is None:
             return None
         if router is not None:
-            if getattr(router, "granularity", "token") != "token":
-                raise LoramuxError(f"scoring with the {router.kind} router is not supported: its gates pool the "
-                                   f"prompt, which the scorer's cached continuations do not see; only per-token "
-                                   f"routers (arrow) and fixed mixtures score this way")
             return router.layer_mixture()
         return self.fused.sequence_mixture([dict(key)])
 
@@ -65,10 +70,19 @@ class MixtureScorer:
             rows = sorted(set(rows))
             subset = dataclasses.replace(task, examples=tuple(task.examples[i] for i in rows))
             mix = self._mixture(key, mixtures[indices.index(rows[0])] if key and key[0] == "router" else None)
-            with self.fused.mixture(mix):
-                result = score_task(self.fused.base.model, self.fused.base.tokenizer, subset,
-                                    batch_size=self.batch_size, progress=self.progress,
-                                    max_new_tokens=budget)
+            router = mixtures[indices.index(rows[0])] if key and key[0] == "router" else None
+            hooks = {}
+            if router is not None and getattr(router, "granularity", "token") == "layer":
+                # MoLE: gates pool the prompt; cached choices and decode steps reuse its weights
+                hooks = {"prompt_router": router, "generate": self._engine_greedy(router)}
+            try:
+                with self.fused.mixture(mix):
+                    result = score_task(self.fused.base.model, self.fused.base.tokenizer, subset,
+                                        batch_size=self.batch_size, progress=self.progress,
+                                        max_new_tokens=budget, **hooks)
+            finally:
+                if router is not None and hasattr(router, "release"):
+                    router.release()
             self.forward_groups += 1
             for i, pred in zip(rows, result.predictions):
                 self.memo[(task.name, i, key)] = pred

@@ -28,16 +28,16 @@ FIXED = ("base", "oracle", "uniform")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    strategies: tuple[str, ...] = ("base", "oracle", "uniform")  # + dlp, dlp_p<P>, arrow
+    strategies: tuple[str, ...] = ("base", "oracle", "uniform")  # + dlp, dlp_p<P>, arrow, mole[:name]
     limit_per_task: int | None = None  # a seeded sample of each task's test set
     seed: int = 0
     batch_size: int = 8
 
     def __post_init__(self) -> None:
         for s in self.strategies:
-            if s not in FIXED and s != "arrow" and not (s == "dlp" or s.startswith("dlp_p")):
-                raise LoramuxError(f"unknown strategy {s!r}; use {list(FIXED)}, dlp, dlp_p<top-p> (e.g. dlp_p0.9) "
-                                   f"or arrow")
+            if s not in FIXED and s != "arrow" and not s.startswith(("dlp", "mole")):
+                raise LoramuxError(f"unknown strategy {s!r}; use {list(FIXED)}, dlp, dlp_p<top-p> (e.g. dlp_p0.9), "
+                                   f"arrow or mole[:<stored router name>]")
             if s.startswith("dlp_p"):
                 try:
                     float(s[5:])
@@ -79,10 +79,11 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
             plans[s] = {k: {owner[k[0]]: 1.0} for k in pool}
         elif s == "uniform":
             plans[s] = {k: {a: 1.0 / len(adapters) for a in adapters} for k in pool}
-        elif s == "arrow":
+        elif s == "arrow" or s.startswith("mole"):
             from ..routers import load_router
 
-            router = load_router(library, "arrow", fused=fused)
+            kind, _, stored = s.partition(":")
+            router = load_router(library, kind, fused=fused, **({"name": stored} if stored else {}))
             plans[s] = {k: router for k in pool}
         else:  # dlp, dlp_p<P>: each prompt routed on its own, in the shuffled pool's order
             from ..routers import load_router

@@ -60,12 +60,17 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple["torch.Tensor", "torch.T
     return ids, mask
 
 
-def choice_logprobs(model: "PreTrainedModel", formatter: PromptFormatter, examples: list[Example]) -> list[list[float]]:
+def choice_logprobs(model: "PreTrainedModel", formatter: PromptFormatter, examples: list[Example], *,
+                    prompt_router=None) -> list[list[float]]:
     """Summed log p(choice + end-of-turn | prompt) for every choice of every example (one batch).
 
     Pass 1 runs the left-padded prompts once and keeps their KV cache; pass 2 copies each
     prompt's cache once per choice and runs all choices (right-padded) in one batch.
+    `prompt_router`: an in-forward router whose weights come from the prompt (MoLE); it records
+    them in pass 1 and hands each choice row its prompt's weights in pass 2.
     """
+    import contextlib
+
     import torch
 
     pad = formatter.tokenizer.pad_token_id
@@ -75,13 +80,16 @@ def choice_logprobs(model: "PreTrainedModel", formatter: PromptFormatter, exampl
     ids, mask = _left_pad(prompts, pad)
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    with prompt_router.prefill_context(mask) if prompt_router else contextlib.nullcontext():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts each choice's 1st token
     cache = out.past_key_values
 
     owner = [i for i, ex in enumerate(examples) for _ in ex.choices]  # example of each flat choice
     flat = [a for per in answers for a in per]
     cache.reorder_cache(torch.tensor(owner, device=device))  # (N_choices, heads, T, d)
+    if prompt_router is not None:
+        prompt_router.select_rows(owner)  # each choice row keeps its prompt's gate weights
     width = max(len(a) for a in flat)
     cids = torch.tensor([a + [pad] * (width - len(a)) for a in flat], dtype=torch.long, device=device)
     cmask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in flat], dtype=torch.long, device=device)
@@ -139,8 +147,14 @@ def score_task(
     limit: int | None = None,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    prompt_router=None,
+    generate=None,
 ) -> ScoreResult:
-    """Score `model` (a base model, or a PeftModel with its adapter active) on `task`."""
+    """Score `model` (a base model, or a PeftModel with its adapter active) on `task`.
+
+    `prompt_router` (MoLE) is handed to `choice_logprobs`; `generate(prompts, max_new_tokens)`
+    replaces HF greedy decoding (the fused engine, for routers that hold per-row state).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -159,11 +173,14 @@ def score_task(
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
             if task.kind == "multiple_choice":
-                for ex, lps in zip(chunk, choice_logprobs(model, formatter, chunk)):
+                for ex, lps in zip(chunk, choice_logprobs(model, formatter, chunk, prompt_router=prompt_router)):
                     best, ok = grade(ex, lps)
                     predictions.append(Prediction(ex.prompt, ex.choices[best], ex.targets, ok, lps))
             else:
-                for ex, text in zip(chunk, greedy_generate(model, formatter, [e.prompt for e in chunk], max_new_tokens)):
+                prompts = [e.prompt for e in chunk]
+                texts = (generate(prompts, max_new_tokens) if generate
+                         else greedy_generate(model, formatter, prompts, max_new_tokens))
+                for ex, text in zip(chunk, texts):
                     text = task.postprocess(text).strip()
                     predictions.append(Prediction(ex.prompt, text, ex.targets, exact_match(text, ex.targets)))
             bar.update(len(chunk))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+import contextlib
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -84,6 +85,13 @@ class MoleRouter(InForwardRouter):
 
     def recorded(self, recorder: _Recorder) -> None:
         self._frozen = dict(recorder.units)  # the decode steps reuse the prompt's weights
+
+    @contextlib.contextmanager
+    def prefill_context(self, attention_mask: torch.Tensor) -> Iterator[None]:
+        """Around a prompt forward inside an active mixture: pool over real tokens, keep the
+        weights for the forwards that continue those prompts (scoring's cached choices)."""
+        with self.recording(attention_mask), self.fused.mixture(self.layer_mixture(), attention_mask=attention_mask):
+            yield
 
     def select_rows(self, keep: list[int]) -> None:
         """Rows that finished leave the batch: keep the frozen weights of the others."""
