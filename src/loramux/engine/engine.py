@@ -171,31 +171,37 @@ class Engine:
             return list(requests), router
         return self.route(requests, router), None
 
-    def _prepare(self, requests: list[GenerationRequest]) -> tuple[list[_Row], SequenceMixture | None]:
-        """Tokenize and check everything before any compute, so a bad request changes nothing."""
-        if not requests:
-            raise LoramuxError("no requests given")
-        rows = []
-        for i, req in enumerate(requests):
-            ids = (self.formatter.encode_prompt(req.prompt) if req.chat
-                   else self.base.tokenizer(req.prompt)["input_ids"])
-            if not ids:
-                raise LoramuxError(f"request {i}: the prompt is empty")
-            total = len(ids) + req.sampling.max_new_tokens
-            if self.max_context and total > self.max_context:
-                raise LoramuxError(f"request {i}: prompt of {len(ids)} tokens + max_new_tokens "
-                                   f"{req.sampling.max_new_tokens} exceeds the model's context of {self.max_context} tokens")
-            rows.append(_Row(req, ids, set() if req.sampling.ignore_eos else self.stop_ids))
-        if all(r.mixture is None for r in requests):
-            return rows, None
+    def _row(self, req: GenerationRequest, i: int = 0) -> _Row:
+        """Tokenize and check one request before any compute."""
+        ids = (self.formatter.encode_prompt(req.prompt) if req.chat
+               else self.base.tokenizer(req.prompt)["input_ids"])
+        if not ids:
+            raise LoramuxError(f"request {i}: the prompt is empty")
+        total = len(ids) + req.sampling.max_new_tokens
+        if self.max_context and total > self.max_context:
+            raise LoramuxError(f"request {i}: prompt of {len(ids)} tokens + max_new_tokens "
+                               f"{req.sampling.max_new_tokens} exceeds the model's context of {self.max_context} tokens")
+        return _Row(req, ids, set() if req.sampling.ignore_eos else self.stop_ids)
+
+    def sequence_mixture(self, mixtures: list[dict[str, float] | None]) -> SequenceMixture | None:
+        """One row per request (None: the base model); a mixture every row shares becomes one row."""
+        if all(m is None for m in mixtures):
+            return None
         if not self.fused.adapters:
             raise LoramuxError("a request names adapters but none are loaded; load them with Engine.load(name)")
         # A base-model row inside a mixed batch: weight 0 on any slot adds exactly nothing.
         neutral = {self.fused.adapters[0]: 0.0}
-        mixtures = [r.mixture if r.mixture is not None else neutral for r in requests]
-        if all(m == mixtures[0] for m in mixtures):  # one row serves all: it broadcasts over the batch
-            mixtures = mixtures[:1]
-        return rows, self.fused.sequence_mixture(mixtures)
+        rows = [m if m is not None else neutral for m in mixtures]
+        if all(m == rows[0] for m in rows):  # one row serves all: it broadcasts over the batch
+            rows = rows[:1]
+        return self.fused.sequence_mixture(rows)
+
+    def _prepare(self, requests: list[GenerationRequest]) -> tuple[list[_Row], SequenceMixture | None]:
+        """Tokenize and check everything before any compute, so a bad request changes nothing."""
+        if not requests:
+            raise LoramuxError("no requests given")
+        rows = [self._row(req, i) for i, req in enumerate(requests)]
+        return rows, self.sequence_mixture([r.mixture for r in requests])
 
     @torch.no_grad()
     def _run(self, requests: list[GenerationRequest], token_router: "TokenRouter | None" = None,
