@@ -1,9 +1,6 @@
-import threading
-
 import pytest
 import torch
 
-from loramux.engine import Engine, GenerationRequest, SamplingParams
 from loramux.engine.scheduler import QueueFull, Scheduler, generate_all, merge_caches
 from loramux.errors import LoramuxError
 
