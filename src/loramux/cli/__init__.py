@@ -14,6 +14,7 @@ from .demo import demo
 from .eval import eval_
 from .generate import generate
 from .score import score
+from .serve import serve
 from .train import train
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app.command()(score)
 app.command()(generate)
 app.command()(demo)
 app.command("eval")(eval_)
+app.command()(serve)
 
 
 def main(argv: list[str] | None = None) -> None:

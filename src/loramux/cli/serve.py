@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ..models import DEFAULT_MODEL
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8000, help="Port."),
+    api_key_file: Optional[str] = typer.Option(None, help="File with one API key per line (or $LORAMUX_API_KEYS, "
+                                                          "comma-separated)."),
+    insecure: bool = typer.Option(False, help="Allow binding a non-loopback address without API keys."),
+    max_batch: int = typer.Option(16, help="Rows in the running batch."),
+    max_queue: int = typer.Option(64, help="Waiting requests before 429."),
+    max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
+    device: str = typer.Option("cpu", help="torch device."),
+) -> None:
+    """Serve the base model, every library adapter and the routers over an OpenAI-compatible API."""
+    import os
+    from pathlib import Path
+
+    from ..engine import Engine
+    from ..errors import LoramuxError
+    from ..models import load_base
+    from ..server import ServerConfig, create_app
+    from .common import open_library
+
+    keys: set[str] = set()
+    if api_key_file:
+        try:
+            keys |= {ln.strip() for ln in Path(api_key_file).read_text().splitlines() if ln.strip()}
+        except OSError as e:
+            raise LoramuxError(f"cannot read --api-key-file {api_key_file!r}: {e}") from None
+    keys |= {k.strip() for k in os.environ.get("LORAMUX_API_KEYS", "").split(",") if k.strip()}
+    if not keys and host not in LOOPBACK and not insecure:
+        raise LoramuxError(f"refusing to bind {host!r} without API keys; give --api-key-file (or LORAMUX_API_KEYS), "
+                           f"bind 127.0.0.1, or pass --insecure")
+    if not keys:
+        typer.echo(f"no API keys: anyone who can reach {host}:{port} can use this server", err=True)
+    lib = open_library(library)
+    engine = Engine(load_base(model, device=device), lib)
+    for name in lib.names():
+        engine.load(name)
+    app = create_app(engine, lib, ServerConfig(api_keys=frozenset(keys), max_batch=max_batch, max_queue=max_queue,
+                                               max_tokens_limit=max_tokens_limit))
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")

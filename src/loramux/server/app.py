@@ -1,0 +1,348 @@
+"""`loramux serve`: an OpenAI-compatible HTTP server over the engine, thin by design.
+
+`model` picks what serves a request: `base`, an adapter name, or a router (`auto` = the stored
+DLP router, `dlp`, `arrow`, `mole` / `mole:<name>`). The body's `loramux` object (the `openai`
+client's `extra_body={"loramux": {...}}`) may give an explicit mixture `{"mix": {name: w}}`,
+router options (`top_p`, `top_k`, `temperature`) and `"explain": true`. Every response echoes the
+routing actually used. Requests run through one continuous-batching scheduler, so requests with
+different mixtures share forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
+
+from ..engine import GenerationRequest, SamplingParams
+from ..engine.scheduler import QueueFull, Scheduler
+from ..errors import LoramuxError
+from .metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+    from ..library import Library
+
+ROUTERS = ("auto", "dlp", "arrow", "mole")
+
+
+@dataclass
+class ServerConfig:
+    api_keys: frozenset[str] = frozenset()  # empty: no auth (then the CLI binds loopback only)
+    max_batch: int = 16
+    max_queue: int = 64
+    max_body_bytes: int = 1 << 20
+    max_tokens_limit: int = 1024
+    max_prompt_tokens: int | None = None  # default: the model's context
+    default_max_tokens: int = 16  # OpenAI's default for completions
+    routers: dict[str, Any] = field(default_factory=dict)  # name -> router, built lazily
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
+
+
+def _error_body(e: ApiError) -> dict:
+    kind = "rate_limit_error" if e.status == 429 else "invalid_request_error" if e.status < 500 else "server_error"
+    return {"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}
+
+
+class Server:
+    """What the routes share: engine, scheduler, library, routers, metrics."""
+
+    def __init__(self, engine: "Engine", library: "Library | None", config: ServerConfig = ServerConfig()):
+        self.engine, self.library, self.config = engine, library, config
+        self.scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue)
+        self.metrics = ServerMetrics()
+        self.scheduler.observers.append(self.metrics.observe)
+        self.base_id = engine.base.model_id
+
+    # ------------------------------------------------------------------ routing
+    def router(self, name: str):
+        if name in self.config.routers:
+            return self.config.routers[name]
+        from ..routers import load_router
+
+        if self.library is None:
+            raise ApiError(404, f"model {name!r} needs a library; the server runs without one", "model",
+                           "model_not_found")
+        kind, _, stored = name.partition(":")
+        kind = "dlp" if kind == "auto" else kind
+        try:
+            if kind == "dlp":
+                router = load_router(self.library, "dlp", base=self.engine.base)
+            else:
+                router = load_router(self.library, kind, fused=self.engine.fused, **({"name": stored} if stored else {}))
+        except LoramuxError as e:
+            raise ApiError(404, f"model {name!r}: {e}", "model", "model_not_found") from None
+        self.config.routers[name] = router
+        return router
+
+    def plan(self, model: str, ext: dict, route_text: str) -> tuple[dict | None, Any, Any]:
+        """(mixture, in-forward router or None, sentence routing or None) for a request."""
+        if not isinstance(ext, dict):
+            raise ApiError(400, "'loramux' must be an object", "loramux")
+        mix = ext.get("mix")
+        if mix is not None:
+            if not isinstance(mix, dict) or not mix or not all(isinstance(w, (int, float)) for w in mix.values()):
+                raise ApiError(400, f"loramux.mix must be a non-empty object of adapter: weight; got {mix!r}", "loramux.mix")
+            return {str(k): float(v) for k, v in mix.items()}, None, None
+        if model in ("base", self.base_id):
+            return None, None, None
+        if model in self.engine.adapters:
+            return {model: 1.0}, None, None
+        if model.partition(":")[0] in ROUTERS:
+            router = self.router(model)
+            options = {k: ext[k] for k in ("top_p", "top_k", "temperature") if k in ext}
+            if getattr(router, "granularity", "sequence") != "sequence":
+                if options:
+                    raise ApiError(400, f"router options {sorted(options)} apply to dlp; {model} was configured "
+                                        f"at start", "loramux")
+                return None, router, None
+            try:
+                routing = router.route([route_text], **options)[0] if options else router.route([route_text])[0]
+            except (LoramuxError, TypeError) as e:
+                raise ApiError(400, f"routing failed: {e}", "loramux") from None
+            return routing.mixture, None, routing
+        raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists the base model, "
+                            f"adapters and routers", "model", "model_not_found")
+
+    def routing_echo(self, mixture, router, routing, result, explain: bool) -> dict:
+        versions = {}
+        if self.library is not None:
+            for name in (mixture or {}):
+                if name in self.library:
+                    versions[name] = self.library.get(name).version
+        out: dict[str, Any] = {"mixture": mixture, "adapter_versions": versions}
+        r = routing or (result.routing if result is not None else None)
+        if r is not None:
+            out["router"] = r.router
+            out["adapters"], out["weights"] = list(r.adapters), list(r.weights)
+            if r.abstained:
+                out["abstained"], out["reason"] = True, r.reason
+            if explain:
+                out["explain"] = r.to_dict()
+        elif router is not None:
+            out["router"] = router.kind
+        return out
+
+    # ------------------------------------------------------------------ requests
+    def sampling(self, body: dict) -> SamplingParams:
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", self.config.default_max_tokens))
+        if max_tokens is None:
+            max_tokens = self.config.default_max_tokens
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.config.max_tokens_limit:
+            raise ApiError(400, f"max_tokens must be an integer in [1, {self.config.max_tokens_limit}]; "
+                                f"got {max_tokens!r}", "max_tokens")
+        stop = body.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        try:
+            return SamplingParams(max_new_tokens=max_tokens, temperature=float(body.get("temperature", 1.0)),
+                                  top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"), stop=stop)
+        except (LoramuxError, TypeError, ValueError) as e:
+            raise ApiError(400, str(e)) from None
+
+    def check_unsupported(self, body: dict) -> None:
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "n > 1 is not supported; send separate requests", "n")
+        for key in ("logprobs", "echo", "best_of", "suffix"):
+            if body.get(key):
+                raise ApiError(400, f"{key!r} is not supported by this server yet", key)
+
+    def submit(self, request: GenerationRequest, router, on_delta=None):
+        prompt_tokens = len(self.engine._row(request).prompt_ids)
+        limit = self.config.max_prompt_tokens
+        if limit and prompt_tokens > limit:
+            raise ApiError(400, f"prompt of {prompt_tokens} tokens exceeds this server's limit of {limit}", "prompt")
+        try:
+            return self.scheduler.submit(request, on_delta, router=router)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+
+
+def create_app(engine: "Engine", library: "Library | None" = None, config: ServerConfig | None = None):
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    server = Server(engine, library, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.scheduler.start()
+        try:
+            yield
+        finally:
+            server.scheduler.stop()
+
+    app = FastAPI(title="loramux", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        server.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        return JSONResponse(_error_body(e), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(LoramuxError)
+    async def bad_input(request: Request, e: LoramuxError):
+        return await api_error(request, ApiError(400, str(e)))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if path.startswith("/v1") or path == "/metrics":
+            keys = server.config.api_keys
+            if keys:
+                auth = request.headers.get("authorization", "")
+                token = auth[7:] if auth.lower().startswith("bearer ") else ""
+                # constant-time comparison against every key, so timing does not reveal a prefix
+                if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+                    e = ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
+                    return JSONResponse(_error_body(e), status_code=401)
+            size = request.headers.get("content-length")
+            if size and int(size) > server.config.max_body_bytes:
+                e = ApiError(413, f"request body of {size} bytes exceeds {server.config.max_body_bytes}")
+                return JSONResponse(_error_body(e), status_code=413)
+        return await call_next(request)
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        if not isinstance(body.get("model"), str):
+            raise ApiError(400, "'model' is required: base, an adapter name, or a router (auto, dlp, arrow, mole)",
+                           "model")
+        return body
+
+    async def run(kind: str, body: dict, request: GenerationRequest, router, mixture, routing):
+        loop = asyncio.get_running_loop()
+        created, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        explain = bool((body.get("loramux") or {}).get("explain"))
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+
+        def choice(text: str | None, finish: str | None) -> dict:
+            if kind == "chat":
+                return {"index": 0, "finish_reason": finish,
+                        **({"delta": {"content": text}} if body.get("stream") else
+                           {"message": {"role": "assistant", "content": text}})}
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        def usage(result) -> dict:
+            return {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
+                    "total_tokens": result.prompt_tokens + len(result.token_ids)}
+
+        if not body.get("stream"):
+            future = server.submit(request, router)
+            result = await asyncio.wrap_future(future)
+            server.metrics.requests.labels(f"/v1/{'chat/' if kind == 'chat' else ''}completions", "200").inc()
+            return JSONResponse({
+                "id": rid, "object": obj, "created": created, "model": body["model"],
+                "choices": [choice(result.text, result.finish_reason)], "usage": usage(result),
+                "loramux": server.routing_echo(mixture, router, routing, result, explain)})
+
+        pieces: asyncio.Queue = asyncio.Queue()
+        future = server.submit(request, router, lambda d: loop.call_soon_threadsafe(pieces.put_nowait, d))
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        obj_chunk = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        async def events():
+            first = {"id": rid, "object": obj_chunk, "created": created, "model": body["model"],
+                     "choices": [choice("" if kind == "completion" else None, None)],
+                     "loramux": server.routing_echo(mixture, router, routing, None, explain)}
+            if kind == "chat":
+                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            yield f"data: {json.dumps(first)}\n\n"
+            while (piece := await pieces.get()) is not None:
+                yield f"data: {json.dumps({'id': rid, 'object': obj_chunk, 'created': created, 'model': body['model'], 'choices': [choice(piece, None)]})}\n\n"
+            try:
+                result = future.result()
+            except LoramuxError as e:
+                yield f"data: {json.dumps(_error_body(ApiError(400, str(e))))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            last = {"id": rid, "object": obj_chunk, "created": created, "model": body["model"],
+                    "choices": [choice("" if kind == "completion" else None, result.finish_reason)],
+                    "usage": usage(result), "loramux": server.routing_echo(mixture, router, routing, result, explain)}
+            if kind == "chat":
+                last["choices"][0]["delta"] = {}
+            yield f"data: {json.dumps(last)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        server.check_unsupported(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+        mixture, router, routing = server.plan(body["model"], body.get("loramux") or {}, prompt)
+        req = GenerationRequest(prompt, mixture, server.sampling(body), chat=False, routing=None)
+        return await run("completion", body, req, router, mixture, routing)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await body_of(request)
+        server.check_unsupported(body)
+        messages = body.get("messages")
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages)):
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        mixture, router, routing = server.plan(body["model"], body.get("loramux") or {}, users[-1] if users else "")
+        tok = engine.base.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                           tokenize=False, add_generation_prompt=True)
+        else:
+            text = "\n".join(m["content"] for m in messages)
+        req = GenerationRequest(text, mixture, server.sampling(body), chat=False)
+        return await run("chat", body, req, router, mixture, routing)
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        data = [{"id": "base", "object": "model", "created": created, "owned_by": "loramux", "parent": None,
+                 "root": server.base_id}]
+        for name in engine.adapters:
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "loramux",
+                         "parent": server.base_id, "kind": "adapter",
+                         "version": library.get(name).version if library is not None and name in library else None})
+        stored = library.routers() if library is not None else {}
+        for name in (["auto"] if "dlp" in stored else []) + sorted(stored) + (["arrow"] if engine.adapters else []):
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "loramux",
+                         "parent": server.base_id, "kind": "router"})
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        alive = server.scheduler._thread is not None and server.scheduler._thread.is_alive()
+        return JSONResponse({"ready": alive, "adapters": len(engine.adapters), "queue": server.scheduler.queue_depth},
+                            status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(server.scheduler.queue_depth, server.scheduler.running),
+                                 media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,135 @@
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from loramux.engine import Engine, GenerationRequest, SamplingParams
+from loramux.models import load_base
+from loramux.server import ServerConfig, create_app
+
+from ..engine.test_engine import lib  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def served(tiny_model_dir, lib):
+    engine = Engine(load_base(str(tiny_model_dir)), lib)
+    for n in lib.names():
+        engine.load(n)
+    return engine, lib
+
+
+def client_for(engine, lib, **config):
+    return TestClient(create_app(engine, lib, ServerConfig(**config)))
+
+
+def greedy_alone(engine, prompt, mixture, n, chat=False):
+    return engine.generate([GenerationRequest(prompt, mixture, SamplingParams(max_new_tokens=n, temperature=0),
+                                              chat=chat)])[0]
+
+
+def test_completion_with_an_adapter_and_an_explicit_mix(served):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/completions", json={"model": "a", "prompt": "one two", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        expected = greedy_alone(engine, "one two", {"a": 1.0}, 5)
+        assert body["choices"][0]["text"] == expected.text and body["object"] == "text_completion"
+        assert body["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": len(expected.token_ids),
+                                 "total_tokens": expected.prompt_tokens + len(expected.token_ids)}
+        assert body["loramux"]["mixture"] == {"a": 1.0} and body["loramux"]["adapter_versions"] == {"a": 1}
+        r = c.post("/v1/completions", json={"model": "base", "prompt": "one two", "max_tokens": 4, "temperature": 0,
+                                            "loramux": {"mix": {"b": 0.7, "c": 0.3}}})
+        assert r.json()["choices"][0]["text"] == greedy_alone(engine, "one two", {"b": 0.7, "c": 0.3}, 4).text
+
+
+def test_chat_and_streaming(served):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/chat/completions", json={"model": "c", "messages": [{"role": "user", "content": "one two"}],
+                                                 "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        expected = greedy_alone(engine, "one two", {"c": 1.0}, 4, chat=True)
+        assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
+        with c.stream("POST", "/v1/completions", json={"model": "a", "prompt": "The quick", "max_tokens": 6,
+                                                       "temperature": 0, "stream": True}) as s:
+            lines = [ln for ln in s.iter_lines() if ln]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+        assert chunks[0]["loramux"]["mixture"] == {"a": 1.0}  # the first chunk echoes the routing
+        text = "".join(ch["choices"][0]["text"] for ch in chunks)
+        assert text == greedy_alone(engine, "The quick", {"a": 1.0}, 6).text
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "usage" in chunks[-1]
+
+
+def test_models_health_metrics(served):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        ids = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+        assert {"base", "a", "b", "c", "arrow"} <= set(ids) and ids["a"]["parent"] == engine.base.model_id
+        assert c.get("/health").json() == {"status": "ok"} and c.get("/ready").status_code == 200
+        c.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
+        text = c.get("/metrics").text
+        assert "loramux_output_tokens_total" in text and 'loramux_adapter_requests_total{adapter="a"}' in text
+
+
+def test_arrow_requests(served):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/completions", json={"model": "arrow", "prompt": "one two", "max_tokens": 3, "temperature": 0,
+                                            "loramux": {"explain": True}})
+        assert r.status_code == 200, r.text
+        echo = r.json()["loramux"]
+        assert echo["router"] == "arrow" and echo["explain"]["granularity"] == "token"
+
+
+@pytest.mark.parametrize("body, status, match", [
+    ({"model": "nope", "prompt": "x"}, 404, "model 'nope' is not served here"),
+    ({"prompt": "x"}, 400, "'model' is required"),
+    ({"model": "a", "prompt": ""}, 400, "'prompt' must be a non-empty string"),
+    ({"model": "a", "prompt": "x", "max_tokens": 0}, 400, "max_tokens must be an integer"),
+    ({"model": "a", "prompt": "x", "temperature": -1}, 400, "temperature must be"),
+    ({"model": "a", "prompt": "x", "logprobs": 2}, 400, "'logprobs' is not supported"),
+    ({"model": "base", "prompt": "x", "loramux": {"mix": {"zz": 1}}}, 400, "not loaded"),
+    ({"model": "base", "prompt": "x", "loramux": {"mix": {"a": float("nan")}}}, 400, "not finite"),
+    ({"model": "dlp", "prompt": "x"}, 404, "no router named 'dlp'"),
+])
+def test_bad_requests_get_openai_errors(served, body, status, match):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/completions", content=json.dumps(body, allow_nan=True),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        assert match in r.json()["error"]["message"]
+
+
+def test_api_keys_and_body_limit(served):
+    engine, lib = served
+    with client_for(engine, lib, api_keys=frozenset({"k1"}), max_body_bytes=200) as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+        assert c.get("/health").status_code == 200  # probes need no key
+        r = c.post("/v1/completions", headers={"Authorization": "Bearer k1"},
+                   json={"model": "a", "prompt": "x" * 500})
+        assert r.status_code == 413
+
+
+def test_full_queue_is_429_with_retry_after(served):
+    engine, lib = served
+    app = create_app(engine, lib, ServerConfig(max_queue=1))
+    server = app.state.server
+    server.scheduler.submit(GenerationRequest("x", None, SamplingParams(max_new_tokens=2)))  # fills the queue
+    c = TestClient(app)  # no lifespan: the scheduler is not running, so the queue stays full
+    r = c.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_serve_refuses_an_open_bind_without_keys(capsys, monkeypatch):
+    from ..cli.test_cli import run
+
+    monkeypatch.delenv("LORAMUX_API_KEYS", raising=False)
+    code, _, err = run(capsys, "serve", "--host", "0.0.0.0")
+    assert code == 2 and "refusing to bind '0.0.0.0' without API keys" in err
+    code, _, err = run(capsys, "serve", "--api-key-file", "/no/such/file")
+    assert code == 2 and "cannot read --api-key-file" in err
