@@ -12,6 +12,7 @@ import typer
 from . import bench, data, library, model, router
 from .demo import demo
 from .eval import eval_
+from .export import export
 from .generate import generate
 from .score import score
 from .serve import serve
@@ -36,6 +37,7 @@ app.command()(generate)
 app.command()(demo)
 app.command("eval")(eval_)
 app.command()(serve)
+app.command()(export)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..errors import LoramuxError
-from ..library.checks import PeftFiles, lora_factors, read_peft_dir
+from ..library.checks import PeftFiles, lora_factors, module_scaling, read_peft_dir
 from ..training.config import LLAMA_TARGETS
 from .layer import FusionState, MultiLoraLinear
 from .mixture import Mixture, SequenceMixture
@@ -38,19 +38,6 @@ def _return_freed_memory() -> None:
             ctypes.CDLL(name).malloc_trim(0)
         except (OSError, AttributeError):  # not glibc: nothing to do
             pass
-
-
-def _pattern_value(pattern: dict, module: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: a key names the module exactly or is a regex for
-    its trailing part (e.g. "q_proj" or "layers.0.self_attn.q_proj")."""
-    import re
-
-    if module in pattern:
-        return pattern[module]
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
-    return default
 
 
 class FusedModel:
@@ -87,18 +74,13 @@ class FusedModel:
                 f"adapter {name!r} adapts module(s) {outside[:3]}{'...' if len(outside) > 3 else ''} that this engine "
                 f"does not fuse; its fused modules are {list(self.target_modules)} (build the engine with "
                 f"target_modules covering them)")
-        alpha = float(files.config.get("lora_alpha", 8))
-        alphas = files.config.get("alpha_pattern") or {}
-        rslora = bool(files.config.get("use_rslora", False))
         for module, layer in self.layers.items():
             ab = factors.get(module)
             if ab is None:
                 layer.add_slot(None, None, 0.0)
                 continue
-            r = ab["A"].shape[0]  # per module: a rank_pattern shows in the factors' shapes
-            a = float(_pattern_value(alphas, module, alpha))
             gate = (ab["gate_w"], ab["gate_b"]) if "gate_w" in ab else None
-            layer.add_slot(ab["A"], ab["B"], a / (math.sqrt(r) if rslora else r), gate)
+            layer.add_slot(ab["A"], ab["B"], module_scaling(files.config, module, ab["A"].shape[0]), gate)
         self.adapters.append(name)
         _return_freed_memory()
         return len(self.adapters) - 1

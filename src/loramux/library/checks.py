@@ -7,6 +7,7 @@ loaded, so it is refused with the command that converts it (to be run by someone
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,3 +143,21 @@ def check_against_base(files: PeftFiles, base: "BaseModel") -> None:
         if "gate_w" in ab and (ab["gate_w"] != (1, d_in) or ab["gate_b"] != (1,)):
             raise LoramuxError(f"adapter {where!r}, module {module!r}: input gate {ab['gate_w']} / {ab['gate_b']}; "
                                f"expected lora_gate.weight (1, {d_in}) and lora_gate.bias (1,)")
+
+
+def pattern_value(pattern: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: a key names the module exactly or is a regex for
+    its trailing part (e.g. "q_proj" or "layers.0.self_attn.q_proj")."""
+    if module in pattern:
+        return pattern[module]
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def module_scaling(config: dict, module: str, rank: int) -> float:
+    """The scale PEFT applies to `module`'s update: alpha / r, or alpha / sqrt(r) with rsLoRA,
+    alpha from alpha_pattern where it names the module (r is the module's own rank)."""
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
