@@ -87,9 +87,11 @@ def test_arrow_requests(served):
     ({"model": "nope", "prompt": "x"}, 404, "model 'nope' is not served here"),
     ({"prompt": "x"}, 400, "'model' is required"),
     ({"model": "a", "prompt": ""}, 400, "'prompt' must be a non-empty string"),
-    ({"model": "a", "prompt": "x", "max_tokens": 0}, 400, "max_tokens must be an integer"),
+    ({"model": "a", "prompt": "x", "max_tokens": -1}, 400, "max_tokens must be an integer"),
     ({"model": "a", "prompt": "x", "temperature": -1}, 400, "temperature must be"),
-    ({"model": "a", "prompt": "x", "logprobs": 2}, 400, "'logprobs' is not supported"),
+    ({"model": "a", "prompt": "x", "best_of": 2}, 400, "'best_of' is not supported"),
+    ({"model": "a", "prompt": "x", "max_tokens": 0}, 400, "max_tokens 0 only makes sense with echo"),
+    ({"model": "a", "prompt": "x", "logprobs": 99}, 400, "logprobs must be an integer in [0, 20]"),
     ({"model": "base", "prompt": "x", "loramux": {"mix": {"zz": 1}}}, 400, "not loaded"),
     ({"model": "base", "prompt": "x", "loramux": {"mix": {"a": float("nan")}}}, 400, "not finite"),
     ({"model": "dlp", "prompt": "x"}, 404, "no router named 'dlp'"),
@@ -133,3 +135,34 @@ def test_serve_refuses_an_open_bind_without_keys(capsys, monkeypatch):
     assert code == 2 and "refusing to bind '0.0.0.0' without API keys" in err
     code, _, err = run(capsys, "serve", "--api-key-file", "/no/such/file")
     assert code == 2 and "cannot read --api-key-file" in err
+
+
+def test_echo_scores_the_prompt_like_a_forward(served):
+    import torch
+
+    engine, lib = served
+    prompt = "The quick brown fox jumps"
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/completions", json={"model": "b", "prompt": prompt, "max_tokens": 0, "echo": True,
+                                            "logprobs": 1})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+    ids = engine.base.tokenizer(prompt)["input_ids"]
+    with torch.no_grad(), engine.fused.mixture(engine.fused.sequence_mixture([{"b": 1.0}])):
+        logp = torch.log_softmax(engine.base.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt and len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert all(len(t) == 1 for t in lp["top_logprobs"][1:])
+
+
+def test_generation_logprobs(served):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/completions", json={"model": "a", "prompt": "one two", "max_tokens": 4, "temperature": 0,
+                                            "logprobs": 2})
+        lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(lp["tokens"]) >= 1
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 2 and chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy picks the best

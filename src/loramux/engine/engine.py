@@ -59,6 +59,17 @@ class _Row:
             self.generator = torch.Generator().manual_seed(self.sampling.seed)
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.logprobs: list[tuple[int, float, dict[int, float]]] | None = [] if self.sampling.logprobs is not None else None
+
+    def sample(self, logits: torch.Tensor, tokenizer) -> tuple[int, str]:
+        """Choose this row's next token from its logits, record its log-probability if asked."""
+        token = choose(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
+        if self.logprobs is not None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            top = logp.topk(self.sampling.logprobs) if self.sampling.logprobs else None
+            self.logprobs.append((token, float(logp[token]),
+                                  {int(i): float(v) for i, v in zip(top.indices, top.values)} if top is not None else {}))
+        return token, self.push(token, tokenizer)
 
     def push(self, token: int, tokenizer) -> str:
         """Add one token; return the text that can be shown now."""
@@ -85,6 +96,7 @@ class _Row:
             text=self.text, token_ids=self.tokens, finish_reason=self.finish or "length",
             mixture=self.request.mixture, prompt_tokens=len(self.prompt_ids), routing=self.request.routing,
             seconds_to_first_token=(self.first_token_at or now) - self.started, seconds=now - self.started,
+            logprobs=self.logprobs,
         )
 
 
@@ -238,8 +250,7 @@ class Engine:
                 tokens, keep = [], []
                 for b, i in enumerate(active):
                     row = rows[i]
-                    token = choose(logits[b], row.sampling.temperature, row.sampling.top_p, row.generator)
-                    delta = row.push(token, tok)
+                    token, delta = row.sample(logits[b], tok)
                     yield i, delta
                     if row.finish is None:
                         keep.append(b)

@@ -17,6 +17,7 @@ class SamplingParams:
     seed: int | None = None  # per request, so its sample does not depend on its batch-mates
     stop: tuple[str, ...] = ()  # stop strings; the returned text ends before the first one
     ignore_eos: bool = False  # keep going past EOS (benchmarks that need an exact token count)
+    logprobs: int | None = None  # report each generated token's log-probability and the top-N alternatives
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -25,6 +26,8 @@ class SamplingParams:
             raise LoramuxError(f"temperature must be a finite number >= 0; got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise LoramuxError(f"top_p must be in (0, 1]; got {self.top_p!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise LoramuxError(f"logprobs must be an integer in [0, 20]; got {self.logprobs!r}")
         if any(not s for s in self.stop):
             raise LoramuxError(f"stop strings must be non-empty; got {list(self.stop)!r}")
 
@@ -55,3 +58,5 @@ class GenerationResult:
     seconds_to_first_token: float = 0.0
     seconds: float = 0.0
     routing: Routing | None = None  # the router's decision and scores, when a router chose the mixture
+    # with SamplingParams.logprobs: per generated token (its id, log-probability, top-N {id: logprob})
+    logprobs: list[tuple[int, float, dict[int, float]]] | None = None

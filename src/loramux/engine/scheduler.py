@@ -26,7 +26,6 @@ import torch
 from ..errors import LoramuxError
 from .engine import Engine, _Row
 from .request import GenerationRequest, GenerationResult
-from .sampling import choose
 
 
 class QueueFull(LoramuxError):
@@ -87,7 +86,12 @@ class Scheduler:
         self.observers: list[Callable[[str, dict], None]] = []  # metrics hooks: (event, data)
 
     # ------------------------------------------------------------------ public
-    def submit(self, request: GenerationRequest, on_delta: Callable[[str], None] | None = None, *,
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the scheduler's thread, alone (once the running batch drains): model work
+        that is not generation, e.g. scoring a prompt's own tokens."""
+        return self.submit(None, router=fn)
+
+    def submit(self, request: GenerationRequest | None, on_delta: Callable[[str], None] | None = None, *,
                router=None) -> Future:
         """Queue a request; the Future gets its GenerationResult (or the error that refused it)."""
         job = _Job(request, Future(), on_delta, router)
@@ -197,8 +201,7 @@ class Scheduler:
         st, tok = self.state, self.engine.base.tokenizer
         keep, tokens = [], []
         for b, (row, job) in enumerate(zip(st.rows, st.jobs)):
-            token = choose(st.logits[b], row.sampling.temperature, row.sampling.top_p, row.generator)
-            delta = row.push(token, tok)
+            token, delta = row.sample(st.logits[b], tok)
             self.stats["tokens"] += 1
             if delta and job.on_delta is not None:
                 job.on_delta(delta)
@@ -238,6 +241,12 @@ class Scheduler:
         self._notify("step", {"rows": len(st.rows)})
 
     def _run_alone(self, job: _Job) -> None:
+        if job.request is None:  # a call(): exclusive model work
+            try:
+                job.future.set_result(job.router())
+            except Exception as e:
+                job.future.set_exception(e)
+            return
         try:
             [result] = self.engine.generate([job.request], (lambda i, d: job.on_delta(d)) if job.on_delta else None,
                                             router=job.router)

@@ -147,16 +147,55 @@ class Server:
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=float(body.get("temperature", 1.0)),
-                                  top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"), stop=stop)
+                                  top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"), stop=stop,
+                                  logprobs=body.get("logprobs"))
         except (LoramuxError, TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None
 
     def check_unsupported(self, body: dict) -> None:
         if body.get("n", 1) != 1:
             raise ApiError(400, "n > 1 is not supported; send separate requests", "n")
-        for key in ("logprobs", "echo", "best_of", "suffix"):
+        for key in ("best_of", "suffix"):
             if body.get(key):
                 raise ApiError(400, f"{key!r} is not supported by this server yet", key)
+
+    def prompt_logprobs(self, prompt_ids: list[int], mixture, top_n: int | None) -> list:
+        """(token, logprob or None for the first, top-N) for each prompt token, under the mixture.
+        Runs on the scheduler's thread, alone, like any other use of the model."""
+        import torch
+
+        def score():
+            model = self.engine.base.model
+            mix = self.engine.sequence_mixture([mixture])
+            with torch.no_grad(), self.engine.fused.mixture(mix):
+                logits = model(input_ids=torch.tensor([prompt_ids])).logits[0].float()
+            self.engine.fused.release()
+            logp = torch.log_softmax(logits, dim=-1)
+            out = [(prompt_ids[0], None, None)]
+            for j in range(1, len(prompt_ids)):
+                row = logp[j - 1]
+                top = row.topk(top_n) if top_n else None
+                out.append((prompt_ids[j], float(row[prompt_ids[j]]),
+                            {int(i): float(v) for i, v in zip(top.indices, top.values)} if top is not None else None))
+            return out
+        try:
+            return self.scheduler.call(score)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+
+    def openai_logprobs(self, entries: list, offset0: int = 0) -> dict:
+        """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+        tok = self.engine.base.tokenizer
+        tokens, offsets, at = [], [], offset0
+        for token_id, _, _ in entries:
+            piece = tok.decode([token_id])
+            tokens.append(piece)
+            offsets.append(at)
+            at += len(piece)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [None if top is None else {tok.decode([i]): v for i, v in top.items()}
+                                 for _, _, top in entries],
+                "text_offset": offsets}
 
     def submit(self, request: GenerationRequest, router, on_delta=None):
         prompt_tokens = len(self.engine._row(request).prompt_ids)
@@ -240,6 +279,11 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
                            {"message": {"role": "assistant", "content": text}})}
             return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
+        def with_logprobs(ch: dict, result) -> dict:
+            if kind == "completion" and result.logprobs is not None:
+                ch["logprobs"] = server.openai_logprobs([(t, lp, top or None) for t, lp, top in result.logprobs])
+            return ch
+
         def usage(result) -> dict:
             return {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
                     "total_tokens": result.prompt_tokens + len(result.token_ids)}
@@ -250,7 +294,7 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
             server.metrics.requests.labels(f"/v1/{'chat/' if kind == 'chat' else ''}completions", "200").inc()
             return JSONResponse({
                 "id": rid, "object": obj, "created": created, "model": body["model"],
-                "choices": [choice(result.text, result.finish_reason)], "usage": usage(result),
+                "choices": [with_logprobs(choice(result.text, result.finish_reason), result)], "usage": usage(result),
                 "loramux": server.routing_echo(mixture, router, routing, result, explain)})
 
         pieces: asyncio.Queue = asyncio.Queue()
@@ -293,8 +337,46 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
         mixture, router, routing = server.plan(body["model"], body.get("loramux") or {}, prompt)
+        echo, n_lp = bool(body.get("echo")), body.get("logprobs")
+        if n_lp is not None and not (isinstance(n_lp, int) and 0 <= n_lp <= 20):
+            raise ApiError(400, f"logprobs must be an integer in [0, 20]; got {n_lp!r}", "logprobs")
+        if echo and (router is not None or body.get("stream")):
+            raise ApiError(400, "echo works with fixed mixtures and adapters, without streaming", "echo")
+        if body.get("max_tokens") == 0:
+            if not echo:
+                raise ApiError(400, "max_tokens 0 only makes sense with echo (score the prompt)", "max_tokens")
+            return await echo_only(body, prompt, mixture, routing, n_lp)
         req = GenerationRequest(prompt, mixture, server.sampling(body), chat=False, routing=None)
+        if echo:
+            return await echo_and_generate(body, req, mixture, routing, n_lp)
         return await run("completion", body, req, router, mixture, routing)
+
+    async def echo_only(body: dict, prompt: str, mixture, routing, n_lp):
+        ids = engine._row(GenerationRequest(prompt, mixture, SamplingParams(max_new_tokens=1), chat=False)).prompt_ids
+        entries = await asyncio.wrap_future(server.prompt_logprobs(ids, mixture, n_lp))
+        return JSONResponse({
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{"index": 0, "text": prompt, "finish_reason": "length",
+                         "logprobs": server.openai_logprobs(entries) if n_lp is not None else None}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)},
+            "loramux": server.routing_echo(mixture, None, routing, None, False)})
+
+    async def echo_and_generate(body: dict, req: GenerationRequest, mixture, routing, n_lp):
+        ids = engine._row(req).prompt_ids
+        prompt_entries = await asyncio.wrap_future(server.prompt_logprobs(ids, mixture, n_lp))
+        result = await asyncio.wrap_future(server.submit(req, None))
+        logprobs = None
+        if n_lp is not None:
+            logprobs = server.openai_logprobs(prompt_entries + [(t, lp, top or None) for t, lp, top in result.logprobs])
+        return JSONResponse({
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{"index": 0, "text": req.prompt + result.text, "finish_reason": result.finish_reason,
+                         "logprobs": logprobs}],
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
+                      "total_tokens": result.prompt_tokens + len(result.token_ids)},
+            "loramux": server.routing_echo(mixture, None, routing, result, False)})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
