@@ -166,3 +166,29 @@ def test_generation_logprobs(served):
     assert len(lp["token_logprobs"]) == len(lp["tokens"]) >= 1
     for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
         assert len(top) == 2 and chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy picks the best
+
+
+def test_adapter_lifecycle(served, tiny_base, tmp_path):
+    from ..library.conftest import make_peft_dir
+
+    engine, lib = served
+    root = tmp_path / "uploads"
+    new = make_peft_dir(tiny_base, root / "d", targets=("q_proj",), r=2, seed=5)
+    with client_for(engine, lib, admin_keys=frozenset({"adm"}), adapter_root=str(root)) as c:
+        admin = {"X-Admin-Key": "adm"}
+        assert c.post("/v1/adapters", json={"name": "d", "path": str(new)}).status_code == 403  # no admin key
+        r = c.post("/v1/adapters", json={"name": "d", "path": str(new)}, headers=admin)
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == 1 and "d" in engine.adapters
+        out = c.post("/v1/completions", json={"model": "d", "prompt": "one", "max_tokens": 2, "temperature": 0})
+        assert out.status_code == 200 and out.json()["loramux"]["adapter_versions"] == {"d": 1}
+        r = c.post("/v1/adapters", json={"name": "d", "path": str(new), "expected_version": 7}, headers=admin)
+        assert r.status_code == 409 and "version 1, not the expected 7" in r.json()["error"]["message"]
+        r = c.post("/v1/adapters", json={"name": "d", "path": str(new), "expected_version": 1}, headers=admin)
+        assert r.json()["version"] == 2
+        outside = make_peft_dir(tiny_base, tmp_path / "elsewhere", seed=6)
+        r = c.post("/v1/adapters", json={"name": "e", "path": str(outside)}, headers=admin)
+        assert r.status_code == 403 and "outside the allowed adapter root" in r.json()["error"]["message"]
+        assert c.delete("/v1/adapters/d", headers=admin).json() == {"name": "d", "unloaded": True}
+        assert c.delete("/v1/adapters/d", headers=admin).status_code == 404
+        assert c.post("/v1/completions", json={"model": "d", "prompt": "x"}).status_code == 404

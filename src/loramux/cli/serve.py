@@ -16,6 +16,9 @@ def serve(
     port: int = typer.Option(8000, help="Port."),
     api_key_file: Optional[str] = typer.Option(None, help="File with one API key per line (or $LORAMUX_API_KEYS, "
                                                           "comma-separated)."),
+    admin_key_file: Optional[str] = typer.Option(None, help="File with admin keys (X-Admin-Key) for POST/DELETE "
+                                                            "/v1/adapters; without it those endpoints are off."),
+    adapter_root: Optional[str] = typer.Option(None, help="Directory below which POST /v1/adapters may load PEFT dirs."),
     insecure: bool = typer.Option(False, help="Allow binding a non-loopback address without API keys."),
     max_batch: int = typer.Option(16, help="Rows in the running batch."),
     max_queue: int = typer.Option(64, help="Waiting requests before 429."),
@@ -32,12 +35,16 @@ def serve(
     from ..server import ServerConfig, create_app
     from .common import open_library
 
-    keys: set[str] = set()
-    if api_key_file:
+    def read_keys(path: str | None, flag: str) -> set[str]:
+        if not path:
+            return set()
         try:
-            keys |= {ln.strip() for ln in Path(api_key_file).read_text().splitlines() if ln.strip()}
+            return {ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()}
         except OSError as e:
-            raise LoramuxError(f"cannot read --api-key-file {api_key_file!r}: {e}") from None
+            raise LoramuxError(f"cannot read {flag} {path!r}: {e}") from None
+
+    keys = read_keys(api_key_file, "--api-key-file")
+    admin = read_keys(admin_key_file, "--admin-key-file")
     keys |= {k.strip() for k in os.environ.get("LORAMUX_API_KEYS", "").split(",") if k.strip()}
     if not keys and host not in LOOPBACK and not insecure:
         raise LoramuxError(f"refusing to bind {host!r} without API keys; give --api-key-file (or LORAMUX_API_KEYS), "
@@ -48,7 +55,8 @@ def serve(
     engine = Engine(load_base(model, device=device), lib)
     for name in lib.names():
         engine.load(name)
-    app = create_app(engine, lib, ServerConfig(api_keys=frozenset(keys), max_batch=max_batch, max_queue=max_queue,
+    app = create_app(engine, lib, ServerConfig(api_keys=frozenset(keys), admin_keys=frozenset(admin),
+                                               adapter_root=adapter_root, max_batch=max_batch, max_queue=max_queue,
                                                max_tokens_limit=max_tokens_limit))
     import uvicorn
 

@@ -35,6 +35,8 @@ ROUTERS = ("auto", "dlp", "arrow", "mole")
 @dataclass
 class ServerConfig:
     api_keys: frozenset[str] = frozenset()  # empty: no auth (then the CLI binds loopback only)
+    admin_keys: frozenset[str] = frozenset()  # empty: the adapter lifecycle endpoints are off
+    adapter_root: str | None = None  # POST /v1/adapters loads PEFT dirs only from below this dir
     max_batch: int = 16
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
@@ -196,6 +198,46 @@ class Server:
                 "top_logprobs": [None if top is None else {tok.decode([i]): v for i, v in top.items()}
                                  for _, _, top in entries],
                 "text_offset": offsets}
+
+    # ------------------------------------------------------------------ adapter lifecycle
+    def load_adapter(self, name: str, path: str, expected_version: int | None) -> dict:
+        """Add (or replace) a PEFT dir from the allowed root to the library and the engine. Runs on
+        the scheduler's thread once the running batch drains, so requests in flight finish on
+        the version they started with."""
+        from pathlib import Path
+
+        root = self.config.adapter_root
+        if not root:
+            raise ApiError(403, "loading adapters is off: start the server with an adapter root", code="forbidden")
+        if self.library is None:
+            raise ApiError(400, "the server runs without a library to add adapters to")
+        target = Path(path).expanduser().resolve()
+        if not target.is_relative_to(Path(root).expanduser().resolve()):
+            raise ApiError(403, f"path {path!r} is outside the allowed adapter root", "path", "forbidden")
+
+        def swap() -> dict:
+            current = self.library.get(name).version if name in self.library else None
+            if expected_version is not None and current != expected_version:
+                raise ApiError(409, f"adapter {name!r} is at version {current}, not the expected {expected_version}",
+                               "expected_version", "version_mismatch")
+            spec = self.library.add(name, target, base=self.engine.base, replace=current is not None)
+            if name in self.engine.adapters:
+                self.engine.unload(name)
+            self.engine.load(name)
+            self.config.routers.clear()  # routers rebuild over the new set of adapters
+            return {"name": name, "version": spec.version, "rank": spec.rank}
+
+        return self.scheduler.call(swap)
+
+    def unload_adapter(self, name: str):
+        def drop() -> dict:
+            if name not in self.engine.adapters:
+                raise ApiError(404, f"adapter {name!r} is not loaded", "name", "model_not_found")
+            self.engine.unload(name)
+            self.config.routers.clear()
+            return {"name": name, "unloaded": True}
+
+        return self.scheduler.call(drop)
 
     def submit(self, request: GenerationRequest, router, on_delta=None):
         prompt_tokens = len(self.engine._row(request).prompt_ids)
@@ -396,6 +438,28 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
             text = "\n".join(m["content"] for m in messages)
         req = GenerationRequest(text, mixture, server.sampling(body), chat=False)
         return await run("chat", body, req, router, mixture, routing)
+
+    def require_admin(request: Request) -> None:
+        keys = server.config.admin_keys
+        if not keys:
+            raise ApiError(403, "adapter lifecycle endpoints are off: start the server with admin keys", code="forbidden")
+        token = request.headers.get("x-admin-key", "")
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+            raise ApiError(403, "missing or invalid admin key (X-Admin-Key header)", code="forbidden")
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request):
+        require_admin(request)
+        body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
+            raise ApiError(400, "body must be {name, path[, expected_version]}")
+        future = server.load_adapter(body["name"], body["path"], body.get("expected_version"))
+        return await asyncio.wrap_future(future)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str, request: Request):
+        require_admin(request)
+        return await asyncio.wrap_future(server.unload_adapter(name))
 
     @app.get("/v1/models")
     async def models():
