@@ -82,3 +82,16 @@ def test_merge_caches_pads_the_shorter_on_the_left():
     cache, mask = merge_caches(a, torch.ones(1, 3, dtype=torch.long), b, torch.ones(2, 5, dtype=torch.long))
     assert cache.layers[0].keys.shape == (3, 2, 5, 4) and mask.tolist()[0] == [0, 0, 1, 1, 1]
     assert float(cache.layers[0].keys[0, :, :2].abs().sum()) == 0.0
+
+
+def test_a_cancelled_request_frees_its_row(engine):
+    sched = Scheduler(engine, max_batch=2)
+    long = sched.submit(greedy("one two", {"a": 1.0}, n=30, ignore_eos=True))
+    other = sched.submit(greedy("x", {"b": 1.0}, n=3))
+    sched.step()
+    assert sched.running == 2
+    long.cancel()
+    sched.step()
+    assert sched.running <= 1 and long.cancelled()
+    sched.run_until_idle()
+    assert other.result().token_ids == alone(engine, "x", {"b": 1.0}, 3)

@@ -16,7 +16,7 @@ openai = pytest.importorskip("openai")
 
 
 @pytest.fixture
-def live(tiny_model_dir, lib):
+def live(tiny_model_dir, lib, request):
     import uvicorn
 
     engine = Engine(load_base(str(tiny_model_dir)), lib)
@@ -25,7 +25,8 @@ def live(tiny_model_dir, lib):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(engine, lib, ServerConfig(api_keys=frozenset({"secret"})))
+    extra = getattr(request, "param", {})
+    app = create_app(engine, lib, ServerConfig(api_keys=frozenset({"secret"}), **extra))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -90,3 +91,26 @@ def test_concurrent_requests_with_different_mixtures_match_each_alone(live):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(ask, range(8)))
     assert got == [alone(engine, prompts[i % 4], mixes[i], 5) for i in range(8)]
+
+
+@pytest.mark.parametrize("live", [{"max_queue": 32, "max_batch": 8}], indirect=True)
+def test_overload_ends_in_200_or_429_and_the_server_stays_healthy(live):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    _, url = live
+    headers = {"Authorization": "Bearer secret"}
+
+    def ask(i):
+        r = httpx.post(f"{url}/completions", headers=headers, timeout=120,
+                       json={"model": ["a", "b", "c", "base"][i % 4], "prompt": f"one {i}", "max_tokens": 3})
+        return r.status_code, r.headers.get("retry-after")
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(ask, range(200)))
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 429} and codes.count(200) >= 32  # none lost, no 5xx
+    assert all(ra == "1" for c, ra in results if c == 429)
+    root = url.rsplit("/v1", 1)[0]
+    assert httpx.get(f"{root}/health").status_code == 200 and httpx.get(f"{root}/ready").json()["queue"] == 0

@@ -93,7 +93,8 @@ class Scheduler:
 
     def submit(self, request: GenerationRequest | None, on_delta: Callable[[str], None] | None = None, *,
                router=None) -> Future:
-        """Queue a request; the Future gets its GenerationResult (or the error that refused it)."""
+        """Queue a request; the Future gets its GenerationResult (or the error that refused it).
+        Cancelling the Future (a client that left, a timeout) frees its row at the next step."""
         job = _Job(request, Future(), on_delta, router)
         try:
             self.waiting.put_nowait(job)
@@ -165,6 +166,8 @@ class Scheduler:
             new.append(job)
         rows, jobs = [], []
         for job in new:
+            if job.future.cancelled():
+                continue
             try:
                 row = self.engine._row(job.request)
                 self.engine.sequence_mixture([job.request.mixture])  # names loaded, weights finite
@@ -201,6 +204,9 @@ class Scheduler:
         st, tok = self.state, self.engine.base.tokenizer
         keep, tokens = [], []
         for b, (row, job) in enumerate(zip(st.rows, st.jobs)):
+            if job.future.cancelled():  # the client went away or timed out: free its row now
+                self._notify("cancelled", {"request": job.request})
+                continue
             token, delta = row.sample(st.logits[b], tok)
             self.stats["tokens"] += 1
             if delta and job.on_delta is not None:

@@ -43,6 +43,7 @@ class ServerConfig:
     max_tokens_limit: int = 1024
     max_prompt_tokens: int | None = None  # default: the model's context
     default_max_tokens: int = 16  # OpenAI's default for completions
+    request_timeout_s: float = 600.0  # a request still unfinished after this is cancelled (504)
     routers: dict[str, Any] = field(default_factory=dict)  # name -> router, built lazily
 
 
@@ -332,7 +333,13 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
 
         if not body.get("stream"):
             future = server.submit(request, router)
-            result = await asyncio.wrap_future(future)
+            try:
+                result = await asyncio.wait_for(asyncio.wrap_future(future), server.config.request_timeout_s)
+            except asyncio.TimeoutError:
+                future.cancel()
+                raise ApiError(504, f"the request did not finish within {server.config.request_timeout_s:g}s") from None
+            finally:
+                future.cancel()  # no-op once done; frees the row if the client disconnected
             server.metrics.requests.labels(f"/v1/{'chat/' if kind == 'chat' else ''}completions", "200").inc()
             return JSONResponse({
                 "id": rid, "object": obj, "created": created, "model": body["model"],
@@ -345,6 +352,13 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
         obj_chunk = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         async def events():
+            try:
+                async for event in stream_events():
+                    yield event
+            finally:  # the client disconnected (or the stream ended): free the row at once
+                future.cancel()
+
+        async def stream_events():
             first = {"id": rid, "object": obj_chunk, "created": created, "model": body["model"],
                      "choices": [choice("" if kind == "completion" else None, None)],
                      "loramux": server.routing_echo(mixture, router, routing, None, explain)}
