@@ -192,3 +192,21 @@ def test_adapter_lifecycle(served, tiny_base, tmp_path):
         assert c.delete("/v1/adapters/d", headers=admin).json() == {"name": "d", "unloaded": True}
         assert c.delete("/v1/adapters/d", headers=admin).status_code == 404
         assert c.post("/v1/completions", json={"model": "d", "prompt": "x"}).status_code == 404
+
+
+def test_web_view_and_its_endpoints(served):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and "<title>loramux</title>" in page.text and "/v1/loramux/route" in page.text
+        view = c.get("/v1/loramux/library").json()
+        assert [a["name"] for a in view["adapters"]] == ["a", "b", "c"] and all(a["loaded"] for a in view["adapters"])
+        assert "arrow" in view["routers"]
+        c.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 2,
+                                        "loramux": {"mix": {"a": 0.25, "c": 0.75}}})
+        recent = c.get("/v1/loramux/recent").json()["requests"]
+        assert recent[0]["adapters"] == ["a", "c"] and recent[0]["weights"] == [0.25, 0.75] and recent[0]["model"] == "base"
+        r = c.post("/v1/loramux/route", json={"model": "arrow", "prompt": "one two three"})
+        assert r.status_code == 200 and r.json()["router"] == "arrow" and r.json()["layers"]
+        r = c.post("/v1/loramux/route", json={"model": "a", "prompt": "x"})
+        assert r.status_code == 400 and "is not a router" in r.json()["error"]["message"]

@@ -68,6 +68,21 @@ class Server:
         self.metrics = ServerMetrics()
         self.scheduler.observers.append(self.metrics.observe)
         self.base_id = engine.base.model_id
+        from collections import deque
+
+        self.recent: deque = deque(maxlen=50)  # the web view's "recent requests"
+        self._models: dict[int, str] = {}  # request object id -> the model name it asked for
+        self.scheduler.observers.append(self._remember)
+
+    def _remember(self, event: str, data: dict) -> None:
+        if event == "finished":
+            result = data["result"]
+            r = result.routing
+            adapters = list(r.adapters) if r is not None else list((result.mixture or {}).keys())
+            weights = list(r.weights) if r is not None else list((result.mixture or {}).values())
+            self.recent.appendleft({"model": self._models.pop(id(data["request"]), ""),
+                                    "adapters": adapters, "weights": weights, "tokens": len(result.token_ids),
+                                    "seconds": result.seconds})
 
     # ------------------------------------------------------------------ routing
     def router(self, name: str):
@@ -240,14 +255,16 @@ class Server:
 
         return self.scheduler.call(drop)
 
-    def submit(self, request: GenerationRequest, router, on_delta=None):
+    def submit(self, request: GenerationRequest, router, on_delta=None, model: str = ""):
         prompt_tokens = len(self.engine._row(request).prompt_ids)
         limit = self.config.max_prompt_tokens
         if limit and prompt_tokens > limit:
             raise ApiError(400, f"prompt of {prompt_tokens} tokens exceeds this server's limit of {limit}", "prompt")
+        self._models[id(request)] = model
         try:
             return self.scheduler.submit(request, on_delta, router=router)
         except QueueFull as e:
+            self._models.pop(id(request), None)
             raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
 
 
@@ -255,7 +272,7 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
     server = Server(engine, library, config or ServerConfig())
 
@@ -332,7 +349,7 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
                     "total_tokens": result.prompt_tokens + len(result.token_ids)}
 
         if not body.get("stream"):
-            future = server.submit(request, router)
+            future = server.submit(request, router, model=body["model"])
             try:
                 result = await asyncio.wait_for(asyncio.wrap_future(future), server.config.request_timeout_s)
             except asyncio.TimeoutError:
@@ -347,7 +364,8 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
                 "loramux": server.routing_echo(mixture, router, routing, result, explain)})
 
         pieces: asyncio.Queue = asyncio.Queue()
-        future = server.submit(request, router, lambda d: loop.call_soon_threadsafe(pieces.put_nowait, d))
+        future = server.submit(request, router, lambda d: loop.call_soon_threadsafe(pieces.put_nowait, d),
+                               model=body["model"])
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, None))
         obj_chunk = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -474,6 +492,40 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
     async def unload_adapter(name: str, request: Request):
         require_admin(request)
         return await asyncio.wrap_future(server.unload_adapter(name))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def web_view():
+        from .web import PAGE
+
+        return PAGE
+
+    @app.get("/v1/loramux/library")
+    async def library_view():
+        adapters = []
+        for spec in (library.list() if library is not None else []):
+            adapters.append({"name": spec.name, "tasks": list(spec.tasks), "rank": spec.rank, "version": spec.version,
+                             "loaded": spec.name in engine.adapters})
+        stored = library.routers() if library is not None else {}
+        routers = (["auto"] if "dlp" in stored else []) + sorted(stored) + (["arrow"] if engine.adapters else [])
+        return {"base": server.base_id, "adapters": adapters, "routers": routers or ["base"]}
+
+    @app.get("/v1/loramux/recent")
+    async def recent():
+        return {"requests": list(server.recent)}
+
+    @app.post("/v1/loramux/route")
+    async def route_preview(request: Request):
+        """What a router would choose for a prompt, and why, without generating."""
+        body = await body_of(request)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", "prompt")
+        model = body["model"]
+        if model.partition(":")[0] not in ROUTERS:
+            raise ApiError(400, f"{model!r} is not a router; use one of {list(ROUTERS)}", "model")
+        router = server.router(model)
+        routing = (await asyncio.wrap_future(server.scheduler.call(lambda: router.route([prompt])[0])))
+        return routing.to_dict()
 
     @app.get("/v1/models")
     async def models():
