@@ -154,3 +154,21 @@ def test_folded_shared_mixture_equals_unfolded(tiny_model_dir, adapters):
     with fused.mixture(hetero, reference=True):
         assert (out - logits(fused.base.model)).abs().max() <= TOL
     assert layer._folded is None
+
+
+def test_unfuse_gives_the_plain_base_back(tiny_model_dir):
+    import torch
+
+    from loramux.fusion import FusedModel
+    from loramux.models import load_base
+
+    base = load_base(str(tiny_model_dir))
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        before = base.model(input_ids=ids).logits
+    fused = FusedModel(base)
+    fused.unfuse()
+    assert all(type(m) is torch.nn.Linear for n, m in base.model.named_modules() if n.endswith("q_proj"))
+    with torch.no_grad():
+        assert torch.equal(base.model(input_ids=ids).logits, before)
+    FusedModel(base)  # and it can be fused again

@@ -57,6 +57,14 @@ class FusedModel:
             raise LoramuxError(f"no linear modules named {list(target_modules)} in base model {base.model_id!r}")
         self.target_modules = tuple(sorted({n.rsplit(".", 1)[-1] for n in self.layers}))
 
+    def unfuse(self) -> None:
+        """Put the plain linear layers back into the base model (adapters and slots are dropped);
+        the base is then as it was before this FusedModel wrapped it."""
+        for name, layer in self.layers.items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.base.model.get_submodule(parent) if parent else self.base.model, child, layer.base)
+        self.layers, self.adapters = {}, []
+
     # ------------------------------------------------------------------ adapters
     def slot(self, name: str) -> int:
         if name not in self.adapters:

@@ -1,0 +1,273 @@
+"""The composite benchmark: every strategy on every task's test set, mixed, through one scorer.
+
+One command builds what is missing (cached under $LORAMUX_HOME, so a warm run only scores):
+  - the private library: one LoRA per task with loramux's defaults (`loramux train`);
+  - the DLP router; MoLE gates at layer and block granularity, and layer without the balance loss;
+  - static merges of all adapters with PEFT's `add_weighted_adapter` (TIES and DARE-TIES, density 0.5);
+  - a multi-task LoRA on the union of the tasks with the library's parameter count (rank 8 x K);
+  - optional (--with mbc,dynamic): an MBC k=3 cluster library routed by Arrow, and Dynamic LoRA
+    adapters used as the oracle. Both retrain a whole library (hours on this CPU).
+then scores base, oracle, uniform, ties, dare, multitask, dlp_p{0.3,0.6,0.9,1.0}, mole_layer,
+mole_block, mole_layer_no_balance, arrow (and mbc_arrow, dynamic_oracle) with
+`loramux.evaluation.harness`, on a seeded sample of each test set (--limit-per-task), and writes
+benchmarks/results/composite.{json,md} plus PNGs (heatmap, top-p sweep, accuracy vs cost).
+
+    python benchmarks/composite.py --data-dir ../shared/data/bigbench [--limit-per-task 40]
+        [--mole-steps 30] [--multitask-steps 120] [--with mbc,dynamic] [--model M --library L]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from loramux import Library, LoraTrainConfig, load_base, load_tasks
+from loramux.bench.machine import machine
+from loramux.bench.speed import _median_times
+from loramux.evaluation.harness import EvalConfig, evaluate, to_markdown
+from loramux.fusion import FusedModel
+from loramux.training import train_adapters, train_lora
+
+RESULTS = Path(__file__).parent / "results"
+MOLE = {"mole_layer": ("layer", 0.5), "mole_block": ("block", 0.5), "mole_layer_no_balance": ("layer", 0.0)}
+
+
+def log(msg: str) -> None:
+    print(f"[composite] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_library(base, lib: Library, data_dir: str, tasks: list[str]) -> None:
+    todo = [t for t in tasks if t not in lib]
+    if todo:
+        log(f"training {len(todo)} task adapters: {todo}")
+        train_adapters(base, load_tasks(data_dir, todo, "train"), lib, LoraTrainConfig(), skip_existing=True, resume=True)
+
+
+def ensure_dlp(lib: Library, data_dir: str) -> None:
+    from loramux.routers.sentence import train_dlp
+
+    try:
+        lib.router_dir("dlp")
+        return
+    except Exception:
+        pass
+    log("training the DLP router")
+    tasks = load_tasks(data_dir, sorted({t for s in lib.list() for t in s.tasks}), "train")
+    train_dlp(lib, tasks).save(lib)
+
+
+def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict) -> None:
+    from loramux.routers.gating import MoleTrainConfig, train_mole
+
+    tasks = None
+    for name, (granularity, alpha) in MOLE.items():
+        try:
+            lib.router_dir(name)
+            continue
+        except Exception:
+            pass
+        tasks = tasks or load_tasks(data_dir, sorted({t for s in lib.list() for t in s.tasks}), "train")
+        fused = FusedModel(base)
+        for a in lib.names():
+            fused.load(lib, a)
+        log(f"training {name} ({steps} steps)")
+        router = train_mole(fused, tasks, MoleTrainConfig(granularity=granularity, balance_alpha=alpha, steps=steps))
+        router.save(lib, name)
+        timings[name] = router.info["seconds"]
+        fused.unfuse()
+
+
+def ensure_merges(base, lib: Library, work: Library) -> None:
+    """TIES and DARE-TIES merges of every adapter (PEFT), stored in a side library."""
+    names = lib.names()
+    for kind, ctype in (("ties", "ties"), ("dare", "dare_ties")):
+        if kind in work:
+            continue
+        log(f"merging {len(names)} adapters with PEFT ({ctype})")
+        peft = lib.load_peft(base, names)
+        peft.add_weighted_adapter(names, [1.0 / len(names)] * len(names), kind, combination_type=ctype, density=0.5)
+        peft.set_adapter(kind)
+        with tempfile.TemporaryDirectory() as tmp:
+            peft.save_pretrained(tmp, selected_adapters=[kind])
+            work.add(kind, Path(tmp) / kind, base=base)
+        peft.unload()
+
+
+def ensure_multitask(base, lib: Library, work: Library, data_dir: str, steps: int) -> None:
+    if "multitask" in work:
+        return
+    rank = 8 * len(lib)  # the library's parameter count in one LoRA
+    log(f"training the multi-task LoRA (rank {rank}, {steps} steps)")
+    tasks = load_tasks(data_dir, sorted({t for s in lib.list() for t in s.tasks}), "train")
+    config = LoraTrainConfig(rank=rank, alpha=2.0 * rank, steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps))
+    result = train_lora(base, tasks, config)
+    work.add("multitask", result.model, base=base, tasks=(), training=result.summary)
+    result.model.unload()
+
+
+def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3) -> dict[str, float]:
+    """Forward time of 8 x 96 tokens under each strategy's kind of mixture, / the base forward."""
+    from loramux.routers import load_router
+
+    fused = FusedModel(base)
+    for a in lib.names():
+        fused.load(lib, a)
+    names = lib.names()
+    ids = torch.randint(100, base.model.config.vocab_size - 100, (8, 96), generator=torch.Generator().manual_seed(0))
+    mixes = {"base": None, "oracle": fused.sequence_mixture([{names[0]: 1.0}]),
+             "uniform": fused.sequence_mixture([{a: 1 / len(names) for a in names}]),
+             "dlp": fused.sequence_mixture([{names[i % len(names)]: 0.5, names[(i + 1) % len(names)]: 0.5}
+                                            for i in range(8)])}
+    arrow = load_router(lib, "arrow", fused=fused)
+    mixes["arrow"] = arrow.layer_mixture()
+
+    def fwd(mix):
+        def f():
+            with torch.no_grad(), fused.mixture(mix):
+                base.model(input_ids=ids, logits_to_keep=1)
+        return f
+    t = _median_times({k: fwd(m) for k, m in mixes.items()}, reps)
+    fused.unfuse()
+    kind = {"base": "base", "oracle": "oracle", "ties": "oracle", "dare": "oracle", "multitask": "oracle",
+            "dynamic_oracle": "oracle", "uniform": "uniform", "arrow": "arrow", "mbc_arrow": "arrow"}
+    out = {}
+    for s in strategies:
+        k = kind.get(s) or ("dlp" if s.startswith("dlp") else "uniform" if s.startswith("mole") else "oracle")
+        out[s] = round(t[k] / t["base"], 3)
+    return out
+
+
+def plots(result: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    strategies = result["strategies"]
+    names = list(strategies)
+    tasks = list(next(iter(strategies.values()))["per_task"])
+    grid = np.array([[strategies[s]["per_task"][t] for t in tasks] for s in names])
+    files = []
+    fig, ax = plt.subplots(figsize=(2 + 0.7 * len(tasks), 1 + 0.4 * len(names)))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    fig.colorbar(im, ax=ax, label="score (each task's primary metric)")
+    fig.tight_layout()
+    fig.savefig(out / "composite_heatmap.png", dpi=110)
+    plt.close(fig)
+    files.append("composite_heatmap.png")
+    sweep = sorted((float(s[5:]), v["average"]) for s, v in strategies.items() if s.startswith("dlp_p"))
+    if sweep:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([p for p, _ in sweep], [a for _, a in sweep], marker="o", label="DLP")
+        for ref in ("oracle", "uniform", "base"):
+            if ref in strategies:
+                ax.axhline(strategies[ref]["average"], ls="--", lw=1, label=ref)
+        ax.set_xlabel("top-p")
+        ax.set_ylabel("average score")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "composite_top_p.png", dpi=110)
+        plt.close(fig)
+        files.append("composite_top_p.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s, v in strategies.items():
+        ax.scatter(v["cost_ratio"], v["average"])
+        ax.annotate(s, (v["cost_ratio"], v["average"]), fontsize=7)
+    ax.set_xlabel("forward cost / base")
+    ax.set_ylabel("average score")
+    fig.tight_layout()
+    fig.savefig(out / "composite_cost.png", dpi=110)
+    plt.close(fig)
+    files.append("composite_cost.png")
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"))
+    ap.add_argument("--library", default=None, help="default: $LORAMUX_HOME/library")
+    ap.add_argument("--model", default=None, help="default: the embedded model")
+    ap.add_argument("--tasks", default=None, help="default: every task in --data-dir")
+    ap.add_argument("--limit-per-task", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mole-steps", type=int, default=30)
+    ap.add_argument("--multitask-steps", type=int, default=120)
+    ap.add_argument("--with", dest="extra", default="", help="mbc,dynamic: also the library-sized extras")
+    ap.add_argument("--strategies", default=None, help="score only these (default: all built)")
+    ap.add_argument("--output", default=str(RESULTS / "composite.json"))
+    args = ap.parse_args()
+
+    from loramux._home import default_library_path, loramux_home
+
+    started = time.perf_counter()
+    base = load_base(args.model) if args.model else load_base()
+    lib = Library(args.library or default_library_path(), create=True)
+    tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
+    ensure_library(base, lib, args.data_dir, tasks)
+    work = Library(Path(args.library or default_library_path()).with_name(lib.path.name + "-baselines"), create=True)
+    timings: dict = {}
+    ensure_dlp(lib, args.data_dir)
+    ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
+    ensure_merges(base, lib, work)
+    ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps)
+    extras = set(filter(None, args.extra.split(",")))
+    wanted = (args.strategies.split(",") if args.strategies else
+              ["base", "oracle", "uniform", "dlp_p0.3", "dlp_p0.6", "dlp_p0.9", "dlp_p1.0", *MOLE, "arrow"])
+    test = load_tasks(args.data_dir, tasks, "test")
+    config = EvalConfig(tuple(s for s in wanted if s in ("base", "oracle", "uniform", "arrow") or
+                              s.startswith("dlp") or s in MOLE), args.limit_per_task, args.seed)
+    strategies = [s if not s.startswith("mole") else f"mole:{s}" for s in config.strategies]
+    fused = FusedModel(base)
+    result = evaluate(fused, lib, test, dataclasses.replace(config, strategies=tuple(strategies)), log=log)
+    fused.unfuse()
+    result["strategies"] = {k.removeprefix("mole:"): v for k, v in result["strategies"].items()}
+    # fixed single adapters from the side library: ties, dare, multitask (each as the only adapter)
+    for name in ("ties", "dare", "multitask"):
+        if args.strategies and name not in wanted:
+            continue
+        side = Library(Path(tempfile.mkdtemp()) / "one", create=True)
+        side.add(name, work.adapter_dir(name), base=base, tasks=tasks)
+        fused = FusedModel(base)
+        fused.load(side, name)
+        from loramux.evaluation import MixtureScorer
+        from loramux.evaluation.harness import sample_indices
+        from loramux.evaluation.scoring import result_of
+
+        scorer, idx = MixtureScorer(fused), sample_indices(test, args.limit_per_task, args.seed)
+        per_task = {t.name: round(result_of(t, scorer.score(t, [{name: 1.0}] * len(idx[t.name]), idx[t.name])).score, 4)
+                    for t in test}
+        result["strategies"][name] = {"per_task": per_task, "average": round(sum(per_task.values()) / len(per_task), 4)}
+        fused.unfuse()
+        log(f"{name}: average {result['strategies'][name]['average']:.4f}")
+    if extras:
+        log(f"extras {sorted(extras)} are not run by this version of the script")
+    costs = cost_ratios(base, lib, list(result["strategies"]))
+    for s, v in result["strategies"].items():
+        v["cost_ratio"] = costs[s]
+    result.update({"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "machine": machine(), "limit_per_task": args.limit_per_task, "train_seconds": timings,
+                   "wall_seconds": round(time.perf_counter() - started, 1), "home": str(loramux_home())})
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plots(result, out.parent)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    md = to_markdown({**result, "strategies": {k: {**v, "metric": result["strategies"]["base"]["metric"]}
+                                               for k, v in result["strategies"].items()}})
+    out.with_suffix(".md").write_text(f"# Composite benchmark\n\n`{result['command']}` on {result['machine']['cpu']}, "
+                                      f"{result['date']}\n\n{md}\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
