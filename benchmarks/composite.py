@@ -128,6 +128,9 @@ def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3) -> dic
                                             for i in range(8)])}
     arrow = load_router(lib, "arrow", fused=fused)
     mixes["arrow"] = arrow.layer_mixture()
+    for name in MOLE:
+        if name in lib.routers():
+            mixes[name] = load_router(lib, "mole", name=name, fused=fused).layer_mixture()
 
     def fwd(mix):
         def f():
@@ -140,8 +143,10 @@ def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3) -> dic
             "dynamic_oracle": "oracle", "uniform": "uniform", "arrow": "arrow", "mbc_arrow": "arrow"}
     out = {}
     for s in strategies:
-        k = kind.get(s) or ("dlp" if s.startswith("dlp") else "uniform" if s.startswith("mole") else "oracle")
+        k = kind.get(s) or ("dlp" if s.startswith("dlp") else s if s in t else "oracle")
         out[s] = round(t[k] / t["base"], 3)
+    if "mole_layer" in t:  # MoLE's gating over a fixed mixture of the same adapters (issue 6)
+        out["_gate_cost_ratio"] = round(t["mole_layer"] / t["uniform"], 3)
     return out
 
 
@@ -255,6 +260,8 @@ def main() -> None:
     costs = cost_ratios(base, lib, list(result["strategies"]))
     for s, v in result["strategies"].items():
         v["cost_ratio"] = costs[s]
+    if "_gate_cost_ratio" in costs:
+        result["mole_gate_cost_ratio"] = costs["_gate_cost_ratio"]
     result.update({"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "machine": machine(), "limit_per_task": args.limit_per_task, "train_seconds": timings,
                    "wall_seconds": round(time.perf_counter() - started, 1), "home": str(loramux_home())})
