@@ -8,6 +8,9 @@
   cost   K random r=8 adapters on all seven projections, batch 8 x 96 tokens, forward with last
          position logits, variants interleaved, medians: base, loramux single adapter, loramux
          Arrow (top-k 4 of K), PEFT single adapter, PEFT Arrow.
+  accuracy  Arrow (top-4) vs the base model and the uniform mixture on the 14 test sets, mixed.
+  mbc    MBC with k in {3, 5}: the clusters, a cluster library trained with matched total steps
+         (cached beside the private library), and its average accuracy routed by Arrow.
   layer  what bounds Arrow's cost: one fused layer per projection shape of the default model,
          768 tokens, K=14 r=8, top-4 per token; time / base layer for a single adapter, Arrow's
          dense path (all K·r ranks, zero weights off the top-k) and a grouped variant that runs
@@ -142,23 +145,9 @@ def layer_profile(reps: int = 20) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="peft,cost,layer")
-    ap.add_argument("--library", default=None, help="default: $LORAMUX_HOME/library")
-    ap.add_argument("--adapters", default=None, help="library adapters for the PEFT check (default: all)")
-    ap.add_argument("--k", type=int, default=14, help="cost: number of random adapters")
-    ap.add_argument("--top-k", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--output", default=str(RESULTS))
-    args = ap.parse_args()
-
+def peft_and_cost(args, parts: set[str], result: dict) -> None:
     from loramux._home import default_library_path
 
-    out_path = Path(args.output)
-    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    result.update({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine()})
-    parts = set(args.parts.split(","))
     base = load_base()
     g = torch.Generator().manual_seed(0)
     prompt = base.tokenizer("Classify the intent: play some jazz from the seventies, then tell me tomorrow's "
@@ -214,6 +203,75 @@ def main() -> None:
             result["cost_ratio_vs_single"] = t["loramux_arrow"] / t["loramux_single"]
             result["peft_cost_ratio_vs_single"] = t["peft_arrow"] / t["peft_single"]
             result["command_cost"] = "python " + " ".join(sys.argv)
+
+
+def accuracy_parts(args, parts: set[str], result: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from composite import ensure_library, log
+
+    from loramux import load_tasks
+    from loramux._home import default_library_path
+    from loramux.evaluation.harness import EvalConfig, evaluate
+    from loramux.library.clustering import ClusterConfig, cluster_adapters, save_clustering
+    from loramux.training import LoraTrainConfig, train_adapters
+
+    base = load_base(args.model) if args.model else load_base()
+    lib = Library(args.library or default_library_path(), create=True)
+    tasks = sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
+    ensure_library(base, lib, args.data_dir, tasks)
+    test = load_tasks(args.data_dir, tasks, "test")
+    averages = result.setdefault("average_accuracy", {})
+    if "accuracy" in parts:
+        fused = FusedModel(base)
+        r = evaluate(fused, lib, test, EvalConfig(("base", "uniform", "arrow"), args.limit_per_task, 0), log=log)
+        fused.unfuse()
+        averages.update({k: v["average"] for k, v in r["strategies"].items()})
+        result["per_task"] = {k: v["per_task"] for k, v in r["strategies"].items()}
+        result["limit_per_task"] = args.limit_per_task
+        result["command_accuracy"] = "python " + " ".join(sys.argv)
+    if "mbc" in parts:
+        clusters = result.setdefault("mbc", {})
+        for k in (k for k in (3, 5) if k <= len(lib)):
+            clustering = cluster_adapters(lib, ClusterConfig(k=k))
+            save_clustering(clustering, Path(args.output).parent / f"mbc_k{k}")
+            side = Library(lib.path.with_name(f"{lib.path.name}-mbc{k}"), create=True)
+            groups, names, configs = [], [], []
+            for i, members in enumerate(clustering.members):
+                groups.append(load_tasks(args.data_dir, [t for m in members for t in clustering.tasks[m]], "train"))
+                names.append(f"cluster{i}")
+                configs.append(LoraTrainConfig(steps=sum(clustering.steps.get(m, 60) for m in members)))
+            train_adapters(base, groups, side, configs, names=names, skip_existing=True, resume=True)
+            fused = FusedModel(base)
+            r = evaluate(fused, side, test, EvalConfig(("arrow",), args.limit_per_task, 0), log=log)
+            fused.unfuse()
+            averages[f"mbc{k}_arrow"] = r["strategies"]["arrow"]["average"]
+            clusters[f"k{k}"] = {"members": clustering.members, "per_task": r["strategies"]["arrow"]["per_task"],
+                                 "train_seconds": sum(s.training.seconds for s in side.list() if s.training)}
+        result["command_mbc"] = "python " + " ".join(sys.argv)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="peft,cost,layer")
+    ap.add_argument("--library", default=None, help="default: $LORAMUX_HOME/library")
+    ap.add_argument("--adapters", default=None, help="library adapters for the PEFT check (default: all)")
+    ap.add_argument("--k", type=int, default=14, help="cost: number of random adapters")
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--output", default=str(RESULTS))
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"))
+    ap.add_argument("--model", default=None, help="accuracy/mbc: default the embedded model")
+    ap.add_argument("--limit-per-task", type=int, default=40)
+    args = ap.parse_args()
+
+    out_path = Path(args.output)
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    result.update({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine()})
+    parts = set(args.parts.split(","))
+    if parts & {"peft", "cost"}:
+        peft_and_cost(args, parts, result)
+    if parts & {"accuracy", "mbc"}:
+        accuracy_parts(args, parts, result)
     if "layer" in parts:
         result["layer_profile"] = layer_profile()
         result["command_layer"] = "python " + " ".join(sys.argv)
