@@ -166,7 +166,8 @@ class Server:
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=float(body.get("temperature", 1.0)),
                                   top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"), stop=stop,
-                                  logprobs=body.get("logprobs"))
+                                  logprobs=body.get("logprobs"),
+                                  ignore_eos=bool((body.get("loramux") or {}).get("ignore_eos")))
         except (LoramuxError, TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None
 
