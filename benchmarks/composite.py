@@ -198,14 +198,31 @@ def plots(result: dict, out: Path) -> list[str]:
     return files
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_args(doc: str) -> argparse.ArgumentParser:
+    """What the library benchmarks share: data, library, model, tasks, sample size, seed."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"))
     ap.add_argument("--library", default=None, help="default: $LORAMUX_HOME/library")
     ap.add_argument("--model", default=None, help="default: the embedded model")
     ap.add_argument("--tasks", default=None, help="default: every task in --data-dir")
     ap.add_argument("--limit-per-task", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def setup(args) -> tuple:
+    """(base, library with every task's adapter, task names), training what is missing."""
+    from loramux._home import default_library_path
+
+    base = load_base(args.model) if args.model else load_base()
+    lib = Library(args.library or default_library_path(), create=True)
+    tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
+    ensure_library(base, lib, args.data_dir, tasks)
+    return base, lib, tasks
+
+
+def main() -> None:
+    ap = common_args(__doc__)
     ap.add_argument("--mole-steps", type=int, default=30)
     ap.add_argument("--multitask-steps", type=int, default=120)
     ap.add_argument("--with", dest="extra", default="", help="mbc,dynamic: also the library-sized extras")
@@ -213,14 +230,11 @@ def main() -> None:
     ap.add_argument("--output", default=str(RESULTS / "composite.json"))
     args = ap.parse_args()
 
-    from loramux._home import default_library_path, loramux_home
+    from loramux._home import loramux_home
 
     started = time.perf_counter()
-    base = load_base(args.model) if args.model else load_base()
-    lib = Library(args.library or default_library_path(), create=True)
-    tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
-    ensure_library(base, lib, args.data_dir, tasks)
-    work = Library(Path(args.library or default_library_path()).with_name(lib.path.name + "-baselines"), create=True)
+    base, lib, tasks = setup(args)
+    work = Library(lib.path.with_name(lib.path.name + "-baselines"), create=True)
     timings: dict = {}
     ensure_dlp(lib, args.data_dir)
     ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)

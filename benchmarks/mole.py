@@ -12,16 +12,15 @@ Writes benchmarks/results/mole.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from composite import MOLE, cost_ratios, ensure_library, ensure_mole, log
+from composite import MOLE, common_args, cost_ratios, ensure_mole, log, setup
 
-from loramux import Library, load_base, load_tasks
+from loramux import load_tasks
 from loramux.bench.machine import machine
 from loramux.evaluation import MixtureScorer
 from loramux.evaluation.harness import EvalConfig, evaluate, sample_indices
@@ -32,25 +31,15 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"))
-    ap.add_argument("--library", default=None)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--tasks", default=None)
-    ap.add_argument("--limit-per-task", type=int, default=40)
+    ap = common_args(__doc__)
     ap.add_argument("--mole-steps", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default=str(RESULTS / "mole.json"))
     args = ap.parse_args()
 
-    from loramux._home import default_library_path
     from loramux.routers import load_router
 
     started = time.perf_counter()
-    base = load_base(args.model) if args.model else load_base()
-    lib = Library(args.library or default_library_path(), create=True)
-    tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
-    ensure_library(base, lib, args.data_dir, tasks)
+    base, lib, tasks = setup(args)
     timings: dict = {}
     ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
     for name in MOLE:  # training time as recorded when the gates were trained

@@ -67,19 +67,27 @@ def test_compare_policies(scorer):
     assert out["base"]["per_task"]["mc"] == out["base"]["average"]
 
 
-def test_mole_choice_scores_use_each_prompts_gate_weights(tiny_model_dir, tmp_path, tiny_base):
-    import torch
-
-    from loramux.data import PromptFormatter
-    from loramux.fusion import LayerMixture
-
-    from ..routers.gating.test_mole import NAMES, fused_for, router_for
+@pytest.fixture
+def mole_fused(tiny_model_dir, tmp_path, tiny_base):
+    """A fused model with three adapters on q, v and down projections (MoLE's gated units)."""
+    from ..routers.gating.test_mole import NAMES, fused_for
 
     lib = Library(tmp_path / "mlib", create=True)
     for i, n in enumerate(NAMES):
         lib.add(n, make_peft_dir(tiny_base, tmp_path / f"m{n}", targets=("q_proj", "v_proj", "down_proj"), seed=i),
                 base=tiny_base, tasks=[f"task_{n}"])
-    fused = fused_for(tiny_model_dir, lib)
+    return fused_for(tiny_model_dir, lib)
+
+
+def test_mole_choice_scores_use_each_prompts_gate_weights(mole_fused):
+    import torch
+
+    from loramux.data import PromptFormatter
+    from loramux.fusion import LayerMixture
+
+    from ..routers.gating.test_mole import router_for
+
+    fused = mole_fused
     router = router_for(fused, "block")
     got = MixtureScorer(fused, batch_size=3, progress=False).score(MC, [router] * len(MC.examples))
     f = PromptFormatter(fused.base.tokenizer)
@@ -97,14 +105,10 @@ def test_mole_choice_scores_use_each_prompts_gate_weights(tiny_model_dir, tmp_pa
         assert pred.choice_logprobs == pytest.approx(expected, abs=1e-4)
 
 
-def test_mole_generation_scores_through_the_engine(tiny_model_dir, tmp_path, tiny_base):
-    from ..routers.gating.test_mole import NAMES, fused_for, router_for
+def test_mole_generation_scores_through_the_engine(mole_fused):
+    from ..routers.gating.test_mole import router_for
 
-    lib = Library(tmp_path / "glib", create=True)
-    for i, n in enumerate(NAMES):
-        lib.add(n, make_peft_dir(tiny_base, tmp_path / f"g{n}", targets=("q_proj", "v_proj", "down_proj"), seed=i),
-                base=tiny_base, tasks=[f"task_{n}"])
-    fused = fused_for(tiny_model_dir, lib)
+    fused = mole_fused
     router = router_for(fused, "layer")
     preds = MixtureScorer(fused, progress=False).score(GEN, [router] * 3)
     from loramux.engine import Engine, GenerationRequest, SamplingParams
