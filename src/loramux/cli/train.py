@@ -42,6 +42,11 @@ def train(
     realloc: bool = typer.Option(True, help="dynamic: reallocate rank across layers by importance."),
     input_gate: bool = typer.Option(True, help="dynamic: per-token input gate on each module's update."),
     realloc_every: int = typer.Option(10, help="dynamic: steps between reallocations."),
+    ray: bool = typer.Option(False, "--ray", help="One Ray task per adapter (a local Ray unless --ray-address)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --ray)."),
+    cpus_per_task: float = typer.Option(1.0, help="Ray: CPUs per adapter."),
+    gpus_per_task: float = typer.Option(0.0, help="Ray: GPUs per adapter."),
+    max_retries: int = typer.Option(2, help="Ray: retries of a failed adapter."),
 ) -> None:
     """Train one LoRA per task (or per MBC cluster) and save each into the library."""
     from ..errors import LoramuxError
@@ -57,6 +62,16 @@ def train(
     )
     if method not in ("lora", "dynamic"):
         raise LoramuxError(f"--method must be 'lora' or 'dynamic'; got {method!r}")
+    if ray or ray_address:
+        if cluster or method != "lora" or name:
+            raise LoramuxError("--ray trains one plain LoRA per task; drop --cluster, --method and --name")
+        from ..training.distributed import train_adapters_ray
+
+        train_adapters_ray(model, resolve_tasks(task, tasks, data_dir, "train"), open_library(library, create=True),
+                           config, address=ray_address, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task,
+                           device=device, max_retries=max_retries, skip_existing=skip_existing, replace=replace,
+                           log=typer.echo)
+        return
     if method == "dynamic":
         if cluster:
             raise LoramuxError("--cluster trains plain LoRAs; drop --method dynamic")
