@@ -18,6 +18,9 @@ def eval_(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
     markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table as Markdown here."),
+    ray: bool = typer.Option(False, "--ray", help="Spread the (strategy x task) cells over Ray (local unless "
+                                                  "--ray-address)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --ray)."),
 ) -> None:
     """Score strategies side by side on the mixed test sets of the library's tasks (composite)."""
     import json
@@ -31,8 +34,14 @@ def eval_(
     config = EvalConfig(tuple(s.strip() for s in strategies.split(",") if s.strip()), limit_per_task, seed, batch_size)
     lib = open_library(library)
     names = [t.strip() for t in tasks.split(",")] if tasks else sorted({t for s in lib.list() for t in s.tasks})
-    test = load_tasks(data_dir or default_data_dir(), names, "test")
-    result = evaluate(FusedModel(load_base(model)), lib, test, config, log=lambda s: typer.echo(s, err=True))
+    if ray or ray_address:
+        from ..evaluation.distributed import evaluate_ray
+
+        result = evaluate_ray(model, str(lib.path), str(data_dir or default_data_dir()), names, config,
+                              address=ray_address, log=lambda s: typer.echo(s, err=True))
+    else:
+        test = load_tasks(data_dir or default_data_dir(), names, "test")
+        result = evaluate(FusedModel(load_base(model)), lib, test, config, log=lambda s: typer.echo(s, err=True))
     table = to_markdown(result)
     typer.echo(table)
     if output:

@@ -46,12 +46,13 @@ class EvalConfig:
 
 
 def sample_indices(tasks: list["Task"], limit: int | None, seed: int) -> dict[str, list[int]]:
-    rng = random.Random(seed)
+    """A seeded sample of each task's examples; each task's own stream, so a task's sample does
+    not depend on which other tasks are evaluated with it (distributed cells agree with a local run)."""
     out = {}
     for t in tasks:
         idx = list(range(len(t.examples)))
         if limit and limit < len(idx):
-            idx = sorted(rng.sample(idx, limit))
+            idx = sorted(random.Random(f"{seed}:{t.name}").sample(idx, limit))
         out[t.name] = idx
     return out
 
