@@ -54,6 +54,29 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
 
 
+def _body_schema(kind: str, max_tokens: int) -> dict:
+    """The request body as OpenAPI documents it (handlers still validate themselves, with errors
+    that name the bad value); fuzzers such as schemathesis generate requests from it."""
+    mix = {"type": "object", "additionalProperties": {"type": "number"}}
+    ext = {"type": "object", "properties": {"mix": mix, "explain": {"type": "boolean"}, "top_p": {"type": "number"},
+                                            "top_k": {"type": "integer"}, "ignore_eos": {"type": "boolean"}}}
+    props = {"model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 0, "maximum": max_tokens},
+             "temperature": {"type": "number"}, "top_p": {"type": "number"}, "seed": {"type": "integer"},
+             "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+             "stream": {"type": "boolean"}, "loramux": ext}
+    if kind == "chat":
+        props["messages"] = {"type": "array", "items": {"type": "object", "required": ["role", "content"],
+                                                        "properties": {"role": {"type": "string"},
+                                                                       "content": {"type": "string"}}}}
+        required = ["model", "messages"]
+    else:
+        props.update({"prompt": {"type": "string"}, "echo": {"type": "boolean"},
+                      "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}})
+        required = ["model", "prompt"]
+    schema = {"type": "object", "required": required, "properties": props}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _error_body(e: ApiError) -> dict:
     kind = "rate_limit_error" if e.status == 429 else "invalid_request_error" if e.status < 500 else "server_error"
     return {"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}
@@ -402,7 +425,7 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema("completion", server.config.max_tokens_limit))
     async def completions(request: Request):
         body = await body_of(request)
         server.check_unsupported(body)
@@ -453,7 +476,7 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
                       "total_tokens": result.prompt_tokens + len(result.token_ids)},
             "loramux": server.routing_echo(mixture, None, routing, result, False)})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema("chat", server.config.max_tokens_limit))
     async def chat_completions(request: Request):
         body = await body_of(request)
         server.check_unsupported(body)
