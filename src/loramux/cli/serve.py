@@ -51,7 +51,7 @@ def serve(
                            f"bind 127.0.0.1, or pass --insecure")
     if not keys:
         typer.echo(f"no API keys: anyone who can reach {host}:{port} can use this server", err=True)
-    lib = open_library(library)
+    lib = open_library(library, create=True)  # no flags: the default library, made empty if new
     engine = Engine(load_base(model, device=device), lib)
     for name in lib.names():
         engine.load(name)
