@@ -19,6 +19,7 @@ import torch
 from ..data import PromptFormatter
 from ..errors import LoramuxError
 from ..fusion import FusedModel, SequenceMixture
+from ..training.batching import left_pad
 from ..training.config import LLAMA_TARGETS
 from .request import GenerationRequest, GenerationResult
 from .sampling import choose
@@ -228,10 +229,7 @@ class Engine:
         try:
             model, tok = self.base.model, self.base.tokenizer
             device = next(model.parameters()).device
-            width = max(len(r.prompt_ids) for r in rows)
-            pad = tok.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
+            ids, mask = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             active = list(range(len(rows)))  # request index of each batch row
             fold = self.fold and isinstance(mix, SequenceMixture) and mix.indices.shape[0] == 1

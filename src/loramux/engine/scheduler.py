@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..errors import LoramuxError
+from ..training.batching import left_pad
 from .engine import Engine, _Row
 from .request import GenerationRequest, GenerationResult
 
@@ -180,9 +181,7 @@ class Scheduler:
             return
         model, tok = self.engine.base.model, self.engine.base.tokenizer
         device = next(model.parameters()).device
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
+        ids, mask = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device)
         mix = self.engine.sequence_mixture([j.request.mixture for j in jobs])
         with self.engine.fused.mixture(mix):
             out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),

@@ -69,8 +69,8 @@ class MixtureScorer:
         for key, rows in todo.items():
             rows = sorted(set(rows))
             subset = dataclasses.replace(task, examples=tuple(task.examples[i] for i in rows))
-            mix = self._mixture(key, mixtures[indices.index(rows[0])] if key and key[0] == "router" else None)
             router = mixtures[indices.index(rows[0])] if key and key[0] == "router" else None
+            mix = self._mixture(key, router)
             hooks = {}
             if router is not None and getattr(router, "granularity", "token") == "layer":
                 # MoLE: gates pool the prompt; cached choices and decode steps reuse its weights

@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING
 
 from ..data import Example, PromptFormatter, Task
 from ..errors import LoramuxError
+from ..training.batching import left_pad
 
 if TYPE_CHECKING:
-    import torch
-
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -51,15 +50,6 @@ class ScoreResult:
         return d
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return ids, mask
-
-
 def choice_logprobs(model: "PreTrainedModel", formatter: PromptFormatter, examples: list[Example], *,
                     prompt_router=None) -> list[list[float]]:
     """Summed log p(choice + end-of-turn | prompt) for every choice of every example (one batch).
@@ -77,7 +67,7 @@ def choice_logprobs(model: "PreTrainedModel", formatter: PromptFormatter, exampl
     device = next(model.parameters()).device
     prompts = [formatter.encode_prompt(ex.prompt) for ex in examples]
     answers = [[formatter.encode_answer(c) for c in ex.choices] for ex in examples]
-    ids, mask = _left_pad(prompts, pad)
+    ids, mask = left_pad(prompts, pad)
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with prompt_router.prefill_context(mask) if prompt_router else contextlib.nullcontext():
@@ -125,7 +115,7 @@ def greedy_generate(model: "PreTrainedModel", formatter: PromptFormatter, prompt
 
     tok = formatter.tokenizer
     device = next(model.parameters()).device
-    ids, mask = _left_pad([formatter.encode_prompt(p) for p in prompts], tok.pad_token_id)
+    ids, mask = left_pad([formatter.encode_prompt(p) for p in prompts], tok.pad_token_id)
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=formatter.stop_token_ids(), pad_token_id=tok.pad_token_id)

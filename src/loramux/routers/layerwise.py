@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..errors import LoramuxError
+from ..training.batching import left_pad
 from .routing import Routing
 
 if TYPE_CHECKING:
@@ -24,12 +25,8 @@ def prompt_batch(fused: "FusedModel", prompts: list[str]) -> tuple[torch.Tensor,
     base = fused.base
     fmt = PromptFormatter(base.tokenizer)
     rows = [fmt.encode_prompt(p) for p in prompts]
-    width = max(len(r) for r in rows)
     pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-    device = next(base.model.parameters()).device
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
+    return left_pad(rows, pad, device=next(base.model.parameters()).device)
 
 
 @torch.no_grad()

@@ -31,6 +31,16 @@ def pad_right(rows: list[list[int]], pad: int) -> "torch.Tensor":
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def left_pad(rows: list[list[int]], pad: int, device=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(input_ids, attention_mask), each row padded on the left so all end at the last position."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
+
+
 def collate(features: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, "torch.Tensor"]:
     """Right-padded batch in Hugging Face's usual form (the model computes the loss itself)."""
     ids = [f[0] for f in features]
@@ -53,8 +63,7 @@ def collate_left(features: list[tuple[list[int], list[int]]], pad_id: int) -> tu
 
     width = max(len(f[0]) for f in features)
     answer = max(sum(1 for t in f[1] if t != IGNORE) for f in features)
-    ids = torch.tensor([[pad_id] * (width - len(f[0])) + f[0] for f in features], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(f[0])) + [1] * len(f[0]) for f in features], dtype=torch.long)
+    ids, mask = left_pad([f[0] for f in features], pad_id)
     labels = torch.tensor([[IGNORE] * (width - len(f[1])) + f[1] for f in features], dtype=torch.long)
     inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     return inputs, labels[:, width - answer:]
