@@ -95,13 +95,15 @@ class Library:
             "routers": dict(sorted(routers.items())),
         })
 
+    def _unreferenced(self, adapters: dict[str, AdapterSpec], routers: dict[str, dict]) -> list[Path]:
+        """Adapter and router dirs no manifest entry references (left by a crash or a replace)."""
+        live = {spec.dir for spec in adapters.values()} | {r["dir"] for r in routers.values()}
+        return [d for root in (self.path / "adapters", self.path / "routers") if root.is_dir()
+                for d in sorted(root.iterdir()) if d.name not in live]
+
     def _sweep(self, adapters: dict[str, AdapterSpec]) -> None:
-        """Delete adapter and router dirs no manifest entry references (left by a crash or a replace)."""
-        live = {spec.dir for spec in adapters.values()} | {r["dir"] for r in self._read_routers().values()}
-        for root in (self.path / "adapters", self.path / "routers"):
-            for d in root.iterdir() if root.is_dir() else ():
-                if d.name not in live:
-                    shutil.rmtree(d, ignore_errors=True)
+        for d in self._unreferenced(adapters, self._read_routers()):
+            shutil.rmtree(d, ignore_errors=True)
 
     # ---------------------------------------------------------------- reading
     def list(self) -> list[AdapterSpec]:
@@ -303,17 +305,14 @@ class Library:
                     check_against_base(files, base)
             except LoramuxError as e:
                 problems.append(str(e))
-        for name, entry in self._read_routers().items():
+        routers = self._read_routers()
+        for name, entry in routers.items():
             try:
                 self._check_sums(f"router {name!r}", self.path / "routers" / entry["dir"], entry["files"])
             except LoramuxError as e:
                 problems.append(str(e))
-        live = {spec.dir for spec in adapters.values()} | {r["dir"] for r in self._read_routers().values()}
-        for root in (self.path / "adapters", self.path / "routers"):
-            for d in sorted(root.iterdir()) if root.is_dir() else ():
-                if d.name not in live:
-                    problems.append(f"unreferenced dir {str(d)!r} (left by an interrupted write; the next write "
-                                    f"removes it)")
+        for d in self._unreferenced(adapters, routers):
+            problems.append(f"unreferenced dir {str(d)!r} (left by an interrupted write; the next write removes it)")
         return problems
 
     def check_loadable(self, name: str, base: "BaseModel") -> AdapterSpec:
