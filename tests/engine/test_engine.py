@@ -60,12 +60,13 @@ def test_each_row_of_a_mixed_batch_equals_the_row_alone(engine):
 
 
 def test_folding_a_shared_mixture_changes_no_token(engine, tiny_model_dir, lib):
-    folded = Engine(load_base(str(tiny_model_dir)), lib, fold=True)
+    assert engine.fold  # the default: a mixture the whole batch shares is folded for the call
+    unfolded = Engine(load_base(str(tiny_model_dir)), lib, fold=False)
     for name in ("a", "b", "c"):
-        folded.load(name)
+        unfolded.load(name)
     requests = [greedy(p, {"a": 0.6, "c": 0.4}, n=10) for p in PROMPTS]
-    assert [r.token_ids for r in folded.generate(requests)] == [r.token_ids for r in engine.generate(requests)]
-    assert all(layer._folded is None for layer in folded.fused.layers.values())  # copies freed afterwards
+    assert [r.token_ids for r in engine.generate(requests)] == [r.token_ids for r in unfolded.generate(requests)]
+    assert all(layer._folded is None for layer in engine.fused.layers.values())  # copies freed afterwards
 
 
 def test_base_rows_equal_the_plain_model(engine, tiny_model_dir):

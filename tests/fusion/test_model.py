@@ -141,9 +141,13 @@ def test_folded_shared_mixture_equals_unfolded(tiny_model_dir, adapters):
     shared = fused.sequence_mixture([{"a": 0.7, "c": -0.2, "b": 0.4}])  # one row broadcasts over the batch
     with fused.mixture(shared, reference=True):
         reference = logits(fused.base.model)
+    layer = next(iter(fused.layers.values()))
+    base_calls = []
+    hook = layer.base.register_forward_hook(lambda *args: base_calls.append(1))
     with fused.mixture(shared, fold=True):
         folded = logits(fused.base.model)
-    layer = next(iter(fused.layers.values()))
+    hook.remove()
+    assert base_calls == []  # the folded weight replaces the base matmul; both would cost 2x
     assert layer._folded is not None and layer._folded[0] is shared
     assert (folded - reference).abs().max() <= TOL
     fused.release()

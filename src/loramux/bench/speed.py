@@ -86,6 +86,29 @@ def _median_times(variants: dict[str, Callable[[], None]], reps: int, warmup: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def decode_step_profile(base: BaseModel, prompt_ids: torch.Tensor, steps: int = 8) -> dict:
+    """Where one batch-1 decode step of the plain base model spends its time (torch.profiler):
+    the matmuls that read the weights against everything else. This is the floor for any LoRA
+    engine built on the same forward, so it bounds `decode_b1_speedup`."""
+    from torch.profiler import profile
+
+    with torch.no_grad():
+        out = base.model(input_ids=prompt_ids, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        with profile() as prof:
+            for _ in range(steps):
+                out = base.model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        wall = (time.perf_counter() - start) / steps
+    self_us = {e.key: e.self_cpu_time_total / steps for e in prof.key_averages()}
+    total = sum(self_us.values())
+    top = dict(sorted(self_us.items(), key=lambda kv: -kv[1])[:6])
+    return {"step_ms_profiled": wall * 1e3, "ops_self_ms": total / 1e3,
+            "mm_share": (self_us.get("aten::mm", 0) + self_us.get("aten::addmm", 0)) / total,
+            "top_ops_self_ms": {k: v / 1e3 for k, v in top.items()}}
+
+
 def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: int = 8, prompt_len: int = 96,
         reps: int = 7, decode_tokens: int = 32, memory_adapters: int = 100, seed: int = 0) -> dict:
     from peft import PeftModel
@@ -138,8 +161,9 @@ def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: in
             "peft_single": peft_with(names[0]),
             "peft_mixed": peft_with(names[0], adapter_names=mixed_names),
             "peft_cat3": peft_with("cat3"),
-            "loramux_single": fused_with([{names[0]: 1.0}] * batch),
-            "loramux_single_folded": fused_with([{names[0]: 1.0}], fold=True),
+            # What the engine does with a mixture the whole batch shares: fold it (fold cost timed).
+            "loramux_single": fused_with([{names[0]: 1.0}] * batch, fold=True),
+            "loramux_single_unfolded": fused_with([{names[0]: 1.0}] * batch),
             "loramux_hetero3": fused_with(hetero_rows),
         }, reps)
 
@@ -173,6 +197,8 @@ def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: in
             }, reps=3)
             for who in ("loramux", "peft", "base"):
                 decode[f"{who}_b{b}_tokens_per_s"] = b * decode_tokens / (t[f"{who}_full"] - t[f"{who}_prefill"])
+
+        decode["base_b1_step_profile"] = decode_step_profile(plain, ids[:1])
 
     # ---- memory: many adapters loaded at once, measured in a fresh process (this one has freed
     # whole models, whose pages the allocator would hand back to the adapters and hide the cost)

@@ -105,14 +105,15 @@ class Engine:
     """Generate for batches of requests, each with its own mixture of library adapters."""
 
     def __init__(self, base: "BaseModel", library: "Library | None" = None, *,
-                 target_modules: tuple[str, ...] = LLAMA_TARGETS, fold: bool = False,
+                 target_modules: tuple[str, ...] = LLAMA_TARGETS, fold: bool = True,
                  fused: FusedModel | None = None):
         """`fused`: an existing FusedModel over `base` to generate with (its loaded adapters included)."""
         self.base = base
-        # Fold a mixture shared by the whole batch into a copy of the weights. Off by default:
-        # on the 2-core CPU a folded prefill measured 1.88x the base forward against 1.03x
-        # unfolded (speed.json, loramux_single_folded), and decode there is bound by reading
-        # the weights, which a fold only copies.
+        # Fold a mixture that the whole batch shares into a copy of the adapted weights for the
+        # length of one generate call: every decode step then costs exactly a base step. On the
+        # 2-core CPU the fold itself costs about 4% of one 8x96-token forward (speed.json,
+        # loramux_single vs loramux_single_unfolded). The price is one extra copy of each adapted
+        # weight while the call runs; `fold=False` keeps memory flat.
         self.fold = fold
         self.library = library
         if fused is not None and fused.base is not base:

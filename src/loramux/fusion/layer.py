@@ -113,16 +113,16 @@ class MultiLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         mix, state = self.state.mixture, self.state
         if mix is None or self.lora_A.shape[1] == 0:  # no mixture, or no loaded adapter adapts this layer
-            return y
+            return self.base(x)
         if type(mix) is SequenceMixture and not state.reference and not self.any_gated:  # the hot path
-            if state.fold:
+            if state.fold:  # the folded weight replaces the base matmul: never run both
                 weight = self._folded_weight(mix, x.device)
                 if weight is not None:
                     return torch.nn.functional.linear(x, weight, self.base.bias)
-            return self._add_sequence_delta(y, x, mix)
+            return self._add_sequence_delta(self.base(x), x, mix)
+        y = self.base(x)
         squeeze = x.dim() == 2  # (N, d_in) inputs are treated as (N, 1, d_in)
         x3 = x[:, None] if squeeze else x
         if state.reference:
