@@ -156,6 +156,12 @@ def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: in
                 fused.release()
             return f
 
+        def fold_only():  # what folding one adapter into all adapted weights costs by itself
+            mix = fused.sequence_mixture([{names[0]: 1.0}])
+            for layer in fused.layers.values():
+                layer._folded_weight(mix, ids.device)
+            fused.release()
+
         forward = _median_times({
             "base": lambda: fwd(plain.model),
             "peft_single": peft_with(names[0]),
@@ -165,6 +171,7 @@ def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: in
             "loramux_single": fused_with([{names[0]: 1.0}] * batch, fold=True),
             "loramux_single_unfolded": fused_with([{names[0]: 1.0}] * batch),
             "loramux_hetero3": fused_with(hetero_rows),
+            "loramux_fold_only": fold_only,
         }, reps)
 
         # ---- decode tokens/s, batch 1 and batch B, same adapter, greedy
