@@ -210,3 +210,27 @@ def test_web_view_and_its_endpoints(served):
         assert r.status_code == 200 and r.json()["router"] == "arrow" and r.json()["layers"]
         r = c.post("/v1/loramux/route", json={"model": "a", "prompt": "x"})
         assert r.status_code == 400 and "is not a router" in r.json()["error"]["message"]
+
+
+def test_web_view_lists_a_request_while_it_runs(served):
+    import threading
+
+    engine, lib = served
+    app = create_app(engine, lib, ServerConfig())
+    server, gate, first = app.state.server, threading.Event(), threading.Event()
+
+    def hold(delta):  # runs on the scheduler thread: the request stays in flight until released
+        first.set()
+        gate.wait(timeout=30)
+
+    with TestClient(app) as c:
+        request = GenerationRequest("one two", {"a": 0.25, "c": 0.75}, SamplingParams(max_new_tokens=8, ignore_eos=True))
+        future = server.submit(request, None, on_delta=hold, model="base")
+        assert first.wait(timeout=30)
+        view = c.get("/v1/loramux/recent").json()
+        assert [(q["model"], q["adapters"], q["weights"]) for q in view["live"]] == [("base", ["a", "c"], [0.25, 0.75])]
+        assert view["live"][0]["tokens"] >= 1 and view["requests"] == []
+        gate.set()
+        assert len(future.result(timeout=30).token_ids) == 8
+        view = c.get("/v1/loramux/recent").json()
+        assert view["live"] == [] and view["requests"][0]["adapters"] == ["a", "c"]

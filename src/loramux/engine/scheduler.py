@@ -196,8 +196,8 @@ class Scheduler:
             st.cache, st.mask, st.next_pos, st.logits = out.past_key_values, mask, mask.sum(-1), out.logits[:, -1]
         st.rows += rows
         st.jobs += jobs
-        for job in jobs:
-            self._notify("admitted", {"wait_s": time.perf_counter() - job.enqueued})
+        for job, row in zip(jobs, rows):
+            self._notify("admitted", {"wait_s": time.perf_counter() - job.enqueued, "request": job.request, "row": row})
 
     def _sample_and_retire(self) -> None:
         st, tok = self.state, self.engine.base.tokenizer

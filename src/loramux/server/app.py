@@ -94,18 +94,37 @@ class Server:
         from collections import deque
 
         self.recent: deque = deque(maxlen=50)  # the web view's "recent requests"
+        self.live: dict[int, tuple[dict, object]] = {}  # request id -> (its entry, its engine row): in flight
         self._models: dict[int, str] = {}  # request object id -> the model name it asked for
         self.scheduler.observers.append(self._remember)
 
+    @staticmethod
+    def _mixture_of(routing, mixture) -> dict:
+        if routing is not None:
+            return {"adapters": list(routing.adapters), "weights": list(routing.weights)}
+        return {"adapters": list((mixture or {}).keys()), "weights": list((mixture or {}).values())}
+
     def _remember(self, event: str, data: dict) -> None:
-        if event == "finished":
+        # Runs on the scheduler thread; the web view reads `live` and `recent` from the event loop,
+        # so both are only ever replaced or appended to whole entries.
+        key = id(data.get("request"))
+        if event == "admitted" and "row" in data:
+            req = data["row"].request
+            entry = {"model": self._models.get(key, ""), **self._mixture_of(req.routing, req.mixture)}
+            self.live[key] = (entry, data["row"])
+        elif event == "cancelled":
+            self.live.pop(key, None)
+            self._models.pop(key, None)
+        elif event == "finished":
+            self.live.pop(key, None)
             result = data["result"]
-            r = result.routing
-            adapters = list(r.adapters) if r is not None else list((result.mixture or {}).keys())
-            weights = list(r.weights) if r is not None else list((result.mixture or {}).values())
-            self.recent.appendleft({"model": self._models.pop(id(data["request"]), ""),
-                                    "adapters": adapters, "weights": weights, "tokens": len(result.token_ids),
-                                    "seconds": result.seconds})
+            self.recent.appendleft({"model": self._models.pop(key, ""), **self._mixture_of(result.routing, result.mixture),
+                                    "tokens": len(result.token_ids), "seconds": result.seconds})
+
+    def live_requests(self) -> list[dict]:
+        now = time.perf_counter()
+        return [{**entry, "tokens": len(row.tokens), "seconds": now - row.started}
+                for entry, row in list(self.live.values())]
 
     # ------------------------------------------------------------------ routing
     def router(self, name: str):
@@ -535,7 +554,7 @@ def create_app(engine: "Engine", library: "Library | None" = None, config: Serve
 
     @app.get("/v1/loramux/recent")
     async def recent():
-        return {"requests": list(server.recent)}
+        return {"live": server.live_requests(), "requests": list(server.recent)}
 
     @app.post("/v1/loramux/route")
     async def route_preview(request: Request):

@@ -17,6 +17,7 @@ PAGE = """<!doctype html>
 <select id="router"></select> <button id="go">route</button>
 <div id="routing"></div>
 <h2>Library</h2><table id="library"><tr><th>adapter</th><th>tasks</th><th>rank</th><th>version</th><th>loaded</th></tr></table>
+<h2>Live requests</h2><table id="live"><tr><th>model</th><th>routing</th><th>tokens so far</th><th>seconds</th></tr></table>
 <h2>Recent requests</h2><table id="recent"><tr><th>model</th><th>routing</th><th>tokens</th><th>seconds</th></tr></table>
 <script>
 const key = new URLSearchParams(location.search).get("key");
@@ -35,8 +36,11 @@ async function refresh(){
   const sel = document.getElementById("router");
   if (!sel.options.length) for (const m of lib.routers) sel.insertAdjacentHTML("beforeend", `<option>${esc(m)}</option>`);
   const rec = await get("/v1/loramux/recent");
-  const r = document.getElementById("recent"); r.querySelectorAll("tr.row").forEach(x => x.remove());
-  for (const q of rec.requests) r.insertAdjacentHTML("beforeend",
+  fill("live", rec.live); fill("recent", rec.requests);
+}
+function fill(id, requests){
+  const t = document.getElementById(id); t.querySelectorAll("tr.row").forEach(x => x.remove());
+  for (const q of requests) t.insertAdjacentHTML("beforeend",
     `<tr class="row"><td>${esc(q.model)}</td><td>${bars(q.adapters, q.weights)}</td><td>${q.tokens}</td><td>${q.seconds.toFixed(2)}</td></tr>`);
 }
 document.getElementById("go").onclick = async () => {
