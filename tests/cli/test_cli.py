@@ -108,3 +108,25 @@ def test_data_show(capsys, tmp_path):
                     example_output_prefix="")
     code, out, _ = run(capsys, "data", "show", str(tmp_path / "t"))
     assert code == 0 and "generative, 1 examples" in out and "2+2=" in out and "['4']" in out
+
+
+def test_demo_builds_the_library_and_router_then_routes_prompts_through_the_server(capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    for split, n in (("train", 24), ("test", 4)):
+        toy_mc_task(data / "words" / f"{split}.json", n=n)
+        write_task_json(data / "colours" / f"{split}.json",
+                        [{"input": f"Which colour do you get by mixing {a} and {b} paint?", "target": "brown"}
+                         for a, b in [("red", "green"), ("blue", "orange"), ("yellow", "purple")] * (n // 3 + 1)][:n],
+                        example_input_prefix="Q: ", example_output_prefix="\nA: ")
+    lib = str(tmp_path / "lib")
+    args = ["demo", "--tasks", "words,colours", "--data-dir", str(data), "-l", lib, "--model", str(tiny_model_dir),
+            "--steps", "3", "--show", "2", "--output", str(tmp_path / "demo.json")]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert Library(lib).names() == ["colours", "words"] and "dlp" in Library(lib).routers()
+    assert "serving on http://127.0.0.1:" in out and "routed to their own task's adapter first 4/4" in out
+    records = json.loads((tmp_path / "demo.json").read_text())["prompts"]
+    assert [r["task"] for r in records] == ["words", "words", "colours", "colours"]
+    assert all(r["routing"]["router"] == "dlp" and r["routing"]["adapters"][0] == r["task"] for r in records)
+    code, out, err = run(capsys, *args)  # the second run trains nothing
+    assert code == 0 and "reusing the stored DLP router" in out and "train " not in out

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -8,55 +11,111 @@ import typer
 
 from ..models import DEFAULT_MODEL
 
+DEMO_TASKS = "intent_recognition,hyperbaton,language_identification"
+
 
 def demo(
-    task: str = typer.Option("intent_recognition", help="Task name in --data-dir, or a task dir."),
+    tasks: str = typer.Option(DEMO_TASKS, help="Comma-separated task names in --data-dir: one adapter each."),
     data_dir: Optional[str] = typer.Option(None, help="Directory of task dirs (default: $LORAMUX_HOME/data/bigbench)."),
     library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
-    steps: int = typer.Option(60, help="Training steps when the adapter has to be trained."),
-    retrain: bool = typer.Option(False, help="Train again even if the library already has this adapter."),
-    limit: Optional[int] = typer.Option(None, help="Score only the first N test examples."),
-    show: int = typer.Option(4, help="How many test answers to show side by side."),
-    output: Optional[str] = typer.Option(None, help="Write the scores as JSON here."),
+    steps: int = typer.Option(60, help="Training steps for each adapter the library lacks."),
+    show: int = typer.Option(2, help="Test prompts sent per task."),
+    seed: int = typer.Option(0, help="Which test prompts (a seeded sample)."),
+    output: Optional[str] = typer.Option(None, help="Write every prompt's routing and answers as JSON here."),
     device: str = typer.Option("cpu", help="torch device."),
 ) -> None:
-    """The main job for now: train an adapter for one real task, then compare base vs adapter."""
-    from ..evaluation import score_task
-    from ..models import load_base
-    from ..training import LoraTrainConfig, train_adapters
-    from .common import open_library, resolve_tasks
+    """The main job: build or reuse a library (one adapter per task) and its DLP router, start the
+    OpenAI-compatible server, send test prompts of different tasks with the `openai` client, and
+    print which adapters each prompt was routed to and the answers (routed vs base model)."""
+    import random
 
-    train_task = resolve_tasks(task, None, data_dir, "train")[0]
-    test_task = resolve_tasks(task, None, data_dir, "test")[0]
+    import openai
+    import uvicorn
+
+    from ..data import load_tasks
+    from ..engine import Engine
+    from ..errors import LoramuxError
+    from ..evaluation.scoring import exact_match
+    from ..models import load_base
+    from ..routers import load_router
+    from ..routers.sentence import DlpTrainConfig, train_dlp
+    from ..server import ServerConfig, create_app
+    from ..training import LoraTrainConfig, train_adapters
+    from .common import default_data_dir, open_library
+
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
     lib = open_library(library, create=True)
     base = load_base(model, device=device)
-    name = train_task.name
-    if retrain or name not in lib:
-        train_adapters(base, [train_task], lib, LoraTrainConfig(steps=steps), replace=retrain, log=typer.echo)
-    else:
-        typer.echo(f"[loramux] reusing adapter {name!r} from {lib.path} (pass --retrain to train again)")
-    spec = lib.get(name)
 
-    base_result = score_task(base.model, base.tokenizer, test_task, limit=limit)
-    peft = lib.load_peft(base, name)
-    lora_result = score_task(peft, base.tokenizer, test_task, limit=limit)
+    # 1. the library: train only what it lacks
+    missing = [n for n in names if n not in lib]
+    if missing:
+        config = LoraTrainConfig(steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps // 10))
+        train_adapters(base, load_tasks(root, missing, "train"), lib, config, log=typer.echo)
+    typer.echo(f"[loramux] library {lib.path}: {len(lib.names())} adapters ({', '.join(lib.names())})")
 
-    typer.echo("")
-    for b, a in list(zip(base_result.predictions, lora_result.predictions))[:show]:
-        typer.echo("-" * 72)
-        typer.echo(b.prompt.strip()[-300:])
-        typer.echo(f"  target:  {list(b.targets)}")
-        typer.echo(f"  base:    {b.prediction!r} {'ok' if b.correct else 'wrong'}")
-        typer.echo(f"  adapter: {a.prediction!r} {'ok' if a.correct else 'wrong'}")
+    # 2. the DLP router over every adapter of the library (trained again when the library changed)
+    try:
+        load_router(lib, "dlp", base=base)
+        typer.echo("[loramux] reusing the stored DLP router")
+    except LoramuxError as e:
+        typer.echo(f"[loramux] training the DLP router ({e})")
+        covered = sorted({t for spec in lib.list() for t in spec.tasks})
+        train_dlp(lib, load_tasks(root, covered, "train"), DlpTrainConfig(), log=typer.echo).save(lib, "dlp")
+
+    # 3. the server, on loopback, in this process
+    engine = Engine(base, lib)
+    for name in lib.names():
+        engine.load(name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, lib, ServerConfig()), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise LoramuxError(f"the server did not start on 127.0.0.1:{port}")
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1"
+    typer.echo(f"[loramux] serving on {url}; sending {show} test prompts per task with the openai client\n")
+
+    # 4. prompts of different tasks through the OpenAI API: model "auto" routes with DLP
+    client = openai.OpenAI(base_url=url, api_key="none")
+    rng = random.Random(seed)
+    records, routed_right, routed_ok, base_ok = [], 0, 0, 0
+    try:
+        for task in load_tasks(root, names, "test"):
+            for ex in rng.sample(list(task.examples), min(show, len(task.examples))):
+                messages = [{"role": "user", "content": ex.prompt.strip()}]
+                budget = 8 + max(len(base.tokenizer(t)["input_ids"]) for t in ex.targets)
+                routed = client.chat.completions.create(model="auto", messages=messages, max_tokens=budget,
+                                                        temperature=0, extra_body={"loramux": {"explain": True}})
+                plain = client.chat.completions.create(model="base", messages=messages, max_tokens=budget, temperature=0)
+                echo = routed.model_extra["loramux"]
+                answer = (routed.choices[0].message.content or "").strip()
+                base_answer = (plain.choices[0].message.content or "").strip()
+                right = bool(echo.get("adapters")) and echo["adapters"][0] == task.name
+                ok, b_ok = exact_match(answer, ex.targets), exact_match(base_answer, ex.targets)
+                routed_right, routed_ok, base_ok = routed_right + right, routed_ok + ok, base_ok + b_ok
+                mixture = ", ".join(f"{a} {w:.2f}" for a, w in zip(echo.get("adapters", []), echo.get("weights", [])))
+                typer.echo("-" * 72)
+                typer.echo(f"[{task.name}] ...{ex.prompt.strip()[-160:]}")
+                typer.echo(f"  routing: {mixture or 'base model (abstained)'}")
+                typer.echo(f"  target:  {ex.targets[0]!r}")
+                typer.echo(f"  routed:  {answer!r} {'ok' if ok else 'wrong'}")
+                typer.echo(f"  base:    {base_answer!r} {'ok' if b_ok else 'wrong'}")
+                records.append({"task": task.name, "prompt": ex.prompt, "targets": list(ex.targets), "routing": echo,
+                                "routed_answer": answer, "base_answer": base_answer, "routed_ok": ok, "base_ok": b_ok})
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    n = len(records)
     typer.echo("=" * 72)
-    train_s = f"{spec.training.seconds:.0f}s" if spec.training else "?"
-    typer.echo(f"{test_task.name} ({base_result.metric}, n={base_result.n}): base {base_result.score:.3f} -> "
-               f"adapter {lora_result.score:.3f}  (training {train_s})")
+    typer.echo(f"{n} prompts: routed to their own task's adapter first {routed_right}/{n}; "
+               f"exact answers routed {routed_ok}/{n} vs base model {base_ok}/{n}")
     if output:
-        Path(output).write_text(json.dumps({
-            "task": test_task.name, "metric": base_result.metric, "n": base_result.n,
-            "base": base_result.score, "adapter": lora_result.score,
-            "train_seconds": spec.training.seconds if spec.training else None,
-            "training": spec.training.config if spec.training else None,
-        }, indent=2))
+        Path(output).write_text(json.dumps({"library": str(lib.path), "prompts": records}, indent=2))
