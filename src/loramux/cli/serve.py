@@ -24,6 +24,13 @@ def serve(
     max_queue: int = typer.Option(64, help="Waiting requests before 429."),
     max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     device: str = typer.Option("cpu", help="torch device."),
+    ray: bool = typer.Option(False, "--ray", help="Serve as a Ray Serve deployment (a local Ray unless --ray-address)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --ray)."),
+    replicas: int = typer.Option(1, help="--ray: number of replicas, each with its own engine."),
+    autoscaling: Optional[str] = typer.Option(None, help="--ray: Ray Serve autoscaling config as JSON, e.g. "
+                                                         "'{\"min_replicas\": 1, \"max_replicas\": 4}' (overrides --replicas)."),
+    cpus_per_replica: float = typer.Option(1.0, help="--ray: CPUs Ray reserves for each replica."),
+    gpus_per_replica: float = typer.Option(0.0, help="--ray: GPUs Ray reserves for each replica."),
 ) -> None:
     """Serve the base model, every library adapter and the routers over an OpenAI-compatible API."""
     import os
@@ -52,12 +59,27 @@ def serve(
     if not keys:
         typer.echo(f"no API keys: anyone who can reach {host}:{port} can use this server", err=True)
     lib = open_library(library, create=True)  # no flags: the default library, made empty if new
+    config = ServerConfig(api_keys=frozenset(keys), admin_keys=frozenset(admin), adapter_root=adapter_root,
+                          max_batch=max_batch, max_queue=max_queue, max_tokens_limit=max_tokens_limit)
+    if ray or ray_address:
+        import json
+
+        from ..server import ray_serve
+
+        try:
+            scaling = json.loads(autoscaling) if autoscaling else None
+        except json.JSONDecodeError as e:
+            raise LoramuxError(f"--autoscaling {autoscaling!r} is not JSON: {e}") from None
+        actor = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
+        typer.echo(f"Ray Serve: {'autoscaling ' + json.dumps(scaling) if scaling else f'{replicas} replica(s)'} "
+                   f"on http://{host}:{port}")
+        ray_serve.run(model, str(lib.path), config, address=ray_address, host=host, port=port, replicas=replicas,
+                      autoscaling=scaling, ray_actor_options=actor, device=device)
+        return
     engine = Engine(load_base(model, device=device), lib)
     for name in lib.names():
         engine.load(name)
-    app = create_app(engine, lib, ServerConfig(api_keys=frozenset(keys), admin_keys=frozenset(admin),
-                                               adapter_root=adapter_root, max_batch=max_batch, max_queue=max_queue,
-                                               max_tokens_limit=max_tokens_limit))
+    app = create_app(engine, lib, config)
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="info")
