@@ -21,11 +21,11 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 from loramux import Library, load_base, load_tasks
+from loramux.bench.load import scenario
 from loramux.bench.machine import machine
 from loramux.bench.speed import random_adapter
 from loramux.engine import Engine
@@ -46,37 +46,6 @@ def start(engine, lib):
     while not server.started:
         time.sleep(0.05)
     return server, f"http://127.0.0.1:{port}/v1"
-
-
-def one(client, prompt: str, mix: dict | None, tokens: int) -> dict:
-    t0 = time.perf_counter()
-    first, n = None, 0
-    extra = {"loramux": {"ignore_eos": True, **({"mix": mix} if mix else {})}}
-    for chunk in client.completions.create(model="base", prompt=prompt, max_tokens=tokens, temperature=0,
-                                           stream=True, extra_body=extra):
-        if chunk.choices and chunk.choices[0].text:
-            first = first or time.perf_counter()
-            n += 1  # a chunk per decoded piece; the token count comes from `tokens` (ignore_eos)
-    end = time.perf_counter()
-    return {"ttft": (first or end) - t0, "tpot": (end - (first or end)) / max(1, tokens - 1), "seconds": end - t0}
-
-
-def scenario(url: str, prompts: list[str], mixes: list, tokens: int, concurrency: int) -> dict:
-    import openai
-
-    client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        runs = list(pool.map(lambda i: one(client, prompts[i], mixes[i], tokens), range(len(prompts))))
-    wall = time.perf_counter() - t0
-
-    def pct(key, q):
-        values = sorted(r[key] for r in runs)
-        return values[min(len(values) - 1, int(q * len(values)))]
-    return {"requests": len(runs), "concurrency": concurrency, "wall_seconds": round(wall, 2),
-            "tokens_per_s": round(len(runs) * tokens / wall, 3),
-            "ttft_p50": round(pct("ttft", 0.5), 3), "ttft_p99": round(pct("ttft", 0.99), 3),
-            "tpot_p50": round(pct("tpot", 0.5), 4), "tpot_p99": round(pct("tpot", 0.99), 4)}
 
 
 def main() -> None:
