@@ -51,7 +51,10 @@ def deployment(model: str, library: str, config: ServerConfig, *, replicas: int 
     if (autoscaling or replicas > 1) and fields["admin_keys"]:
         raise LoramuxError("runtime adapter changes (--admin-key-file) would reach only one replica; with "
                            "--ray and more than one replica, change the library and redeploy instead")
-    options: dict[str, Any] = {"name": "loramux", "ray_actor_options": ray_actor_options or {"num_cpus": 1}}
+    # Ray Serve lets a replica hold only 5 requests by default and queues the rest in its proxy:
+    # the engine would batch at most 5 rows. Let the app's own batch and queue (429 when full) govern.
+    options: dict[str, Any] = {"name": "loramux", "ray_actor_options": ray_actor_options or {"num_cpus": 1},
+                               "max_ongoing_requests": config.max_batch + config.max_queue}
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling
     else:
