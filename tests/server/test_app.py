@@ -234,3 +234,21 @@ def test_web_view_lists_a_request_while_it_runs(served):
         assert len(future.result(timeout=30).token_ids) == 8
         view = c.get("/v1/loramux/recent").json()
         assert view["live"] == [] and view["requests"][0]["adapters"] == ["a", "c"]
+
+
+def test_a_request_is_tokenized_once(served, monkeypatch):
+    engine, lib = served
+    tokenized = []
+    row = engine._row
+
+    def counting(req, i=0, ids=None):
+        tokenized.append(ids is None)
+        return row(req, i, ids)
+
+    monkeypatch.setattr(engine, "_row", counting)
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/completions", json={"model": "a", "prompt": "one two", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200
+    assert tokenized == [True, False]  # checked by the server, then admitted with the same tokens
+    monkeypatch.undo()
+    assert r.json()["choices"][0]["text"] == greedy_alone(engine, "one two", {"a": 1.0}, 3).text

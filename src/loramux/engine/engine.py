@@ -185,10 +185,11 @@ class Engine:
             return list(requests), router
         return self.route(requests, router), None
 
-    def _row(self, req: GenerationRequest, i: int = 0) -> _Row:
-        """Tokenize and check one request before any compute."""
-        ids = (self.formatter.encode_prompt(req.prompt) if req.chat
-               else self.base.tokenizer(req.prompt)["input_ids"])
+    def _row(self, req: GenerationRequest, i: int = 0, ids: list[int] | None = None) -> _Row:
+        """Tokenize (unless `ids`, the prompt's tokens, are given) and check one request before any compute."""
+        if ids is None:
+            ids = (self.formatter.encode_prompt(req.prompt) if req.chat
+                   else self.base.tokenizer(req.prompt)["input_ids"])
         if not ids:
             raise LoramuxError(f"request {i}: the prompt is empty")
         total = len(ids) + req.sampling.max_new_tokens

@@ -39,6 +39,7 @@ class _Job:
     future: Future
     on_delta: Callable[[str], None] | None = None
     router: object | None = None  # an in-forward router: the job runs as its own batch
+    prompt_ids: list[int] | None = None  # the prompt's tokens when the caller has them already
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -93,10 +94,11 @@ class Scheduler:
         return self.submit(None, router=fn)
 
     def submit(self, request: GenerationRequest | None, on_delta: Callable[[str], None] | None = None, *,
-               router=None) -> Future:
+               router=None, prompt_ids: list[int] | None = None) -> Future:
         """Queue a request; the Future gets its GenerationResult (or the error that refused it).
-        Cancelling the Future (a client that left, a timeout) frees its row at the next step."""
-        job = _Job(request, Future(), on_delta, router)
+        Cancelling the Future (a client that left, a timeout) frees its row at the next step.
+        `prompt_ids`: the prompt's tokens, when the caller has tokenized it already."""
+        job = _Job(request, Future(), on_delta, router, prompt_ids)
         try:
             self.waiting.put_nowait(job)
         except queue.Full:
@@ -170,7 +172,7 @@ class Scheduler:
             if job.future.cancelled():
                 continue
             try:
-                row = self.engine._row(job.request)
+                row = self.engine._row(job.request, ids=job.prompt_ids)
                 self.engine.sequence_mixture([job.request.mixture])  # names loaded, weights finite
             except LoramuxError as e:
                 job.future.set_exception(e)

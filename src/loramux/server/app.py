@@ -299,13 +299,13 @@ class Server:
         return self.scheduler.call(drop)
 
     def submit(self, request: GenerationRequest, router, on_delta=None, model: str = ""):
-        prompt_tokens = len(self.engine._row(request).prompt_ids)
+        ids = self.engine._row(request).prompt_ids  # tokenized once: the scheduler reuses them
         limit = self.config.max_prompt_tokens
-        if limit and prompt_tokens > limit:
-            raise ApiError(400, f"prompt of {prompt_tokens} tokens exceeds this server's limit of {limit}", "prompt")
+        if limit and len(ids) > limit:
+            raise ApiError(400, f"prompt of {len(ids)} tokens exceeds this server's limit of {limit}", "prompt")
         self._models[id(request)] = model
         try:
-            return self.scheduler.submit(request, on_delta, router=router)
+            return self.scheduler.submit(request, on_delta, router=router, prompt_ids=ids)
         except QueueFull as e:
             self._models.pop(id(request), None)
             raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
