@@ -252,3 +252,18 @@ def test_a_request_is_tokenized_once(served, monkeypatch):
     assert tokenized == [True, False]  # checked by the server, then admitted with the same tokens
     monkeypatch.undo()
     assert r.json()["choices"][0]["text"] == greedy_alone(engine, "one two", {"a": 1.0}, 3).text
+
+
+def test_a_request_refused_at_admission_leaves_no_bookkeeping(served):
+    from loramux.errors import LoramuxError
+
+    engine, lib = served
+    app = create_app(engine, lib, ServerConfig())
+    server = app.state.server
+    with TestClient(app):
+        # a mixture naming an adapter that is not loaded (e.g. unloaded while the request waited)
+        future = server.submit(GenerationRequest("one two", {"zzz": 1.0}, SamplingParams(max_new_tokens=2)), None,
+                               model="base")
+        with pytest.raises(LoramuxError, match="zzz"):
+            future.result(timeout=30)
+        assert server._models == {} and server.live == {}

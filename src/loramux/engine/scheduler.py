@@ -169,12 +169,14 @@ class Scheduler:
             new.append(job)
         rows, jobs = [], []
         for job in new:
-            if job.future.cancelled():
+            if job.future.cancelled():  # left while waiting
+                self._notify("cancelled", {"request": job.request})
                 continue
             try:
                 row = self.engine._row(job.request, ids=job.prompt_ids)
                 self.engine.sequence_mixture([job.request.mixture])  # names loaded, weights finite
             except LoramuxError as e:
+                self._notify("refused", {"request": job.request, "error": str(e)})
                 job.future.set_exception(e)
                 continue
             rows.append(row)

@@ -112,7 +112,7 @@ class Server:
             req = data["row"].request
             entry = {"model": self._models.get(key, ""), **self._mixture_of(req.routing, req.mixture)}
             self.live[key] = (entry, data["row"])
-        elif event == "cancelled":
+        elif event in ("cancelled", "refused"):
             self.live.pop(key, None)
             self._models.pop(key, None)
         elif event == "finished":
