@@ -31,6 +31,7 @@ import torch
 from loramux import Library, load_base, load_tasks
 from loramux.bench.machine import machine
 from loramux.bench.speed import _median_times
+from loramux.engine import Engine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -117,11 +118,10 @@ def plot_confusion(cm, names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def share_part(router, base, lib: Library, test_tasks) -> dict:
+def share_part(router, engine, test_tasks) -> dict:
     """Routing time as a share of a routed 32-token generation (batch 1, medians)."""
-    from loramux.engine import Engine, GenerationRequest, SamplingParams
+    from loramux.engine import GenerationRequest, SamplingParams
 
-    engine = Engine(base, lib)
     prompts = [t.examples[0].prompt for t in test_tasks][:8]
     sampling = SamplingParams(max_new_tokens=32, ignore_eos=True)
     engine.generate([GenerationRequest(prompts[0], sampling=sampling)], router=router)  # warm-up, loads adapters
@@ -138,9 +138,8 @@ def share_part(router, base, lib: Library, test_tasks) -> dict:
             "routed_generation_seconds_32_tokens": round(statistics.median(total_s), 3)}
 
 
-def composite_part(router, base, lib: Library, test_tasks, owner, per_task: int | None, seed: int) -> dict:
+def composite_part(router, fused, lib: Library, test_tasks, owner, per_task: int | None, seed: int) -> dict:
     from loramux.evaluation import MixtureScorer
-    from loramux.fusion import FusedModel
 
     rng = random.Random(seed)
     chosen = {}
@@ -156,9 +155,9 @@ def composite_part(router, base, lib: Library, test_tasks, owner, per_task: int 
         batch = pool[s:s + 32]
         for key, r in zip(batch, router.route([by_name[n].examples[i].prompt for n, i in batch])):
             routed[key] = r
-    fused = FusedModel(base)
     for name in lib.names():
-        fused.load(lib, name)
+        if name not in fused.adapters:
+            fused.load(lib, name)
     scorer = MixtureScorer(fused)
     policies = {
         "base": lambda t, i: None,
@@ -213,7 +212,8 @@ def main() -> None:
         | ({"seconds": train_seconds} if train_seconds is not None else {}),
     })
     parts = set(args.parts.split(","))
-    base = load_base() if parts & {"router", "composite"} else None
+    # one fused model over the base serves the routed generations and the composite scoring
+    engine = Engine(load_base(), lib) if parts & {"router", "composite"} else None
     if "router" in parts:
         r = router_part(router, lib, test_tasks, owner)
         cm = r.pop("_cm")
@@ -222,11 +222,12 @@ def main() -> None:
             {"labels": router.adapters, "rows": "prompt's task (its adapter)", "columns": "top-1 routed adapter",
              "matrix": cm.tolist()}, indent=1) + "\n")
         r.pop("confusion_matrix")
-        r.update(share_part(router, base, lib, test_tasks))
+        r.update(share_part(router, engine, test_tasks))
         result.update(r)
         result["command_router"] = "python " + " ".join(sys.argv)
+        out_path.write_text(json.dumps(result, indent=1) + "\n")  # kept even if the composite part fails
     if "composite" in parts:
-        result["composite"] = composite_part(router, base, lib, test_tasks, owner, args.per_task, args.seed)
+        result["composite"] = composite_part(router, engine.fused, lib, test_tasks, owner, args.per_task, args.seed)
         result["command_composite"] = "python " + " ".join(sys.argv)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_task_accuracy", "machine")}, indent=1))
