@@ -168,3 +168,20 @@ def test_layer_no_loaded_adapter_adapts_is_the_base_layer():
 def test_bad_mixtures(idx, w, match):
     with pytest.raises(LoramuxError, match=match):
         SequenceMixture(idx, w)
+
+
+def test_few_tokens_per_row_with_many_distinct_mixtures_take_the_dense_path():
+    layer, factors = make_layer()  # K = 5 slots
+    idx = torch.tensor([[0, 1, 3], [4, 3, 1], [1, 4, 0], [3, 0, 4]])  # 4 rows x 3 = 12 selections > 5 slots
+    w = torch.tensor([[0.5, 0.3, 0.2], [1.0, -0.5, 0.25], [0.2, 0.2, 0.6], [0.1, 0.7, 0.2]])
+    mix = SequenceMixture(idx, w)
+    C = torch.zeros(4, 1, 5).scatter_add_(-1, idx[:, None], w[:, None])
+    for x in (torch.randn(4, 1, 12), torch.randn(4, 12)):  # decode shapes: one token per row
+        fast = run(layer, x, mix)
+        assert layer._flat is not None and layer._cache is None  # each slot read once, nothing gathered per row
+        x3 = x if x.dim() == 3 else x[:, None]
+        expected = explicit(layer, factors, x3, C)
+        assert torch.allclose(fast, expected if x.dim() == 3 else expected[:, 0], atol=1e-4)
+        assert torch.allclose(fast, run(layer, x, mix, reference=True), atol=1e-5)
+    run(layer, torch.randn(4, 9, 12), mix)  # many tokens per row (prefill): gathered per row
+    assert layer._cache is not None and layer._cache[0] is mix
