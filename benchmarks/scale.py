@@ -18,7 +18,6 @@ import argparse
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,33 +25,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
-
 from loramux import Library, load_base, load_tasks
-from loramux.bench.load import scenario
+from loramux.bench.load import scenario, wait_ready
 from loramux.bench.machine import machine
 from loramux.server import ServerConfig
+from loramux.server.background import free_port
 from loramux.training import LoraTrainConfig, train_adapters
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
 def serve_local(model: str, library: str, load: dict) -> dict:

@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import sys
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,22 +27,9 @@ from loramux.bench.machine import machine
 from loramux.bench.speed import random_adapter
 from loramux.engine import Engine
 from loramux.server import ServerConfig, create_app
+from loramux.server.background import serve_in_background
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def start(engine, lib):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, lib, ServerConfig(max_batch=16, max_queue=256)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}/v1"
 
 
 def main() -> None:
@@ -70,7 +54,9 @@ def main() -> None:
     engine = Engine(base, lib)
     for n in names:
         engine.load(n)
-    server, url = start(engine, lib)
+    app = create_app(engine, lib, ServerConfig(max_batch=16, max_queue=256))
+    server, _, root = serve_in_background(app)
+    url = f"{root}/v1"
     mix3 = lambda: dict(zip(rng.sample(names, min(3, len(names))), (0.5, 0.3, 0.2)))  # noqa: E731
     seq_prompts = [rng.choice(pool) for _ in range(args.sequential)]
     conc_prompts = [rng.choice(pool) for _ in range(16)]

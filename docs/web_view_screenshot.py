@@ -5,13 +5,10 @@ headless Chromium (Debian's chromium + chromium-driver) with a prompt routed by 
 """
 
 import argparse
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import openai
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
@@ -20,6 +17,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from loramux.bench.load import wait_ready
+from loramux.server.background import free_port
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--library", required=True)
 ap.add_argument("--prompt", default="Which language is this sentence written in? 'Der Hund schläft im Garten.'")
@@ -27,18 +27,11 @@ ap.add_argument("--router", default="arrow")
 ap.add_argument("--output", default=str(Path(__file__).parent / "web-view.png"))
 args = ap.parse_args()
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+port = free_port()
 proc = subprocess.Popen([str(Path(sys.executable).parent / "loramux"), "serve", "-l", args.library, "--port", str(port)])
 try:
     root = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{root}/ready", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    wait_ready(root)
     client = openai.OpenAI(base_url=f"{root}/v1", api_key="none")
     names = [m.id for m in client.models.list().data if m.id not in ("base", "auto", "arrow", "dlp", "mole")][:3]
     client.chat.completions.create(model="base", messages=[{"role": "user", "content": args.prompt}], max_tokens=8,

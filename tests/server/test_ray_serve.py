@@ -1,24 +1,17 @@
 """`loramux serve --ray`: Ray Serve with 2 replicas on a local Ray (2 CPUs) answers the openai
 client exactly as `loramux serve` does (same app, same greedy output, same auth)."""
 
-import socket
-
 import pytest
 
 from loramux.engine import Engine, GenerationRequest, SamplingParams
 from loramux.errors import LoramuxError
 from loramux.models import load_base
 from loramux.server import ServerConfig
+from loramux.server.background import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'loramux[ray]')")
 openai = pytest.importorskip("openai")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_replicas_answer_like_loramux_serve(tiny_model_dir, lib):

@@ -7,15 +7,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
+def wait_ready(root_url: str, timeout: float = 600) -> None:
+    """Poll a server's /ready until it answers 200 (a server process still loading its model)."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{root_url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{root_url} not ready after {timeout} s")
+
+
 def one(client, prompt: str, mix: dict | None, tokens: int) -> dict:
     t0 = time.perf_counter()
-    first, n = None, 0
+    first = None
     extra = {"loramux": {"ignore_eos": True, **({"mix": mix} if mix else {})}}
     for chunk in client.completions.create(model="base", prompt=prompt, max_tokens=tokens, temperature=0,
                                            stream=True, extra_body=extra):
         if chunk.choices and chunk.choices[0].text:
-            first = first or time.perf_counter()
-            n += 1  # a chunk per decoded piece; the token count comes from `tokens` (ignore_eos)
+            first = first or time.perf_counter()  # the token count comes from `tokens` (ignore_eos)
     end = time.perf_counter()
     return {"ttft": (first or end) - t0, "tpot": (end - (first or end)) / max(1, tokens - 1), "seconds": end - t0}
 

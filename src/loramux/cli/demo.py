@@ -1,9 +1,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -31,16 +28,16 @@ def demo(
     import random
 
     import openai
-    import uvicorn
 
     from ..data import load_tasks
     from ..engine import Engine
     from ..errors import LoramuxError
-    from ..evaluation.scoring import exact_match
+    from ..evaluation.scoring import answer_budget, exact_match
     from ..models import load_base
     from ..routers import load_router
     from ..routers.sentence import DlpTrainConfig, train_dlp
     from ..server import ServerConfig, create_app
+    from ..server.background import serve_in_background
     from ..training import LoraTrainConfig, train_adapters
     from .common import default_data_dir, open_library
 
@@ -69,18 +66,8 @@ def demo(
     engine = Engine(base, lib)
     for name in lib.names():
         engine.load(name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, lib, ServerConfig()), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise LoramuxError(f"the server did not start on 127.0.0.1:{port}")
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
+    server, thread, root_url = serve_in_background(create_app(engine, lib, ServerConfig()))
+    url = f"{root_url}/v1"
     typer.echo(f"[loramux] serving on {url}; sending {show} test prompts per task with the openai client\n")
 
     # 4. prompts of different tasks through the OpenAI API: model "auto" routes with DLP
@@ -91,7 +78,7 @@ def demo(
         for task in load_tasks(root, names, "test"):
             for ex in rng.sample(list(task.examples), min(show, len(task.examples))):
                 messages = [{"role": "user", "content": ex.prompt.strip()}]
-                budget = 8 + max(len(base.tokenizer(t)["input_ids"]) for t in ex.targets)
+                budget = answer_budget(base.tokenizer, [ex])
                 routed = client.chat.completions.create(model="auto", messages=messages, max_tokens=budget,
                                                         temperature=0, extra_body={"loramux": {"explain": True}})
                 plain = client.chat.completions.create(model="base", messages=messages, max_tokens=budget, temperature=0)

@@ -111,9 +111,9 @@ class Engine:
         self.base = base
         # Fold a mixture that the whole batch shares into a copy of the adapted weights for the
         # length of one generate call: every decode step then costs exactly a base step. On the
-        # 2-core CPU the fold itself costs about 4% of one 8x96-token forward (speed.json,
-        # loramux_single vs loramux_single_unfolded). The price is one extra copy of each adapted
-        # weight while the call runs; `fold=False` keeps memory flat.
+        # 2-core CPU the fold itself costs 0.11x of one 8x96-token forward (speed.json,
+        # loramux_fold_only), about what leaving that forward unfolded costs. The price is one
+        # extra copy of each adapted weight while the call runs; `fold=False` keeps memory flat.
         self.fold = fold
         self.library = library
         if fused is not None and fused.base is not base:

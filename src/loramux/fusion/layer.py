@@ -121,12 +121,8 @@ class MultiLoraLinear(nn.Module):
                 weight = self._folded_weight(mix, x.device)
                 if weight is not None:
                     return torch.nn.functional.linear(x, weight, self.base.bias)
-            if self._reads_fewer_dense(x, mix):
-                x3 = x[:, None] if x.dim() == 2 else x
-                delta = self._dense_delta(x3, self.dense_weights(x3, mix))
-                y = self.base(x)
-                return y + (delta[:, 0] if x.dim() == 2 else delta).to(y.dtype)
-            return self._add_sequence_delta(self.base(x), x, mix)
+            if not self._reads_fewer_dense(x, mix):  # otherwise the dense path below
+                return self._add_sequence_delta(self.base(x), x, mix)
         y = self.base(x)
         squeeze = x.dim() == 2  # (N, d_in) inputs are treated as (N, 1, d_in)
         x3 = x[:, None] if squeeze else x

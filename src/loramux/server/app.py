@@ -108,7 +108,7 @@ class Server:
         # Runs on the scheduler thread; the web view reads `live` and `recent` from the event loop,
         # so both are only ever replaced or appended to whole entries.
         key = id(data.get("request"))
-        if event == "admitted" and "row" in data:
+        if event == "admitted":
             req = data["row"].request
             entry = {"model": self._models.get(key, ""), **self._mixture_of(req.routing, req.mixture)}
             self.live[key] = (entry, data["row"])
