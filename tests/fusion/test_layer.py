@@ -170,18 +170,41 @@ def test_bad_mixtures(idx, w, match):
         SequenceMixture(idx, w)
 
 
-def test_few_tokens_per_row_with_many_distinct_mixtures_take_the_dense_path():
-    layer, factors = make_layer()  # K = 5 slots
-    idx = torch.tensor([[0, 1, 3], [4, 3, 1], [1, 4, 0], [3, 0, 4]])  # 4 rows x 3 = 12 selections > 5 slots
-    w = torch.tensor([[0.5, 0.3, 0.2], [1.0, -0.5, 0.25], [0.2, 0.2, 0.6], [0.1, 0.7, 0.2]])
-    mix = SequenceMixture(idx, w)
-    C = torch.zeros(4, 1, 5).scatter_add_(-1, idx[:, None], w[:, None])
+def _check_decode_shapes(layer, factors, mix, C):
     for x in (torch.randn(4, 1, 12), torch.randn(4, 12)):  # decode shapes: one token per row
         fast = run(layer, x, mix)
-        assert layer._flat is not None and layer._cache is None  # each slot read once, nothing gathered per row
+        assert layer._union is not None and layer._union[0] is mix and layer._cache is None  # nothing gathered per row
         x3 = x if x.dim() == 3 else x[:, None]
         expected = explicit(layer, factors, x3, C)
         assert torch.allclose(fast, expected if x.dim() == 3 else expected[:, 0], atol=1e-4)
         assert torch.allclose(fast, run(layer, x, mix, reference=True), atol=1e-5)
+
+
+def test_few_tokens_per_row_with_many_distinct_mixtures_read_every_slot_once():
+    layer, factors = make_layer()  # K = 5 slots
+    idx = torch.tensor([[0, 1, 3], [4, 3, 1], [1, 4, 2], [3, 0, 4]])  # 12 selections of all 5 slots
+    w = torch.tensor([[0.5, 0.3, 0.2], [1.0, -0.5, 0.25], [0.2, 0.2, 0.6], [0.1, 0.7, 0.2]])
+    mix = SequenceMixture(idx, w)
+    C = torch.zeros(4, 1, 5).scatter_add_(-1, idx[:, None], w[:, None])
+    _check_decode_shapes(layer, factors, mix, C)
+    assert layer._union[1] is layer._flat[0]  # every slot selected: the dense layout, not a copy
     run(layer, torch.randn(4, 9, 12), mix)  # many tokens per row (prefill): gathered per row
     assert layer._cache is not None and layer._cache[0] is mix
+
+
+def test_few_tokens_per_row_read_only_the_union_of_selected_slots():
+    layer, factors = make_layer()  # K = 5 slots, of which rows use only {0, 1, 3}
+    idx = torch.tensor([[0, 1], [3, 3], [1, 0], [3, 1]])  # 8 selections > 3 distinct slots; a repeated slot adds up
+    w = torch.tensor([[0.5, 0.5], [1.0, -0.25], [0.2, 0.8], [0.7, 0.3]])
+    mix = SequenceMixture(idx, w)
+    C = torch.zeros(4, 1, 5).scatter_add_(-1, idx[:, None], w[:, None])
+    _check_decode_shapes(layer, factors, mix, C)
+    assert layer._flat is None and layer._union[1].shape == (12, 3 * layer.max_rank)  # 3 slots, not 5
+
+
+def test_few_selections_per_step_are_gathered_per_row():
+    layer, factors = make_layer()
+    idx, w = torch.tensor([[0], [3]]), torch.tensor([[1.0], [0.5]])  # 2 selections of 2 distinct slots: no fewer reads
+    mix = SequenceMixture(idx, w)
+    run(layer, torch.randn(2, 1, 12), mix)
+    assert layer._union is None and layer._cache[0] is mix

@@ -54,6 +54,10 @@ class _State:
     next_pos: torch.Tensor | None = None  # (B,)
     logits: torch.Tensor | None = None  # (B, V): each row's next-token distribution, to sample from
     pending: list[int] = field(default_factory=list)  # the tokens just sampled, fed by the next decode
+    # The decode mixture, kept while the rows stay the same: fused layers cache their factors per
+    # mixture object, so a new object every step would redo that work at every step.
+    mix: object | None = None
+    mix_stale: bool = True  # set whenever rows join or leave
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -200,6 +204,7 @@ class Scheduler:
             st.cache, st.mask, st.next_pos, st.logits = out.past_key_values, mask, mask.sum(-1), out.logits[:, -1]
         st.rows += rows
         st.jobs += jobs
+        st.mix_stale = True
         for job, row in zip(jobs, rows):
             self._notify("admitted", {"wait_s": time.perf_counter() - job.enqueued, "request": job.request, "row": row})
 
@@ -231,6 +236,7 @@ class Scheduler:
             st.mask, st.next_pos = st.mask[index], st.next_pos[index]
             st.rows = [st.rows[b] for b in keep]
             st.jobs = [st.jobs[b] for b in keep]
+            st.mix_stale = True
         st.pending = tokens
 
     def _decode(self) -> None:
@@ -238,11 +244,12 @@ class Scheduler:
         model = self.engine.base.model
         device = st.mask.device
         st.mask = torch.cat([st.mask, st.mask.new_ones(len(st.rows), 1)], dim=-1)
-        mix = self.engine.sequence_mixture([j.request.mixture for j in st.jobs])
-        with self.engine.fused.mixture(mix):
+        if st.mix_stale:
+            self.engine.fused.release()  # the previous rows' cached factors
+            st.mix, st.mix_stale = self.engine.sequence_mixture([j.request.mixture for j in st.jobs]), False
+        with self.engine.fused.mixture(st.mix):
             out = model(input_ids=torch.tensor(st.pending, device=device)[:, None], attention_mask=st.mask,
                         position_ids=st.next_pos[:, None], past_key_values=st.cache, use_cache=True)
-        self.engine.fused.release()
         st.cache, st.logits = out.past_key_values, out.logits[:, -1]
         st.next_pos = st.next_pos + 1
         self.stats["steps"] += 1

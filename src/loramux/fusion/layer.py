@@ -70,6 +70,7 @@ class MultiLoraLinear(nn.Module):
         self._cache: tuple | None = None
         self._folded: tuple | None = None
         self._flat: tuple | None = None
+        self._union: tuple | None = None
 
     # ------------------------------------------------------------------ slots
     @property
@@ -101,7 +102,7 @@ class MultiLoraLinear(nn.Module):
         self.gate_w, self.gate_b = torch.cat([self.gate_w, w]), torch.cat([self.gate_b, b])
         self.gated.append(gate is not None and A is not None)
         self.any_gated = any(self.gated)
-        self._cache = self._folded = self._flat = None
+        self._cache = self._folded = self._flat = self._union = None
 
     def remove_slot(self, k: int) -> None:
         keep = [i for i in range(self.num_slots) if i != k]
@@ -109,7 +110,7 @@ class MultiLoraLinear(nn.Module):
         self.gate_w, self.gate_b = self.gate_w[keep], self.gate_b[keep]
         self.gated.pop(k)
         self.any_gated = any(self.gated)
-        self._cache = self._folded = self._flat = None
+        self._cache = self._folded = self._flat = self._union = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +122,9 @@ class MultiLoraLinear(nn.Module):
                 weight = self._folded_weight(mix, x.device)
                 if weight is not None:
                     return torch.nn.functional.linear(x, weight, self.base.bias)
-            if not self._reads_fewer_dense(x, mix):  # otherwise the dense path below
-                return self._add_sequence_delta(self.base(x), x, mix)
+            if self._reads_fewer_union(x, mix):
+                return self._add_union_delta(self.base(x), x, mix)
+            return self._add_sequence_delta(self.base(x), x, mix)
         y = self.base(x)
         squeeze = x.dim() == 2  # (N, d_in) inputs are treated as (N, 1, d_in)
         x3 = x[:, None] if squeeze else x
@@ -173,9 +175,8 @@ class MultiLoraLinear(nn.Module):
         """All K adapters as one rank-K·r LoRA, each rank block scaled by its coefficient."""
         K, r = self.num_slots, self.max_rank
         if self._flat is None:  # both factors as one rank-K·r pair, laid out once per set of slots
-            self._flat = (self.lora_A.reshape(K * r, -1).T.contiguous(),  # (d_in, K·r)
-                          self.lora_B.permute(0, 2, 1).reshape(K * r, self.base.out_features).contiguous())
-        At, Bt = self._flat  # (d_in, K·r), (K·r, d_out); rows of Bt ordered (slot, rank) like columns of At
+            self._flat = self._flat_factors(slice(None))
+        At, Bt = self._flat
         z = x @ At  # (B, T, K·r)
         coef = (C * self.scaling).unsqueeze(-1)  # each rank block times its weight
         if torch.is_grad_enabled() and (C.requires_grad or x.requires_grad):  # training gates: autograd needs z
@@ -183,6 +184,13 @@ class MultiLoraLinear(nn.Module):
         else:
             z.view(*z.shape[:-1], K, r).mul_(coef)
         return z @ Bt  # (B, T, d_out)
+
+    def _flat_factors(self, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen slots' factors as one rank-U·r pair: At (d_in, U·r), Bt (U·r, d_out), rows of Bt
+        ordered (slot, rank) like the columns of At."""
+        A, B = self.lora_A[slots], self.lora_B[slots]
+        U, r = A.shape[0], self.max_rank
+        return A.reshape(U * r, -1).T.contiguous(), B.permute(0, 2, 1).reshape(U * r, self.base.out_features).contiguous()
 
     # Measured on the 2-core CPU (fp32; benchmarks/results/cpu_profile.json, "gemm"): with the
     # narrow factors as contiguous matrices a one-row LoRA update is ~1.9x faster (decode); with
@@ -213,14 +221,38 @@ class MultiLoraLinear(nn.Module):
 
     # Decode with many rows, each its own mixture: gathering gives every row its own copy of its m
     # adapters' factors, so a step reads B·m adapters (16 rows x 3 = 48 on the serving benchmark,
-    # as many bytes as the base weights) where the dense path reads each of the K slots once, at
-    # the price of K/m times the LoRA FLOPs. With a few tokens per row reads dominate.
+    # as many bytes as the base weights). The union path reads each adapter that any row selects
+    # once, as one rank-U·r LoRA whose rank blocks each row weights with its own coefficients, at
+    # the price of U/m times the LoRA FLOPs; with a few tokens per row the reads dominate. U is at
+    # most K, so with 100 adapters loaded and rows mixing 3 of 14, a step still reads 14.
     _FEW_TOKENS = 4
 
-    def _reads_fewer_dense(self, x: torch.Tensor, mix: SequenceMixture) -> bool:
+    def _reads_fewer_union(self, x: torch.Tensor, mix: SequenceMixture) -> bool:
         rows, m = mix.indices.shape
         tokens = 1 if x.dim() == 2 else x.shape[1]
-        return rows > 1 and tokens <= self._FEW_TOKENS and rows * m > self.num_slots
+        return rows > 1 and tokens <= self._FEW_TOKENS and rows * m > mix.union[0].numel()
+
+    def _add_union_delta(self, y: torch.Tensor, x: torch.Tensor, mix: SequenceMixture) -> torch.Tensor:
+        """y + Σ_u coef[b, u] · B_u (A_u x) over the union of selected slots, cached per mixture object."""
+        if self._union is None or self._union[0] is not mix:
+            slots, inverse = mix.union
+            slots, inverse = slots.to(x.device), inverse.to(x.device)
+            coef = self.scaling.new_zeros(inverse.shape[0], slots.numel()).scatter_add_(
+                1, inverse, mix.weights.to(device=x.device, dtype=self.scaling.dtype)) * self.scaling[slots]  # (B, U)
+            if slots.numel() == self.num_slots:  # every slot: the layout the dense path keeps
+                if self._flat is None:
+                    self._flat = self._flat_factors(slice(None))
+                At, Bt = self._flat
+            else:
+                At, Bt = self._flat_factors(slots)
+            self._union = (mix, At, Bt, coef)
+        _, At, Bt, coef = self._union
+        x3 = x[:, None] if x.dim() == 2 else x
+        z = x3 @ At  # (B, T, U·r)
+        U = coef.shape[1]
+        z = (z.view(*z.shape[:-1], U, -1) * coef[:, None, :, None].to(z.dtype)).view(z.shape)
+        delta = z @ Bt
+        return y + (delta[:, 0] if x.dim() == 2 else delta).to(y.dtype)
 
     def _folded_weight(self, mix: SequenceMixture, device: torch.device) -> torch.Tensor | None:
         """W0 + Σ w_i s_i B_i A_i for a mixture every row shares (None if rows differ); cached."""

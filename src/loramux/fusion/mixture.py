@@ -7,6 +7,7 @@ adapter: "no adapter" is expressed by running without a mixture (the base model)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -40,6 +41,15 @@ class SequenceMixture:
 
     def __post_init__(self) -> None:
         _check(self.indices, self.weights, "sequence mixture", 1)
+
+    @functools.cached_property
+    def union(self) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(slots, inverse): the sorted distinct slots any row selects (U,) and, for each entry of
+        `indices`, its position among them (B, m). Computed once, shared by every fused layer."""
+        import torch
+
+        slots, inverse = torch.unique(self.indices.long(), sorted=True, return_inverse=True)
+        return slots, inverse
 
 
 @dataclass(frozen=True)
