@@ -60,6 +60,28 @@ class _State:
     mix_stale: bool = True  # set whenever rows join or leave
 
 
+def length_groups(lengths: list[int], *, waste: float = 0.25, slack: int = 128) -> list[list[int]]:
+    """Indices of prompts grouped by length for prefill, shortest first.
+
+    One left-padded prefill of every admitted prompt runs them all at the longest one's length:
+    16 serving-benchmark prompts of 10 to 212 tokens (1,090 in all) became 3,392 token positions.
+    A group grows while its padded size stays within `waste` of its real tokens plus `slack`
+    positions (short prompts share a forward; the per-forward overhead is worth more than their
+    padding); that case becomes three prefills of 1,338 positions.
+    """
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        n = lengths[i]
+        if groups and (len(groups[-1]) + 1) * n <= (1 + waste) * (total + n) + slack:
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
+
+
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     extra = width - t.shape[dim]
     if extra == 0:
@@ -185,8 +207,11 @@ class Scheduler:
                 continue
             rows.append(row)
             jobs.append(job)
-        if not rows:
-            return
+        for group in length_groups([len(r.prompt_ids) for r in rows]):
+            self._prefill([rows[i] for i in group], [jobs[i] for i in group])
+
+    def _prefill(self, rows: list[_Row], jobs: list[_Job]) -> None:
+        """Run the prompts of newly admitted rows and append them to the running batch."""
         model, tok = self.engine.base.model, self.engine.base.tokenizer
         device = next(model.parameters()).device
         ids, mask = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device)

@@ -245,14 +245,17 @@ class MultiLoraLinear(nn.Module):
                 At, Bt = self._flat
             else:
                 At, Bt = self._flat_factors(slots)
-            self._union = (mix, At, Bt, coef)
+            self._union = (mix, At, Bt, coef[:, None, :, None])  # (B, 1, U, 1): broadcasts over tokens and ranks
         _, At, Bt, coef = self._union
-        x3 = x[:, None] if x.dim() == 2 else x
-        z = x3 @ At  # (B, T, U·r)
-        U = coef.shape[1]
-        z = (z.view(*z.shape[:-1], U, -1) * coef[:, None, :, None].to(z.dtype)).view(z.shape)
-        delta = z @ Bt
-        return y + (delta[:, 0] if x.dim() == 2 else delta).to(y.dtype)
+        d_in, d_out = x.shape[-1], y.shape[-1]
+        z = x.reshape(-1, d_in) @ At  # (B·T, U·r)
+        U = coef.shape[2]
+        zw = z.view(coef.shape[0], -1, U, z.shape[-1] // U)
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+            z = (zw * coef).view(z.shape)
+        else:
+            zw.mul_(coef)  # decode: no autograd, weight the rank blocks in place
+        return torch.addmm(y.reshape(-1, d_out), z, Bt).view(y.shape)  # the second matmul accumulates into y
 
     def _folded_weight(self, mix: SequenceMixture, device: torch.device) -> torch.Tensor | None:
         """W0 + Σ w_i s_i B_i A_i for a mixture every row shares (None if rows differ); cached."""
