@@ -210,7 +210,7 @@ def accuracy_parts(args, parts: set[str], result: dict) -> None:
     from composite import ensure_library, log
 
     from loramux import load_tasks
-    from loramux._home import default_library_path
+    from loramux._home import default_library_path, prediction_cache_path
     from loramux.evaluation.harness import EvalConfig, evaluate
     from loramux.library.clustering import ClusterConfig, cluster_adapters, save_clustering
     from loramux.training import LoraTrainConfig, train_adapters
@@ -223,7 +223,7 @@ def accuracy_parts(args, parts: set[str], result: dict) -> None:
     averages = result.setdefault("average_accuracy", {})
     if "accuracy" in parts:
         fused = FusedModel(base)
-        r = evaluate(fused, lib, test, EvalConfig(("base", "uniform", "arrow"), args.limit_per_task, 0), log=log)
+        r = evaluate(fused, lib, test, EvalConfig(("base", "uniform", "arrow"), args.limit_per_task, 0, cache_dir=str(prediction_cache_path())), log=log)
         fused.unfuse()
         averages.update({k: v["average"] for k, v in r["strategies"].items()})
         result["per_task"] = {k: v["per_task"] for k, v in r["strategies"].items()}
@@ -242,7 +242,7 @@ def accuracy_parts(args, parts: set[str], result: dict) -> None:
                 configs.append(LoraTrainConfig(steps=sum(clustering.steps.get(m, 60) for m in members)))
             train_adapters(base, groups, side, configs, names=names, skip_existing=True, resume=True)
             fused = FusedModel(base)
-            r = evaluate(fused, side, test, EvalConfig(("arrow",), args.limit_per_task, 0), log=log)
+            r = evaluate(fused, side, test, EvalConfig(("arrow",), args.limit_per_task, 0, cache_dir=str(prediction_cache_path())), log=log)
             fused.unfuse()
             averages[f"mbc{k}_arrow"] = r["strategies"]["arrow"]["average"]
             clusters[f"k{k}"] = {"members": clustering.members, "per_task": r["strategies"]["arrow"]["per_task"],
@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=14, help="cost: number of random adapters")
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--output", default=str(RESULTS))
+    ap.add_argument("--output", default=str(RESULTS / "arrow.json"))
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"))
     ap.add_argument("--model", default=None, help="accuracy/mbc: default the embedded model")
     ap.add_argument("--limit-per-task", type=int, default=40)

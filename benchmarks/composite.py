@@ -1,6 +1,7 @@
 """The composite benchmark: every strategy on every task's test set, mixed, through one scorer.
 
-One command builds what is missing (cached under $LORAMUX_HOME, so a warm run only scores):
+One command builds what is missing (cached under $LORAMUX_HOME, scored predictions included, so a warm run
+reads its scores back and a killed run resumes where it stopped):
   - the private library: one LoRA per task with loramux's defaults (`loramux train`);
   - the DLP router; MoLE gates at layer and block granularity, and layer without the balance loss;
   - static merges of all adapters with PEFT's `add_weighted_adapter` (TIES and DARE-TIES, density 0.5);
@@ -230,7 +231,7 @@ def main() -> None:
     ap.add_argument("--output", default=str(RESULTS / "composite.json"))
     args = ap.parse_args()
 
-    from loramux._home import loramux_home
+    from loramux._home import loramux_home, prediction_cache_path
 
     started = time.perf_counter()
     base, lib, tasks = setup(args)
@@ -245,7 +246,8 @@ def main() -> None:
               ["base", "oracle", "uniform", "dlp_p0.3", "dlp_p0.6", "dlp_p0.9", "dlp_p1.0", *MOLE, "arrow"])
     test = load_tasks(args.data_dir, tasks, "test")
     config = EvalConfig(tuple(s for s in wanted if s in ("base", "oracle", "uniform", "arrow") or
-                              s.startswith("dlp") or s in MOLE), args.limit_per_task, args.seed)
+                              s.startswith("dlp") or s in MOLE), args.limit_per_task, args.seed,
+                        cache_dir=str(prediction_cache_path()))
     strategies = [s if not s.startswith("mole") else f"mole:{s}" for s in config.strategies]
     fused = FusedModel(base)
     result = evaluate(fused, lib, test, dataclasses.replace(config, strategies=tuple(strategies)), log=log)
@@ -263,7 +265,7 @@ def main() -> None:
         from loramux.evaluation.harness import sample_indices
         from loramux.evaluation.scoring import result_of
 
-        scorer, idx = MixtureScorer(fused), sample_indices(test, args.limit_per_task, args.seed)
+        scorer, idx = MixtureScorer(fused, cache_dir=config.cache_dir), sample_indices(test, args.limit_per_task, args.seed)
         per_task = {t.name: round(result_of(t, scorer.score(t, [{name: 1.0}] * len(idx[t.name]), idx[t.name])).score, 4)
                     for t in test}
         result["strategies"][name] = {"per_task": per_task, "average": round(sum(per_task.values()) / len(per_task), 4)}

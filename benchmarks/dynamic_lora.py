@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--output", default=str(RESULTS / "dynamic_lora.json"))
     args = ap.parse_args()
 
-    from loramux._home import default_library_path
+    from loramux._home import default_library_path, prediction_cache_path
 
     base = load_base(args.model) if args.model else load_base()
     root = Path(args.library or default_library_path())
@@ -73,7 +73,7 @@ def main() -> None:
                     result = train_dynamic(base, train[task], config, dyn)
                     side.add(name, result.files, base=base, tasks=(task,), training=result.summary)
     fused = FusedModel(base)
-    scorer = MixtureScorer(fused)
+    scorer = MixtureScorer(fused, cache_dir=str(prediction_cache_path()))
     scores: dict[str, dict[str, list[float]]] = {v: {} for v in VARIANTS}
     for t in test:
         for seed in seeds:

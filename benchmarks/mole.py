@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--output", default=str(RESULTS / "mole.json"))
     args = ap.parse_args()
 
+    from loramux._home import prediction_cache_path
     from loramux.routers import load_router
 
     started = time.perf_counter()
@@ -48,12 +49,12 @@ def main() -> None:
     test = load_tasks(args.data_dir, tasks, "test")
     strategies = ("oracle", "uniform", *(f"mole:{m}" for m in MOLE))
     fused = FusedModel(base)
-    result = evaluate(fused, lib, test, EvalConfig(strategies, args.limit_per_task, args.seed), log=log)
+    result = evaluate(fused, lib, test, EvalConfig(strategies, args.limit_per_task, args.seed, cache_dir=str(prediction_cache_path())), log=log)
     averages = {k.removeprefix("mole:"): v["average"] for k, v in result["strategies"].items()}
     # masking: each task's own adapter switched off in the layer-wise gates, the rest renormalised
     owner = {t: s.name for s in lib.list() for t in s.tasks}
     idx = sample_indices(test, args.limit_per_task, args.seed)
-    scorer = MixtureScorer(fused)
+    scorer = MixtureScorer(fused, cache_dir=str(prediction_cache_path()))
     masked = {}
     for t in test:
         router = load_router(lib, "mole", name="mole_layer", fused=fused, mask=(owner[t.name],))

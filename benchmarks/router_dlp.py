@@ -147,10 +147,11 @@ def share_part(router, engine, test_tasks) -> dict:
 
 def composite_part(router, fused, lib: Library, test_tasks, owner, per_task: int | None, seed: int) -> dict:
     """All test sets pooled and shuffled, each prompt routed on its own (the harness's composite mode)."""
+    from loramux._home import prediction_cache_path
     from loramux.evaluation.harness import EvalConfig, evaluate, sample_indices
 
     t0 = time.perf_counter()
-    r = evaluate(fused, lib, test_tasks, EvalConfig(("base", "oracle", "dlp"), per_task, seed),
+    r = evaluate(fused, lib, test_tasks, EvalConfig(("base", "oracle", "dlp"), per_task, seed, cache_dir=str(prediction_cache_path())),
                  log=lambda m: print(m, file=sys.stderr, flush=True))
     out = {k: v["per_task"] for k, v in r["strategies"].items()}
     average = {k: v["average"] for k, v in r["strategies"].items()}

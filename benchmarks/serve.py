@@ -25,10 +25,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from loramux import Library, load_base, load_tasks
 from loramux.bench.load import scenario
 from loramux.bench.machine import machine
-from loramux.bench.speed import random_adapter
+from loramux.bench.speed import decode_step_profile, random_adapter
 from loramux.engine import Engine
 from loramux.server import ServerConfig, create_app
 from loramux.server.background import serve_in_background
@@ -82,13 +84,23 @@ def main() -> None:
                 for extra in extras:
                     engine.unload(extra)
     server.should_exit = True
+    # What bounds the ratios: one decode step (no HTTP, no scheduler) at batch 1 and 16, base vs
+    # the benchmark's 16 mixtures, under torch.profiler, median of three tries each.
+    ids = torch.randint(100, base.model.config.vocab_size - 100, (16, 96), generator=torch.Generator().manual_seed(0))
+    tries = {"b1_base": lambda: decode_step_profile(base, ids[:1]),
+             "b16_base": lambda: decode_step_profile(base, ids),
+             "b16_mixed": lambda: decode_step_profile(base, ids, fused=engine.fused, mix=engine.sequence_mixture(mixes))}
+    profiles = {}
+    for name, fn in tries.items():
+        runs = sorted((fn() for _ in range(3)), key=lambda r: r["step_ms_profiled"])
+        profiles[name] = runs[1]
     results = {name: min(runs, key=lambda r: abs(r["tokens_per_s"] - statistics.median(x["tokens_per_s"] for x in runs)))
                | {"tokens_per_s_rounds": [r["tokens_per_s"] for r in runs]} for name, runs in rounds.items()}
     big = results[big_name]
     out = {
         "command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "adapters": len(names), "tokens": args.tokens, "rounds": args.rounds,
-        "results": results,
+        "results": results, "decode_step_profile": profiles,
         "ratios": {
             "concurrent16_vs_sequential": round(results["concurrent16_mixed"]["tokens_per_s"]
                                                 / results["sequential_mixed"]["tokens_per_s"], 3),

@@ -14,3 +14,8 @@ def loramux_home() -> Path:
 
 def default_library_path() -> Path:
     return loramux_home() / "library"
+
+
+def prediction_cache_path() -> Path:
+    """Where benchmarks keep scored predictions (see evaluation.composite.MixtureScorer)."""
+    return loramux_home() / "cache" / "predictions"

@@ -119,3 +119,58 @@ def test_mole_generation_scores_through_the_engine(mole_fused):
     alone = [engine.generate([GenerationRequest(ex.prompt, sampling=SamplingParams(max_new_tokens=budget))],
                              router=router)[0].text.strip() for ex in GEN.examples]
     assert [p.prediction for p in preds] == alone  # batched scoring = each prompt alone
+
+
+def _scorer(tiny_model_dir, lib, cache_dir, names=("a", "b")):
+    fused = FusedModel(load_base(str(tiny_model_dir)))
+    for name in names:
+        fused.load(lib, name)
+    return MixtureScorer(fused, batch_size=2, progress=False, cache_dir=cache_dir)
+
+
+def test_disk_cache_is_read_back_by_a_later_scorer_without_scoring(tiny_model_dir, lib, tmp_path, monkeypatch):
+    mixtures = [{"a": 1.0}, None, {"b": 1.0}, {"a": 0.5, "b": 0.5}, None]
+    first = _scorer(tiny_model_dir, lib, tmp_path / "cache").score(MC, mixtures)
+    [file] = (tmp_path / "cache").glob("*.jsonl")
+    assert len(file.read_text().splitlines()) == 5
+
+    import loramux.evaluation.composite as composite
+
+    monkeypatch.setattr(composite, "score_task", lambda *a, **k: pytest.fail("scored again instead of read back"))
+    later = _scorer(tiny_model_dir, lib, tmp_path / "cache")
+    again = later.score(MC, mixtures)
+    assert later.from_disk == 5 and later.forward_groups == 0
+    assert [p.prediction for p in again] == [p.prediction for p in first]
+    assert [p.choice_logprobs for p in again] == [p.choice_logprobs for p in first]
+    assert again[0].targets == first[0].targets and isinstance(again[0].targets, tuple)
+
+
+def test_disk_cache_misses_when_an_adapter_or_the_task_changes(tiny_model_dir, lib, tiny_base, tmp_path):
+    _scorer(tiny_model_dir, lib, tmp_path / "cache").score(MC, [{"a": 1.0}] * 5)
+    lib.add("a", make_peft_dir(tiny_base, tmp_path / "a2", r=4, seed=99), base=tiny_base, tasks=["a"], replace=True)
+    other = _scorer(tiny_model_dir, lib, tmp_path / "cache")
+    other.score(MC, [{"a": 1.0}] * 5)
+    assert other.from_disk == 0 and len(list((tmp_path / "cache").glob("*.jsonl"))) == 2  # new weights: a new file
+
+    edited = Task("mc", MC.examples[:4] + (Example(prompt="changed", targets=("no",), choices=("yes", "no", "maybe"),
+                                                      choice_scores=(0, 1, 0)),), "multiple_choice")
+    third = _scorer(tiny_model_dir, lib, tmp_path / "cache")
+    third.score(edited, [{"a": 1.0}] * 5)
+    assert third.from_disk == 0  # same name, other examples: not the same task
+
+
+def test_disk_cache_skips_a_line_cut_short_and_adapters_without_identity(tiny_model_dir, lib, tiny_base, tmp_path):
+    _scorer(tiny_model_dir, lib, tmp_path / "cache").score(MC, [None] * 5)
+    [file] = (tmp_path / "cache").glob("*.jsonl")
+    lines = file.read_text().splitlines()
+    file.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # a crash mid-write
+    later = _scorer(tiny_model_dir, lib, tmp_path / "cache")
+    later.score(MC, [None] * 5)
+    assert later.from_disk == 4 and later.forward_groups == 1
+
+    from loramux.library.checks import read_peft_dir
+
+    loose = _scorer(tiny_model_dir, lib, tmp_path / "cache2", names=())
+    loose.fused.add_adapter("c", read_peft_dir(make_peft_dir(tiny_base, tmp_path / "c", r=4, seed=5)))
+    loose.score(MC, [{"c": 1.0}] * 5)  # weights with no identity: nothing persisted
+    assert not (tmp_path / "cache2").exists()

@@ -61,3 +61,16 @@ def test_cli_eval(capsys, tiny_model_dir, task_lib, task_dir, tmp_path):
     assert "| base |" in out and "| oracle |" in out
     assert set(json.loads(out_json.read_text())["strategies"]) == {"base", "oracle"}
     assert out_md.read_text().startswith("| strategy |")
+
+
+def test_cli_eval_cache_dir_reads_a_rerun_back(capsys, tiny_model_dir, task_lib, task_dir, tmp_path):
+    args = ["eval", "-l", str(task_lib.path), "--data-dir", str(task_dir), "--model", str(tiny_model_dir),
+            "--strategies", "base,oracle", "--limit-per-task", "2", "--cache-dir", str(tmp_path / "cache")]
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    code, _, err = run(capsys, *args, "-o", str(first))
+    assert code == 0, err
+    code, _, err = run(capsys, *args, "-o", str(second))
+    assert code == 0, err
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert a["predictions_from_cache"] == 0 and b["predictions_from_cache"] == sum(b["n_per_task"].values()) * 2
+    assert {k: v["per_task"] for k, v in a["strategies"].items()} == {k: v["per_task"] for k, v in b["strategies"].items()}

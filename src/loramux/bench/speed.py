@@ -86,13 +86,17 @@ def _median_times(variants: dict[str, Callable[[], None]], reps: int, warmup: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def decode_step_profile(base: BaseModel, prompt_ids: torch.Tensor, steps: int = 8) -> dict:
-    """Where one batch-1 decode step of the plain base model spends its time (torch.profiler):
-    the matmuls that read the weights against everything else. This is the floor for any LoRA
-    engine built on the same forward, so it bounds `decode_b1_speedup`."""
+def decode_step_profile(base: BaseModel, prompt_ids: torch.Tensor, steps: int = 8, fused=None, mix=None) -> dict:
+    """Where one decode step spends its time (torch.profiler): the matmuls against everything
+    else. For the plain base model at batch 1 this is the floor for any LoRA engine built on the
+    same forward, so it bounds `decode_b1_speedup`; with `fused` and a mixture `mix` it shows
+    what the adapters add to a step."""
+    import contextlib
+
     from torch.profiler import profile
 
-    with torch.no_grad():
+    mixed = fused.mixture(mix) if fused is not None else contextlib.nullcontext()
+    with torch.no_grad(), mixed:
         out = base.model(input_ids=prompt_ids, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
@@ -104,7 +108,7 @@ def decode_step_profile(base: BaseModel, prompt_ids: torch.Tensor, steps: int = 
     self_us = {e.key: e.self_cpu_time_total / steps for e in prof.key_averages()}
     total = sum(self_us.values())
     top = dict(sorted(self_us.items(), key=lambda kv: -kv[1])[:6])
-    return {"step_ms_profiled": wall * 1e3, "ops_self_ms": total / 1e3,
+    return {"rows": int(prompt_ids.shape[0]), "step_ms_profiled": wall * 1e3, "ops_self_ms": total / 1e3,
             "mm_share": (self_us.get("aten::mm", 0) + self_us.get("aten::addmm", 0)) / total,
             "top_ops_self_ms": {k: v / 1e3 for k, v in top.items()}}
 

@@ -15,6 +15,8 @@ def eval_(
     limit_per_task: Optional[int] = typer.Option(None, help="A seeded sample of each task's test set."),
     seed: int = typer.Option(0, help="Sampling and shuffling seed."),
     batch_size: int = typer.Option(8, help="Examples per scoring batch."),
+    cache_dir: Optional[str] = typer.Option(None, help="Keep scored predictions here; a rerun reads them back "
+                                                       "(keyed by model, adapter weights and scoring code)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
     markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table as Markdown here."),
@@ -31,7 +33,8 @@ def eval_(
     from ..models import load_base
     from .common import default_data_dir, open_library
 
-    config = EvalConfig(tuple(s.strip() for s in strategies.split(",") if s.strip()), limit_per_task, seed, batch_size)
+    config = EvalConfig(tuple(s.strip() for s in strategies.split(",") if s.strip()), limit_per_task, seed, batch_size,
+                        cache_dir)
     lib = open_library(library)
     names = [t.strip() for t in tasks.split(",")] if tasks else sorted({t for s in lib.list() for t in s.tasks})
     if ray or ray_address:

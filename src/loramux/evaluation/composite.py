@@ -5,11 +5,21 @@ each group is scored by `score_task` with that mixture active (the scorer's batc
 for the choices, so a per-row mixture would not line up). Scoring is deterministic, so a
 (task, example, mixture) already scored under one policy is reused by another: when a router
 picks exactly the oracle's adapter, that example is scored once for both.
+
+With `cache_dir`, predictions also go to disk (one JSON line each, appended as groups finish) and
+are read back by later scorers over the same model: a killed benchmark resumes where it stopped,
+and benchmarks that score the same (example, mixture) share the work. The file is named by what
+decides a prediction: the base model's fingerprint, each loaded adapter's weights (sha256), the
+batch size, and the source of the scoring and data-formatting code. Routers persist only when they
+carry a `cache_key` (Arrow over library prototypes, MoLE gates loaded from disk).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..data import Task
@@ -33,10 +43,68 @@ def _key(mix) -> MixtureKey | None:
 class MixtureScorer:
     """Scores (task, example index, mixture) triples through one FusedModel, with a memo."""
 
-    def __init__(self, fused: "FusedModel", *, batch_size: int = 8, progress: bool = True):
+    def __init__(self, fused: "FusedModel", *, batch_size: int = 8, progress: bool = True,
+                 cache_dir: str | Path | None = None):
         self.fused, self.batch_size, self.progress = fused, batch_size, progress
         self.memo: dict[tuple[str, int, MixtureKey], Prediction] = {}
         self.forward_groups = 0
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.from_disk = 0  # predictions read back instead of computed
+        self._disk: tuple[Path, dict] | None = None  # (file, {(task id, index, persistent key): Prediction})
+        self._task_ids: dict[int, tuple[Task, str]] = {}
+
+    # ------------------------------------------------------------------ the disk cache
+    def _disk_file(self) -> Path | None:
+        """The cache file for the current model and adapters, or None when any part has no identity."""
+        if self.cache_dir is None or any(self.fused.identities.get(a) is None for a in self.fused.adapters):
+            return None
+        context = json.dumps({"base": self.fused.base.fingerprint, "batch_size": self.batch_size, "code": _code_digest(),
+                              "adapters": [[a, self.fused.identities[a]] for a in self.fused.adapters]})
+        return self.cache_dir / f"{hashlib.sha256(context.encode()).hexdigest()[:32]}.jsonl"
+
+    def _stored(self) -> dict | None:
+        path = self._disk_file()
+        if path is None:
+            return None
+        if self._disk is None or self._disk[0] != path:
+            entries: dict = {}
+            if path.is_file():
+                for line in path.read_text().splitlines():
+                    try:  # a line cut short by a crash is skipped, not fatal
+                        e = json.loads(line)
+                        p = e["prediction"]
+                        entries[(e["task"], e["index"], e["mixture"])] = Prediction(**p | {"targets": tuple(p["targets"])})
+                    except (ValueError, KeyError, TypeError):
+                        continue
+            self._disk = (path, entries)
+        return self._disk[1]
+
+    def _task_id(self, task: Task) -> str:
+        """The task's name and a digest of its examples (a file edited in place is another task)."""
+        known = self._task_ids.get(id(task))
+        if known is None or known[0] is not task:
+            digest = hashlib.sha256(repr((task.kind, task.examples)).encode()).hexdigest()[:16]
+            known = self._task_ids[id(task)] = (task, f"{task.name}|{digest}")
+        return known[1]
+
+    @staticmethod
+    def _persistent_key(mix) -> str | None:
+        if mix is None or not hasattr(mix, "layer_mixture"):
+            return json.dumps(_key(mix))
+        return getattr(mix, "cache_key", None)
+
+    def _save(self, task: Task, pkey: str, rows: list[int], predictions: list[Prediction]) -> None:
+        stored = self._stored()
+        if stored is None:
+            return
+        tid = self._task_id(task)
+        lines = []
+        for i, pred in zip(rows, predictions):
+            stored[(tid, i, pkey)] = pred
+            lines.append(json.dumps({"task": tid, "index": i, "mixture": pkey, "prediction": dataclasses.asdict(pred)}))
+        self._disk[0].parent.mkdir(parents=True, exist_ok=True)
+        with open(self._disk[0], "a") as f:  # whole lines, appended: earlier groups survive a crash
+            f.write("".join(line + "\n" for line in lines))
 
     def _engine_greedy(self, router):
         from ..engine import Engine, GenerationRequest, SamplingParams
@@ -61,8 +129,16 @@ class MixtureScorer:
         indices = list(range(len(task.examples))) if indices is None else list(indices)
         assert len(indices) == len(mixtures)
         todo: dict[MixtureKey, list[int]] = {}
+        stored = self._stored()
         for i, mix in zip(indices, mixtures):
-            if (task.name, i, _key(mix)) not in self.memo:
+            if (task.name, i, _key(mix)) in self.memo:
+                continue
+            pkey = self._persistent_key(mix) if stored is not None else None
+            hit = stored.get((self._task_id(task), i, pkey)) if pkey is not None else None
+            if hit is not None:
+                self.memo[(task.name, i, _key(mix))] = hit
+                self.from_disk += 1
+            else:
                 todo.setdefault(_key(mix), []).append(i)
         # The budget comes from the whole task, so an example decodes alike in any group.
         budget = answer_budget(self.fused.base.tokenizer, task.examples) if task.kind == "generative" else None
@@ -86,7 +162,24 @@ class MixtureScorer:
             self.forward_groups += 1
             for i, pred in zip(rows, result.predictions):
                 self.memo[(task.name, i, key)] = pred
+            pkey = self._persistent_key(router if router is not None else (None if key is None else dict(key)))
+            if pkey is not None:
+                self._save(task, pkey, rows, result.predictions)
         return [self.memo[(task.name, i, _key(mix))] for i, mix in zip(indices, mixtures)]
+
+
+_CODE_DIGEST: str | None = None
+
+
+def _code_digest() -> str:
+    """A digest of the code that turns a (prompt, mixture) into a prediction: scoring, metrics and
+    prompt formatting. Editing any of it starts a new cache file instead of reusing stale answers."""
+    global _CODE_DIGEST
+    if _CODE_DIGEST is None:
+        root = Path(__file__).resolve().parents[1]
+        files = [root / "evaluation" / "scoring.py", root / "evaluation" / "metrics.py", *sorted((root / "data").glob("*.py"))]
+        _CODE_DIGEST = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    return _CODE_DIGEST
 
 
 def compare_policies(scorer: MixtureScorer, tasks: list[Task], policies: dict[str, Callable[[Task, list[int]], list[Mixture]]],

@@ -32,6 +32,7 @@ class EvalConfig:
     limit_per_task: int | None = None  # a seeded sample of each task's test set
     seed: int = 0
     batch_size: int = 8
+    cache_dir: str | None = None  # keep predictions on disk: reruns and other strategies reuse them
 
     def __post_init__(self) -> None:
         for s in self.strategies:
@@ -95,7 +96,7 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
                 batch = pool[b:b + 32]
                 for key, r in zip(batch, router.route([by_name[n].examples[i].prompt for n, i in batch])):
                     plans[s][key] = r.mixture
-    scorer = MixtureScorer(fused, batch_size=config.batch_size, progress=progress)
+    scorer = MixtureScorer(fused, batch_size=config.batch_size, progress=progress, cache_dir=config.cache_dir)
     result: dict = {"strategies": {}, "n_per_task": {t: len(v) for t, v in indices.items()},
                     "seed": config.seed, "adapters": adapters}
     for s, plan in plans.items():
@@ -110,6 +111,7 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
         result["strategies"][s] = {"per_task": per_task, "average": average, "metric": metric,
                                    "seconds": round(time.perf_counter() - started, 1)}
         log(f"{s}: average {average:.4f}")
+    result["predictions_from_cache"] = scorer.from_disk
     return result
 
 

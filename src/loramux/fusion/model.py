@@ -46,6 +46,8 @@ class FusedModel:
         self.state = FusionState()
         self.layers: dict[str, MultiLoraLinear] = {}
         self.adapters: list[str] = []  # slot k holds adapters[k]
+        # what each loaded adapter is, for caches that outlive this process (None: unknown)
+        self.identities: dict[str, str | None] = {}
         for name, module in list(base.model.named_modules()):
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
@@ -63,7 +65,7 @@ class FusedModel:
         for name, layer in self.layers.items():
             parent, _, child = name.rpartition(".")
             setattr(self.base.model.get_submodule(parent) if parent else self.base.model, child, layer.base)
-        self.layers, self.adapters = {}, []
+        self.layers, self.adapters, self.identities = {}, [], {}
 
     # ------------------------------------------------------------------ adapters
     def slot(self, name: str) -> int:
@@ -71,8 +73,9 @@ class FusedModel:
             raise LoramuxError(f"adapter {name!r} is not loaded; loaded adapters: {self.adapters}")
         return self.adapters.index(name)
 
-    def add_adapter(self, name: str, files: PeftFiles) -> int:
-        """Load a PEFT LoRA (already read and checked) into the next slot; returns the slot."""
+    def add_adapter(self, name: str, files: PeftFiles, identity: str | None = None) -> int:
+        """Load a PEFT LoRA (already read and checked) into the next slot; returns the slot.
+        `identity` names its exact weights (e.g. their sha256s) for persistent caches."""
         if name in self.adapters:
             raise LoramuxError(f"adapter {name!r} is already loaded; unload it first")
         factors = lora_factors(files)
@@ -90,19 +93,23 @@ class FusedModel:
             gate = (ab["gate_w"], ab["gate_b"]) if "gate_w" in ab else None
             layer.add_slot(ab["A"], ab["B"], module_scaling(files.config, module, ab["A"].shape[0]), gate)
         self.adapters.append(name)
+        self.identities[name] = identity
         _return_freed_memory()
         return len(self.adapters) - 1
 
     def load(self, library: "Library", name: str) -> int:
         """Load a library adapter after the library's checks (files, sha256, base fingerprint)."""
         library.check_loadable(name, self.base)
-        return self.add_adapter(name, read_peft_dir(library.adapter_dir(name)))
+        spec = library.get(name)
+        identity = f"{spec.dir}|" + ",".join(f"{f}:{h}" for f, h in sorted(spec.files.items()))  # sha256 per file
+        return self.add_adapter(name, read_peft_dir(library.adapter_dir(name)), identity)
 
     def remove_adapter(self, name: str) -> None:
         k = self.slot(name)
         for layer in self.layers.values():
             layer.remove_slot(k)
         self.adapters.pop(k)
+        self.identities.pop(name, None)
         _return_freed_memory()
 
     # ------------------------------------------------------------------ mixtures

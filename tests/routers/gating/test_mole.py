@@ -139,6 +139,10 @@ def test_train_save_load_and_refuse_a_changed_library(tiny_model_dir, lib, tmp_p
     with torch.no_grad():
         a, b = router.route_weights(ids, mask), loaded.route_weights(ids, mask)
     assert all(torch.allclose(a[u], b[u]) for u in a)
+    # a stored router names its weights for persistent score caches; the mask is part of the name
+    assert router.cache_key is None and loaded.cache_key is not None
+    masked = load_router(lib, "mole", fused=other, mask=("b",))
+    assert masked.cache_key != loaded.cache_key and load_router(lib, "mole", fused=other).cache_key == loaded.cache_key
     lib.add("b", make_peft_dir(tiny_base, tmp_path / "b2", targets=("q_proj", "v_proj", "down_proj"), seed=9),
             base=tiny_base, tasks=["task_b"], replace=True)
     with pytest.raises(LoramuxError, match=r"replaced \['b'\]"):

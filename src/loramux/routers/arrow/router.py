@@ -77,6 +77,9 @@ class ArrowRouter(InForwardRouter):
         if library is None and prototypes is None:
             raise LoramuxError("ArrowRouter needs the library its adapters came from, or a prototypes function")
         self.fused, self.library, self.config = fused, library, config
+        # Stable across processes only with the library's prototypes (they follow from the fused
+        # adapters, which a cache identifies on its own); None with a caller's prototypes function.
+        self.cache_key = None if prototypes is not None else f"arrow|{config!r}"
         self._source = prototypes or (lambda name: library_prototypes(
             library, name, config.prototype, config.power_iters, config.power_seed))
         self._slots: tuple[str, ...] = ()

@@ -9,6 +9,7 @@ follow (a one-token decode step has nothing to pool), row by row as rows finish.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +56,7 @@ class MoleRouter(InForwardRouter):
         self.mask = tuple(mask)
         self._off = torch.tensor([a in set(mask) for a in adapters])
         self.info = dict(info or {})
+        self.cache_key: str | None = None  # set when loaded from stored weights: what they are, and the mask
         self.collected: list[torch.Tensor] | None = None  # training: every unit's weights, for the balance loss
         self._current: dict[str, torch.Tensor] = {}
         self._frozen: dict[str, torch.Tensor] | None = None
@@ -148,4 +150,7 @@ class MoleRouter(InForwardRouter):
             raise LoramuxError(f"router {name!r} was trained for other fused modules than this model's")
         gates = MoleGates(modules, len(meta["adapters"]), MoleConfig(**meta["gates"]))
         gates.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
-        return cls(fused, gates.eval(), meta["adapters"], mask=mask, info=meta.get("info"))
+        router = cls(fused, gates.eval(), meta["adapters"], mask=mask, info=meta.get("info"))
+        digest = hashlib.sha256((d / WEIGHTS_FILE).read_bytes()).hexdigest()
+        router.cache_key = f"mole|{digest}|{meta['adapters']}|mask={sorted(set(mask))}"
+        return router
