@@ -207,13 +207,11 @@ def peft_and_cost(args, parts: set[str], result: dict) -> None:
 
 def accuracy_parts(args, parts: set[str], result: dict) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from composite import ensure_library, log
+    from composite import ensure_library, ensure_mbc, log
 
     from loramux import load_tasks
     from loramux._home import default_library_path, prediction_cache_path
     from loramux.evaluation.harness import EvalConfig, evaluate
-    from loramux.library.clustering import ClusterConfig, cluster_adapters, save_clustering
-    from loramux.training import LoraTrainConfig, train_adapters
 
     base = load_base(args.model) if args.model else load_base()
     lib = Library(args.library or default_library_path(), create=True)
@@ -223,7 +221,8 @@ def accuracy_parts(args, parts: set[str], result: dict) -> None:
     averages = result.setdefault("average_accuracy", {})
     if "accuracy" in parts:
         fused = FusedModel(base)
-        r = evaluate(fused, lib, test, EvalConfig(("base", "uniform", "arrow"), args.limit_per_task, 0, cache_dir=str(prediction_cache_path())), log=log)
+        config = EvalConfig(("base", "uniform", "arrow"), args.limit_per_task, 0, cache_dir=str(prediction_cache_path()))
+        r = evaluate(fused, lib, test, config, log=log)
         fused.unfuse()
         averages.update({k: v["average"] for k, v in r["strategies"].items()})
         result["per_task"] = {k: v["per_task"] for k, v in r["strategies"].items()}
@@ -232,17 +231,10 @@ def accuracy_parts(args, parts: set[str], result: dict) -> None:
     if "mbc" in parts:
         clusters = result.setdefault("mbc", {})
         for k in (k for k in (3, 5) if k <= len(lib)):
-            clustering = cluster_adapters(lib, ClusterConfig(k=k))
-            save_clustering(clustering, Path(args.output).parent / f"mbc_k{k}")
-            side = Library(lib.path.with_name(f"{lib.path.name}-mbc{k}"), create=True)
-            groups, names, configs = [], [], []
-            for i, members in enumerate(clustering.members):
-                groups.append(load_tasks(args.data_dir, [t for m in members for t in clustering.tasks[m]], "train"))
-                names.append(f"cluster{i}")
-                configs.append(LoraTrainConfig(steps=sum(clustering.steps.get(m, 60) for m in members)))
-            train_adapters(base, groups, side, configs, names=names, skip_existing=True, resume=True)
+            side, clustering = ensure_mbc(base, lib, args.data_dir, k, Path(args.output).parent / f"mbc_k{k}")
             fused = FusedModel(base)
-            r = evaluate(fused, side, test, EvalConfig(("arrow",), args.limit_per_task, 0, cache_dir=str(prediction_cache_path())), log=log)
+            config = EvalConfig(("arrow",), args.limit_per_task, 0, cache_dir=str(prediction_cache_path()))
+            r = evaluate(fused, side, test, config, log=log)
             fused.unfuse()
             averages[f"mbc{k}_arrow"] = r["strategies"]["arrow"]["average"]
             clusters[f"k{k}"] = {"members": clustering.members, "per_task": r["strategies"]["arrow"]["per_task"],

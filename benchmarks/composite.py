@@ -6,8 +6,9 @@ reads its scores back and a killed run resumes where it stopped):
   - the DLP router; MoLE gates at layer and block granularity, and layer without the balance loss;
   - static merges of all adapters with PEFT's `add_weighted_adapter` (TIES and DARE-TIES, density 0.5);
   - a multi-task LoRA on the union of the tasks with the library's parameter count (rank 8 x K);
-  - optional (--with mbc,dynamic): an MBC k=3 cluster library routed by Arrow, and Dynamic LoRA
-    adapters used as the oracle. Both retrain a whole library (hours on this CPU).
+  - optional (--with mbc,dynamic): an MBC k=3 cluster library routed by Arrow (mbc_arrow), and one
+    Dynamic LoRA per task used as the oracle (dynamic_oracle). Each trains a whole library's worth
+    of steps (about 70 minutes of this CPU each), cached beside the library.
 then scores base, oracle, uniform, ties, dare, multitask, dlp_p{0.3,0.6,0.9,1.0}, mole_layer,
 mole_block, mole_layer_no_balance, arrow (and mbc_arrow, dynamic_oracle) with
 `loramux.evaluation.harness`, on a seeded sample of each test set (--limit-per-task), and writes
@@ -114,7 +115,47 @@ def ensure_multitask(base, lib: Library, work: Library, data_dir: str, steps: in
     result.model.unload()
 
 
-def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3) -> dict[str, float]:
+def ensure_mbc(base, lib: Library, data_dir: str, k: int, out_dir: Path | None = None) -> tuple[Library, object]:
+    """MBC (ALGORITHMS.md §4): cluster the library's adapters into k groups by parameter similarity
+    and train one adapter per cluster on its tasks' union, with the members' total steps (so the
+    cluster library costs what the private one did). Stored beside the library as <library>-mbc<k>,
+    restartable per adapter and from checkpoints."""
+    from loramux.library.clustering import ClusterConfig, cluster_adapters, save_clustering
+
+    clustering = cluster_adapters(lib, ClusterConfig(k=k))
+    if out_dir is not None:
+        save_clustering(clustering, out_dir)
+    side = Library(lib.path.with_name(f"{lib.path.name}-mbc{k}"), create=True)
+    groups, names, configs = [], [], []
+    for i, members in enumerate(clustering.members):
+        groups.append(load_tasks(data_dir, [t for m in members for t in clustering.tasks[m]], "train"))
+        names.append(f"cluster{i}")
+        configs.append(LoraTrainConfig(steps=sum(clustering.steps.get(m, 60) for m in members)))
+    if any(n not in side for n in names):
+        log(f"training the MBC k={k} cluster library: {clustering.members}")
+    train_adapters(base, groups, side, configs, names=names, skip_existing=True, resume=True)
+    return side, clustering
+
+
+def ensure_dynamic_oracle(base, lib: Library, data_dir: str, timings: dict) -> Library:
+    """One Dynamic LoRA per task with the private library's recipe (<library>-dynamic-oracle);
+    an interrupted run keeps the adapters it finished."""
+    from loramux.training.dynamic import DynamicConfig, train_dynamic
+
+    side = Library(lib.path.with_name(f"{lib.path.name}-dynamic-oracle"), create=True)
+    for spec in lib.list():
+        if spec.name in side:
+            continue
+        log(f"training the Dynamic LoRA for {spec.name}")
+        result = train_dynamic(base, load_tasks(data_dir, list(spec.tasks), "train"), LoraTrainConfig(), DynamicConfig())
+        side.add(spec.name, result.files, base=base, tasks=spec.tasks, training=result.summary)
+        timings.setdefault("dynamic_oracle", 0.0)
+        timings["dynamic_oracle"] += result.summary.seconds
+    return side
+
+
+def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3,
+                dynamic: Library | None = None) -> dict[str, float]:
     """Forward time of 8 x 96 tokens under each strategy's kind of mixture, / the base forward."""
     from loramux.routers import load_router
 
@@ -140,8 +181,16 @@ def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3) -> dic
         return f
     t = _median_times({k: fwd(m) for k, m in mixes.items()}, reps)
     fused.unfuse()
+    if dynamic is not None:  # a Dynamic LoRA's input gates run per token (the gated path): its own pass
+        fused = FusedModel(base)
+        first = dynamic.names()[0]
+        fused.load(dynamic, first)
+        own = _median_times({"base": fwd(None), "dynamic": fwd(fused.sequence_mixture([{first: 1.0}]))}, reps)
+        t["dynamic"] = own["dynamic"] / own["base"] * t["base"]  # its ratio to the base of its own pass
+        fused.unfuse()
     kind = {"base": "base", "oracle": "oracle", "ties": "oracle", "dare": "oracle", "multitask": "oracle",
-            "dynamic_oracle": "oracle", "uniform": "uniform", "arrow": "arrow", "mbc_arrow": "arrow"}
+            "dynamic_oracle": "dynamic" if dynamic is not None else "oracle", "uniform": "uniform",
+            "arrow": "arrow", "mbc_arrow": "arrow"}
     out = {}
     for s in strategies:
         k = kind.get(s) or ("dlp" if s.startswith("dlp") else s if s in t else "oracle")
@@ -234,6 +283,7 @@ def main() -> None:
     from loramux._home import loramux_home, prediction_cache_path
 
     started = time.perf_counter()
+    out = Path(args.output)
     base, lib, tasks = setup(args)
     work = Library(lib.path.with_name(lib.path.name + "-baselines"), create=True)
     timings: dict = {}
@@ -271,9 +321,24 @@ def main() -> None:
         result["strategies"][name] = {"per_task": per_task, "average": round(sum(per_task.values()) / len(per_task), 4)}
         fused.unfuse()
         log(f"{name}: average {result['strategies'][name]['average']:.4f}")
-    if extras:
-        log(f"extras {sorted(extras)} are not run by this version of the script")
-    costs = cost_ratios(base, lib, list(result["strategies"]))
+    unknown = extras - {"mbc", "dynamic"}
+    if unknown:
+        raise SystemExit(f"--with {sorted(unknown)}: the extras are mbc and dynamic")
+    dynamic = None
+    if "mbc" in extras:  # the MBC k=3 cluster library, routed by Arrow
+        side, clustering = ensure_mbc(base, lib, args.data_dir, 3, out.parent / "mbc_k3")
+        fused = FusedModel(base)
+        r = evaluate(fused, side, test, dataclasses.replace(config, strategies=("arrow",)), log=log)
+        fused.unfuse()
+        result["strategies"]["mbc_arrow"] = r["strategies"]["arrow"]
+        result["mbc_clusters"] = clustering.members
+    if "dynamic" in extras:  # each task's Dynamic LoRA as its oracle
+        dynamic = ensure_dynamic_oracle(base, lib, args.data_dir, timings)
+        fused = FusedModel(base)
+        r = evaluate(fused, dynamic, test, dataclasses.replace(config, strategies=("oracle",)), log=log)
+        fused.unfuse()
+        result["strategies"]["dynamic_oracle"] = r["strategies"]["oracle"]
+    costs = cost_ratios(base, lib, list(result["strategies"]), dynamic=dynamic)
     for s, v in result["strategies"].items():
         v["cost_ratio"] = costs[s]
     if "_gate_cost_ratio" in costs:
@@ -281,7 +346,6 @@ def main() -> None:
     result.update({"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "machine": machine(), "limit_per_task": args.limit_per_task, "train_seconds": timings,
                    "wall_seconds": round(time.perf_counter() - started, 1), "home": str(loramux_home())})
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     result["plots"] = plots(result, out.parent)
     out.write_text(json.dumps(result, indent=1) + "\n")
