@@ -19,6 +19,9 @@ folds w·s into B, and concatenates them along the rank (PEFT's exact "cat" form
     y = W0·x + bmm(bmm(x, A_catᵀ), B_catᵀ)
 
 The gathered factors are cached per mixture object, so a decode loop pays the gather once.
+Decoding many rows that each mix their own adapters takes a third form instead: the union of the
+slots any row selects, read once as one rank-U·r LoRA whose rank blocks each row weights with
+its own coefficients (fewer bytes than a gathered copy per row; see `_reads_fewer_union`).
 When every row has the same mixture the batched matmuls become two plain ones, and with
 `state.fold` the mixture is folded once into a copy of the base weight, W' = W0 + B_cat·A_cat,
 so a long decode with one mixture costs exactly a base forward per step (at the price of one
@@ -131,7 +134,7 @@ class MultiLoraLinear(nn.Module):
         if state.reference:
             delta = self.reference_delta(x3, mix)
         else:
-            # Per-token top-k weights (Arrow) go through the dense path too: running each adapter
+            # Per-token top-k weights (Arrow) go through the dense path: running each adapter
             # only on the tokens that chose it (a grouped GEMM) measured 1.1-1.4x slower than
             # dense over all K=14 slots on the 2-core CPU (batch 8 x 96, top-4), because it
             # materialises k outputs per token before scattering them back.
