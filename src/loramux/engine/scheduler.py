@@ -255,6 +255,7 @@ class Scheduler:
         if len(keep) < len(st.rows):
             if not keep:
                 self.state = _State()
+                self.engine.fused.release()  # the drained batch's cached factors (up to a copy per slot used)
                 return
             index = torch.tensor(keep, device=st.mask.device)
             st.cache.batch_select_indices(index)
