@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from loramux.engine.scheduler import QueueFull, Scheduler, generate_all, length_groups, merge_caches
+from loramux.engine.scheduler import QueueFull, Scheduler, generate_all, merge_caches
 from loramux.errors import LoramuxError
 
 from .test_engine import PROMPTS, engine, greedy, lib  # noqa: F401 (fixtures)
@@ -96,13 +96,3 @@ def test_a_cancelled_request_frees_its_row(engine):
     sched.run_until_idle()
     assert other.result().token_ids == alone(engine, "x", {"b": 1.0}, 3)
 
-
-def test_prefill_groups_bound_padding_and_keep_every_prompt_once():
-    lengths = [10, 21, 34, 37, 43, 51, 53, 54, 54, 56, 61, 77, 81, 81, 165, 212]  # the serving benchmark's prompts
-    groups = length_groups(lengths)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    assert groups == [list(range(11)), [11, 12, 13], [14, 15]]
-    assert sum(len(g) * max(lengths[i] for i in g) for g in groups) == 1338  # one padded prefill: 16 x 212 = 3392
-    assert length_groups([40, 40, 40]) == [[0, 1, 2]]  # no padding: one forward
-    assert length_groups([500, 3]) == [[1], [0]]  # shortest first; a long prompt does not pad a short one
-    assert length_groups([]) == []

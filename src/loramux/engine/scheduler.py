@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..errors import LoramuxError
+from ..padding import length_groups
 from ..training.batching import left_pad
 from .engine import Engine, _Row
 from .request import GenerationRequest, GenerationResult
@@ -58,28 +59,6 @@ class _State:
     # mixture object, so a new object every step would redo that work at every step.
     mix: object | None = None
     mix_stale: bool = True  # set whenever rows join or leave
-
-
-def length_groups(lengths: list[int], *, waste: float = 0.25, slack: int = 128) -> list[list[int]]:
-    """Indices of prompts grouped by length for prefill, shortest first.
-
-    One left-padded prefill of every admitted prompt runs them all at the longest one's length:
-    16 serving-benchmark prompts of 10 to 212 tokens (1,090 in all) became 3,392 token positions.
-    A group grows while its padded size stays within `waste` of its real tokens plus `slack`
-    positions (short prompts share a forward; the per-forward overhead is worth more than their
-    padding); that case becomes three prefills of 1,338 positions.
-    """
-    groups: list[list[int]] = []
-    total = 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        n = lengths[i]
-        if groups and (len(groups[-1]) + 1) * n <= (1 + waste) * (total + n) + slack:
-            groups[-1].append(i)
-            total += n
-        else:
-            groups.append([i])
-            total = n
-    return groups
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

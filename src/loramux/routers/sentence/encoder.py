@@ -45,14 +45,16 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
-def _batches(texts: list[str], tokenizer, batch_size: int, progress: bool, desc: str):
-    """Longest-first batches (little padding); yields (original indices, tokenized batch)."""
+def _batches(texts: list[str], tokenizer, batch_size: int, progress: bool, desc: str, max_length: int):
+    """Batches of similar token length, at most `batch_size` each (see `padding.length_groups`:
+    a forward here costs the same per padding position as per token); yields (indices, texts)."""
     from tqdm.auto import tqdm
 
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    from ...padding import length_groups
+
+    lengths = [min(len(ids), max_length) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
     bar = tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    for idx in length_groups(lengths, max_size=batch_size, slack=32):
         yield idx, [texts[i] for i in idx]
         bar.update(len(idx))
     bar.close()
@@ -80,7 +82,7 @@ class HFEncoder:
     @torch.no_grad()
     def encode(self, texts: list[str], *, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         out = torch.empty(len(texts), self.dim)
-        for idx, chunk in _batches(texts, self.tokenizer, batch_size, progress, "encode"):
+        for idx, chunk in _batches(texts, self.tokenizer, batch_size, progress, "encode", self.max_length):
             enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             hidden = self.model(**enc).last_hidden_state
             out[idx] = _mean_pool(hidden, enc["attention_mask"])
@@ -111,7 +113,7 @@ class BaseModelEncoder:
         side = tok.padding_side
         tok.padding_side = "right"
         try:
-            for idx, chunk in _batches(texts, tok, batch_size, progress, "encode"):
+            for idx, chunk in _batches(texts, tok, batch_size, progress, "encode", self.max_length):
                 enc = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
                 enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 # the decoder stack alone: the LM head is not needed for hidden states

@@ -1,0 +1,169 @@
+"""Regenerate the README's results table from the committed files under benchmarks/results/.
+
+Every figure in that table is read from a results file here (a file that is absent leaves its
+rows out), so the README cannot drift from what the benchmarks measured.
+
+    python benchmarks/readme_results.py [--check]
+
+`--check` exits 1 when the README's table differs from what the files give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start (benchmarks/readme_results.py) -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _x(v: float, digits: int = 2) -> str:
+    return f"{v:.{digits}f}×"
+
+
+def foundation(d: dict) -> list[tuple[str, str]]:
+    rows = []
+    for name, t in d["tasks"].items():
+        what = "accuracy" if t["metric"] == "multiple_choice_grade" else "exact match"
+        rows.append((f"{name}, one LoRA (60 steps, batch 8, r = 8)",
+                     f"{what} {t['base']:.3f} → {t['adapter']:.3f} (n = {t['n_test']})"
+                     + (f", training {t['train_seconds']:.0f} s" if "train_seconds" in t else "")))
+    return rows
+
+
+def speed(d: dict) -> list[tuple[str, str]]:
+    r = d["ratios"]
+    return [
+        ("forward, 8 × 96 tokens, one adapter",
+         f"{_x(r['loramux_single'])} base, folded into the weights, the fold itself {_x(r['loramux_fold_only'])} "
+         f"(unfolded {_x(r['loramux_single_unfolded'])}; PEFT {_x(r['peft_single'])})"),
+        ("forward, every row its own 3-of-14 mixture",
+         f"{_x(r['loramux_hetero3'])} base (PEFT, one adapter per row: {_x(r['peft_mixed'])})"),
+        ("decode, batch 1 / batch 8, one adapter",
+         f"{_x(r['decode_b1_speedup'])} / {_x(r['decode_b8_speedup'])} the tokens/s of PEFT + `generate` "
+         f"(the base model alone: {_x(r['decode_b1_ceiling'])} / "
+         f"{_x(d['decode']['base_b8_tokens_per_s'] / d['decode']['peft_b8_tokens_per_s'])})"),
+        (f"{d['memory']['adapters']} adapters of rank {d['memory']['rank']} loaded",
+         f"resident memory {_x(d['memory']['rss_over_raw'])} their raw tensor bytes"),
+    ]
+
+
+def serve(d: dict) -> list[tuple[str, str]]:
+    r, res = d["ratios"], d["results"]
+    big = next(k for k in res if k.startswith("concurrent16_mixed_") and k.endswith("_adapters"))
+    n_big = big.split("_")[2]
+    return [(f"`loramux serve`, {d['adapters']} adapters, {d['tokens']} tokens per request over HTTP",
+             f"16 concurrent clients with different 3-adapter mixtures: {_x(r['concurrent16_vs_sequential'])} the "
+             f"throughput of one at a time; {_x(r['mixed_vs_base_concurrent16'])} the base model's at 16 concurrent; "
+             f"{_x(r['library100_vs_14'])} with {n_big} adapters loaded"
+             + (f" (median of {d['rounds']} rounds)" if d.get("rounds") else ""))]
+
+
+def scale(d: dict) -> list[tuple[str, str]]:
+    r, t = d["ratios"], d["training"]
+    return [
+        ("`loramux serve --ray`, 1 replica, vs `loramux serve`, 8 concurrent mixed requests",
+         f"throughput {_x(r['ray_serve_vs_local_throughput'])}, p50 latency {_x(r['ray_serve_vs_local_p50_latency'])}"),
+        (f"{t['adapters']} short adapters with `train --ray` vs one after another (2 cores)",
+         f"{_x(r['ray_train_vs_sequential_time'])} the time (Ray start {t['ray_start_s']:.1f} s)"),
+    ]
+
+
+def router_dlp(d: dict) -> list[tuple[str, str]]:
+    rows = [(f"DLP router ({d['encoder']} + {d['head_params'] / 1e6:.2f}M-param head) on the "
+             f"{d['library']['adapters']} test sets, {d['n_test']:,} prompts",
+             f"top-1 accuracy {d['accuracy']:.3f}; {d['latency_ms_b1']:.1f} ms per prompt at batch 1, "
+             f"{d['latency_ms_b32']:.1f} ms at batch 32; routing {100 * d['routing_share_of_generation']:.1f}% "
+             f"of a 32-token routed generation")]
+    c = d.get("composite")
+    if c:
+        n = set(c["n_per_task"].values())
+        each = f"{n.pop()} prompts each" if len(n) == 1 else f"{c['n_total']:,} prompts"
+        a = c["average"]
+        rows.append((f"DLP vs oracle vs base, {len(c['n_per_task'])} test sets mixed ({each})",
+                     f"average {a['dlp']:.3f} / {a['oracle']:.3f} / {a['base']:.3f}"))
+    return rows
+
+
+def arrow(d: dict) -> list[tuple[str, str]]:
+    rows = []
+    if "cost_ratio_vs_single" in d:
+        rows.append(("Arrow, 14 adapters, top-4 per token, 8 × 96 tokens",
+                     f"{_x(d['cost_ratio_vs_single'])} the fused single-adapter forward "
+                     f"(PEFT's Arrow: {_x(d['peft_cost_ratio_vs_single'])} its single adapter)"))
+    if "peft_max_abs_logit_diff" in d:
+        rows.append(("Arrow vs PEFT `create_arrow_model`, default model",
+                     f"max logit difference {d['peft_max_abs_logit_diff']:.1e} with PEFT's power-iteration prototypes; "
+                     f"{d['peft_max_abs_logit_diff_svd_prototypes']:.1e} with exact SVD prototypes"))
+    acc = d.get("average_accuracy", {})
+    if {"arrow", "base", "uniform"} <= set(acc):
+        rows.append((f"Arrow (top-4) vs base vs uniform mixture, 14 test sets mixed ({d['limit_per_task']} prompts each)",
+                     f"average {acc['arrow']:.3f} / {acc['base']:.3f} / {acc['uniform']:.3f}"
+                     + "".join(f"; MBC k={k[3]} + Arrow {acc[k]:.3f}" for k in ("mbc3_arrow", "mbc5_arrow") if k in acc)))
+    return rows
+
+
+def mole(d: dict) -> list[tuple[str, str]]:
+    a = d["average_accuracy"]
+    return [(f"MoLE gates, 14 test sets mixed ({d['limit_per_task']} prompts each, {d['mole_steps']} gate steps)",
+             f"average layer {a['mole_layer']:.3f}, block {a['mole_block']:.3f}, layer without balance loss "
+             f"{a['mole_layer_no_balance']:.3f}; uniform {a['uniform']:.3f}, oracle {a['oracle']:.3f}; true task's "
+             f"adapter masked {a['mole_layer_mask_true_task']:.3f}; gating {_x(d['gate_cost_ratio'])} a fixed mixture")]
+
+
+def dynamic_lora(d: dict) -> list[tuple[str, str]]:
+    a = d["average_accuracy"]
+    return [(f"Dynamic LoRA vs LoRA, {len(d['tasks'])} tasks × {len(d['seeds'])} seeds, same rank budget and steps",
+             f"average {a['dynamic']:.3f} vs {a['lora']:.3f} (reallocation only {a['realloc_only']:.3f}, input gate "
+             f"only {a['gate_only']:.3f}); training {_x(d['train_time_ratio'])}, inference {_x(d['inference_cost_ratio'])}")]
+
+
+def composite(d: dict) -> list[tuple[str, str]]:
+    s = d["strategies"]
+    best = sorted(s, key=lambda k: -s[k]["average"])
+    return [(f"every strategy, 14 test sets mixed ({d['limit_per_task']} prompts each; `composite.md`)",
+             "average " + ", ".join(f"{k} {s[k]['average']:.3f}" for k in best))]
+
+
+SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
+           ("router_dlp.json", router_dlp), ("arrow.json", arrow), ("mole.json", mole),
+           ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
+
+
+def table() -> str:
+    lines = ["| what | result | file |", "|---|---|---|"]
+    for name, rows in SOURCES:
+        d = _load(name)
+        if d is None:
+            continue
+        for what, result in rows(d):
+            lines.append(f"| {what} | {result} | `{name}` |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} block to fill")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{table()}\n{END}{tail}"
+    if args.check:
+        sys.exit(0 if new == text else 1)
+    readme.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
