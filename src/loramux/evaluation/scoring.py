@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..data import Example, PromptFormatter, Task
 from ..errors import LoramuxError
+from ..padding import length_groups
 from ..training.batching import left_pad
 
 if TYPE_CHECKING:
@@ -159,22 +160,27 @@ def score_task(
     bar = tqdm(total=len(examples), desc=f"score {task.name}"[:50], disable=not progress, unit="ex")
     if max_new_tokens is None and task.kind == "generative":
         max_new_tokens = answer_budget(tokenizer, examples)
+    # Batches of similar prompt length (padding positions cost as much as tokens on this CPU);
+    # predictions come back in the examples' order.
+    lengths = [len(formatter.encode_prompt(ex.prompt)) for ex in examples]
+    by_index: dict[int, Prediction] = {}
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
+        for group in length_groups(lengths, max_size=batch_size, slack=32):
+            chunk = [examples[i] for i in group]
             if task.kind == "multiple_choice":
-                for ex, lps in zip(chunk, choice_logprobs(model, formatter, chunk, prompt_router=prompt_router)):
+                for i, ex, lps in zip(group, chunk, choice_logprobs(model, formatter, chunk, prompt_router=prompt_router)):
                     best, ok = grade(ex, lps)
-                    predictions.append(Prediction(ex.prompt, ex.choices[best], ex.targets, ok, lps))
+                    by_index[i] = Prediction(ex.prompt, ex.choices[best], ex.targets, ok, lps)
             else:
                 prompts = [e.prompt for e in chunk]
                 texts = (generate(prompts, max_new_tokens) if generate
                          else greedy_generate(model, formatter, prompts, max_new_tokens))
-                for ex, text in zip(chunk, texts):
+                for i, ex, text in zip(group, chunk, texts):
                     text = task.postprocess(text).strip()
-                    predictions.append(Prediction(ex.prompt, text, ex.targets, exact_match(text, ex.targets)))
+                    by_index[i] = Prediction(ex.prompt, text, ex.targets, exact_match(text, ex.targets))
             bar.update(len(chunk))
     bar.close()
+    predictions.extend(by_index[i] for i in range(len(examples)))
     model.train(was_training)
     return result_of(task, predictions, time.perf_counter() - started)
 
