@@ -10,7 +10,7 @@ With `cache_dir`, predictions also go to disk (one JSON line each, appended as g
 are read back by later scorers over the same model: a killed benchmark resumes where it stopped,
 and benchmarks that score the same (example, mixture) share the work. The file is named by what
 decides a prediction: the base model's fingerprint, each loaded adapter's weights (sha256), the
-batch size, and the source of the scoring and data-formatting code. Routers persist only when they
+batch size, and the code and library versions on that path (`_code_digest`). Routers persist only when they
 carry a `cache_key` (Arrow over library prototypes, MoLE gates loaded from disk).
 """
 
@@ -172,13 +172,22 @@ _CODE_DIGEST: str | None = None
 
 
 def _code_digest() -> str:
-    """A digest of the code that turns a (prompt, mixture) into a prediction: scoring, metrics and
-    prompt formatting. Editing any of it starts a new cache file instead of reusing stale answers."""
+    """A digest of what turns a (prompt, mixture) into a prediction: the scoring, prompt-formatting,
+    fused-layer, in-forward-router and engine code, and the torch and transformers versions.
+    Changing any of it starts a new cache file instead of reusing stale answers."""
     global _CODE_DIGEST
     if _CODE_DIGEST is None:
+        import torch
+        import transformers
+
         root = Path(__file__).resolve().parents[1]
-        files = [root / "evaluation" / "scoring.py", root / "evaluation" / "metrics.py", *sorted((root / "data").glob("*.py"))]
-        _CODE_DIGEST = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+        files = [root / "padding.py", root / "training" / "batching.py", root / "routers" / "layerwise.py",
+                 *(f for d in ("evaluation", "data", "fusion", "engine", "routers/arrow", "routers/gating")
+                   for f in sorted((root / d).glob("*.py")))]
+        h = hashlib.sha256(f"{torch.__version__}|{transformers.__version__}".encode())
+        for f in files:
+            h.update(f.read_bytes())
+        _CODE_DIGEST = h.hexdigest()[:16]
     return _CODE_DIGEST
 
 
