@@ -177,9 +177,7 @@ class MultiLoraLinear(nn.Module):
     def _dense_delta(self, x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         """All K adapters as one rank-K·r LoRA, each rank block scaled by its coefficient."""
         K, r = self.num_slots, self.max_rank
-        if self._flat is None:  # both factors as one rank-K·r pair, laid out once per set of slots
-            self._flat = self._flat_factors(slice(None))
-        At, Bt = self._flat
+        At, Bt = self._all_flat()
         z = x @ At  # (B, T, K·r)
         coef = (C * self.scaling).unsqueeze(-1)  # each rank block times its weight
         if torch.is_grad_enabled() and (C.requires_grad or x.requires_grad):  # training gates: autograd needs z
@@ -187,6 +185,12 @@ class MultiLoraLinear(nn.Module):
         else:
             z.view(*z.shape[:-1], K, r).mul_(coef)
         return z @ Bt  # (B, T, d_out)
+
+    def _all_flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's factors as one rank-K·r pair, laid out once per set of slots."""
+        if self._flat is None:
+            self._flat = self._flat_factors(slice(None))
+        return self._flat
 
     def _flat_factors(self, slots) -> tuple[torch.Tensor, torch.Tensor]:
         """The chosen slots' factors as one rank-U·r pair: At (d_in, U·r), Bt (U·r, d_out), rows of Bt
@@ -243,9 +247,7 @@ class MultiLoraLinear(nn.Module):
             coef = self.scaling.new_zeros(inverse.shape[0], slots.numel()).scatter_add_(
                 1, inverse, mix.weights.to(device=x.device, dtype=self.scaling.dtype)) * self.scaling[slots]  # (B, U)
             if slots.numel() == self.num_slots:  # every slot: the layout the dense path keeps
-                if self._flat is None:
-                    self._flat = self._flat_factors(slice(None))
-                At, Bt = self._flat
+                At, Bt = self._all_flat()
             else:
                 At, Bt = self._flat_factors(slots)
             self._union = (mix, At, Bt, coef[:, None, :, None])  # (B, 1, U, 1): broadcasts over tokens and ranks
