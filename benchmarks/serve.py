@@ -30,7 +30,7 @@ import torch
 from loramux import Library, load_base, load_tasks
 from loramux.bench.load import scenario
 from loramux.bench.machine import machine
-from loramux.bench.speed import decode_step_profile, random_adapter
+from loramux.bench.speed import decode_step_profile, gemm_row_scaling, random_adapter
 from loramux.engine import Engine
 from loramux.server import ServerConfig, create_app
 from loramux.server.background import serve_in_background
@@ -100,7 +100,7 @@ def main() -> None:
     out = {
         "command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "adapters": len(names), "tokens": args.tokens, "rounds": args.rounds,
-        "results": results, "decode_step_profile": profiles,
+        "results": results, "decode_step_profile": profiles, "gemm_row_scaling": gemm_row_scaling(base),
         "ratios": {
             "concurrent16_vs_sequential": round(results["concurrent16_mixed"]["tokens_per_s"]
                                                 / results["sequential_mixed"]["tokens_per_s"], 3),

@@ -113,6 +113,33 @@ def decode_step_profile(base: BaseModel, prompt_ids: torch.Tensor, steps: int = 
             "top_ops_self_ms": {k: v / 1e3 for k, v in top.items()}}
 
 
+def gemm_row_scaling(base: BaseModel, rows: tuple[int, ...] = (1, 2, 4, 8, 16), reps: int = 50) -> dict:
+    """Time of one projection (x @ W^T, the model's widest MLP weight) against the number of rows.
+
+    Batching decode pays off only while a GEMM costs about the same for 16 rows as for 1, i.e.
+    while reading W dominates. If time grows with the rows, the BLAS kernel is compute-bound at
+    these shapes and `16 / (t16 / t1)` caps what batch-16 decode can gain over batch 1, for the
+    base model and for any LoRA engine on top of it."""
+    weight = max((m.weight for m in base.model.modules() if isinstance(m, torch.nn.Linear)
+                  and m.weight.shape[0] != base.model.config.vocab_size), key=lambda w: w.numel())
+    d_out, d_in = weight.shape
+    times = {}
+    with torch.no_grad():
+        for n in rows:
+            x = torch.randn(n, d_in)
+            torch.nn.functional.linear(x, weight)  # warm-up
+            runs = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(reps):
+                    torch.nn.functional.linear(x, weight)
+                runs.append((time.perf_counter() - t) / reps)
+            times[n] = statistics.median(runs)
+    return {"shape": [int(d_out), int(d_in)], "us": {str(n): round(t * 1e6, 2) for n, t in times.items()},
+            "time_over_1_row": {str(n): round(t / times[rows[0]], 3) for n, t in times.items()},
+            "batching_ceiling": {str(n): round(n * times[rows[0]] / t, 2) for n, t in times.items()}}
+
+
 def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: int = 8, prompt_len: int = 96,
         reps: int = 7, decode_tokens: int = 32, memory_adapters: int = 100, seed: int = 0) -> dict:
     from peft import PeftModel
