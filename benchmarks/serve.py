@@ -31,6 +31,7 @@ from loramux import Library, load_base, load_tasks
 from loramux.bench.load import scenario
 from loramux.bench.machine import machine
 from loramux.bench.speed import decode_step_profile, gemm_row_scaling, random_adapter
+from loramux.cpu_linear import PackedLinear, unpack_linears
 from loramux.engine import Engine
 from loramux.server import ServerConfig, create_app
 from loramux.server.background import serve_in_background
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--extra", type=int, default=86, help="random r=8 adapters added for the 100-adapter run")
     ap.add_argument("--sequential", type=int, default=8, help="requests in the sequential run")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-pack", action="store_true", help="serve from plain (not oneDNN-prepacked) base weights")
     ap.add_argument("--output", default=str(RESULTS / "serve.json"))
     args = ap.parse_args()
 
@@ -61,7 +63,8 @@ def main() -> None:
     engine = Engine(base, lib)
     for n in names:
         engine.load(n)
-    app = create_app(engine, lib, ServerConfig(max_batch=16, max_queue=256))
+    app = create_app(engine, lib, ServerConfig(max_batch=16, max_queue=256, pack_linears=not args.no_pack))
+    packed = sum(isinstance(m, PackedLinear) for m in base.model.modules())
     server, _, root = serve_in_background(app)
     url = f"{root}/v1"
     mix3 = lambda: dict(zip(rng.sample(names, min(3, len(names))), (0.5, 0.3, 0.2)))  # noqa: E731
@@ -85,21 +88,25 @@ def main() -> None:
                     engine.unload(extra)
     server.should_exit = True
     # What bounds the ratios: one decode step (no HTTP, no scheduler) at batch 1 and 16, base vs
-    # the benchmark's 16 mixtures, under torch.profiler, median of three tries each.
+    # the benchmark's 16 mixtures, under torch.profiler, median of three tries each; when the
+    # server ran packed, the same steps again with the plain kernel, side by side.
     ids = torch.randint(100, base.model.config.vocab_size - 100, (16, 96), generator=torch.Generator().manual_seed(0))
     tries = {"b1_base": lambda: decode_step_profile(base, ids[:1]),
              "b16_base": lambda: decode_step_profile(base, ids),
              "b16_mixed": lambda: decode_step_profile(base, ids, fused=engine.fused, mix=engine.sequence_mixture(mixes))}
     profiles = {}
-    for name, fn in tries.items():
-        runs = sorted((fn() for _ in range(3)), key=lambda r: r["step_ms_profiled"])
-        profiles[name] = runs[1]
+    for suffix in ("", "_unpacked") if packed else ("",):
+        if suffix:
+            unpack_linears(base.model)
+        for name, fn in tries.items():
+            runs = sorted((fn() for _ in range(3)), key=lambda r: r["step_ms_profiled"])
+            profiles[name + suffix] = runs[1]
     results = {name: min(runs, key=lambda r: abs(r["tokens_per_s"] - statistics.median(x["tokens_per_s"] for x in runs)))
                | {"tokens_per_s_rounds": [r["tokens_per_s"] for r in runs]} for name, runs in rounds.items()}
     big = results[big_name]
     out = {
         "command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "adapters": len(names), "tokens": args.tokens, "rounds": args.rounds,
+        "machine": machine(), "packed_linears": packed, "adapters": len(names), "tokens": args.tokens, "rounds": args.rounds,
         "results": results, "decode_step_profile": profiles, "gemm_row_scaling": gemm_row_scaling(base),
         "ratios": {
             "concurrent16_vs_sequential": round(results["concurrent16_mixed"]["tokens_per_s"]

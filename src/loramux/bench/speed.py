@@ -86,6 +86,11 @@ def _median_times(variants: dict[str, Callable[[], None]], reps: int, warmup: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# The matmul kernels a step may run: BLAS GEMMs (plain and batched, the fused layer's bmm paths
+# among them) and oneDNN's prepacked linear (cpu_linear.PackedLinear).
+_MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
+
+
 def decode_step_profile(base: BaseModel, prompt_ids: torch.Tensor, steps: int = 8, fused=None, mix=None) -> dict:
     """Where one decode step spends its time (torch.profiler): the matmuls against everything
     else. For the plain base model at batch 1 this is the floor for any LoRA engine built on the
@@ -109,35 +114,48 @@ def decode_step_profile(base: BaseModel, prompt_ids: torch.Tensor, steps: int = 
     total = sum(self_us.values())
     top = dict(sorted(self_us.items(), key=lambda kv: -kv[1])[:6])
     return {"rows": int(prompt_ids.shape[0]), "step_ms_profiled": wall * 1e3, "ops_self_ms": total / 1e3,
-            "mm_share": (self_us.get("aten::mm", 0) + self_us.get("aten::addmm", 0)) / total,
+            "mm_share": sum(self_us.get(op, 0) for op in _MATMUL_OPS) / total,
             "top_ops_self_ms": {k: v / 1e3 for k, v in top.items()}}
 
 
 def gemm_row_scaling(base: BaseModel, rows: tuple[int, ...] = (1, 2, 4, 8, 16), reps: int = 50) -> dict:
-    """Time of one projection (x @ W^T, the model's widest MLP weight) against the number of rows.
+    """Time of one projection (x @ W^T, the model's widest MLP weight) against the number of rows,
+    with the plain kernel (`F.linear`) and with the oneDNN-prepacked weight the server uses
+    (`cpu_linear.PackedLinear`; "packed_*" keys, absent without oneDNN).
 
     Batching decode pays off only while a GEMM costs about the same for 16 rows as for 1, i.e.
-    while reading W dominates. If time grows with the rows, the BLAS kernel is compute-bound at
-    these shapes and `16 / (t16 / t1)` caps what batch-16 decode can gain over batch 1, for the
-    base model and for any LoRA engine on top of it."""
-    weight = max((m.weight for m in base.model.modules() if isinstance(m, torch.nn.Linear)
-                  and m.weight.shape[0] != base.model.config.vocab_size), key=lambda w: w.numel())
-    d_out, d_in = weight.shape
-    times = {}
+    while reading W dominates. If time grows with the rows, the kernel is compute-bound (or
+    re-lays out W per call) at these shapes and `16 / (t16 / t1)` caps what batch-16 decode can
+    gain over batch 1, for the base model and for any LoRA engine on top of it."""
+    from ..cpu_linear import PackedLinear, packing_available
+
+    linear = max((m for m in base.model.modules() if isinstance(m, torch.nn.Linear)
+                  and m.weight.shape[0] != base.model.config.vocab_size), key=lambda m: m.weight.numel())
+    d_out, d_in = linear.weight.shape
+    kernels = {"": lambda x: torch.nn.functional.linear(x, linear.weight)}
+    if packing_available():
+        packed = PackedLinear(linear, min_rows=1)
+        kernels["packed_"] = packed
+    out: dict = {"shape": [int(d_out), int(d_in)]}
     with torch.no_grad():
-        for n in rows:
-            x = torch.randn(n, d_in)
-            torch.nn.functional.linear(x, weight)  # warm-up
-            runs = []
-            for _ in range(5):
-                t = time.perf_counter()
-                for _ in range(reps):
-                    torch.nn.functional.linear(x, weight)
-                runs.append((time.perf_counter() - t) / reps)
-            times[n] = statistics.median(runs)
-    return {"shape": [int(d_out), int(d_in)], "us": {str(n): round(t * 1e6, 2) for n, t in times.items()},
-            "time_over_1_row": {str(n): round(t / times[rows[0]], 3) for n, t in times.items()},
-            "batching_ceiling": {str(n): round(n * times[rows[0]] / t, 2) for n, t in times.items()}}
+        for prefix, fn in kernels.items():
+            times = {}
+            for n in rows:
+                x = torch.randn(n, d_in)
+                fn(x)  # warm-up (and the one-time packing)
+                runs = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        fn(x)
+                    runs.append((time.perf_counter() - t) / reps)
+                times[n] = statistics.median(runs)
+            out[prefix + "us"] = {str(n): round(t * 1e6, 2) for n, t in times.items()}
+            out[prefix + "time_over_1_row"] = {str(n): round(t / times[rows[0]], 3) for n, t in times.items()}
+            out[prefix + "batching_ceiling"] = {str(n): round(n * times[rows[0]] / t, 2) for n, t in times.items()}
+    if "packed_us" in out:
+        out["packed_speedup"] = {n: round(out["us"][n] / out["packed_us"][n], 2) for n in out["us"]}
+    return out
 
 
 def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: int = 8, prompt_len: int = 96,

@@ -24,6 +24,8 @@ def serve(
     max_queue: int = typer.Option(64, help="Waiting requests before 429."),
     max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
     device: str = typer.Option("cpu", help="torch device."),
+    pack: bool = typer.Option(True, "--pack/--no-pack", help="CPU fp32: serve from oneDNN-prepacked base weights "
+                                                             "(faster batched decode, one more copy of the weights)."),
     ray: bool = typer.Option(False, "--ray", help="Serve as a Ray Serve deployment (a local Ray unless --ray-address)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --ray)."),
     replicas: int = typer.Option(1, help="--ray: number of replicas, each with its own engine."),
@@ -60,7 +62,8 @@ def serve(
         typer.echo(f"no API keys: anyone who can reach {host}:{port} can use this server", err=True)
     lib = open_library(library, create=True)  # no flags: the default library, made empty if new
     config = ServerConfig(api_keys=frozenset(keys), admin_keys=frozenset(admin), adapter_root=adapter_root,
-                          max_batch=max_batch, max_queue=max_queue, max_tokens_limit=max_tokens_limit)
+                          max_batch=max_batch, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
+                          pack_linears=pack)
     if ray or ray_address:
         import json
 
