@@ -232,9 +232,17 @@ class MultiLoraLinear(nn.Module):
     # once, as one rank-U·r LoRA whose rank blocks each row weights with its own coefficients, at
     # the price of U/m times the LoRA FLOPs; with a few tokens per row the reads dominate. U is at
     # most K, so with 100 adapters loaded and rows mixing 3 of 14, a step still reads 14.
+    # That trade pays where decode is bound by reads. On the 2-core CPU it is not: skinny fp32
+    # GEMMs are bound by compute, and a batch-16 decode step of the default model with 16
+    # different 3-of-14 mixtures ran at 0.62-0.64 of the base step's speed with the union and
+    # 0.75-0.81 with the gathered bmm (prepacked base weights, measured 2026-11-24). So the union
+    # is used off CPU only, where decode is expected to be bound by reads (not measured: no GPU).
     _FEW_TOKENS = 4
+    _UNION_ON_CPU = False
 
     def _reads_fewer_union(self, x: torch.Tensor, mix: SequenceMixture) -> bool:
+        if x.device.type == "cpu" and not self._UNION_ON_CPU:
+            return False
         rows, m = mix.indices.shape
         tokens = 1 if x.dim() == 2 else x.shape[1]
         return rows > 1 and tokens <= self._FEW_TOKENS and rows * m > mix.union[0].numel()
