@@ -39,7 +39,7 @@ from loramux.fusion import FusedModel
 from loramux.library.checks import read_peft_dir
 from loramux.routers.arrow import ArrowConfig, ArrowRouter, adapter_prototypes
 
-RESULTS = Path(__file__).parent / "results" / "arrow.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 def arrow_over_dirs(fused: FusedModel, dirs: dict[str, Path], config: ArrowConfig) -> ArrowRouter:

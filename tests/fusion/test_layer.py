@@ -71,6 +71,15 @@ def test_many_rows_and_few_rows_layouts_agree():
             assert torch.allclose(run(layer, x, mix), run(layer, x, mix, reference=True), atol=1e-5)
 
 
+def test_each_layout_is_made_only_when_asked_for():
+    layer, _ = make_layer()
+    mix = SequenceMixture(torch.tensor([[1, 3], [0, 4]]), torch.tensor([[0.6, 0.4], [1.0, 0.5]]))
+    run(layer, torch.randn(2, 100, 12), mix)  # a prefill: transposed views only
+    assert layer._cache[1] is None
+    run(layer, torch.randn(2, 1, 12), mix)  # then decode: the contiguous layout, once
+    assert layer._cache[1] is not None and layer._cache[1][0].is_contiguous()
+
+
 def test_gathered_factors_are_cached_per_mixture_object():
     layer, _ = make_layer()
     mix = SequenceMixture(torch.tensor([[0], [1]]), torch.tensor([[1.0], [1.0]]))

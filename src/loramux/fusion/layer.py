@@ -11,19 +11,22 @@ dense coefficient tensor C of shape (B, T or 1, K), which is what the reference 
     for i in range(K):                       # reference: a plain loop over adapters
         y += C[..., i] * s_i * B_i (A_i x)
 
-The fast path for per-sequence mixtures gathers only the m selected adapters of each row,
-folds w·s into B, and concatenates them along the rank (PEFT's exact "cat" form, per row):
+The fast path for per-sequence mixtures gathers only the m selected adapters of each row and
+concatenates them along the rank (PEFT's exact "cat" form, per row), with each rank block's
+weight w·s applied to the rank-m·r intermediate:
 
     A_cat[b] = [A_{i1}; …; A_{im}]            # (B, m·r, d_in)
-    B_cat[b] = [w1 s1 B_{i1}, …, wm sm B_{im}]  # (B, d_out, m·r)
-    y = W0·x + bmm(bmm(x, A_catᵀ), B_catᵀ)
+    B_cat[b] = [B_{i1}, …, B_{im}]            # (B, d_out, m·r)
+    c[b]     = [w1 s1 (r times), …, wm sm]    # (B, m·r)
+    y = W0·x + bmm(bmm(x, A_catᵀ) ⊙ c, B_catᵀ)
 
 The gathered factors are cached per mixture object, so a decode loop pays the gather once.
-Decoding many rows that each mix their own adapters takes a third form instead: the union of the
-slots any row selects, read once as one rank-U·r LoRA whose rank blocks each row weights with
-its own coefficients (fewer bytes than a gathered copy per row; see `_reads_fewer_union`).
+Off CPU, decoding many rows that each mix their own adapters takes a third form instead: the
+union of the slots any row selects, read once as one rank-U·r LoRA whose rank blocks each row
+weights with its own coefficients (fewer bytes than a gathered copy per row, more FLOPs; see
+`_reads_fewer_union`).
 When every row has the same mixture the batched matmuls become two plain ones, and with
-`state.fold` the mixture is folded once into a copy of the base weight, W' = W0 + B_cat·A_cat,
+`state.fold` the mixture is folded once into a copy of the base weight, W' = W0 + B_cat·diag(c)·A_cat,
 so a long decode with one mixture costs exactly a base forward per step (at the price of one
 extra copy of each adapted weight while that mixture is in use).
 Ranks may differ: slots are zero-padded to the largest rank, which leaves the sum unchanged.
@@ -138,7 +141,7 @@ class MultiLoraLinear(nn.Module):
             # only on the tokens that chose it (a grouped GEMM) measured 1.1-1.4x slower than
             # dense over all K=14 slots on the 2-core CPU (batch 8 x 96, top-4), because it
             # materialises k outputs per token before scattering them back.
-            delta = self._dense_delta(x3, self.dense_weights(x3, mix))
+            return self._add_dense_delta(y, x3, self.dense_weights(x3, mix))
         return y + (delta[:, 0] if squeeze else delta).to(y.dtype)
 
     def dense_weights(self, x: torch.Tensor, mix: Mixture) -> torch.Tensor:
@@ -174,17 +177,23 @@ class MultiLoraLinear(nn.Module):
             delta += C[..., i : i + 1] * self.scaling[i] * ((x @ self.lora_A[i].T) @ self.lora_B[i].T)
         return delta
 
-    def _dense_delta(self, x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        """All K adapters as one rank-K·r LoRA, each rank block scaled by its coefficient."""
+    def _add_dense_delta(self, y: torch.Tensor, x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """y + all K adapters as one rank-K·r LoRA, each rank block scaled by its coefficient.
+        x: (B, T, d_in); y: the base output, (B, T, d_out) or (B, d_out) for 2-D inputs."""
         K, r = self.num_slots, self.max_rank
         At, Bt = self._all_flat()
         z = x @ At  # (B, T, K·r)
         coef = (C * self.scaling).unsqueeze(-1)  # each rank block times its weight
-        if torch.is_grad_enabled() and (C.requires_grad or x.requires_grad):  # training gates: autograd needs z
+        if (torch.is_grad_enabled() and (C.requires_grad or x.requires_grad or y.requires_grad)) \
+                or z.dtype != y.dtype or not y.is_contiguous():  # training gates: autograd needs z
             z = (z.view(*z.shape[:-1], K, r) * coef).view(z.shape)
-        else:
-            z.view(*z.shape[:-1], K, r).mul_(coef)
-        return z @ Bt  # (B, T, d_out)
+            delta = (z @ Bt).to(y.dtype)  # (B, T, d_out)
+            return y + (delta[:, 0] if y.dim() == 2 else delta)
+        z.view(*z.shape[:-1], K, r).mul_(coef)
+        # The second matmul accumulates into y, the base output made for this call: an
+        # out-of-place y + delta wrote two more output-sized tensors per layer.
+        y.view(-1, y.shape[-1]).addmm_(z.view(-1, K * r), Bt)
+        return y
 
     def _all_flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot's factors as one rank-K·r pair, laid out once per set of slots."""
@@ -201,13 +210,19 @@ class MultiLoraLinear(nn.Module):
 
     # Measured on the 2-core CPU (fp32; benchmarks/results/cpu_profile.json, "gemm"): with the
     # narrow factors as contiguous matrices a one-row LoRA update is ~1.9x faster (decode); with
-    # 768 rows (prefill) transposed views were as fast or faster (1.0-1.1x there, up to 1.3x in
-    # an earlier run). Both layouts are cached; the row count picks one.
+    # 768 rows (prefill) a transposed view of A was as fast or faster (1.0-1.1x there, up to 1.3x
+    # in an earlier run). The row count picks the layout; each is made only when first asked for.
     _MANY_ROWS = 64
 
-    def _gathered(self, mix: SequenceMixture, device: torch.device, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gathered(self, mix: SequenceMixture, device: torch.device,
+                  rows: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-row concatenated factors of the selected adapters, cached for this mixture object:
-        At (B', d_in, m·r) and Bt (B', m·r, d_out), 2-D when every row mixes the same way (B' = 1)."""
+        At (B', d_in, m·r), Bt (B', m·r, d_out) and the coefficient w·s of each rank column,
+        coef (B', 1, m·r); 2-D factors and coef (m·r,) when every row mixes the same way (B' = 1).
+
+        The weights scale the rank-m·r intermediate, not B: that is T·m·r numbers per row rather
+        than m·r·d_out, and each factor is one gather. (Scaling B and building both layouts up
+        front spent ~0.5 s of a 6.9 s prefill of 16 rows x 3 adapters copying, torch.profiler.)"""
         cache = self._cache
         if cache is None or cache[0] is not mix:
             idx = mix.indices.to(device).long()  # (B, m)
@@ -217,14 +232,18 @@ class MultiLoraLinear(nn.Module):
             Bsz, m = idx.shape
             r = self.max_rank
             A_cat = self.lora_A[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_in)
-            B_sel = self.lora_B[idx] * coef[:, :, None, None]  # (B', m, d_out, r): w·s folded into B
-            B_cat = B_sel.permute(0, 2, 1, 3).reshape(Bsz, self.base.out_features, m * r)  # (B', d_out, m·r)
-            views = (A_cat.transpose(1, 2), B_cat.transpose(1, 2))
-            dense = (views[0].contiguous(), views[1].contiguous())
+            Bt = self.lora_B.transpose(1, 2)[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_out), one strided gather
+            coef = coef.repeat_interleave(r, dim=1)[:, None, :]  # (B', 1, m·r): rank block i gets w_i·s_i
+            At = A_cat.transpose(1, 2)
             if Bsz == 1:
-                views, dense = (views[0][0], views[1][0]), (dense[0][0], dense[1][0])
-            cache = self._cache = (mix, dense, views)
-        return cache[2] if rows > self._MANY_ROWS else cache[1]
+                At, Bt, coef = At[0], Bt[0], coef[0, 0]
+            cache = self._cache = [mix, None, (At, Bt, coef)]
+        if rows > self._MANY_ROWS:
+            return cache[2]
+        if cache[1] is None:
+            At, Bt, coef = cache[2]
+            cache[1] = (At.contiguous(), Bt, coef)
+        return cache[1]
 
     # Decode with many rows, each its own mixture: gathering gives every row its own copy of its m
     # adapters' factors, so a step reads B·m adapters (16 rows x 3 = 48 on the serving benchmark,
@@ -275,22 +294,33 @@ class MultiLoraLinear(nn.Module):
         if self._folded is not None and self._folded[0] is mix:
             return self._folded[1]
         self._folded = None  # free the previous fold before making the next
-        At, Bt = self._gathered(mix, device)
+        At, Bt, coef = self._gathered(mix, device)
         if At.dim() != 2:
             return None
-        weight = torch.addmm(self.base.weight, Bt.T, At.T)  # (d_out, d_in)
+        weight = torch.addmm(self.base.weight, (Bt * coef[:, None]).T, At.T)  # (d_out, d_in)
         self._folded = (mix, weight)
         return weight
 
     def _add_sequence_delta(self, y: torch.Tensor, x: torch.Tensor, mix: SequenceMixture) -> torch.Tensor:
         """y + the per-row mixture's update, accumulated into y by the second matmul (no extra pass)."""
-        At, Bt = self._gathered(mix, x.device, rows=x.numel() // x.shape[-1])
+        At, Bt, coef = self._gathered(mix, x.device, rows=x.numel() // x.shape[-1])
+        # Without autograd the update accumulates into y, the base output made just for this
+        # call: an out-of-place add copied y first (0.56 s of a 6.7 s 16 x 120 prefill).
+        grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or coef.requires_grad)
         if At.dim() == 2:  # shared mixture: plain matmuls over all rows
             d_out = y.shape[-1]
-            return torch.addmm(y.view(-1, d_out), x.reshape(-1, x.shape[-1]).mm(At), Bt).view(y.shape)
-        if x.dim() == 2:
-            return torch.baddbmm(y[:, None], x[:, None].bmm(At), Bt)[:, 0]
-        return torch.baddbmm(y, x.bmm(At), Bt)  # (B, T, d_out)
+            z = x.reshape(-1, x.shape[-1]).mm(At)
+            if grad:
+                return torch.addmm(y.view(-1, d_out), z * coef, Bt).view(y.shape)
+            y.view(-1, d_out).addmm_(z.mul_(coef), Bt)
+            return y
+        x3, y3 = (x[:, None], y[:, None]) if x.dim() == 2 else (x, y)
+        z = x3.bmm(At)  # (B, T, m·r)
+        if grad:
+            out = torch.baddbmm(y3, z * coef, Bt)
+            return out[:, 0] if x.dim() == 2 else out  # (B, T, d_out)
+        y3.baddbmm_(z.mul_(coef), Bt)
+        return y
 
     def extra_repr(self) -> str:
         return f"name={self.name}, slots={self.num_slots}, max_rank={self.max_rank}"
