@@ -40,6 +40,7 @@ def test_same_seed_same_run_other_seed_other_run(tiny_model_dir, toy):
     assert a == b and a != c
 
 
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 def test_resume_continues_exactly(tiny_model_dir, toy, tmp_path, monkeypatch):
     from peft import get_peft_model_state_dict
 

@@ -37,8 +37,11 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def _lr_lambda(config: LoraTrainConfig):
-    def f(step: int) -> float:
+def _lr_lambda(config: LoraTrainConfig, start: int = 0):
+    """Warmup then cosine; `start` offsets the scheduler's own count so a resumed run is on schedule."""
+
+    def f(i: int) -> float:
+        step = start + i
         if step < config.warmup_steps:
             return (step + 1) / (config.warmup_steps + 1)
         progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
@@ -143,10 +146,9 @@ def train_lora(
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if resume and ckpt and (ckpt / STATE_FILE).is_file():
         step, losses, elapsed = _load_checkpoint(ckpt, model, optimizer, config, data)
-    # The schedule is a pure function of the step, so a resumed run picks it up exactly.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config), last_epoch=-1)
-    for _ in range(step):
-        scheduler.step()
+    # The schedule is a pure function of the step, so a resumed run picks it up exactly (offsetting it
+    # rather than stepping the scheduler forward, which torch warns about before any optimizer step).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, start=step))
 
     device = next(model.parameters()).device
     model.train()
