@@ -12,7 +12,8 @@ reads its scores back and a killed run resumes where it stopped):
 then scores base, oracle, uniform, ties, dare, multitask, dlp_p{0.3,0.6,0.9,1.0}, mole_layer,
 mole_block, mole_layer_no_balance, arrow (and mbc_arrow, dynamic_oracle) with
 `loramux.evaluation.harness`, on a seeded sample of each test set (--limit-per-task), and writes
-benchmarks/results/composite.{json,md} plus PNGs (heatmap, top-p sweep, accuracy vs cost).
+benchmarks/results/composite.{json,md} plus PNGs (heatmap, DLP router confusion, top-p sweep,
+accuracy vs cost).
 
     python benchmarks/composite.py --data-dir ../shared/data/bigbench [--limit-per-task 40]
         [--mole-steps 30] [--multitask-steps 120] [--with mbc,dynamic] [--model M --library L]
@@ -235,6 +236,15 @@ def plots(result: dict, out: Path) -> list[str]:
         fig.savefig(out / "composite_top_p.png", dpi=110)
         plt.close(fig)
         files.append("composite_top_p.png")
+    routing = result.get("routing", {})
+    if routing:  # the headline top-p if it ran, else the first DLP strategy scored
+        s = "dlp_p0.6" if "dlp_p0.6" in routing else next(iter(routing))
+        from router_dlp import plot_confusion
+
+        r = routing[s]
+        plot_confusion(np.array(r["confusion"]), r["labels"], out / "composite_router_confusion.png",
+                       title=f"{s}: top-1 adapter per test prompt (top-1 accuracy {r['top1_accuracy']:.3f})")
+        files.append("composite_router_confusion.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for s, v in strategies.items():
         ax.scatter(v["cost_ratio"], v["average"])

@@ -93,7 +93,7 @@ def router_part(router, lib: Library, test_tasks, owner: dict[str, str]) -> dict
             "latency_ms_b1": round(1000 * b1, 2), "latency_ms_b32": round(1000 * b32, 2), "_cm": cm}
 
 
-def plot_confusion(cm, names: list[str], path: Path) -> None:
+def plot_confusion(cm, names: list[str], path: Path, title: str = "DLP router on the 14 BIG-bench test sets") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +111,7 @@ def plot_confusion(cm, names: list[str], path: Path) -> None:
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("routed to (top-1 adapter)")
     ax.set_ylabel("prompt's task")
-    ax.set_title("DLP router on the 14 BIG-bench test sets")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

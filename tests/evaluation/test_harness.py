@@ -40,9 +40,25 @@ def test_strategies_side_by_side(tiny_model_dir, routed_lib, task_dir):
         assert v["average"] == pytest.approx(sum(v["per_task"].values()) / 3, abs=1e-4)
         assert v["metric"] == dict.fromkeys(WORDS, "exact_str_match")
     assert s["dlp"]["per_task"] == s["oracle"]["per_task"]  # the router picks each task's own adapter
+    routing = result["routing"]
+    assert set(routing) == {"dlp", "dlp_p1.0"}  # only per-prompt routers have a confusion matrix
+    assert routing["dlp"]["labels"] == result["adapters"] and routing["dlp"]["top1_accuracy"] == 1.0
+    assert sorted(result["adapters"]) == sorted(WORDS)  # one adapter per task, named after it: diagonal
+    assert routing["dlp"]["confusion"] == [[4 * (i == j) for j in range(3)] for i in range(3)]
     md = to_markdown(result)
     assert md.splitlines()[0].startswith("| strategy | average | animals (exact_str_match)")
     assert len(md.splitlines()) >= 2 + len(config.strategies)
+
+
+def test_routing_confusion_counts_the_top_adapter_per_prompt():
+    from loramux.evaluation.harness import routing_confusion
+
+    owner = {"t1": "a", "t2": "b", "t3": "c"}
+    plan = {("t1", 0): {"a": 0.7, "b": 0.3}, ("t1", 1): {"b": 0.6, "a": 0.4}, ("t2", 0): {"a": 0.5, "b": 0.5},
+            ("t3", 0): {"c": 1.0}, ("t3", 1): None, ("unowned", 0): {"a": 1.0}}
+    r = routing_confusion(plan, owner, ["a", "b", "c"])
+    # the tie in t2 goes to the first adapter in library order; base (None) and unowned tasks are not counted
+    assert r["confusion"] == [[1, 1, 0], [1, 0, 0], [0, 0, 1]] and r["top1_accuracy"] == 0.5
 
 
 def test_bad_strategies():

@@ -181,8 +181,10 @@ def _code_digest() -> str:
         import transformers
 
         root = Path(__file__).resolve().parents[1]
+        # the harness (which strategies, which samples) is not on that path: its edits keep the cache
         files = [root / "padding.py", root / "training" / "batching.py", root / "routers" / "layerwise.py",
-                 *(f for d in ("evaluation", "data", "fusion", "engine", "routers/arrow", "routers/gating")
+                 *(root / "evaluation" / f for f in ("composite.py", "metrics.py", "scoring.py")),
+                 *(f for d in ("data", "fusion", "engine", "routers/arrow", "routers/gating")
                    for f in sorted((root / d).glob("*.py")))]
         h = hashlib.sha256(f"{torch.__version__}|{transformers.__version__}".encode())
         for f in files:

@@ -99,6 +99,9 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
     scorer = MixtureScorer(fused, batch_size=config.batch_size, progress=progress, cache_dir=config.cache_dir)
     result: dict = {"strategies": {}, "n_per_task": {t: len(v) for t, v in indices.items()},
                     "seed": config.seed, "adapters": adapters}
+    routed = {s: plan for s, plan in plans.items() if s.startswith("dlp")}
+    if routed:
+        result["routing"] = {s: routing_confusion(plan, owner, adapters) for s, plan in routed.items()}
     for s, plan in plans.items():
         started = time.perf_counter()
         per_task, metric = {}, {}
@@ -113,6 +116,19 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
         log(f"{s}: average {average:.4f}")
     result["predictions_from_cache"] = scorer.from_disk
     return result
+
+
+def routing_confusion(plan: dict, owner: dict[str, str], adapters: list[str]) -> dict:
+    """How a per-prompt router chose: rows are the adapter trained on the prompt's task, columns
+    the adapter with the largest weight in its mixture (ties: the first in library order)."""
+    index = {a: i for i, a in enumerate(adapters)}
+    counts = [[0] * len(adapters) for _ in adapters]
+    for (task, _), mixture in plan.items():
+        if task in owner and mixture:
+            top = max(mixture, key=lambda a: (mixture[a], -index[a]))
+            counts[index[owner[task]]][index[top]] += 1
+    hits = sum(counts[i][i] for i in range(len(adapters)))
+    return {"labels": adapters, "confusion": counts, "top1_accuracy": round(hits / max(1, sum(map(sum, counts))), 4)}
 
 
 def to_markdown(result: dict) -> str:
