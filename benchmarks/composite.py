@@ -36,6 +36,7 @@ from loramux import Library, LoraTrainConfig, load_base, load_tasks
 from loramux.bench.machine import machine
 from loramux.bench.speed import _median_times
 from loramux.evaluation.harness import EvalConfig, evaluate, to_markdown
+from loramux.evaluation.plots import plot_results
 from loramux.fusion import FusedModel
 from loramux.training import train_adapters, train_lora
 
@@ -201,63 +202,6 @@ def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3,
     return out
 
 
-def plots(result: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    strategies = result["strategies"]
-    names = list(strategies)
-    tasks = list(next(iter(strategies.values()))["per_task"])
-    grid = np.array([[strategies[s]["per_task"][t] for t in tasks] for s in names])
-    files = []
-    fig, ax = plt.subplots(figsize=(2 + 0.7 * len(tasks), 1 + 0.4 * len(names)))
-    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    fig.colorbar(im, ax=ax, label="score (each task's primary metric)")
-    fig.tight_layout()
-    fig.savefig(out / "composite_heatmap.png", dpi=110)
-    plt.close(fig)
-    files.append("composite_heatmap.png")
-    sweep = sorted((float(s[5:]), v["average"]) for s, v in strategies.items() if s.startswith("dlp_p"))
-    if sweep:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([p for p, _ in sweep], [a for _, a in sweep], marker="o", label="DLP")
-        for ref in ("oracle", "uniform", "base"):
-            if ref in strategies:
-                ax.axhline(strategies[ref]["average"], ls="--", lw=1, label=ref)
-        ax.set_xlabel("top-p")
-        ax.set_ylabel("average score")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "composite_top_p.png", dpi=110)
-        plt.close(fig)
-        files.append("composite_top_p.png")
-    routing = result.get("routing", {})
-    if routing:  # the headline top-p if it ran, else the first DLP strategy scored
-        s = "dlp_p0.6" if "dlp_p0.6" in routing else next(iter(routing))
-        from router_dlp import plot_confusion
-
-        r = routing[s]
-        plot_confusion(np.array(r["confusion"]), r["labels"], out / "composite_router_confusion.png",
-                       title=f"{s}: top-1 adapter per test prompt (top-1 accuracy {r['top1_accuracy']:.3f})")
-        files.append("composite_router_confusion.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s, v in strategies.items():
-        ax.scatter(v["cost_ratio"], v["average"])
-        ax.annotate(s, (v["cost_ratio"], v["average"]), fontsize=7)
-    ax.set_xlabel("forward cost / base")
-    ax.set_ylabel("average score")
-    fig.tight_layout()
-    fig.savefig(out / "composite_cost.png", dpi=110)
-    plt.close(fig)
-    files.append("composite_cost.png")
-    return files
-
-
 def common_args(doc: str) -> argparse.ArgumentParser:
     """What the library benchmarks share: data, library, model, tasks, sample size, seed."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -357,7 +301,7 @@ def main() -> None:
                    "machine": machine(), "limit_per_task": args.limit_per_task, "train_seconds": timings,
                    "wall_seconds": round(time.perf_counter() - started, 1), "home": str(loramux_home())})
     out.parent.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plots(result, out.parent)
+    result["plots"] = plot_results(result, out.parent, prefix="composite")
     out.write_text(json.dumps(result, indent=1) + "\n")
     md = to_markdown({**result, "strategies": {k: {**v, "metric": result["strategies"]["base"]["metric"]}
                                                for k, v in result["strategies"].items()}})

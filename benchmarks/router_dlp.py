@@ -31,6 +31,7 @@ from loramux import Library, load_base, load_tasks
 from loramux.bench.machine import machine
 from loramux.bench.speed import _median_times
 from loramux.engine import Engine
+from loramux.evaluation.plots import plot_confusion
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -91,30 +92,6 @@ def router_part(router, lib: Library, test_tasks, owner: dict[str, str]) -> dict
             "adapters": names, "confusion_matrix": cm.tolist(), "top_p_sweep": sweep,
             "selected_adapters_mean": round(statistics.mean(sizes), 3),
             "latency_ms_b1": round(1000 * b1, 2), "latency_ms_b32": round(1000 * b32, 2), "_cm": cm}
-
-
-def plot_confusion(cm, names: list[str], path: Path, title: str = "DLP router on the 14 BIG-bench test sets") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 8))
-    norm = cm / cm.sum(1, keepdims=True).clip(min=1)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("routed to (top-1 adapter)")
-    ax.set_ylabel("prompt's task")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def share_part(router, engine, test_tasks) -> dict:
@@ -199,7 +176,8 @@ def main() -> None:
     if "router" in parts:
         r = router_part(router, lib, test_tasks, owner)
         cm = r.pop("_cm")
-        plot_confusion(cm, router.adapters, out_path.with_name(out_path.stem + "_confusion.png"))
+        plot_confusion(cm, router.adapters, out_path.with_name(out_path.stem + "_confusion.png"),
+                       title="DLP router on the 14 BIG-bench test sets")
         out_path.with_name(out_path.stem + "_confusion.json").write_text(json.dumps(
             {"labels": router.adapters, "rows": "prompt's task (its adapter)", "columns": "top-1 routed adapter",
              "matrix": cm.tolist()}, indent=1) + "\n")

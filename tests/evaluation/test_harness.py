@@ -72,9 +72,10 @@ def test_cli_eval(capsys, tiny_model_dir, task_lib, task_dir, tmp_path):
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
     code, out, err = run(capsys, "eval", "-l", str(task_lib.path), "--data-dir", str(task_dir), "--model",
                          str(tiny_model_dir), "--strategies", "base,oracle", "--limit-per-task", "2", "-o",
-                         str(out_json), "--markdown", str(out_md))
+                         str(out_json), "--markdown", str(out_md), "--plots", str(tmp_path / "png"))
     assert code == 0, err
     assert "| base |" in out and "| oracle |" in out
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["eval_heatmap.png"]  # no router, no sweep
     assert set(json.loads(out_json.read_text())["strategies"]) == {"base", "oracle"}
     assert out_md.read_text().startswith("| strategy |")
 

@@ -11,7 +11,8 @@ def eval_(
     library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
     data_dir: Optional[str] = typer.Option(None, help="Dir of task dirs (default: the fetched BIG-bench tasks)."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (default: every task of the library)."),
-    strategies: str = typer.Option("base,oracle,uniform", help="base, oracle, uniform, dlp, dlp_p<P>, arrow."),
+    strategies: str = typer.Option("base,oracle,uniform", help="base, oracle, uniform, dlp, dlp_p<P>, arrow, "
+                                                                         "mole[:<stored gates>]."),
     limit_per_task: Optional[int] = typer.Option(None, help="A seeded sample of each task's test set."),
     seed: int = typer.Option(0, help="Sampling and shuffling seed."),
     batch_size: int = typer.Option(8, help="Examples per scoring batch."),
@@ -20,6 +21,8 @@ def eval_(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
     markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table as Markdown here."),
+    plots: Optional[str] = typer.Option(None, "--plots", help="Write PNGs here: per-task heatmap, DLP router "
+                                                              "confusion, top-p sweep (as the strategies allow)."),
     ray: bool = typer.Option(False, "--ray", help="Spread the (strategy x task) cells over Ray (local unless "
                                                   "--ray-address)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --ray)."),
@@ -55,3 +58,7 @@ def eval_(
         from pathlib import Path
 
         Path(markdown).write_text(table)
+    if plots:
+        from ..evaluation.plots import plot_results
+
+        typer.echo(f"wrote {', '.join(plot_results(result, plots))} in {plots}", err=True)

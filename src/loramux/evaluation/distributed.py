@@ -28,7 +28,7 @@ def _cell(model: str, library: str, data_dir: str, task: str, strategy: str, lim
                  EvalConfig((strategy,), limit, seed, batch_size), progress=False, log=lambda s: None)
     out = r["strategies"][strategy]
     return {"score": out["per_task"][task], "metric": out["metric"][task], "seconds": out["seconds"],
-            "n": r["n_per_task"][task], "adapters": r["adapters"]}
+            "n": r["n_per_task"][task], "adapters": r["adapters"], "routing": r.get("routing", {}).get(strategy)}
 
 
 def evaluate_ray(model: str, library: str, data_dir: str, tasks: list[str], config: EvalConfig, *,
@@ -68,4 +68,11 @@ def evaluate_ray(model: str, library: str, data_dir: str, tasks: list[str], conf
                                    "metric": {t: cells[(s, t)]["metric"] for t in tasks},
                                    "seconds": round(sum(cells[(s, t)]["seconds"] for t in tasks), 1)}
         log(f"{s}: average {result['strategies'][s]['average']:.4f}")
+        if cells[(s, tasks[0])]["routing"] is not None:  # a per-prompt router: the cells' confusions add up
+            routing = [cells[(s, t)]["routing"] for t in tasks]
+            counts = [[sum(r["confusion"][i][j] for r in routing) for j in range(len(row))]
+                      for i, row in enumerate(routing[0]["confusion"])]
+            hits, total = sum(counts[i][i] for i in range(len(counts))), sum(map(sum, counts))
+            result.setdefault("routing", {})[s] = {"labels": routing[0]["labels"], "confusion": counts,
+                                                   "top1_accuracy": round(hits / max(1, total), 4)}
     return result
