@@ -145,15 +145,34 @@ def ensure_dynamic_oracle(base, lib: Library, data_dir: str, timings: dict) -> L
     from loramux.training.dynamic import DynamicConfig, train_dynamic
 
     side = Library(lib.path.with_name(f"{lib.path.name}-dynamic-oracle"), create=True)
+    ablation = lib.path.with_name(f"{lib.path.name}-dynamic")  # benchmarks/dynamic_lora.py's runs
+    ablation = Library(ablation) if ablation.exists() else None
+    config, dyn = LoraTrainConfig(), DynamicConfig()
     for spec in lib.list():
         if spec.name in side:
             continue
+        seed0 = f"{spec.name}-dynamic-s0"
+        if ablation is not None and seed0 in ablation and same_dynamic_recipe(ablation.get(seed0), spec, config, dyn):
+            log(f"{spec.name}: dynamic_lora.py's {seed0} has this recipe; reusing it")
+            side.add(spec.name, ablation.adapter_dir(seed0), base=base, tasks=spec.tasks,
+                     training=ablation.get(seed0).training)
+            continue
         log(f"training the Dynamic LoRA for {spec.name}")
-        result = train_dynamic(base, load_tasks(data_dir, list(spec.tasks), "train"), LoraTrainConfig(), DynamicConfig())
+        result = train_dynamic(base, load_tasks(data_dir, list(spec.tasks), "train"), config, dyn)
         side.add(spec.name, result.files, base=base, tasks=spec.tasks, training=result.summary)
         timings.setdefault("dynamic_oracle", 0.0)
         timings["dynamic_oracle"] += result.summary.seconds
     return side
+
+
+def same_dynamic_recipe(trained, spec, config: LoraTrainConfig, dyn) -> bool:
+    """Whether `trained` (an AdapterSpec) is a Dynamic LoRA of `spec`'s tasks with this config."""
+    t = trained.training
+    if t is None or tuple(trained.tasks) != tuple(spec.tasks) or t.config.get("method") != "dynamic":
+        return False
+    stored = t.config.get("dynamic", {})
+    return (all(t.config.get(k) == v for k, v in config.to_dict().items())
+            and all(stored.get(k) == v for k, v in dataclasses.asdict(dyn).items()))
 
 
 def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3,
