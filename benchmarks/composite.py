@@ -123,16 +123,21 @@ def ensure_mbc(base, lib: Library, data_dir: str, k: int, out_dir: Path | None =
     cluster library costs what the private one did). Stored beside the library as <library>-mbc<k>,
     restartable per adapter and from checkpoints."""
     from loramux.library.clustering import ClusterConfig, cluster_adapters, save_clustering
+    from loramux.training.build import cluster_plan
 
     clustering = cluster_adapters(lib, ClusterConfig(k=k))
     if out_dir is not None:
         save_clustering(clustering, out_dir)
     side = Library(lib.path.with_name(f"{lib.path.name}-mbc{k}"), create=True)
-    groups, names, configs = [], [], []
-    for i, members in enumerate(clustering.members):
-        groups.append(load_tasks(data_dir, [t for m in members for t in clustering.tasks[m]], "train"))
-        names.append(f"cluster{i}")
-        configs.append(LoraTrainConfig(steps=sum(clustering.steps.get(m, 60) for m in members)))
+    plan = cluster_plan(clustering, LoraTrainConfig())
+    groups = [load_tasks(data_dir, task_names, "train") for _, task_names, _ in plan]
+    names, configs = [p[0] for p in plan], [p[2] for p in plan]
+    for name, members, group, config in zip(names, clustering.members, groups, configs):
+        if len(members) == 1 and name not in side and same_recipe(lib, members[0], group, config):
+            # a cluster of one adapter, with its steps and data, is that adapter: no need to train it again
+            log(f"MBC k={k}: {name} is {members[0]!r} alone, trained with this recipe; reusing it")
+            side.add(name, lib.adapter_dir(members[0]), base=base, tasks=tuple(t.name for t in group),
+                     training=lib.get(members[0]).training)
     if any(n not in side for n in names):
         log(f"training the MBC k={k} cluster library: {clustering.members}")
     train_adapters(base, groups, side, configs, names=names, skip_existing=True, resume=True)
@@ -163,6 +168,15 @@ def ensure_dynamic_oracle(base, lib: Library, data_dir: str, timings: dict) -> L
         timings.setdefault("dynamic_oracle", 0.0)
         timings["dynamic_oracle"] += result.summary.seconds
     return side
+
+
+def same_recipe(lib: Library, name: str, tasks: list, config: LoraTrainConfig) -> bool:
+    """Whether `lib`'s adapter `name` was trained by train_lora with exactly this config on these tasks."""
+    if name not in lib:
+        return False
+    t = lib.get(name).training
+    return (t is not None and t.config == config.to_dict()
+            and t.data == ",".join(f"{task.name}({len(task)})" for task in tasks))
 
 
 def same_dynamic_recipe(trained, spec, config: LoraTrainConfig, dyn) -> bool:

@@ -34,6 +34,8 @@ from loramux.fusion import FusedModel
 from loramux.training import train_lora
 from loramux.training.dynamic import DynamicConfig, train_dynamic
 
+from composite import same_recipe  # a sibling script (benchmarks/ is on the path when run)
+
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"lora": None, "dynamic": DynamicConfig(), "realloc_only": DynamicConfig(input_gate=False),
             "gate_only": DynamicConfig(realloc=False)}
@@ -70,7 +72,7 @@ def main() -> None:
                     continue
                 config = LoraTrainConfig(steps=args.steps, seed=seed,
                                          warmup_steps=min(LoraTrainConfig.warmup_steps, args.steps))
-                if dyn is None and same_recipe(private, task, train[task], config):
+                if dyn is None and private is not None and same_recipe(private, task, [train[task]], config):
                     # the private library's adapter for this task is this very run (same data, config, seed)
                     print(f"[dynamic] {name}: the library's {task!r} adapter has this recipe; reusing it",
                           file=sys.stderr, flush=True)
@@ -153,17 +155,6 @@ def main() -> None:
     Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: out[k] for k in ("average_accuracy", "train_time_ratio", "inference_cost_ratio", "param_count")},
                      indent=1))
-
-
-def same_recipe(private: Library | None, task: str, data, config: LoraTrainConfig) -> bool:
-    """Whether the private library's adapter for `task` was trained with exactly this config on this data."""
-    import dataclasses
-
-    if private is None or task not in private:
-        return False
-    t = private.get(task).training
-    return (t is not None and t.config == json.loads(json.dumps(dataclasses.asdict(config)))
-            and t.data == f"{task}({len(data)})")
 
 
 def timed_training(base, task, steps: int, reps: int = 3) -> dict[str, float]:

@@ -88,3 +88,19 @@ def test_cluster_then_train_one_adapter_per_cluster(capsys, tmp_path, tiny_model
         assert sorted(spec.tasks) == sorted(members)  # each toy adapter was trained on its own task
         assert spec.training.steps == sum(clustering["steps"][m] for m in members)  # total steps matched
     assert sum(built.get(n).training.steps for n in built.names()) == 9
+
+
+def test_cluster_plan_matches_steps_and_clamps_warmup(families):
+    from loramux.training import LoraTrainConfig
+    from loramux.training.build import cluster_plan
+
+    c = cluster_adapters(families, ClusterConfig(k=3))
+    c.steps = {"a0": 2, "a1": 1, "a2": 1, "b0": 60, "b1": None}  # c0..c2 unknown: the config's steps
+    plan = cluster_plan(c, LoraTrainConfig(steps=30, warmup_steps=6, rank=4))
+    by_tasks = {tuple(sorted(tasks)): cfg for _, tasks, cfg in plan}
+    a, b, cc = (by_tasks[tuple(f"task_{p}{i}" for i in range(n))] for p, n in (("a", 3), ("b", 2), ("c", 3)))
+    assert [p[0] for p in plan] == ["cluster0", "cluster1", "cluster2"]
+    assert (a.steps, a.warmup_steps) == (4, 4)  # 2 + 1 + 1 steps: warm-up cut to fit
+    assert (b.steps, b.warmup_steps) == (90, 6) and cc.steps == 90 and a.rank == 4
+    fixed = cluster_plan(c, LoraTrainConfig(steps=5, warmup_steps=2), match_steps=False)
+    assert {cfg.steps for _, _, cfg in fixed} == {5}

@@ -97,24 +97,20 @@ def _train_clusters(path: str, data_dir: Optional[str], library: Optional[str], 
                     resume: bool) -> None:
     """One adapter per cluster, named cluster<i>, on the union of its tasks. Each gets the sum of
     its members' training steps (the private library's total), unless --steps was given."""
-    import dataclasses
-
     from ..data import load_tasks
     from ..library.clustering import Clustering
     from ..models import load_base
     from ..training import train_adapters
+    from ..training.build import cluster_plan
     from .common import default_data_dir, open_library
 
     clustering = Clustering.load(path)
     root = data_dir or default_data_dir()
-    groups, names, configs = [], [], []
-    for i, members in enumerate(clustering.members):
-        task_names = [t for m in members for t in clustering.tasks.get(m, [m])]
-        groups.append(load_tasks(root, task_names, "train"))
-        names.append(f"cluster{i}")
-        steps = config.steps if steps_given else sum(clustering.steps.get(m, config.steps) for m in members)
-        configs.append(dataclasses.replace(config, steps=steps))
-        typer.echo(f"cluster{i}: {', '.join(task_names)} ({steps} steps)")
+    plan = cluster_plan(clustering, config, match_steps=not steps_given)
+    for name, task_names, cfg in plan:
+        typer.echo(f"{name}: {', '.join(task_names)} ({cfg.steps} steps)")
+    groups = [load_tasks(root, task_names, "train") for _, task_names, _ in plan]
+    names, configs = [p[0] for p in plan], [p[2] for p in plan]
     lib = open_library(library, create=True)
     base = load_base(model, device=device)
     train_adapters(base, groups, lib, configs, names=names, skip_existing=skip_existing, replace=replace,

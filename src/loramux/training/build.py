@@ -66,3 +66,19 @@ def train_adapters(
             f"{result.summary.seconds:.0f}s -> {library.path}")
         specs.append(spec)
     return specs
+
+
+def cluster_plan(clustering, config: LoraTrainConfig, *, match_steps: bool = True,
+                 ) -> list[tuple[str, list[str], LoraTrainConfig]]:
+    """What MBC trains (ALGORITHMS.md §4): (name, tasks, config) per cluster, named cluster<i>.
+    With `match_steps` each cluster gets the sum of its members' training steps, so the cluster
+    library costs what the private one did; otherwise `config.steps`. Warm-up never exceeds the steps."""
+    import dataclasses
+
+    plan = []
+    for i, members in enumerate(clustering.members):
+        tasks = [t for m in members for t in clustering.tasks.get(m, [m])]
+        steps = sum(clustering.steps.get(m) or config.steps for m in members) if match_steps else config.steps
+        plan.append((f"cluster{i}", tasks,
+                     dataclasses.replace(config, steps=steps, warmup_steps=min(config.warmup_steps, steps))))
+    return plan
