@@ -239,7 +239,8 @@ def accuracy_parts(args, parts: set[str], result: dict) -> None:
             averages[f"mbc{k}_arrow"] = r["strategies"]["arrow"]["average"]
             clusters[f"k{k}"] = {"members": clustering.members, "per_task": r["strategies"]["arrow"]["per_task"],
                                  "train_seconds": sum(s.training.seconds for s in side.list() if s.training)}
-        result["command_mbc"] = "python " + " ".join(sys.argv)
+            result["command_mbc"] = "python " + " ".join(sys.argv)
+            Path(args.output).write_text(json.dumps(result, indent=1) + "\n")  # each k is hours of training: keep it
 
 
 def main() -> None:
