@@ -105,16 +105,23 @@ def ensure_merges(base, lib: Library, work: Library) -> None:
         peft.unload()
 
 
-def ensure_multitask(base, lib: Library, work: Library, data_dir: str, steps: int) -> None:
-    if "multitask" in work:
-        return
-    rank = 8 * len(lib)  # the library's parameter count in one LoRA
+def ensure_multitask(base, lib: Library, work: Library, data_dir: str, steps: int) -> int:
+    """One LoRA on the union of the tasks with the library's parameter count (the sum of its ranks);
+    steps 0 = the library's total steps (matched compute). Checkpointed, so a killed run resumes.
+    Returns the steps it was trained with."""
+    from loramux.training.build import default_checkpoint_dir
+
+    steps = steps or sum(s.training.steps if s.training else LoraTrainConfig.steps for s in lib.list())
+    if "multitask" in work and work.get("multitask").training.steps == steps:
+        return steps
+    rank = sum(s.rank for s in lib.list())  # the library's parameter count in one LoRA
     log(f"training the multi-task LoRA (rank {rank}, {steps} steps)")
     tasks = load_tasks(data_dir, sorted({t for s in lib.list() for t in s.tasks}), "train")
     config = LoraTrainConfig(rank=rank, alpha=2.0 * rank, steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps))
-    result = train_lora(base, tasks, config)
-    work.add("multitask", result.model, base=base, tasks=(), training=result.summary)
+    result = train_lora(base, tasks, config, checkpoint_dir=default_checkpoint_dir(work, f"multitask-{steps}"), resume=True)
+    work.add("multitask", result.model, base=base, tasks=(), training=result.summary, replace="multitask" in work)
     result.model.unload()
+    return steps
 
 
 def ensure_mbc(base, lib: Library, data_dir: str, k: int, out_dir: Path | None = None) -> tuple[Library, object]:
@@ -261,7 +268,8 @@ def setup(args) -> tuple:
 def main() -> None:
     ap = common_args(__doc__)
     ap.add_argument("--mole-steps", type=int, default=30)
-    ap.add_argument("--multitask-steps", type=int, default=120)
+    ap.add_argument("--multitask-steps", type=int, default=120,
+                    help="0: the library's total steps (matched compute; 840 for 14 x 60)")
     ap.add_argument("--with", dest="extra", default="", help="mbc,dynamic: also the library-sized extras")
     ap.add_argument("--strategies", default=None, help="score only these (default: all built)")
     ap.add_argument("--output", default=str(RESULTS / "composite.json"))
@@ -277,7 +285,7 @@ def main() -> None:
     ensure_dlp(lib, args.data_dir)
     ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
     ensure_merges(base, lib, work)
-    ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps)
+    multitask_steps = ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps)
     extras = set(filter(None, args.extra.split(",")))
     wanted = (args.strategies.split(",") if args.strategies else
               ["base", "oracle", "uniform", "dlp_p0.3", "dlp_p0.6", "dlp_p0.9", "dlp_p1.0", *MOLE, "arrow"])
@@ -332,6 +340,7 @@ def main() -> None:
         result["mole_gate_cost_ratio"] = costs["_gate_cost_ratio"]
     result.update({"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "machine": machine(), "limit_per_task": args.limit_per_task, "train_seconds": timings,
+                   "multitask_steps": multitask_steps, "mole_steps": args.mole_steps,
                    "wall_seconds": round(time.perf_counter() - started, 1), "home": str(loramux_home())})
     out.parent.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot_results(result, out.parent, prefix="composite")
