@@ -139,12 +139,20 @@ def ensure_mbc(base, lib: Library, data_dir: str, k: int, out_dir: Path | None =
     plan = cluster_plan(clustering, LoraTrainConfig())
     groups = [load_tasks(data_dir, task_names, "train") for _, task_names, _ in plan]
     names, configs = [p[0] for p in plan], [p[2] for p in plan]
-    for name, members, group, config in zip(names, clustering.members, groups, configs):
-        if len(members) == 1 and name not in side and same_recipe(lib, members[0], group, config):
-            # a cluster of one adapter, with its steps and data, is that adapter: no need to train it again
-            log(f"MBC k={k}: {name} is {members[0]!r} alone, trained with this recipe; reusing it")
-            side.add(name, lib.adapter_dir(members[0]), base=base, tasks=tuple(t.name for t in group),
-                     training=lib.get(members[0]).training)
+    # A cluster trained before with this exact recipe (same tasks, data and config) is that adapter:
+    # a one-task cluster is the private adapter, and a cluster that k=3 and k=5 share is trained once.
+    donors = [lib] + [Library(p) for p in sorted(lib.path.parent.glob(f"{lib.path.name}-mbc*"))
+                      if p != side.path and (p / "loramux-library.json").is_file()]
+    for name, group, config in zip(names, groups, configs):
+        if name in side:
+            continue
+        for donor in donors:
+            found = next((s.name for s in donor.list() if same_recipe(donor, s.name, group, config)), None)
+            if found is not None:
+                log(f"MBC k={k}: {name} was trained with this recipe as {donor.path.name}/{found}; reusing it")
+                side.add(name, donor.adapter_dir(found), base=base, tasks=tuple(t.name for t in group),
+                         training=donor.get(found).training)
+                break
     if any(n not in side for n in names):
         log(f"training the MBC k={k} cluster library: {clustering.members}")
     train_adapters(base, groups, side, configs, names=names, skip_existing=True, resume=True)
