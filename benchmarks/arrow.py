@@ -17,6 +17,7 @@
          each adapter only on its tokens (kept here as the measured alternative).
 
     python benchmarks/arrow.py [--parts peft,cost] [--library DIR] [--adapters a,b,c]
+    python benchmarks/arrow.py --parts mbc --mbc-k 5 --reuse-clustering --limit-per-task 20
 
 Results merge into benchmarks/results/arrow.json.
 """
@@ -211,12 +212,19 @@ def accuracy_parts(args, parts: set[str], result: dict) -> None:
 
     from loramux import load_tasks
     from loramux._home import default_library_path, prediction_cache_path
+    from loramux.library.clustering import Clustering
     from loramux.evaluation.harness import EvalConfig, evaluate
 
     base = load_base(args.model) if args.model else load_base()
     lib = Library(args.library or default_library_path(), create=True)
     tasks = sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
-    ensure_library(base, lib, args.data_dir, tasks)
+    ks = [int(k) for k in args.mbc_k.split(",")]
+    committed = {k: Path(args.output).parent / f"mbc_k{k}" / "clustering.json" for k in ks}
+    # --reuse-clustering: the MBC part needs the private library only to cluster it; with the
+    # clusterings committed beside the results, the cluster libraries can be built (and a wiped
+    # cache rebuilt) without retraining the 14 private adapters first.
+    if "accuracy" in parts or not (args.reuse_clustering and all(c.is_file() for c in committed.values())):
+        ensure_library(base, lib, args.data_dir, tasks)
     test = load_tasks(args.data_dir, tasks, "test")
     averages = result.setdefault("average_accuracy", {})
     if "accuracy" in parts:
@@ -230,8 +238,12 @@ def accuracy_parts(args, parts: set[str], result: dict) -> None:
         result["command_accuracy"] = "python " + " ".join(sys.argv)
     if "mbc" in parts:
         clusters = result.setdefault("mbc", {})
-        for k in (k for k in (3, 5) if k <= len(lib)):
-            side, clustering = ensure_mbc(base, lib, args.data_dir, k, Path(args.output).parent / f"mbc_k{k}")
+        for k in ks:
+            if args.reuse_clustering and committed[k].is_file():
+                log(f"MBC k={k}: reusing the committed clustering {committed[k]}")
+                side, clustering = ensure_mbc(base, lib, args.data_dir, k, clustering=Clustering.load(committed[k]))
+            else:
+                side, clustering = ensure_mbc(base, lib, args.data_dir, k, committed[k].parent)
             fused = FusedModel(base)
             config = EvalConfig(("arrow",), args.limit_per_task, 0, cache_dir=str(prediction_cache_path()))
             r = evaluate(fused, side, test, config, log=log)
@@ -255,6 +267,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"))
     ap.add_argument("--model", default=None, help="accuracy/mbc: default the embedded model")
     ap.add_argument("--limit-per-task", type=int, default=40)
+    ap.add_argument("--mbc-k", default="3,5", help="mbc: comma-separated cluster counts")
+    ap.add_argument("--reuse-clustering", action="store_true",
+                    help="mbc: take results/mbc_k<k>/clustering.json instead of clustering the private library again")
     args = ap.parse_args()
 
     out_path = Path(args.output)

@@ -124,15 +124,19 @@ def ensure_multitask(base, lib: Library, work: Library, data_dir: str, steps: in
     return steps
 
 
-def ensure_mbc(base, lib: Library, data_dir: str, k: int, out_dir: Path | None = None) -> tuple[Library, object]:
+def ensure_mbc(base, lib: Library, data_dir: str, k: int, out_dir: Path | None = None,
+               clustering=None) -> tuple[Library, object]:
     """MBC (ALGORITHMS.md §4): cluster the library's adapters into k groups by parameter similarity
-    and train one adapter per cluster on its tasks' union, with the members' total steps (so the
-    cluster library costs what the private one did). Stored beside the library as <library>-mbc<k>,
-    restartable per adapter and from checkpoints."""
+    (or take a given `clustering` of k groups) and train one adapter per cluster on its tasks'
+    union, with the members' total steps (so the cluster library costs what the private one did).
+    Stored beside the library as <library>-mbc<k>, restartable per adapter and from checkpoints."""
     from loramux.library.clustering import ClusterConfig, cluster_adapters, save_clustering
     from loramux.training.build import cluster_plan
 
-    clustering = cluster_adapters(lib, ClusterConfig(k=k))
+    if clustering is None:
+        clustering = cluster_adapters(lib, ClusterConfig(k=k))
+    elif len(clustering.members) != k:
+        raise ValueError(f"the given clustering has {len(clustering.members)} clusters; MBC k={k} needs {k}")
     if out_dir is not None:
         save_clustering(clustering, out_dir)
     side = Library(lib.path.with_name(f"{lib.path.name}-mbc{k}"), create=True)
