@@ -1,7 +1,12 @@
 """The composite benchmark: every strategy on every task's test set, mixed, through one scorer.
 
 One command builds what is missing (cached under $LORAMUX_HOME, scored predictions included, so a warm run
-reads its scores back and a killed run resumes where it stopped):
+reads its scores back and a killed run resumes where it stopped). Each strategy's row is written into
+composite.json as soon as it is scored, with its recipe; a later run keeps every row whose recipe is
+unchanged and computes only the rest, so a cold run longer than one session goes on from the committed
+JSON even on a machine whose cache is gone (the extras then need no private library at all: MBC takes
+the committed results/mbc_k3/clustering.json). Rows record the digest of the weights they used
+(`library_sha`), and cost ratios per kind of mixture are kept from the run that measured them.
   - the private library: one LoRA per task with loramux's defaults (`loramux train`);
   - the DLP router; MoLE gates at layer and block granularity, and layer without the balance loss;
   - static merges of all adapters with PEFT's `add_weighted_adapter` (TIES and DARE-TIES, density 0.5);
@@ -135,8 +140,8 @@ def ensure_mbc(base, lib: Library, data_dir: str, k: int, out_dir: Path | None =
 
     if clustering is None:
         clustering = cluster_adapters(lib, ClusterConfig(k=k))
-    elif len(clustering.members) != k:
-        raise ValueError(f"the given clustering has {len(clustering.members)} clusters; MBC k={k} needs {k}")
+    elif clustering.config.k != k:
+        raise ValueError(f"the given clustering was made with k={clustering.config.k}; MBC k={k} needs k={k}")
     if out_dir is not None:
         save_clustering(clustering, out_dir)
     side = Library(lib.path.with_name(f"{lib.path.name}-mbc{k}"), create=True)
@@ -163,27 +168,26 @@ def ensure_mbc(base, lib: Library, data_dir: str, k: int, out_dir: Path | None =
     return side, clustering
 
 
-def ensure_dynamic_oracle(base, lib: Library, data_dir: str, timings: dict) -> Library:
+def ensure_dynamic_oracle(base, lib_path: Path, tasks: list[str], data_dir: str, timings: dict) -> Library:
     """One Dynamic LoRA per task with the private library's recipe (<library>-dynamic-oracle);
-    an interrupted run keeps the adapters it finished."""
+    an interrupted run keeps the adapters it finished. Needs no private library, only its recipe."""
     from loramux.training.dynamic import DynamicConfig, train_dynamic
 
-    side = Library(lib.path.with_name(f"{lib.path.name}-dynamic-oracle"), create=True)
-    ablation = lib.path.with_name(f"{lib.path.name}-dynamic")  # benchmarks/dynamic_lora.py's runs
-    ablation = Library(ablation) if ablation.exists() else None
+    side = Library(lib_path.with_name(f"{lib_path.name}-dynamic-oracle"), create=True)
+    ablation = lib_path.with_name(f"{lib_path.name}-dynamic")  # benchmarks/dynamic_lora.py's runs
+    ablation = Library(ablation) if (ablation / "loramux-library.json").is_file() else None
     config, dyn = LoraTrainConfig(), DynamicConfig()
-    for spec in lib.list():
-        if spec.name in side:
+    for task in tasks:
+        if task in side:
             continue
-        seed0 = f"{spec.name}-dynamic-s0"
-        if ablation is not None and seed0 in ablation and same_dynamic_recipe(ablation.get(seed0), spec, config, dyn):
-            log(f"{spec.name}: dynamic_lora.py's {seed0} has this recipe; reusing it")
-            side.add(spec.name, ablation.adapter_dir(seed0), base=base, tasks=spec.tasks,
-                     training=ablation.get(seed0).training)
+        seed0 = f"{task}-dynamic-s0"
+        if ablation is not None and seed0 in ablation and same_dynamic_recipe(ablation.get(seed0), (task,), config, dyn):
+            log(f"{task}: dynamic_lora.py's {seed0} has this recipe; reusing it")
+            side.add(task, ablation.adapter_dir(seed0), base=base, tasks=(task,), training=ablation.get(seed0).training)
             continue
-        log(f"training the Dynamic LoRA for {spec.name}")
-        result = train_dynamic(base, load_tasks(data_dir, list(spec.tasks), "train"), config, dyn)
-        side.add(spec.name, result.files, base=base, tasks=spec.tasks, training=result.summary)
+        log(f"training the Dynamic LoRA for {task}")
+        result = train_dynamic(base, load_tasks(data_dir, [task], "train"), config, dyn)
+        side.add(task, result.files, base=base, tasks=(task,), training=result.summary)
         timings.setdefault("dynamic_oracle", 0.0)
         timings["dynamic_oracle"] += result.summary.seconds
     return side
@@ -198,59 +202,73 @@ def same_recipe(lib: Library, name: str, tasks: list, config: LoraTrainConfig) -
             and t.data == ",".join(f"{task.name}({len(task)})" for task in tasks))
 
 
-def same_dynamic_recipe(trained, spec, config: LoraTrainConfig, dyn) -> bool:
-    """Whether `trained` (an AdapterSpec) is a Dynamic LoRA of `spec`'s tasks with this config."""
+def same_dynamic_recipe(trained, tasks: tuple[str, ...], config: LoraTrainConfig, dyn) -> bool:
+    """Whether `trained` (an AdapterSpec) is a Dynamic LoRA of these tasks with this config."""
     t = trained.training
-    if t is None or tuple(trained.tasks) != tuple(spec.tasks) or t.config.get("method") != "dynamic":
+    if t is None or tuple(trained.tasks) != tuple(tasks) or t.config.get("method") != "dynamic":
         return False
     stored = t.config.get("dynamic", {})
     return (all(t.config.get(k) == v for k, v in config.to_dict().items())
             and all(stored.get(k) == v for k, v in dataclasses.asdict(dyn).items()))
 
 
-def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3,
-                dynamic: Library | None = None) -> dict[str, float]:
-    """Forward time of 8 x 96 tokens under each strategy's kind of mixture, / the base forward."""
+KIND = {"base": "base", "oracle": "oracle", "ties": "oracle", "dare": "oracle", "multitask": "oracle",
+        "dynamic_oracle": "dynamic", "uniform": "uniform", "arrow": "arrow", "mbc_arrow": "arrow"}
+
+
+def kind_of(strategy: str) -> str:
+    """The kind of mixture a strategy runs, which is what its forward costs."""
+    return KIND.get(strategy) or ("dlp" if strategy.startswith("dlp") else strategy)
+
+
+def kind_ratios(base, lib: Library | None, dynamic: Library | None = None, reps: int = 3) -> dict[str, float]:
+    """Forward time of 8 x 96 tokens under each kind of mixture / the base forward, side by side:
+    one adapter, the uniform mixture, DLP's two-adapter mixtures, Arrow and the stored MoLE gates
+    over the library; a Dynamic LoRA (its gates run per token) in its own pass against the base."""
     from loramux.routers import load_router
 
-    fused = FusedModel(base)
-    for a in lib.names():
-        fused.load(lib, a)
-    names = lib.names()
     ids = torch.randint(100, base.model.config.vocab_size - 100, (8, 96), generator=torch.Generator().manual_seed(0))
-    mixes = {"base": None, "oracle": fused.sequence_mixture([{names[0]: 1.0}]),
-             "uniform": fused.sequence_mixture([{a: 1 / len(names) for a in names}]),
-             "dlp": fused.sequence_mixture([{names[i % len(names)]: 0.5, names[(i + 1) % len(names)]: 0.5}
-                                            for i in range(8)])}
-    arrow = load_router(lib, "arrow", fused=fused)
-    mixes["arrow"] = arrow.layer_mixture()
-    for name in MOLE:
-        if name in lib.routers():
-            mixes[name] = load_router(lib, "mole", name=name, fused=fused).layer_mixture()
 
-    def fwd(mix):
+    def fwd(fused, mix):
         def f():
             with torch.no_grad(), fused.mixture(mix):
                 base.model(input_ids=ids, logits_to_keep=1)
         return f
-    t = _median_times({k: fwd(m) for k, m in mixes.items()}, reps)
-    fused.unfuse()
-    if dynamic is not None:  # a Dynamic LoRA's input gates run per token (the gated path): its own pass
+    out = {"base": 1.0}
+    if lib is not None:
+        fused = FusedModel(base)
+        for a in lib.names():
+            fused.load(lib, a)
+        names = lib.names()
+        mixes = {"base": None, "oracle": fused.sequence_mixture([{names[0]: 1.0}]),
+                 "uniform": fused.sequence_mixture([{a: 1 / len(names) for a in names}]),
+                 "dlp": fused.sequence_mixture([{names[i % len(names)]: 0.5, names[(i + 1) % len(names)]: 0.5}
+                                                for i in range(8)])}
+        mixes["arrow"] = load_router(lib, "arrow", fused=fused).layer_mixture()
+        for name in MOLE:
+            if name in lib.routers():
+                mixes[name] = load_router(lib, "mole", name=name, fused=fused).layer_mixture()
+        t = _median_times({k: fwd(fused, m) for k, m in mixes.items()}, reps)
+        fused.unfuse()
+        out.update({k: round(v / t["base"], 3) for k, v in t.items()})
+    if dynamic is not None:
         fused = FusedModel(base)
         first = dynamic.names()[0]
         fused.load(dynamic, first)
-        own = _median_times({"base": fwd(None), "dynamic": fwd(fused.sequence_mixture([{first: 1.0}]))}, reps)
-        t["dynamic"] = own["dynamic"] / own["base"] * t["base"]  # its ratio to the base of its own pass
+        own = _median_times({"base": fwd(fused, None), "dynamic": fwd(fused, fused.sequence_mixture([{first: 1.0}]))},
+                            reps)
+        out["dynamic"] = round(own["dynamic"] / own["base"], 3)
         fused.unfuse()
-    kind = {"base": "base", "oracle": "oracle", "ties": "oracle", "dare": "oracle", "multitask": "oracle",
-            "dynamic_oracle": "dynamic" if dynamic is not None else "oracle", "uniform": "uniform",
-            "arrow": "arrow", "mbc_arrow": "arrow"}
-    out = {}
-    for s in strategies:
-        k = kind.get(s) or ("dlp" if s.startswith("dlp") else s if s in t else "oracle")
-        out[s] = round(t[k] / t["base"], 3)
-    if "mole_layer" in t:  # MoLE's gating over a fixed mixture of the same adapters (issue 6)
-        out["_gate_cost_ratio"] = round(t["mole_layer"] / t["uniform"], 3)
+    return out
+
+
+def cost_ratios(base, lib: Library, strategies: list[str], reps: int = 3,
+                dynamic: Library | None = None) -> dict[str, float]:
+    """Forward time of 8 x 96 tokens under each strategy's kind of mixture, / the base forward."""
+    kinds = kind_ratios(base, lib, dynamic, reps)
+    out = {s: kinds[kind_of(s)] if kind_of(s) in kinds else kinds["oracle"] for s in strategies}
+    if "mole_layer" in kinds:  # MoLE's gating over a fixed mixture of the same adapters (issue 6)
+        out["_gate_cost_ratio"] = round(kinds["mole_layer"] / kinds["uniform"], 3)
     return out
 
 
@@ -277,6 +295,36 @@ def setup(args) -> tuple:
     return base, lib, tasks
 
 
+ROUTED = ("base", "oracle", "uniform", "dlp_p0.3", "dlp_p0.6", "dlp_p0.9", "dlp_p1.0", *MOLE, "arrow")
+FIXED = ("ties", "dare", "multitask")
+EXTRAS = {"mbc": "mbc_arrow", "dynamic": "dynamic_oracle"}
+
+
+def recipes(args, base, train: list) -> dict[str, dict]:
+    """What decides each strategy's row: a row stored with the same recipe is not computed again.
+    Every row shares the model, the tasks and their data, the private library's training recipe and
+    the test sample; some add their own knobs. The weights themselves are recorded beside each row
+    (`library_sha`), so rows computed on different builds of the same recipe can be told apart."""
+    from loramux.training.dynamic import DynamicConfig
+
+    common = {"model": base.fingerprint, "data": {t.name: len(t) for t in train}, "adapter": LoraTrainConfig().to_dict(),
+              "limit_per_task": args.limit_per_task, "seed": args.seed}
+    out = {s: common for s in ROUTED + ("ties", "dare")}
+    out.update({m: {**common, "mole_steps": args.mole_steps} for m in MOLE})
+    out["multitask"] = {**common, "multitask_steps": args.multitask_steps}
+    out["mbc_arrow"] = {**common, "mbc_k": 3}
+    out["dynamic_oracle"] = {**common, "dynamic": dataclasses.asdict(DynamicConfig())}
+    return out
+
+
+def library_sha(lib: Library, names: list[str] | None = None) -> str:
+    """A digest of the adapters' weight files (their sha256 as the library records them)."""
+    import hashlib
+
+    specs = [lib.get(n) for n in (names or lib.names())]
+    return hashlib.sha256(json.dumps({s.name: s.files for s in specs}, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def main() -> None:
     ap = common_args(__doc__)
     ap.add_argument("--mole-steps", type=int, default=30)
@@ -287,77 +335,124 @@ def main() -> None:
     ap.add_argument("--output", default=str(RESULTS / "composite.json"))
     args = ap.parse_args()
 
-    from loramux._home import loramux_home, prediction_cache_path
+    from loramux._home import default_library_path, loramux_home, prediction_cache_path
 
     started = time.perf_counter()
     out = Path(args.output)
-    base, lib, tasks = setup(args)
-    work = Library(lib.path.with_name(lib.path.name + "-baselines"), create=True)
-    timings: dict = {}
-    ensure_dlp(lib, args.data_dir)
-    ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
-    ensure_merges(base, lib, work)
-    multitask_steps = ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps)
     extras = set(filter(None, args.extra.split(",")))
-    wanted = (args.strategies.split(",") if args.strategies else
-              ["base", "oracle", "uniform", "dlp_p0.3", "dlp_p0.6", "dlp_p0.9", "dlp_p1.0", *MOLE, "arrow"])
-    test = load_tasks(args.data_dir, tasks, "test")
-    config = EvalConfig(tuple(s for s in wanted if s in ("base", "oracle", "uniform", "arrow") or
-                              s.startswith("dlp") or s in MOLE), args.limit_per_task, args.seed,
-                        cache_dir=str(prediction_cache_path()))
-    strategies = [s if not s.startswith("mole") else f"mole:{s}" for s in config.strategies]
-    fused = FusedModel(base)
-    result = evaluate(fused, lib, test, dataclasses.replace(config, strategies=tuple(strategies)), log=log)
-    fused.unfuse()
-    result["strategies"] = {k.removeprefix("mole:"): v for k, v in result["strategies"].items()}
-    # fixed single adapters from the side library: ties, dare, multitask (each as the only adapter)
-    for name in ("ties", "dare", "multitask"):
-        if args.strategies and name not in wanted:
-            continue
-        side = Library(Path(tempfile.mkdtemp()) / "one", create=True)
-        side.add(name, work.adapter_dir(name), base=base, tasks=tasks)
-        fused = FusedModel(base)
-        fused.load(side, name)
-        from loramux.evaluation import MixtureScorer
-        from loramux.evaluation.harness import sample_indices
-        from loramux.evaluation.scoring import result_of
+    if extras - set(EXTRAS):
+        raise SystemExit(f"--with {sorted(extras - set(EXTRAS))}: the extras are {', '.join(EXTRAS)}")
+    wanted = args.strategies.split(",") if args.strategies else [*ROUTED, *FIXED, *(EXTRAS[e] for e in sorted(extras))]
+    base = load_base(args.model) if args.model else load_base()
+    lib_path = Path(args.library or default_library_path())
+    tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
+    train, test = load_tasks(args.data_dir, tasks, "train"), load_tasks(args.data_dir, tasks, "test")
+    recipe = recipes(args, base, train)
+    # Rows already in the output with the same recipe stay: each is hours of CPU, and a run that
+    # spans sessions (or machines, with the adapter cache gone) goes on from what was committed.
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    kept = {s: v for s, v in result.get("strategies", {}).items() if result.get("recipes", {}).get(s) == recipe.get(s)}
+    result.update(strategies=kept, recipes={s: recipe[s] for s in kept})
+    todo = [s for s in wanted if s not in kept]
+    log(f"kept from {out.name}: {sorted(kept) or 'none'}; to compute: {todo or 'none'}")
+    config = EvalConfig((), args.limit_per_task, args.seed, cache_dir=str(prediction_cache_path()))
+    timings: dict = result.setdefault("train_seconds", {})
+    kinds: dict = result.setdefault("cost_kind_ratios", {})
 
-        scorer, idx = MixtureScorer(fused, cache_dir=config.cache_dir), sample_indices(test, args.limit_per_task, args.seed)
-        per_task = {t.name: round(result_of(t, scorer.score(t, [{name: 1.0}] * len(idx[t.name]), idx[t.name])).score, 4)
-                    for t in test}
-        result["strategies"][name] = {"per_task": per_task, "average": round(sum(per_task.values()) / len(per_task), 4)}
-        fused.unfuse()
-        log(f"{name}: average {result['strategies'][name]['average']:.4f}")
-    unknown = extras - {"mbc", "dynamic"}
-    if unknown:
-        raise SystemExit(f"--with {sorted(unknown)}: the extras are mbc and dynamic")
+    def keep(name: str, row: dict, sha: str) -> None:
+        result["strategies"][name] = {**row, "library_sha": sha}
+        result["recipes"][name] = recipe[name]
+        log(f"{name}: average {row['average']:.4f}")
+        write(result, out)
+
+    lib = None
+    if any(s in ROUTED or s in FIXED for s in todo):  # everything but the extras needs the private library
+        lib = Library(lib_path, create=True)
+        ensure_library(base, lib, args.data_dir, tasks)
+        if any(s.startswith("dlp") for s in todo):
+            ensure_dlp(lib, args.data_dir)
+        if any(s in MOLE for s in todo):
+            ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
+        work = Library(lib.path.with_name(lib.path.name + "-baselines"), create=True)
+        if {"ties", "dare"} & set(todo):
+            ensure_merges(base, lib, work)
+        if "multitask" in todo:
+            result["multitask_steps"] = ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps)
+        for s in (s for s in todo if s in ROUTED):
+            fused = FusedModel(base)
+            r = evaluate(fused, lib, test, dataclasses.replace(config, strategies=(f"mole:{s}" if s in MOLE else s,)),
+                         log=log)
+            fused.unfuse()
+            row = next(iter(r["strategies"].values()))
+            if "routing" in r:
+                result.setdefault("routing", {}).update(r["routing"])
+            result.update(n_per_task=r["n_per_task"], seed=r["seed"], adapters=r["adapters"])
+            keep(s, row, library_sha(lib))
+        for s in (s for s in todo if s in FIXED):  # each as the only adapter, from the side library
+            side = Library(Path(tempfile.mkdtemp()) / "one", create=True)
+            side.add(s, work.adapter_dir(s), base=base, tasks=tuple(tasks))
+            fused = FusedModel(base)
+            r = evaluate(fused, side, test, dataclasses.replace(config, strategies=("oracle",)), log=log)
+            fused.unfuse()
+            keep(s, r["strategies"]["oracle"], library_sha(work, [s]))
     dynamic = None
-    if "mbc" in extras:  # the MBC k=3 cluster library, routed by Arrow
-        side, clustering = ensure_mbc(base, lib, args.data_dir, 3, out.parent / "mbc_k3")
+    if "mbc_arrow" in todo:  # the MBC k=3 cluster library, routed by Arrow
+        committed = out.parent / "mbc_k3" / "clustering.json"
+        if lib is None and committed.is_file():  # no private library this run: its committed clustering
+            from loramux.library.clustering import Clustering
+
+            side, clustering = ensure_mbc(base, Library(lib_path, create=True), args.data_dir, 3,
+                                          clustering=Clustering.load(committed))
+        else:
+            lib = lib or Library(lib_path, create=True)
+            ensure_library(base, lib, args.data_dir, tasks)
+            side, clustering = ensure_mbc(base, lib, args.data_dir, 3, out.parent / "mbc_k3")
         fused = FusedModel(base)
         r = evaluate(fused, side, test, dataclasses.replace(config, strategies=("arrow",)), log=log)
         fused.unfuse()
-        result["strategies"]["mbc_arrow"] = r["strategies"]["arrow"]
         result["mbc_clusters"] = clustering.members
-    if "dynamic" in extras:  # each task's Dynamic LoRA as its oracle
-        dynamic = ensure_dynamic_oracle(base, lib, args.data_dir, timings)
+        keep("mbc_arrow", r["strategies"]["arrow"], library_sha(side))
+    dyn_path = lib_path.with_name(f"{lib_path.name}-dynamic-oracle")
+    if "dynamic_oracle" in todo:  # each task's Dynamic LoRA as its oracle
+        dynamic = ensure_dynamic_oracle(base, lib_path, tasks, args.data_dir, timings)
         fused = FusedModel(base)
         r = evaluate(fused, dynamic, test, dataclasses.replace(config, strategies=("oracle",)), log=log)
         fused.unfuse()
-        result["strategies"]["dynamic_oracle"] = r["strategies"]["oracle"]
-    costs = cost_ratios(base, lib, list(result["strategies"]), dynamic=dynamic)
+        keep("dynamic_oracle", r["strategies"]["oracle"], library_sha(dynamic))
+    elif "dynamic_oracle" in wanted and "dynamic" not in kinds and (dyn_path / "loramux-library.json").is_file():
+        dynamic = Library(dyn_path)
+    # costs: every kind this run can measure, side by side; kinds it cannot (no library built this
+    # run) keep their ratios from the run that measured them
+    if lib is not None or dynamic is not None:
+        kinds.update(kind_ratios(base, lib, dynamic))
+        result["cost_measured"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                   "kinds": sorted(kinds)}
     for s, v in result["strategies"].items():
-        v["cost_ratio"] = costs[s]
-    if "_gate_cost_ratio" in costs:
-        result["mole_gate_cost_ratio"] = costs["_gate_cost_ratio"]
+        v["cost_ratio"] = kinds.get(kind_of(s))  # None until a run with what it needs measures it
+    if "mole_layer" in kinds and "uniform" in kinds:
+        result["mole_gate_cost_ratio"] = round(kinds["mole_layer"] / kinds["uniform"], 3)
+    order = [s for s in (*ROUTED, *FIXED, *EXTRAS.values()) if s in result["strategies"]]
+    result["strategies"] = {s: result["strategies"][s] for s in order}
     result.update({"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "machine": machine(), "limit_per_task": args.limit_per_task, "train_seconds": timings,
-                   "multitask_steps": multitask_steps, "mole_steps": args.mole_steps,
-                   "wall_seconds": round(time.perf_counter() - started, 1), "home": str(loramux_home())})
+                   "machine": machine(), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps,
+                   "wall_seconds_last_run": round(time.perf_counter() - started, 1), "home": str(loramux_home()),
+                   "missing": [s for s in wanted if s not in result["strategies"]]})
+    builds = {v["library_sha"] for s, v in result["strategies"].items() if s in ROUTED}
+    if len(builds) > 1:
+        log(f"note: the library strategies' rows come from {len(builds)} builds of the same recipe")
+    write(result, out, final=True)
+
+
+def write(result: dict, out: Path, final: bool = False) -> None:
+    """composite.json after every row; with `final`, also composite.md and the plots."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plot_results(result, out.parent, prefix="composite")
+    if final and result["strategies"] and all(v.get("cost_ratio") is not None for v in result["strategies"].values()):
+        result["plots"] = plot_results(result, out.parent, prefix="composite")
     out.write_text(json.dumps(result, indent=1) + "\n")
-    md = to_markdown({**result, "strategies": {k: {**v, "metric": result["strategies"]["base"]["metric"]}
+    if not final or not result["strategies"]:
+        return
+    md = to_markdown({**result, "strategies": {k: {**v, "metric": v.get("metric") or
+                                                   next(iter(result["strategies"].values()))["metric"]}
                                                for k, v in result["strategies"].items()}})
     out.with_suffix(".md").write_text(f"# Composite benchmark\n\n`{result['command']}` on {result['machine']['cpu']}, "
                                       f"{result['date']}\n\n{md}\n")
