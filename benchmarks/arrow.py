@@ -249,8 +249,12 @@ def accuracy_parts(args, parts: set[str], result: dict) -> None:
             r = evaluate(fused, side, test, config, log=log)
             fused.unfuse()
             averages[f"mbc{k}_arrow"] = r["strategies"]["arrow"]["average"]
+            for old in clusters.values():  # each k keeps the command that produced it
+                old.setdefault("command", result.get("command_mbc"))
             clusters[f"k{k}"] = {"members": clustering.members, "per_task": r["strategies"]["arrow"]["per_task"],
-                                 "train_seconds": sum(s.training.seconds for s in side.list() if s.training)}
+                                 "train_seconds": sum(s.training.seconds for s in side.list() if s.training),
+                                 "command": "python " + " ".join(sys.argv),
+                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             result["command_mbc"] = "python " + " ".join(sys.argv)
             Path(args.output).write_text(json.dumps(result, indent=1) + "\n")  # each k is hours of training: keep it
 

@@ -79,9 +79,16 @@ def main() -> None:
     def save() -> None:
         out.update(command="python " + " ".join(sys.argv), machine=machine(), tasks=tasks, seeds=seeds,
                    steps=args.steps, limit_per_task=args.limit_per_task,
-                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   missing=[f"{t}-{v}-s{s}" for t in tasks for s in seeds for v in VARIANTS if f"{t}-{v}-s{s}" not in runs])
         out_path.write_text(json.dumps(out, indent=1) + "\n")  # each row is minutes of training: keep it
 
+    if "train_step_seconds" not in out:
+        step_seconds = timed_training(base, train[tasks[0]], args.timing_steps)
+        out.update(train_step_seconds=step_seconds,
+                   train_time_ratio=round(step_seconds["dynamic"] / step_seconds["lora"], 3),
+                   train_timing=f"{args.timing_steps} steps of {tasks[0]}, alternated, median of 3 per variant")
+        save()
     for task in tasks:  # task -> seed -> variant: the first task's rows (plot, inference ratio) come first
         for seed in seeds:
             for variant, dyn in VARIANTS.items():
@@ -96,12 +103,6 @@ def main() -> None:
                     out["inference_cost_ratio"], out["inference_seconds"] = inference_ratio(
                         base, side, f"{task}-lora-s{seed}", name)
                 save()
-    if "train_step_seconds" not in out:
-        step_seconds = timed_training(base, train[tasks[0]], args.timing_steps)
-        out.update(train_step_seconds=step_seconds,
-                   train_time_ratio=round(step_seconds["dynamic"] / step_seconds["lora"], 3),
-                   train_timing=f"{args.timing_steps} steps of {tasks[0]}, alternated, median of 3 per variant")
-        save()
     summarise(out, tasks, seeds, out_path)
     save()
     print(json.dumps({k: out.get(k) for k in ("average_accuracy", "train_time_ratio", "inference_cost_ratio",
@@ -183,9 +184,7 @@ def summarise(out: dict, tasks: list[str], seeds: list[int], out_path: Path) -> 
     from loramux.training.dynamic import plot_allocation
 
     runs = out["runs"]
-    missing = [f"{t}-{v}-s{s}" for t in tasks for s in seeds for v in VARIANTS if f"{t}-{v}-s{s}" not in runs]
-    out["missing"] = missing
-    if missing:
+    if any(f"{t}-{v}-s{s}" not in runs for t in tasks for s in seeds for v in VARIANTS):
         return
     per_task = {v: {t: round(statistics.mean(runs[f"{t}-{v}-s{s}"]["score"] for s in seeds), 4) for t in tasks}
                 for v in VARIANTS}

@@ -120,6 +120,10 @@ def mole(d: dict) -> list[tuple[str, str]]:
 
 
 def dynamic_lora(d: dict) -> list[tuple[str, str]]:
+    if d.get("missing") or "average_accuracy" not in d:  # a run spanning sessions, rows so far
+        done = len(d.get("runs", {}))
+        return [(f"Dynamic LoRA vs LoRA, {len(d['tasks'])} tasks × {len(d['seeds'])} seeds (run in progress)",
+                 f"{done} of {done + len(d.get('missing') or [])} runs done; averages once all are in")]
     a = d["average_accuracy"]
     return [(f"Dynamic LoRA vs LoRA, {len(d['tasks'])} tasks × {len(d['seeds'])} seeds, same rank budget and steps",
              f"average {a['dynamic']:.3f} vs {a['lora']:.3f} (reallocation only {a['realloc_only']:.3f}, input gate "
@@ -130,7 +134,8 @@ def composite(d: dict) -> list[tuple[str, str]]:
     s = d["strategies"]
     best = sorted(s, key=lambda k: -s[k]["average"])
     return [(f"every strategy, 14 test sets mixed ({d['limit_per_task']} prompts each; `composite.md`)",
-             "average " + ", ".join(f"{k} {s[k]['average']:.3f}" for k in best))]
+             "average " + ", ".join(f"{k} {s[k]['average']:.3f}" for k in best)
+             + (f" (still to run: {', '.join(d['missing'])})" if d.get("missing") else ""))]
 
 
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
