@@ -343,6 +343,9 @@ def main() -> None:
     if extras - set(EXTRAS):
         raise SystemExit(f"--with {sorted(extras - set(EXTRAS))}: the extras are {', '.join(EXTRAS)}")
     wanted = args.strategies.split(",") if args.strategies else [*ROUTED, *FIXED, *(EXTRAS[e] for e in sorted(extras))]
+    known = (*ROUTED, *FIXED, *EXTRAS.values())
+    if set(wanted) - set(known):
+        raise SystemExit(f"--strategies {sorted(set(wanted) - set(known))}: unknown; choose from {', '.join(known)}")
     base = load_base(args.model) if args.model else load_base()
     lib_path = Path(args.library or default_library_path())
     tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
