@@ -54,7 +54,19 @@ def log(msg: str) -> None:
 
 
 def ensure_library(base, lib: Library, data_dir: str, tasks: list[str]) -> None:
+    """The private library: one LoRA per task with loramux's defaults. A plain LoRA that
+    benchmarks/dynamic_lora.py trained with exactly this recipe (its seed-0 `lora` rows, same data
+    and config) is that adapter and is taken from <library>-dynamic instead of trained again."""
     todo = [t for t in tasks if t not in lib]
+    ablation = lib.path.with_name(f"{lib.path.name}-dynamic")
+    if todo and (ablation / "loramux-library.json").is_file():
+        ablation, config = Library(ablation), LoraTrainConfig()
+        for task in list(todo):
+            donor = f"{task}-lora-s{config.seed}"
+            if same_recipe(ablation, donor, load_tasks(data_dir, [task], "train"), config):
+                log(f"{task}: dynamic_lora.py's {donor} has this recipe; reusing it")
+                lib.add(task, ablation.adapter_dir(donor), base=base, tasks=(task,), training=ablation.get(donor).training)
+                todo.remove(task)
     if todo:
         log(f"training {len(todo)} task adapters: {todo}")
         train_adapters(base, load_tasks(data_dir, todo, "train"), lib, LoraTrainConfig(), skip_existing=True, resume=True)
