@@ -198,9 +198,27 @@ def summarise(out: dict, tasks: list[str], seeds: list[int], out_path: Path) -> 
         param_count={"lora": runs[f"{tasks[0]}-lora-s{seeds[0]}"]["params"], "dynamic": first["params"],
                      "dynamic_lora_factors_only": first["lora_factor_params"]},
         final_rank_spread_s0={t: runs[f"{t}-dynamic-s{seeds[0]}"]["rank_spread"] for t in tasks},
+        # Paired by (task, seed): both variants see the same data order and init seed, so the
+        # difference's standard error is the honest yardstick for "better than LoRA".
+        vs_lora=_paired_vs_lora(runs, tasks, seeds),
+        average_per_seed={v: {str(s): round(statistics.mean(runs[f"{t}-{v}-s{s}"]["score"] for t in tasks), 4)
+                              for s in seeds} for v in VARIANTS},
         reused_from_library=sorted(n for n, r in runs.items() if r.get("reused_from_library")),
         allocation_png=png.name,
         reading="loramux's reading of arXiv 2501.14859 (abstract only): see src/loramux/training/dynamic.py")
+
+
+def _paired_vs_lora(runs: dict, tasks: list[str], seeds: list[int]) -> dict[str, dict[str, float]]:
+    """Mean accuracy gain over the plain LoRA of the same (task, seed), with its standard error."""
+    out = {}
+    for v in VARIANTS:
+        if v == "lora":
+            continue
+        d = [runs[f"{t}-{v}-s{s}"]["score"] - runs[f"{t}-lora-s{s}"]["score"] for t in tasks for s in seeds]
+        se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+        out[v] = {"mean_gain": round(statistics.mean(d), 4), "stderr": round(se, 4), "pairs": len(d),
+                  "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d)}
+    return out
 
 
 def timed_training(base, task, steps: int, reps: int = 3) -> dict[str, float]:

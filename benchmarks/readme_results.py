@@ -127,7 +127,17 @@ def dynamic_lora(d: dict) -> list[tuple[str, str]]:
     a = d["average_accuracy"]
     return [(f"Dynamic LoRA vs LoRA, {len(d['tasks'])} tasks × {len(d['seeds'])} seeds, same rank budget and steps",
              f"average {a['dynamic']:.3f} vs {a['lora']:.3f} (reallocation only {a['realloc_only']:.3f}, input gate "
-             f"only {a['gate_only']:.3f}); training {_x(d['train_time_ratio'])}, inference {_x(d['inference_cost_ratio'])}")]
+             f"only {a['gate_only']:.3f}){_gain(d)}; training {_x(d['train_time_ratio'])}, "
+             f"inference {_x(d['inference_cost_ratio'])}")]
+
+
+def _gain(d: dict) -> str:
+    g = d.get("vs_lora", {}).get("dynamic")
+    if not g:
+        return ""
+    return (f"; paired gain {100 * g['mean_gain']:+.1f} ± {100 * g['stderr']:.1f} pts (s.e., {g['pairs']} pairs: "
+            f"within seed noise)" if abs(g["mean_gain"]) < 2 * g["stderr"] else
+            f"; paired gain {100 * g['mean_gain']:+.1f} ± {100 * g['stderr']:.1f} pts (s.e., {g['pairs']} pairs)")
 
 
 def composite(d: dict) -> list[tuple[str, str]]:
