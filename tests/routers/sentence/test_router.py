@@ -115,6 +115,19 @@ def test_base_model_encoder_and_cache(tiny_base, tmp_path):
     assert torch.allclose(alone[0], first[1], atol=1e-5)
 
 
+def test_hf_encoder_truncates_long_prompts_quietly(bert_dir, caplog, capfd):
+    """A prompt longer than the encoder's window is embedded from its first max_length tokens,
+    without transformers' "longer than the specified maximum sequence length" warning."""
+    enc = load_encoder(str(bert_dir))
+    assert enc.max_length == 64  # the tokenizer's model_max_length caps the default 256
+    words = (WORDS["animals"] + WORDS["colors"]) * 6  # 96 words, 96 tokens with this word-level vocabulary
+    long, head = " ".join(words), " ".join(words[:enc.max_length])
+    emb = enc.encode([long, head])
+    assert torch.allclose(emb[0], emb[1], atol=1e-6)
+    said = caplog.text + capfd.readouterr().err  # transformers' logger propagates under pytest, else writes stderr
+    assert "longer than the specified maximum" not in said
+
+
 @pytest.mark.parametrize("spec, match", [("base:99", "layer must be in 0..2"), ("base:x", "must be an integer"),
                                          ("/no/such/dir", "not an HF model dir")])
 def test_bad_encoder_specs(spec, match, tiny_base):

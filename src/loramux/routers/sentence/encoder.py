@@ -52,7 +52,9 @@ def _batches(texts: list[str], tokenizer, batch_size: int, progress: bool, desc:
 
     from ...padding import length_groups
 
-    lengths = [min(len(ids), max_length) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
+    # truncated as the forward will be (and so without transformers' "longer than the maximum" warning)
+    ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    lengths = [len(i) for i in ids]
     bar = tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress)
     for idx in length_groups(lengths, max_size=batch_size, slack=32):
         yield idx, [texts[i] for i in idx]
