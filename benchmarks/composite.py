@@ -72,7 +72,7 @@ def ensure_library(base, lib: Library, data_dir: str, tasks: list[str]) -> None:
         train_adapters(base, load_tasks(data_dir, todo, "train"), lib, LoraTrainConfig(), skip_existing=True, resume=True)
 
 
-def ensure_dlp(lib: Library, data_dir: str) -> None:
+def ensure_dlp(lib: Library, data_dir: str, timings: dict) -> None:
     from loramux.routers.sentence import train_dlp
 
     try:
@@ -81,8 +81,10 @@ def ensure_dlp(lib: Library, data_dir: str) -> None:
     except Exception:
         pass
     log("training the DLP router")
+    started = time.perf_counter()
     tasks = load_tasks(data_dir, sorted({t for s in lib.list() for t in s.tasks}), "train")
     train_dlp(lib, tasks).save(lib)
+    timings["dlp"] = round(time.perf_counter() - started, 1)
 
 
 def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict) -> None:
@@ -106,13 +108,14 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict) ->
         fused.unfuse()
 
 
-def ensure_merges(base, lib: Library, work: Library) -> None:
+def ensure_merges(base, lib: Library, work: Library, timings: dict) -> None:
     """TIES and DARE-TIES merges of every adapter (PEFT), stored in a side library."""
     names = lib.names()
     for kind, ctype in (("ties", "ties"), ("dare", "dare_ties")):
         if kind in work:
             continue
         log(f"merging {len(names)} adapters with PEFT ({ctype})")
+        started = time.perf_counter()
         peft = lib.load_peft(base, names)
         peft.add_weighted_adapter(names, [1.0 / len(names)] * len(names), kind, combination_type=ctype, density=0.5)
         peft.set_adapter(kind)
@@ -120,6 +123,7 @@ def ensure_merges(base, lib: Library, work: Library) -> None:
             peft.save_pretrained(tmp, selected_adapters=[kind])
             work.add(kind, Path(tmp) / kind, base=base)
         peft.unload()
+        timings[kind] = round(time.perf_counter() - started, 1)
 
 
 def ensure_multitask(base, lib: Library, work: Library, data_dir: str, steps: int) -> int:
@@ -385,12 +389,12 @@ def main() -> None:
         lib = Library(lib_path, create=True)
         ensure_library(base, lib, args.data_dir, tasks)
         if any(s.startswith("dlp") for s in todo):
-            ensure_dlp(lib, args.data_dir)
+            ensure_dlp(lib, args.data_dir, timings)
         if any(s in MOLE for s in todo):
             ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
         work = Library(lib.path.with_name(lib.path.name + "-baselines"), create=True)
         if {"ties", "dare"} & set(todo):
-            ensure_merges(base, lib, work)
+            ensure_merges(base, lib, work, timings)
         if "multitask" in todo:
             result["multitask_steps"] = ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps)
         for s in (s for s in todo if s in ROUTED):
@@ -452,10 +456,43 @@ def main() -> None:
                    "machine": machine(), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps,
                    "wall_seconds_last_run": round(time.perf_counter() - started, 1), "home": str(loramux_home()),
                    "missing": [s for s in wanted if s not in result["strategies"]]})
+    result["cold_run_seconds"] = cold_run_seconds(result, lib_path, timings)
     builds = {v["library_sha"] for s, v in result["strategies"].items() if s in ROUTED}
     if len(builds) > 1:
         log(f"note: the library strategies' rows come from {len(builds)} builds of the same recipe")
     write(result, out, final=True)
+
+
+def cold_run_seconds(result: dict, lib_path: Path, timings: dict) -> dict:
+    """What a cold run of this command costs on this machine, part by part: the recorded training
+    time of every adapter it uses (whichever run or session trained it; an adapter that two
+    libraries share, by recipe, counts once), the routers, gates and merges, and each row's scoring.
+    Parts whose library is not on this machine are left out and named in `not_here`."""
+    seen: set[str] = set()
+
+    def trained(path: Path) -> float | None:
+        if not (path / "loramux-library.json").is_file():
+            return None
+        total = 0.0
+        for spec in Library(path).list():
+            t = spec.training
+            key = json.dumps([t.data, t.config], sort_keys=True) if t else None
+            if t is None or key in seen:
+                continue
+            seen.add(key)
+            total += t.seconds
+        return round(total, 1)
+
+    parts = {"library": trained(lib_path),
+             "multitask": trained(lib_path.with_name(lib_path.name + "-baselines")),
+             "mbc_k3": trained(lib_path.with_name(lib_path.name + "-mbc3")),
+             "dynamic_oracle": trained(lib_path.with_name(lib_path.name + "-dynamic-oracle")),
+             **{f"train_{k}": v for k, v in timings.items() if k != "dynamic_oracle"},
+             "scoring": round(sum(v.get("seconds") or 0.0 for v in result["strategies"].values()), 1)}
+    out = {k: v for k, v in parts.items() if v is not None}
+    out["total"] = round(sum(out.values()), 1)
+    out["not_here"] = sorted(k for k, v in parts.items() if v is None)
+    return out
 
 
 def write(result: dict, out: Path, final: bool = False) -> None:
