@@ -59,6 +59,8 @@ def test_routing_confusion_counts_the_top_adapter_per_prompt():
     r = routing_confusion(plan, owner, ["a", "b", "c"])
     # the tie in t2 goes to the first adapter in library order; base (None) and unowned tasks are not counted
     assert r["confusion"] == [[1, 1, 0], [1, 0, 0], [0, 0, 1]] and r["top1_accuracy"] == 0.5
+    # mixture sizes 2, 2, 2, 1 and the true adapter's share 0.7, 0.4, 0.5, 1.0 over the 4 counted prompts
+    assert r["mean_adapters"] == 1.75 and r["mean_true_weight"] == 0.65
 
 
 def test_bad_strategies():

@@ -73,6 +73,13 @@ def evaluate_ray(model: str, library: str, data_dir: str, tasks: list[str], conf
             counts = [[sum(r["confusion"][i][j] for r in routing) for j in range(len(row))]
                       for i, row in enumerate(routing[0]["confusion"])]
             hits, total = sum(counts[i][i] for i in range(len(counts))), sum(map(sum, counts))
+            n = [sum(map(sum, r["confusion"])) for r in routing]  # prompts each cell's means are over
+
+            def mean(key: str, digits: int) -> float:
+                return round(sum(k * r[key] for k, r in zip(n, routing)) / max(1, total), digits)
+
             result.setdefault("routing", {})[s] = {"labels": routing[0]["labels"], "confusion": counts,
-                                                   "top1_accuracy": round(hits / max(1, total), 4)}
+                                                   "top1_accuracy": round(hits / max(1, total), 4),
+                                                   "mean_adapters": mean("mean_adapters", 3),
+                                                   "mean_true_weight": mean("mean_true_weight", 4)}
     return result

@@ -123,12 +123,18 @@ def routing_confusion(plan: dict, owner: dict[str, str], adapters: list[str]) ->
     the adapter with the largest weight in its mixture (ties: the first in library order)."""
     index = {a: i for i, a in enumerate(adapters)}
     counts = [[0] * len(adapters) for _ in adapters]
+    sizes, true_weight = [], []
     for (task, _), mixture in plan.items():
         if task in owner and mixture:
             top = max(mixture, key=lambda a: (mixture[a], -index[a]))
             counts[index[owner[task]]][index[top]] += 1
+            # how much the top-p cut keeps: adapters per mixture, and the share the right one gets
+            sizes.append(sum(1 for w in mixture.values() if w > 0))
+            true_weight.append(mixture.get(owner[task], 0.0) / (sum(mixture.values()) or 1.0))
     hits = sum(counts[i][i] for i in range(len(adapters)))
-    return {"labels": adapters, "confusion": counts, "top1_accuracy": round(hits / max(1, sum(map(sum, counts))), 4)}
+    n = max(1, len(sizes))
+    return {"labels": adapters, "confusion": counts, "top1_accuracy": round(hits / max(1, sum(map(sum, counts))), 4),
+            "mean_adapters": round(sum(sizes) / n, 3), "mean_true_weight": round(sum(true_weight) / n, 4)}
 
 
 def to_markdown(result: dict) -> str:

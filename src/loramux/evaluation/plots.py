@@ -82,6 +82,13 @@ def plot_results(result: dict, out_dir: str | Path, prefix: str = "eval") -> lis
         ax.set_xlabel("top-p")
         ax.set_ylabel("average score")
         ax.legend(fontsize=8)
+        sizes = [(float(s[5:]), r["mean_adapters"]) for s, r in routing.items()
+                 if s.startswith("dlp_p") and "mean_adapters" in r]
+        if sizes:  # what each p costs: a flat score curve with flat mixture sizes means the router is sure
+            twin = ax.twinx()
+            sizes.sort()
+            twin.plot([p for p, _ in sizes], [k for _, k in sizes], marker="s", ls=":", color="grey")
+            twin.set_ylabel("adapters per prompt (mean)", color="grey")
         fig.tight_layout()
         fig.savefig(out / f"{prefix}_top_p.png", dpi=110)
         plt.close(fig)
