@@ -108,20 +108,34 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict) ->
         fused.unfuse()
 
 
+# TIES and DARE as their papers define them: on each adapter's task vector dW = B A (PEFT's *_svd
+# combination types; the plain ones merge A and B separately, which mixes unrelated factors), every
+# adapter at weight 1 because TIES' disjoint merge already averages the agreeing entries (weights of
+# 1/n on top shrank the merge n-fold, to the base model's score), back to the library's total rank so
+# each merge has the library's (and the multi-task LoRA's) parameter count.
+MERGE = {"weight": 1.0, "density": 0.5, "seed": 0}
+
+
 def ensure_merges(base, lib: Library, work: Library, timings: dict) -> None:
     """TIES and DARE-TIES merges of every adapter (PEFT), stored in a side library."""
     names = lib.names()
-    for kind, ctype in (("ties", "ties"), ("dare", "dare_ties")):
-        if kind in work:
+    total = sum(s.rank for s in lib.list())
+    for kind, ctype in (("ties", "ties_svd"), ("dare", "dare_ties_svd")):
+        rank = total
+        if kind in work and work.get(kind).rank == rank:
             continue
-        log(f"merging {len(names)} adapters with PEFT ({ctype})")
+        log(f"merging {len(names)} adapters with PEFT ({ctype}, rank {rank})")
         started = time.perf_counter()
         peft = lib.load_peft(base, names)
-        peft.add_weighted_adapter(names, [1.0 / len(names)] * len(names), kind, combination_type=ctype, density=0.5)
+        # SVD cannot give more rank than a layer has (a tiny test model's 16-wide k_proj, say)
+        rank = min([rank] + [min(m.in_features, m.out_features) for m in peft.modules() if hasattr(m, "lora_A")])
+        torch.manual_seed(MERGE["seed"])  # DARE's random drop
+        peft.add_weighted_adapter(names, [MERGE["weight"]] * len(names), kind, combination_type=ctype,
+                                  density=MERGE["density"], svd_rank=rank)
         peft.set_adapter(kind)
         with tempfile.TemporaryDirectory() as tmp:
             peft.save_pretrained(tmp, selected_adapters=[kind])
-            work.add(kind, Path(tmp) / kind, base=base)
+            work.add(kind, Path(tmp) / kind, base=base, replace=kind in work)
         peft.unload()
         timings[kind] = round(time.perf_counter() - started, 1)
 
@@ -228,7 +242,7 @@ def same_dynamic_recipe(trained, tasks: tuple[str, ...], config: LoraTrainConfig
             and all(stored.get(k) == v for k, v in dataclasses.asdict(dyn).items()))
 
 
-KIND = {"base": "base", "oracle": "oracle", "ties": "oracle", "dare": "oracle", "multitask": "oracle",
+KIND = {"base": "base", "oracle": "oracle",
         "dynamic_oracle": "dynamic", "uniform": "uniform", "arrow": "arrow", "mbc_arrow": "arrow"}
 
 
@@ -237,10 +251,12 @@ def kind_of(strategy: str) -> str:
     return KIND.get(strategy) or ("dlp" if strategy.startswith("dlp") else strategy)
 
 
-def kind_ratios(base, lib: Library | None, dynamic: Library | None = None, reps: int = 3) -> dict[str, float]:
+def kind_ratios(base, lib: Library | None, dynamic: Library | None = None, reps: int = 3,
+                fixed: Library | None = None) -> dict[str, float]:
     """Forward time of 8 x 96 tokens under each kind of mixture / the base forward, side by side:
     one adapter, the uniform mixture, DLP's two-adapter mixtures, Arrow and the stored MoLE gates
-    over the library; a Dynamic LoRA (its gates run per token) in its own pass against the base."""
+    over the library, and each `fixed` baseline (one adapter of the library's total rank); a Dynamic
+    LoRA (its gates run per token) in its own pass against the base."""
     from loramux.routers import load_router
 
     ids = torch.randint(100, base.model.config.vocab_size - 100, (8, 96), generator=torch.Generator().manual_seed(0))
@@ -267,6 +283,15 @@ def kind_ratios(base, lib: Library | None, dynamic: Library | None = None, reps:
         t = _median_times({k: fwd(fused, m) for k, m in mixes.items()}, reps)
         fused.unfuse()
         out.update({k: round(v / t["base"], 3) for k, v in t.items()})
+    present = [n for n in FIXED if fixed is not None and n in fixed]
+    if present:  # in their own pass: loading adapters beside the library's would stale its routers
+        fused = FusedModel(base)
+        for name in present:
+            fused.load(fixed, name)
+        own = _median_times({"base": fwd(fused, None),
+                             **{n: fwd(fused, fused.sequence_mixture([{n: 1.0}])) for n in present}}, reps)
+        out.update({n: round(own[n] / own["base"], 3) for n in present})
+        fused.unfuse()
     if dynamic is not None:
         fused = FusedModel(base)
         first = dynamic.names()[0]
@@ -325,10 +350,11 @@ def recipes(args, base, train: list) -> dict[str, dict]:
 
     common = {"model": base.fingerprint, "data": {t.name: len(t) for t in train}, "adapter": LoraTrainConfig().to_dict(),
               "limit_per_task": args.limit_per_task, "seed": args.seed}
-    out = {s: common for s in ROUTED + ("ties", "dare")}
+    out = {s: common for s in ROUTED}
+    out.update({m: {**common, "merge": {**MERGE, "rank": "library total"}} for m in ("ties", "dare")})
     out.update({m: {**common, "mole_steps": args.mole_steps} for m in MOLE})
     out["multitask"] = {**common, "multitask_steps": args.multitask_steps}
-    out["mbc_arrow"] = {**common, "mbc_k": 3}
+    out["mbc_arrow"] = {**common, "mbc_k": args.mbc_k}
     out["dynamic_oracle"] = {**common, "dynamic": dataclasses.asdict(DynamicConfig())}
     return out
 
@@ -346,6 +372,9 @@ def main() -> None:
     ap.add_argument("--mole-steps", type=int, default=30)
     ap.add_argument("--multitask-steps", type=int, default=120,
                     help="0: the library's total steps (matched compute; 840 for 14 x 60)")
+    ap.add_argument("--mbc-k", type=int, default=5,
+                    help="MBC clusters for mbc_arrow (3 and 5 have committed clusterings; with 3, Arrow's top-4 "
+                         "takes every cluster, so 5 is the default)")
     ap.add_argument("--with", dest="extra", default="", help="mbc,dynamic: also the library-sized extras")
     ap.add_argument("--strategies", default=None, help="score only these (default: all built)")
     ap.add_argument("--output", default=str(RESULTS / "composite.json"))
@@ -415,17 +444,18 @@ def main() -> None:
             fused.unfuse()
             keep(s, r["strategies"]["oracle"], library_sha(work, [s]))
     dynamic = None
-    if "mbc_arrow" in todo:  # the MBC k=3 cluster library, routed by Arrow
-        committed = out.parent / "mbc_k3" / "clustering.json"
-        if lib is None and committed.is_file():  # no private library this run: its committed clustering
+    if "mbc_arrow" in todo:  # the MBC cluster library, routed by Arrow
+        k = args.mbc_k
+        committed = out.parent / f"mbc_k{k}" / "clustering.json"
+        if committed.is_file():  # the committed clustering, so every machine trains the same clusters
             from loramux.library.clustering import Clustering
 
-            side, clustering = ensure_mbc(base, Library(lib_path, create=True), args.data_dir, 3,
+            side, clustering = ensure_mbc(base, Library(lib_path, create=True), args.data_dir, k,
                                           clustering=Clustering.load(committed))
         else:
             lib = lib or Library(lib_path, create=True)
             ensure_library(base, lib, args.data_dir, tasks)
-            side, clustering = ensure_mbc(base, lib, args.data_dir, 3, out.parent / "mbc_k3")
+            side, clustering = ensure_mbc(base, lib, args.data_dir, k, out.parent / f"mbc_k{k}")
         fused = FusedModel(base)
         r = evaluate(fused, side, test, dataclasses.replace(config, strategies=("arrow",)), log=log)
         fused.unfuse()
@@ -443,7 +473,8 @@ def main() -> None:
     # costs: every kind this run can measure, side by side; kinds it cannot (no library built this
     # run) keep their ratios from the run that measured them
     if lib is not None or dynamic is not None:
-        kinds.update(kind_ratios(base, lib, dynamic))
+        fixed = Library(lib_path.with_name(lib_path.name + "-baselines")) if lib is not None else None
+        kinds.update(kind_ratios(base, lib, dynamic, fixed=fixed))
         result["cost_measured"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                    "kinds": sorted(kinds)}
     for s, v in result["strategies"].items():
@@ -456,14 +487,14 @@ def main() -> None:
                    "machine": machine(), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps,
                    "wall_seconds_last_run": round(time.perf_counter() - started, 1), "home": str(loramux_home()),
                    "missing": [s for s in wanted if s not in result["strategies"]]})
-    result["cold_run_seconds"] = cold_run_seconds(result, lib_path, timings)
+    result["cold_run_seconds"] = cold_run_seconds(result, lib_path, timings, args.mbc_k)
     builds = {v["library_sha"] for s, v in result["strategies"].items() if s in ROUTED}
     if len(builds) > 1:
         log(f"note: the library strategies' rows come from {len(builds)} builds of the same recipe")
     write(result, out, final=True)
 
 
-def cold_run_seconds(result: dict, lib_path: Path, timings: dict) -> dict:
+def cold_run_seconds(result: dict, lib_path: Path, timings: dict, mbc_k: int) -> dict:
     """What a cold run of this command costs on this machine, part by part: the recorded training
     time of every adapter it uses (whichever run or session trained it; an adapter that two
     libraries share, by recipe, counts once), the routers, gates and merges, and each row's scoring.
@@ -485,7 +516,7 @@ def cold_run_seconds(result: dict, lib_path: Path, timings: dict) -> dict:
 
     parts = {"library": trained(lib_path),
              "multitask": trained(lib_path.with_name(lib_path.name + "-baselines")),
-             "mbc_k3": trained(lib_path.with_name(lib_path.name + "-mbc3")),
+             f"mbc_k{mbc_k}": trained(lib_path.with_name(f"{lib_path.name}-mbc{mbc_k}")),
              "dynamic_oracle": trained(lib_path.with_name(lib_path.name + "-dynamic-oracle")),
              **{f"train_{k}": v for k, v in timings.items() if k != "dynamic_oracle"},
              "scoring": round(sum(v.get("seconds") or 0.0 for v in result["strategies"].values()), 1)}
