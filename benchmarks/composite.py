@@ -5,13 +5,14 @@ reads its scores back and a killed run resumes where it stopped). Each strategy'
 composite.json as soon as it is scored, with its recipe; a later run keeps every row whose recipe is
 unchanged and computes only the rest, so a cold run longer than one session goes on from the committed
 JSON even on a machine whose cache is gone (the extras then need no private library at all: MBC takes
-the committed results/mbc_k3/clustering.json). Rows record the digest of the weights they used
+the committed results/mbc_k<k>/clustering.json). Rows record the digest of the weights they used
 (`library_sha`), and cost ratios per kind of mixture are kept from the run that measured them.
   - the private library: one LoRA per task with loramux's defaults (`loramux train`);
   - the DLP router; MoLE gates at layer and block granularity, and layer without the balance loss;
-  - static merges of all adapters with PEFT's `add_weighted_adapter` (TIES and DARE-TIES, density 0.5);
+  - static merges of all adapters with PEFT's `add_weighted_adapter` (TIES and DARE-TIES on each
+    adapter's dW, density 0.5, weight 1, back to rank 8 x K);
   - a multi-task LoRA on the union of the tasks with the library's parameter count (rank 8 x K);
-  - optional (--with mbc,dynamic): an MBC k=3 cluster library routed by Arrow (mbc_arrow), and one
+  - optional (--with mbc,dynamic): an MBC cluster library (k=5) routed by Arrow (mbc_arrow), and one
     Dynamic LoRA per task used as the oracle (dynamic_oracle). Each trains a whole library's worth
     of steps (about 70 minutes of this CPU each), cached beside the library.
 then scores base, oracle, uniform, ties, dare, multitask, dlp_p{0.3,0.6,0.9,1.0}, mole_layer,
@@ -21,7 +22,7 @@ benchmarks/results/composite.{json,md} plus PNGs (heatmap, DLP router confusion,
 accuracy vs cost).
 
     python benchmarks/composite.py --data-dir ../shared/data/bigbench [--limit-per-task 40]
-        [--mole-steps 30] [--multitask-steps 120] [--with mbc,dynamic] [--model M --library L]
+        [--mole-steps 30] [--multitask-steps 120] [--with mbc,dynamic] [--mbc-k 5] [--model M --library L]
 """
 
 from __future__ import annotations
@@ -526,6 +527,52 @@ def cold_run_seconds(result: dict, lib_path: Path, timings: dict, mbc_k: int) ->
     return out
 
 
+def targets(result: dict) -> list[str]:
+    """The issue's targets, each with the numbers it is judged on (reported, not tuned to)."""
+    avg = {k: v["average"] for k, v in result["strategies"].items()}
+    pts = lambda x: f"{100 * x:.2f}"  # noqa: E731
+    lines = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        lines.append(f"- {name}: **{'met' if ok else 'missed'}** ({detail})")
+    if {"dlp_p0.6", "oracle", "uniform"} <= avg.keys():
+        d, o, u = avg["dlp_p0.6"], avg["oracle"], avg["uniform"]
+        check("DLP (p = 0.6) ≥ oracle − 1 point", d >= o - 0.01, f"{pts(d)} vs {pts(o)}")
+        check("DLP (p = 0.6) ≥ uniform mixture + 5 points", d >= u + 0.05, f"{pts(d)} vs {pts(u)}")
+    for m in (m for m in ("mole_layer", "mole_block") if m in avg and "uniform" in avg):
+        check(f"MoLE ({m}) ≥ uniform mixture", avg[m] >= avg["uniform"], f"{pts(avg[m])} vs {pts(avg['uniform'])}")
+    for a in (a for a in ("arrow", "mbc_arrow") if a in avg and "base" in avg):
+        check(f"{a} ≥ base", avg[a] >= avg["base"], f"{pts(avg[a])} vs {pts(avg['base'])}")
+    if "multitask" in avg:
+        lines.append(f"- multi-task LoRA (the library's rank and steps in one adapter): {pts(avg['multitask'])}, "
+                     f"against oracle {pts(avg.get('oracle', float('nan')))} and DLP (p = 0.6) "
+                     f"{pts(avg.get('dlp_p0.6', float('nan')))}")
+    return lines
+
+
+def summary_markdown(result: dict) -> str:
+    """Targets, each strategy's cost and scoring time, and what a cold run of the command costs."""
+    rows = ["| strategy | average | forward cost (× base) | scoring s |", "|---|---|---|---|"]
+    for k, v in result["strategies"].items():
+        cost = "–" if v.get("cost_ratio") is None else f"{v['cost_ratio']:.2f}"
+        rows.append(f"| {k} | {v['average']:.3f} | {cost} | {v.get('seconds') or 0:.0f} |")
+    parts = result.get("cold_run_seconds", {})
+    cold = ", ".join(f"{k} {v / 60:.0f} min" for k, v in parts.items() if k not in ("total", "not_here"))
+    n = sum(result.get("n_per_task", {}).values()) or 1
+    text = ["## Targets", "", f"Points of the average; one prompt of the {n} moves one task's score by "
+            f"{100 * len(result.get('n_per_task', {None: 0})) / n:.1f} points and the average by {100 / n:.2f}.", "",
+            *targets(result), "",
+            "## Cost", "", "Forward of 8 × 96 tokens under each strategy's mixture, side by side with the base "
+            "model's, median of 3.", "", *rows, ""]
+    if parts:
+        text += ["## Time on this machine", "",
+                 f"A cold run (nothing cached) costs about {parts['total'] / 3600:.1f} h: {cold}. "
+                 f"This run took {result['wall_seconds_last_run'] / 60:.0f} min."
+                 + (f" Not on this machine, so not counted: {', '.join(parts['not_here'])}." if parts.get("not_here")
+                    else ""), ""]
+    return "\n".join(text)
+
+
 def write(result: dict, out: Path, final: bool = False) -> None:
     """composite.json after every row; with `final`, also composite.md and the plots."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -538,7 +585,7 @@ def write(result: dict, out: Path, final: bool = False) -> None:
                                                    next(iter(result["strategies"].values()))["metric"]}
                                                for k, v in result["strategies"].items()}})
     out.with_suffix(".md").write_text(f"# Composite benchmark\n\n`{result['command']}` on {result['machine']['cpu']}, "
-                                      f"{result['date']}\n\n{md}\n")
+                                      f"{result['date']}\n\n{md}\n\n{summary_markdown(result)}")
     print(md)
 
 
