@@ -521,6 +521,8 @@ def cold_run_seconds(result: dict, lib_path: Path, timings: dict, mbc_k: int) ->
              "dynamic_oracle": trained(lib_path.with_name(lib_path.name + "-dynamic-oracle")),
              **{f"train_{k}": v for k, v in timings.items() if k != "dynamic_oracle"},
              "scoring": round(sum(v.get("seconds") or 0.0 for v in result["strategies"].values()), 1)}
+    if any(s.startswith("dlp") for s in result["strategies"]):  # a router trained by an older run has no timing
+        parts.setdefault("train_dlp", None)
     out = {k: v for k, v in parts.items() if v is not None}
     out["total"] = round(sum(out.values()), 1)
     out["not_here"] = sorted(k for k, v in parts.items() if v is None)
