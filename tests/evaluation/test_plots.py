@@ -1,6 +1,6 @@
 import pytest
 
-from loramux.evaluation.plots import plot_results
+from loramux.evaluation.plots import cost_points, plot_results
 
 
 def _result(strategies, routing=None):
@@ -34,3 +34,10 @@ def test_every_plot_when_the_result_has_what_it_needs(tmp_path):
 def test_plots_are_skipped_without_their_data(tmp_path, strategies, expected):
     assert plot_results(_result(strategies), tmp_path / "out") == expected
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(expected)
+
+
+def test_cost_points_share_a_label_only_where_cost_and_score_coincide():
+    strategies = {"oracle": {"cost_ratio": 1.104, "average": 0.42}, "dlp_p0.3": {"cost_ratio": 1.101, "average": 0.42},
+                  "uniform": {"cost_ratio": 1.36, "average": 0.42}, "base": {"cost_ratio": 1.0, "average": 0.27}}
+    assert sorted(cost_points(strategies)) == [(1.0, 0.27, "base"), (1.1, 0.42, "oracle, dlp_p0.3"),
+                                               (1.36, 0.42, "uniform")]

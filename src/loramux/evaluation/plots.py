@@ -39,6 +39,16 @@ def plot_confusion(cm, names: list[str], path: str | Path, title: str = "router 
     plt.close(fig)
 
 
+def cost_points(strategies: dict) -> list[tuple[float, float, str]]:
+    """One point per distinct (cost, score), labelled with every strategy on it: strategies that
+    pick the same mixtures (an always-confident router and the oracle) would otherwise print their
+    names on top of each other."""
+    points: dict[tuple[float, float], list[str]] = {}
+    for s, v in strategies.items():
+        points.setdefault((round(v["cost_ratio"], 2), round(v["average"], 4)), []).append(s)
+    return [(x, y, ", ".join(names)) for (x, y), names in points.items()]
+
+
 def plot_results(result: dict, out_dir: str | Path, prefix: str = "eval") -> list[str]:
     """Write <prefix>_heatmap.png, and where the result has what they need <prefix>_router_confusion.png
     (a DLP strategy: p = 0.6 if it ran), <prefix>_top_p.png (two or more dlp_p<P>) and <prefix>_cost.png
@@ -97,9 +107,9 @@ def plot_results(result: dict, out_dir: str | Path, prefix: str = "eval") -> lis
     costed = {s: v for s, v in strategies.items() if v.get("cost_ratio") is not None}
     if costed:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for s, v in costed.items():
-            ax.scatter(v["cost_ratio"], v["average"])
-            ax.annotate(s, (v["cost_ratio"], v["average"]), fontsize=7)
+        for x, y, label in cost_points(costed):
+            ax.scatter(x, y)
+            ax.annotate(label, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
         ax.set_xlabel("forward cost / base")
         ax.set_ylabel("average score")
         fig.tight_layout()
