@@ -29,6 +29,7 @@ demo: install
 	$(BIN)/loramux demo --tasks $(DEMO_TASKS) --data-dir $(SHARED_DATA)
 
 test: install
+	$(BIN)/ruff check src tests benchmarks
 	LORAMUX_SHARED_DATA=$(SHARED_DATA) $(BIN)/python -m pytest -q
 
 clean:

@@ -1,25 +1,23 @@
 """Engine: batched generation where every request has its own adapter mixture.
 
 One forward serves the whole batch: the fused layers apply each row's mixture (see
-`fusion/layer.py`), so requests with different mixtures never wait for each other. The loop is
-plain: left-padded prefill with explicit positions, then one token per row per step with a KV
-cache. A row that finishes leaves the batch at once (its cache rows, mask and mixture row are
-dropped), so it costs nothing after that step.
+`fusion/layer.py`), so requests with different mixtures never wait for each other. The decode
+loop itself is the scheduler's (`scheduler.py`), run synchronously here and on a thread by the
+server, so batching, stopping and sampling live in one place. This module holds what a row is
+(`_Row`: its tokens, stop rules, sampling and stream) and how requests become rows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from ..data import PromptFormatter
 from ..errors import LoramuxError
 from ..fusion import FusedModel, SequenceMixture
-from ..training.batching import left_pad
 from ..training.config import LLAMA_TARGETS
 from .request import GenerationRequest, GenerationResult
 from .sampling import choose
@@ -55,15 +53,15 @@ class _Row:
         self.text = ""
         self.emitted = 0
         self.finish: str | None = None
-        self.generator = None
-        if self.sampling.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling.seed)
+        self.generator: torch.Generator | None = None  # made on the logits' device at the first sample
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.logprobs: list[tuple[int, float, dict[int, float]]] | None = [] if self.sampling.logprobs is not None else None
 
     def sample(self, logits: torch.Tensor, tokenizer) -> tuple[int, str]:
         """Choose this row's next token from its logits, record its log-probability if asked."""
+        if self.generator is None and self.sampling.seed is not None:
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.sampling.seed)
         token = choose(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
         if self.logprobs is not None:
             logp = torch.log_softmax(logits.float(), dim=-1)
@@ -158,24 +156,43 @@ class Engine:
         With a sentence-level `router` (DLP), each request without a mixture is routed on its own
         first and every row carries its own mixture through one fused batch. With a per-token
         router (Arrow) the fused layers weight adapters per token from their own inputs; each
-        result's `routing` reports what its prompt's tokens used.
+        result's `routing` reports what its prompt's tokens used. Runs the server's scheduler
+        synchronously: one decode loop for both. A bad request raises before any compute.
         """
         requests, token_router = self._routed(requests, router)
-        run = self._run(requests, token_router)
-        while True:
-            try:
-                i, delta = next(run)
-            except StopIteration as done:
-                return done.value
-            if on_delta is not None and delta:
-                on_delta(i, delta)
+        scheduler, futures = self._scheduled(requests, token_router,
+                                             lambda i: (lambda d: on_delta(i, d)) if on_delta else None)
+        scheduler.run_until_idle()
+        return [f.result() for f in futures]
 
     def stream(self, request: GenerationRequest, *, router: "Router | TokenRouter | None" = None) -> Iterator[str]:
         """Yield the text of one request piece by piece as it is generated."""
         requests, token_router = self._routed([request], router)
-        for _, delta in self._run(requests, token_router):
-            if delta:
-                yield delta
+        pieces: list[str] = []
+        scheduler, [future] = self._scheduled(requests, token_router, lambda i: pieces.append)
+        try:
+            while not scheduler.idle():
+                scheduler._guarded_step()
+                yield from pieces
+                pieces.clear()
+            future.result()  # raises what ended the request
+        finally:  # an abandoned stream: free the row (and the fused layers' cached factors)
+            future.cancel()
+            scheduler.run_until_idle()
+
+    def _scheduled(self, requests: list[GenerationRequest], token_router, delta_for):
+        from .scheduler import Scheduler
+
+        rows, _ = self._prepare(requests)
+        if token_router is not None:
+            given = [i for i, r in enumerate(requests) if r.mixture is not None]
+            if given:
+                raise LoramuxError(f"requests {given} carry a mixture, but a per-token router "
+                                   f"({token_router.kind}) routes every row of its batch; send them separately")
+        scheduler = Scheduler(self, max_batch=len(requests), max_queue=len(requests), fold=self.fold)
+        futures = [scheduler.submit(r, delta_for(i), router=token_router, prompt_ids=row.prompt_ids)
+                   for i, (r, row) in enumerate(zip(requests, rows))]
+        return scheduler, futures
 
     def _routed(self, requests: list[GenerationRequest], router) -> tuple[list[GenerationRequest], "TokenRouter | None"]:
         if router is None:
@@ -217,63 +234,3 @@ class Engine:
             raise LoramuxError("no requests given")
         rows = [self._row(req, i) for i, req in enumerate(requests)]
         return rows, self.sequence_mixture([r.mixture for r in requests])
-
-    @torch.no_grad()
-    def _run(self, requests: list[GenerationRequest], token_router: "TokenRouter | None" = None,
-             ) -> Generator[tuple[int, str], None, list[GenerationResult]]:
-        rows, mix = self._prepare(requests)
-        if token_router is not None:
-            given = [i for i, r in enumerate(requests) if r.mixture is not None]
-            if given:
-                raise LoramuxError(f"requests {given} carry a mixture, but a per-token router "
-                                   f"({token_router.kind}) routes every row of its batch; send them separately")
-            mix = token_router.layer_mixture()
-        try:
-            model, tok = self.base.model, self.base.tokenizer
-            device = next(model.parameters()).device
-            ids, mask = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            active = list(range(len(rows)))  # request index of each batch row
-            fold = self.fold and isinstance(mix, SequenceMixture) and mix.indices.shape[0] == 1
-
-            with contextlib.ExitStack() as stack:
-                recorder = stack.enter_context(token_router.recording(mask)) if token_router else None
-                stack.enter_context(self.fused.mixture(mix, attention_mask=mask, fold=fold))
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-            if recorder is not None:  # what each row's prompt tokens used, for its result
-                for row, routing in zip(rows, token_router.routings(recorder)):
-                    row.request = dataclasses.replace(row.request, routing=routing)
-            cache, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
-            next_pos = mask.sum(-1)  # (B,) position of each row's next token
-
-            while True:
-                tokens, keep = [], []
-                for b, i in enumerate(active):
-                    row = rows[i]
-                    token, delta = row.sample(logits[b], tok)
-                    yield i, delta
-                    if row.finish is None:
-                        keep.append(b)
-                        tokens.append(token)
-                if not keep:
-                    break
-                if len(keep) < len(active):  # finished rows leave the batch
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask, next_pos = mask[index], next_pos[index]
-                    if isinstance(mix, SequenceMixture) and mix.indices.shape[0] > 1:
-                        mix = SequenceMixture(mix.indices[keep], mix.weights[keep])
-                    if token_router is not None and hasattr(token_router, "select_rows"):
-                        token_router.select_rows(keep)  # routers that hold per-row state (MoLE)
-                    active = [active[b] for b in keep]
-                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
-                with self.fused.mixture(mix, fold=fold):
-                    out = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
-                                position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[:, -1]
-                next_pos = next_pos + 1
-        finally:
-            self.fused.release()  # frees folded weight copies, also when a stream is abandoned
-            if token_router is not None and hasattr(token_router, "release"):
-                token_router.release()
-        return [r.result() for r in rows]

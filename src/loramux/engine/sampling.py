@@ -24,5 +24,8 @@ def choose(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """One token id from one row of logits (V,)."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shift before scaling: (l - max) / T stays finite-or--inf for any T > 0 (a tiny T such as
+    # 1e-39 would turn l / T into inf - inf = nan), so the most likely token always keeps mass.
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     return int(torch.multinomial(top_p_filter(probs, top_p), 1, generator=generator))

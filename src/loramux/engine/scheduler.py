@@ -1,46 +1,67 @@
 """Continuous batching: requests join the running batch between decode steps, each row with its
-own mixture, and leave it as they finish.
+own mixture, and leave it as they finish. This is the only decode loop: the server runs it on a
+thread, `Engine.generate` and `Engine.stream` run it synchronously.
 
-One loop owns the model. Each iteration it (1) admits waiting requests up to `max_batch`: their
-prompts are prefilled together, and their KV cache joins the running one (both left-padded to a
-common length, the padding masked out, positions explicit), (2) samples one token for every row,
-streams it and retires finished rows, (3) runs one decode forward for the rest with a per-row
-`SequenceMixture`. A row's output does not depend on its batch-mates: padding is masked and
-positions are its own (tested: greedy output equals the request alone).
+One loop owns the model. Each iteration it (1) runs the model calls that wait (routing, prompt
+log-probs), (2) admits waiting requests up to `max_batch`: their prompts are prefilled together,
+and their KV cache joins the running one (both left-padded to a common length, the padding masked
+out, positions explicit), (3) samples one token for every row, streams it and retires finished
+rows, (4) runs one decode forward for the rest with a per-row `SequenceMixture`. A row's output
+does not depend on its batch-mates: padding is masked and positions are its own (tested: greedy
+output equals the request alone).
 
-Requests for in-forward routers (Arrow, MoLE), whose gate serves a whole forward, run as their
-own batch between iterations (`submit(..., router=...)`).
+Faults stay with their request (vLLM's abort path; llama.cpp's per-slot errors): an exception
+while sampling, stopping, detokenising or streaming one row ends that row alone; one in a prefill
+fails only the rows being admitted (each is retried alone first, so a bad row cannot take its
+admission-mates with it); one in a call fails that call. Only a failing decode forward, which no
+row can be blamed for, fails the running batch. Every future is resolved on every path.
+
+Requests for in-forward routers (Arrow, MoLE), whose gate serves a whole forward, run as a batch
+of their own once the running one drains (`submit(..., router=...)`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..errors import LoramuxError
+from ..fusion import SequenceMixture
 from ..padding import length_groups
 from ..training.batching import left_pad
 from .engine import Engine, _Row
 from .request import GenerationRequest, GenerationResult
+
+log = logging.getLogger("loramux.scheduler")
 
 
 class QueueFull(LoramuxError):
     """The waiting queue is at its bound; the caller should retry later."""
 
 
+class SchedulerStopped(LoramuxError):
+    """The scheduler stopped before the request ran."""
+
+
 @dataclass
 class _Job:
-    request: GenerationRequest
+    request: GenerationRequest | None  # None: a call (model work that is not generation)
     future: Future
     on_delta: Callable[[str], None] | None = None
-    router: object | None = None  # an in-forward router: the job runs as its own batch
+    router: object | None = None  # an in-forward router: the job runs in a batch of its own
+    call: Callable[[], object] | None = None
     prompt_ids: list[int] | None = None  # the prompt's tokens when the caller has them already
+    tag: str = ""  # the caller's request id, for the log
+    row: _Row | None = None  # set on admission
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -59,6 +80,7 @@ class _State:
     # mixture object, so a new object every step would redo that work at every step.
     mix: object | None = None
     mix_stale: bool = True  # set whenever rows join or leave
+    router: object | None = None  # the in-forward router of this batch (then nobody else joins)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -79,31 +101,52 @@ def merge_caches(a, mask_a: torch.Tensor, b, mask_b: torch.Tensor):
     return a, torch.cat([_pad_left(mask_a, width, 1), _pad_left(mask_b, width, 1)], dim=0)
 
 
+def _resolve(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless it is already done (a client may cancel at any moment)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64, fold: bool = False):
+        """`fold`: fold a mixture that every running row shares into the weights (Engine.fold)."""
         if max_batch < 1 or max_queue < 1:
             raise LoramuxError(f"max_batch and max_queue must be positive; got {max_batch}, {max_queue}")
-        self.engine, self.max_batch = engine, max_batch
+        self.engine, self.max_batch, self.fold = engine, max_batch, fold
         self.waiting: queue.Queue[_Job] = queue.Queue(maxsize=max_queue)
+        self.calls: queue.Queue[_Job] = queue.Queue(maxsize=max_queue)  # run between steps
         self.state = _State()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self.stats = {"requests": 0, "finished": 0, "tokens": 0, "steps": 0, "batch_rows": 0}
+        self.stats = {"requests": 0, "finished": 0, "failed": 0, "tokens": 0, "steps": 0, "batch_rows": 0}
         self.observers: list[Callable[[str, dict], None]] = []  # metrics hooks: (event, data)
 
     # ------------------------------------------------------------------ public
-    def call(self, fn: Callable[[], object]) -> Future:
-        """Run `fn` on the scheduler's thread, alone (once the running batch drains): model work
-        that is not generation, e.g. scoring a prompt's own tokens."""
-        return self.submit(None, router=fn)
+    def call(self, fn: Callable[[], object], *, exclusive: bool = False) -> Future:
+        """Run `fn` on the scheduler's thread, between two steps: model work that is not
+        generation (routing a prompt, scoring its tokens). `exclusive`: only once the running batch
+        has drained (loading or removing an adapter changes the slots the batch uses)."""
+        job = _Job(None, Future(), call=fn)
+        target = self.waiting if exclusive else self.calls
+        try:
+            target.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"the queue is full ({target.maxsize} waiting); retry later") from None
+        self._wake.set()
+        return job.future
 
-    def submit(self, request: GenerationRequest | None, on_delta: Callable[[str], None] | None = None, *,
-               router=None, prompt_ids: list[int] | None = None) -> Future:
-        """Queue a request; the Future gets its GenerationResult (or the error that refused it).
+    def submit(self, request: GenerationRequest, on_delta: Callable[[str], None] | None = None, *,
+               router=None, prompt_ids: list[int] | None = None, tag: str = "") -> Future:
+        """Queue a request; the Future gets its GenerationResult (or the error that ended it).
         Cancelling the Future (a client that left, a timeout) frees its row at the next step.
         `prompt_ids`: the prompt's tokens, when the caller has tokenized it already."""
-        job = _Job(request, Future(), on_delta, router, prompt_ids)
+        job = _Job(request, Future(), on_delta, router, None, prompt_ids, tag)
         try:
             self.waiting.put_nowait(job)
         except queue.Full:
@@ -120,6 +163,10 @@ class Scheduler:
     def running(self) -> int:
         return len(self.state.rows)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         if self._thread is None:
             self._stop.clear()
@@ -132,83 +179,173 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        stopped = SchedulerStopped("the server is shutting down")
+        for q in (self.waiting, self.calls):
+            while not q.empty():
+                _resolve(q.get_nowait().future, error=stopped)
+
+    def idle(self) -> bool:
+        return self.waiting.empty() and self.calls.empty() and not self.state.rows
 
     def run_until_idle(self) -> None:
-        """Step until nothing waits or runs (tests, and synchronous use without the thread)."""
-        while not self.waiting.empty() or self.state.rows:
-            self.step()
+        """Step until nothing waits or runs (synchronous use without the thread)."""
+        while not self.idle():
+            self._guarded_step()
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self.waiting.empty() and not self.state.rows:
+            if self.idle():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            try:
-                self.step()
-            except Exception as e:  # a bug must not kill the server: fail the rows in flight
-                for job in self.state.jobs:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-                self.state = _State()
+            self._guarded_step()
+
+    def _guarded_step(self) -> None:
+        try:
+            self.step()
+        except Exception as e:  # a decode forward failed: no row can be blamed, so the batch ends
+            log.exception("decode step failed; ending the %d running request(s)", len(self.state.jobs))
+            self._drop_batch(e)
+
+    def _drop_batch(self, error: BaseException) -> None:
+        for job in self.state.jobs:
+            self._fail(job, error, logged=True)
+        router = self.state.router
+        self.state = _State()
+        self.engine.fused.release()
+        if router is not None and hasattr(router, "release"):
+            router.release()
 
     @torch.no_grad()
     def step(self) -> None:
+        self._run_calls()
         self._admit()
         if self.state.rows:
             self._sample_and_retire()
         if self.state.rows:
             self._decode()
 
+    def _run_calls(self) -> None:
+        while not self.calls.empty():
+            self._run_call(self.calls.get_nowait())
+
+    def _run_call(self, job: _Job) -> None:
+        if job.future.cancelled():
+            return
+        try:
+            _resolve(job.future, job.call())
+        except Exception as e:  # the caller decides what the error means; it ends this call only
+            _resolve(job.future, error=e)
+
+    def _fail(self, job: _Job, error: BaseException, logged: bool = False) -> None:
+        if not isinstance(error, LoramuxError) and not logged:
+            log.error("request %s failed", job.tag or "?", exc_info=error)
+        self.stats["failed"] += 1
+        self._notify("failed", {"request": job.request, "error": error})
+        _resolve(job.future, error=error)
+
     def _admit(self) -> None:
+        st = self.state
+        if st.router is not None:  # an in-forward router's batch runs alone until it drains
+            return
         new: list[_Job] = []
-        while len(self.state.rows) + len(new) < self.max_batch and not self.waiting.empty():
+        while len(st.rows) + len(new) < self.max_batch and not self.waiting.empty():
             job = self.waiting.get_nowait()
-            if job.router is not None:  # in-forward router: its own batch, once the running one drains
-                if self.state.rows or new:
-                    self.waiting.queue.appendleft(job)  # keep its place: admitted once the batch drains
-                    break
-                self._run_alone(job)
-                continue
-            new.append(job)
-        rows, jobs = [], []
-        for job in new:
             if job.future.cancelled():  # left while waiting
                 self._notify("cancelled", {"request": job.request})
                 continue
+            if job.call is not None or job.router is not None:
+                if st.rows or new:  # its own batch, once the running one drains: keep its place
+                    self.waiting.queue.appendleft(job)
+                    break
+                if job.call is not None:
+                    self._run_call(job)
+                    continue
+                self._admit_router(job)
+                return
             try:
-                row = self.engine._row(job.request, ids=job.prompt_ids)
+                job.row = self.engine._row(job.request, ids=job.prompt_ids)
                 self.engine.sequence_mixture([job.request.mixture])  # names loaded, weights finite
-            except LoramuxError as e:
-                self._notify("refused", {"request": job.request, "error": str(e)})
-                job.future.set_exception(e)
+            except Exception as e:
+                self._fail(job, e)
                 continue
-            rows.append(row)
-            jobs.append(job)
-        for group in length_groups([len(r.prompt_ids) for r in rows]):
-            self._prefill([rows[i] for i in group], [jobs[i] for i in group])
+            new.append(job)
+        for group in length_groups([len(j.row.prompt_ids) for j in new]):
+            self._prefill_isolated([new[i] for i in group])
 
-    def _prefill(self, rows: list[_Row], jobs: list[_Job]) -> None:
-        """Run the prompts of newly admitted rows and append them to the running batch."""
+    def _admit_router(self, first: _Job) -> None:
+        """Start a batch of the waiting jobs for `first`'s in-forward router (the same router object)."""
+        jobs = [first]
+        while len(jobs) < self.max_batch and not self.waiting.empty() and self.waiting.queue[0].router is first.router:
+            jobs.append(self.waiting.get_nowait())
+        ok = []
+        for job in jobs:
+            try:
+                if job.request.mixture is not None:
+                    raise LoramuxError(f"a request for the per-token router {first.router.kind} carries a mixture; "
+                                       f"the router sets every row's weights")
+                job.row = self.engine._row(job.request, ids=job.prompt_ids)
+            except Exception as e:
+                self._fail(job, e)
+                continue
+            ok.append(job)
+        if not ok:
+            return
+        try:
+            self._prefill(ok, router=first.router)
+        except Exception as e:
+            log.exception("prefill for router %s failed", getattr(first.router, "kind", "?"))
+            for job in ok:
+                self._fail(job, e, logged=True)
+            self.engine.fused.release()
+            if hasattr(first.router, "release"):
+                first.router.release()
+
+    def _prefill_isolated(self, jobs: list[_Job]) -> None:
+        try:
+            self._prefill(jobs)
+        except Exception as e:
+            self.engine.fused.release()
+            if len(jobs) > 1:  # find the row at fault: each alone, so the others still run
+                for job in jobs:
+                    self._prefill_isolated([job])
+                return
+            if not isinstance(e, LoramuxError):
+                log.exception("prefill of request %s failed", jobs[0].tag or "?")
+            self._fail(jobs[0], e, logged=True)
+
+    def _prefill(self, jobs: list[_Job], router=None) -> None:
+        """Run the prompts of newly admitted rows and append them to the running batch. Nothing
+        of the running batch changes until the forward has succeeded."""
         model, tok = self.engine.base.model, self.engine.base.tokenizer
         device = next(model.parameters()).device
+        rows = [j.row for j in jobs]
         ids, mask = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device)
-        mix = self.engine.sequence_mixture([j.request.mixture for j in jobs])
-        with self.engine.fused.mixture(mix):
+        if router is not None:
+            mix, fold = router.layer_mixture(), False
+        else:
+            mix = self.engine.sequence_mixture([j.request.mixture for j in jobs])
+            fold = self.fold and isinstance(mix, SequenceMixture) and mix.indices.shape[0] == 1
+        with contextlib.ExitStack() as stack:
+            recorder = stack.enter_context(router.recording(mask)) if router is not None else None
+            stack.enter_context(self.engine.fused.mixture(mix, attention_mask=mask, fold=fold))
             out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                         use_cache=True, logits_to_keep=1)
-        self.engine.fused.release()
+        if recorder is not None:  # what each row's prompt tokens used, for its result
+            for row, routing in zip(rows, router.routings(recorder)):
+                row.request = dataclasses.replace(row.request, routing=routing)
         st = self.state
         if st.rows:
             st.cache, st.mask = merge_caches(st.cache, st.mask, out.past_key_values, mask)
             st.next_pos = torch.cat([st.next_pos, mask.sum(-1)])
             st.logits = torch.cat([st.logits, out.logits[:, -1]])
+            st.mix_stale = True
         else:
             st.cache, st.mask, st.next_pos, st.logits = out.past_key_values, mask, mask.sum(-1), out.logits[:, -1]
+            st.mix, st.mix_stale, st.router = mix, False, router  # keep the prefill's mixture (and its fold)
         st.rows += rows
         st.jobs += jobs
-        st.mix_stale = True
         for job, row in zip(jobs, rows):
             self._notify("admitted", {"wait_s": time.perf_counter() - job.enqueued, "request": job.request, "row": row})
 
@@ -219,29 +356,40 @@ class Scheduler:
             if job.future.cancelled():  # the client went away or timed out: free its row now
                 self._notify("cancelled", {"request": job.request})
                 continue
-            token, delta = row.sample(st.logits[b], tok)
-            self.stats["tokens"] += 1
-            if delta and job.on_delta is not None:
-                job.on_delta(delta)
-            if row.finish is None:
-                keep.append(b)
-                tokens.append(token)
-            else:
+            try:
+                token, delta = row.sample(st.logits[b], tok)
+                self.stats["tokens"] += 1
+                if delta and job.on_delta is not None:
+                    job.on_delta(delta)
+                if row.finish is None:
+                    keep.append(b)
+                    tokens.append(token)
+                    continue
                 result = row.result()
-                self.stats["finished"] += 1
-                self._notify("finished", {"result": result, "request": job.request})
-                job.future.set_result(result)
+            except Exception as e:  # this row's sampling, stop strings, detokenising or stream
+                self._fail(job, e)
+                continue
+            self.stats["finished"] += 1
+            self._notify("finished", {"result": result, "request": job.request})
+            _resolve(job.future, result)
         if len(keep) < len(st.rows):
             if not keep:
+                router = st.router
                 self.state = _State()
                 self.engine.fused.release()  # the drained batch's cached factors (up to a copy per slot used)
+                if router is not None and hasattr(router, "release"):
+                    router.release()
                 return
             index = torch.tensor(keep, device=st.mask.device)
             st.cache.batch_select_indices(index)
             st.mask, st.next_pos = st.mask[index], st.next_pos[index]
             st.rows = [st.rows[b] for b in keep]
             st.jobs = [st.jobs[b] for b in keep]
-            st.mix_stale = True
+            if st.router is not None:
+                if hasattr(st.router, "select_rows"):
+                    st.router.select_rows(keep)  # routers that hold per-row state (MoLE)
+            else:
+                st.mix_stale = True
         st.pending = tokens
 
     def _decode(self) -> None:
@@ -252,7 +400,8 @@ class Scheduler:
         if st.mix_stale:
             self.engine.fused.release()  # the previous rows' cached factors
             st.mix, st.mix_stale = self.engine.sequence_mixture([j.request.mixture for j in st.jobs]), False
-        with self.engine.fused.mixture(st.mix):
+        fold = self.fold and isinstance(st.mix, SequenceMixture) and st.mix.indices.shape[0] == 1
+        with self.engine.fused.mixture(st.mix, fold=fold):
             out = model(input_ids=torch.tensor(st.pending, device=device)[:, None], attention_mask=st.mask,
                         position_ids=st.next_pos[:, None], past_key_values=st.cache, use_cache=True)
         st.cache, st.logits = out.past_key_values, out.logits[:, -1]
@@ -261,26 +410,12 @@ class Scheduler:
         self.stats["batch_rows"] += len(st.rows)
         self._notify("step", {"rows": len(st.rows)})
 
-    def _run_alone(self, job: _Job) -> None:
-        if job.request is None:  # a call(): exclusive model work
-            try:
-                job.future.set_result(job.router())
-            except Exception as e:
-                job.future.set_exception(e)
-            return
-        try:
-            [result] = self.engine.generate([job.request], (lambda i, d: job.on_delta(d)) if job.on_delta else None,
-                                            router=job.router)
-        except LoramuxError as e:
-            job.future.set_exception(e)
-            return
-        self.stats["finished"] += 1
-        self._notify("finished", {"result": result, "request": job.request})
-        job.future.set_result(result)
-
     def _notify(self, event: str, data: dict) -> None:
         for observer in self.observers:
-            observer(event, data)
+            try:
+                observer(event, data)
+            except Exception:  # a metrics hook must not end requests
+                log.exception("scheduler observer failed on %r", event)
 
 
 def generate_all(scheduler: Scheduler, requests: list[GenerationRequest]) -> list[GenerationResult]:

@@ -102,8 +102,15 @@ class Library:
                 for d in sorted(root.iterdir()) if d.name not in live]
 
     def _sweep(self, adapters: dict[str, AdapterSpec]) -> None:
+        # Rename before deleting: a reader that read the previous manifest then finds its dir whole
+        # or gone (and reads the manifest again), never half-deleted.
         for d in self._unreferenced(adapters, self._read_routers()):
-            shutil.rmtree(d, ignore_errors=True)
+            doomed = d if d.name.startswith(".deleting-") else d.with_name(f".deleting-{d.name}")
+            try:
+                d.rename(doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
 
     # ---------------------------------------------------------------- reading
     def list(self) -> list[AdapterSpec]:

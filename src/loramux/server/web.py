@@ -1,4 +1,10 @@
-"""The web view at `/`: plain HTML + JS, no build step. It reads the JSON endpoints below."""
+"""The web view at `/`: plain HTML + JS, no build step, and the JSON endpoints it reads
+(the library, live and recent requests, a routing preview)."""
+
+from fastapi.responses import HTMLResponse
+
+from .core import ROUTERS, ApiError, Server
+from .protocol import ERRORS, RoutePreviewRequest, RoutingPreview
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>loramux</title>
@@ -53,3 +59,34 @@ document.getElementById("go").onclick = async () => {
 refresh(); setInterval(refresh, 3000);
 </script></body></html>
 """
+
+
+def add_web_routes(app, server: Server) -> None:
+    engine, library = server.engine, server.library
+
+    @app.get("/", response_class=HTMLResponse)
+    async def web_view():
+        return PAGE
+
+    @app.get("/v1/loramux/library")
+    async def library_view():
+        adapters = [{"name": spec.name, "tasks": list(spec.tasks), "rank": spec.rank, "version": spec.version,
+                     "loaded": spec.name in engine.adapters} for spec in (library.list() if library is not None else [])]
+        return {"base": server.base_id, "adapters": adapters, "routers": app.state.router_names() or ["base"]}
+
+    @app.get("/v1/loramux/recent")
+    async def recent():
+        return {"live": server.live_requests(), "requests": list(server.recent)}
+
+    @app.post("/v1/loramux/route", response_model=RoutingPreview, responses=ERRORS)
+    async def route_preview(body: RoutePreviewRequest):
+        """What a router would choose for a prompt, and why, without generating."""
+        if body.model.partition(":")[0] not in ROUTERS:
+            raise ApiError(400, f"model: {body.model!r} is not a router; use one of {list(ROUTERS)}", "model")
+
+        def route():
+            router = server.router(body.model)
+            return router.route([body.prompt])[0].to_dict()
+
+        in_forward = body.model.partition(":")[0] in ("arrow", "mole")  # their gates hold per-batch state
+        return await server.on_model_thread(route, exclusive=in_forward)

@@ -1,0 +1,84 @@
+"""Adapter lifecycle over HTTP (POST /v1/adapters, DELETE /v1/adapters/{name}), behind admin keys.
+
+A swap runs on the scheduler's thread once the running batch drains, so requests in flight finish
+on the version they started with. A replace is loaded into the engine first and committed to the
+library only when that worked: on any failure the old version keeps serving and the library is
+unchanged.
+"""
+
+import hmac
+from pathlib import Path
+
+from fastapi import Depends, Request
+
+from ..errors import LoramuxError
+from .core import ApiError, Server
+from .protocol import ERRORS, AdapterLoaded, AdapterLoadRequest, AdapterUnloaded
+
+
+def swap_in(server: Server, name: str, target: Path, expected_version: int | None) -> dict:
+    """Add or replace adapter `name` from the PEFT dir `target` (on the model's thread)."""
+    from ..library.checks import check_against_base, read_peft_dir
+
+    library, engine, fused = server.library, server.engine, server.engine.fused
+    current = library.get(name).version if name in library else None
+    if expected_version is not None and current != expected_version:
+        raise ApiError(409, f"adapter {name!r} is at version {current}, not the expected {expected_version}",
+                       "expected_version", "version_mismatch")
+    try:
+        files = read_peft_dir(target)
+        check_against_base(files, engine.base)
+    except LoramuxError as e:
+        raise ApiError(400, f"path: {e}", "path") from None
+    staging = f"{name}@staging"
+    fused.add_adapter(staging, files)  # 1. the new version is in the engine (old one still serving)
+    try:
+        spec = library.add(name, files, base=engine.base, replace=current is not None)  # 2. the commit point
+    except BaseException:
+        fused.remove_adapter(staging)
+        raise
+    if name in engine.adapters:  # 3. the old version leaves, the new one takes its name
+        engine.unload(name)
+    k = fused.adapters.index(staging)
+    fused.adapters[k] = name
+    fused.identities.pop(staging, None)
+    fused.identities[name] = f"{spec.dir}|" + ",".join(f"{f}:{h}" for f, h in sorted(spec.files.items()))
+    server.config.routers.clear()  # routers rebuild over the new set of adapters
+    return {"name": name, "version": spec.version, "rank": spec.rank}
+
+
+def add_admin_routes(app, server: Server) -> None:
+    def require_admin(request: Request) -> None:
+        keys = server.config.admin_keys
+        if not keys:
+            raise ApiError(403, "adapter lifecycle endpoints are off: start the server with admin keys", code="forbidden")
+        token = request.headers.get("x-admin-key", "")
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+            raise ApiError(403, "missing or invalid admin key (X-Admin-Key header)", code="forbidden")
+
+    admin = [Depends(require_admin)]  # before the body is read: no key, no validation feedback
+
+    @app.post("/v1/adapters", response_model=AdapterLoaded, responses=ERRORS, dependencies=admin)
+    async def load_adapter(body: AdapterLoadRequest):
+        root = server.config.adapter_root
+        if not root:
+            raise ApiError(403, "loading adapters is off: start the server with an adapter root", code="forbidden")
+        if server.library is None:
+            raise ApiError(400, "the server runs without a library to add adapters to")
+        target = Path(body.path).expanduser().resolve()
+        if not target.is_relative_to(Path(root).expanduser().resolve()):
+            raise ApiError(403, f"path {body.path!r} is outside the allowed adapter root", "path", "forbidden")
+        return await server.on_model_thread(lambda: swap_in(server, body.name, target, body.expected_version),
+                                            exclusive=True)
+
+    @app.delete("/v1/adapters/{name}", response_model=AdapterUnloaded, responses=ERRORS, dependencies=admin)
+    async def unload_adapter(name: str):
+
+        def drop() -> dict:
+            if name not in server.engine.adapters:
+                raise ApiError(404, f"adapter {name!r} is not loaded", "name", "model_not_found")
+            server.engine.unload(name)
+            server.config.routers.clear()
+            return {"name": name, "unloaded": True}
+
+        return await server.on_model_thread(drop, exclusive=True)

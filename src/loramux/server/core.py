@@ -1,0 +1,260 @@
+"""What every route shares: the engine, its scheduler, the library, the routers and the metrics,
+and the steps between a validated request body and the scheduler (plan the mixture, submit).
+
+All model work (routing with a DLP encoder that may be the base model, prompt log-probs, Arrow and
+MoLE, adapter swaps) runs on the scheduler's thread: the fused layers hold per-forward state, so a
+second thread using the model would race with the running batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..engine import GenerationRequest, SamplingParams
+from ..engine.scheduler import QueueFull, Scheduler
+from ..errors import LoramuxError
+from .metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+    from ..library import Library
+    from ..routers.routing import Routing
+    from .protocol import LoramuxOptions
+
+ROUTERS = ("auto", "dlp", "arrow", "mole")
+
+
+@dataclass
+class ServerConfig:
+    api_keys: frozenset[str] = frozenset()  # empty: no auth (then the CLI binds loopback only)
+    admin_keys: frozenset[str] = frozenset()  # empty: the adapter lifecycle endpoints are off
+    adapter_root: str | None = None  # POST /v1/adapters loads PEFT dirs only from below this dir
+    max_batch: int = 16
+    max_queue: int = 64
+    max_body_bytes: int = 1 << 20  # sized and chunked bodies alike
+    max_tokens_limit: int = 1024
+    max_prompt_tokens: int | None = None  # default: the model's context
+    default_max_tokens: int = 16  # OpenAI's default for completions
+    request_timeout_s: float = 600.0  # a request still unfinished after this is cancelled (504)
+    # CPU fp32: serve from oneDNN-prepacked base weights (cpu_linear.py: 1.7x per projection at
+    # 16 decode rows on the 2-core CPU), at the price of a second copy of the base weights.
+    pack_linears: bool = True
+    routers: dict[str, Any] = field(default_factory=dict)  # name -> router, built lazily
+
+
+class ApiError(Exception):
+    """An answer other than 200, in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
+
+    def body(self) -> dict:
+        kind = ("rate_limit_error" if self.status == 429 else "invalid_request_error" if self.status < 500
+                else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def failure(e: BaseException, request_id: str) -> ApiError:
+    """The answer for an exception that ended a request: bad input is the client's (400), anything
+    else is ours (500, with the request id the server logged its traceback under)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, QueueFull):
+        return ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, LoramuxError):
+        return ApiError(400, str(e))
+    return ApiError(500, f"internal error while serving request {request_id} ({type(e).__name__}); the server "
+                         f"logged it under that id, and no other request was affected", code="internal_error")
+
+
+@dataclass
+class Plan:
+    """How a request is served: one mixture (and routing) per prompt, or an in-forward router."""
+
+    mixtures: list[dict[str, float] | None]
+    routings: list["Routing | None"]
+    router: Any = None  # Arrow / MoLE: weights come from inside the forward
+
+
+class Server:
+    def __init__(self, engine: "Engine", library: "Library | None", config: ServerConfig):
+        self.engine, self.library, self.config = engine, library, config
+        if config.pack_linears:
+            from ..cpu_linear import pack_linears
+
+            pack_linears(engine.fused.base.model)  # no-op off CPU, for other dtypes, or without oneDNN
+        self.scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue)
+        self.metrics = ServerMetrics()
+        self.scheduler.observers.append(self.metrics.observe)
+        self.base_id = engine.base.model_id
+        self.recent: deque = deque(maxlen=50)  # the web view's "recent requests"
+        self.live: dict[int, tuple[dict, object]] = {}  # request id -> (its entry, its engine row): in flight
+        self._models: dict[int, str] = {}  # request object id -> the model name it asked for
+        self.scheduler.observers.append(self._remember)
+
+    # ------------------------------------------------------------------ the web view's book-keeping
+    @staticmethod
+    def _mixture_of(routing, mixture) -> dict:
+        if routing is not None:
+            return {"adapters": list(routing.adapters), "weights": list(routing.weights)}
+        return {"adapters": list((mixture or {}).keys()), "weights": list((mixture or {}).values())}
+
+    def _remember(self, event: str, data: dict) -> None:
+        # Runs on the scheduler thread; the web view reads `live` and `recent` from the event loop,
+        # so both are only ever replaced or appended to whole entries.
+        key = id(data.get("request"))
+        if event == "admitted":
+            req = data["row"].request
+            entry = {"model": self._models.get(key, ""), **self._mixture_of(req.routing, req.mixture)}
+            self.live[key] = (entry, data["row"])
+        elif event in ("cancelled", "refused", "failed"):
+            self.live.pop(key, None)
+            self._models.pop(key, None)
+        elif event == "finished":
+            self.live.pop(key, None)
+            result = data["result"]
+            self.recent.appendleft({"model": self._models.pop(key, ""), **self._mixture_of(result.routing, result.mixture),
+                                    "tokens": len(result.token_ids), "seconds": result.seconds})
+
+    def live_requests(self) -> list[dict]:
+        now = time.perf_counter()
+        return [{**entry, "tokens": len(row.tokens), "seconds": now - row.started}
+                for entry, row in list(self.live.values())]
+
+    # ------------------------------------------------------------------ the model's thread
+    async def on_model_thread(self, fn: Callable[[], Any], *, exclusive: bool = False) -> Any:
+        """Run `fn` on the scheduler's thread and wait for it (ApiErrors it raises pass through)."""
+        try:
+            future = self.scheduler.call(fn, exclusive=exclusive)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        return await asyncio.wrap_future(future)
+
+    # ------------------------------------------------------------------ routing
+    def router(self, name: str):
+        """The router a model name stands for, built on first use (call on the model's thread)."""
+        if name in self.config.routers:
+            return self.config.routers[name]
+        from ..routers import load_router
+
+        if self.library is None:
+            raise ApiError(404, f"model {name!r} needs a library; the server runs without one", "model",
+                           "model_not_found")
+        kind, _, stored = name.partition(":")
+        kind = "dlp" if kind == "auto" else kind
+        try:
+            if kind == "dlp":
+                router = load_router(self.library, "dlp", base=self.engine.base)
+            else:
+                router = load_router(self.library, kind, fused=self.engine.fused, **({"name": stored} if stored else {}))
+        except LoramuxError as e:
+            raise ApiError(404, f"model {name!r}: {e}", "model", "model_not_found") from None
+        self.config.routers[name] = router
+        return router
+
+    def lora_mixture(self, entries) -> dict[str, float]:
+        """llama.cpp's `lora` list -> a mixture: ids index GET /lora-adapters, names are accepted."""
+        names = self.engine.adapters
+        mix: dict[str, float] = {}
+        for k, entry in enumerate(entries):
+            if isinstance(entry.id, int):
+                if entry.id >= len(names):
+                    raise ApiError(400, f"lora.{k}.id: no adapter has id {entry.id}; GET /lora-adapters lists ids "
+                                        f"0..{len(names) - 1}", f"lora.{k}.id")
+                name = names[entry.id]
+            else:
+                name = entry.id
+            if name in mix:
+                raise ApiError(400, f"lora.{k}.id: adapter {name!r} is listed twice", f"lora.{k}.id")
+            mix[name] = float(entry.scale)
+        return {n: w for n, w in mix.items() if w != 0.0}
+
+    async def plan(self, model: str, opts: "LoramuxOptions", lora, route_texts: list[str]) -> Plan:
+        """The mixture of each prompt: an explicit mix, an adapter, the base model, or a router's
+        choice (routed once per prompt, on the model's thread)."""
+        n = len(route_texts)
+        mix = opts.mix if opts.mix is not None else self.lora_mixture(lora) if lora is not None else None
+        if mix is not None:
+            mix = {str(k): float(v) for k, v in mix.items()} or None  # all-zero llama.cpp scales: the base model
+            return Plan([mix] * n, [None] * n)
+        if model in ("base", self.base_id):
+            return Plan([None] * n, [None] * n)
+        if model in self.engine.adapters:
+            return Plan([{model: 1.0}] * n, [None] * n)
+        if model.partition(":")[0] not in ROUTERS:
+            raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists the base model, "
+                                f"adapters and routers", "model", "model_not_found")
+        options = opts.router_options()
+
+        def route() -> Plan:
+            router = self.router(model)
+            if getattr(router, "granularity", "sequence") != "sequence":
+                if options:
+                    raise ApiError(400, f"router options {sorted(options)} apply to dlp; {model} was configured "
+                                        f"at start", "loramux")
+                return Plan([None] * n, [None] * n, router)
+            try:
+                routings = router.route(route_texts, **options)
+            except (LoramuxError, TypeError) as e:
+                raise ApiError(400, f"routing failed: {e}", "loramux") from None
+            return Plan([r.mixture for r in routings], list(routings))
+
+        return await self.on_model_thread(route)
+
+    def routing_echo(self, mixture, router, routing, result, explain: bool) -> dict:
+        versions = {}
+        if self.library is not None:
+            for name in (mixture or {}):
+                if name in self.library:
+                    versions[name] = self.library.get(name).version
+        out: dict[str, Any] = {"mixture": mixture, "adapter_versions": versions}
+        r = routing or (result.routing if result is not None else None)
+        if r is not None:
+            out["router"] = r.router
+            out["adapters"], out["weights"] = list(r.adapters), list(r.weights)
+            if r.abstained:
+                out["abstained"], out["reason"] = True, r.reason
+            if explain:
+                out["explain"] = r.to_dict()
+        elif router is not None:
+            out["router"] = router.kind
+        return out
+
+    # ------------------------------------------------------------------ requests
+    def sampling(self, body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if max_tokens is None:
+            max_tokens = self.config.default_max_tokens
+        return SamplingParams(max_new_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
+                              seed=body.seed, stop=body.stops(), logprobs=logprobs,
+                              ignore_eos=body.loramux.ignore_eos)
+
+    def prompt_ids(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, list):
+            return list(prompt)
+        tok = self.engine.base.tokenizer
+        return self.engine.formatter.encode_prompt(prompt) if chat else tok(prompt)["input_ids"]
+
+    def check_prompt(self, ids: list[int], max_new: int, param: str = "prompt") -> None:
+        limit = self.config.max_prompt_tokens
+        if limit and len(ids) > limit:
+            raise ApiError(400, f"{param}: {len(ids)} tokens exceed this server's limit of {limit}", param)
+        context = self.engine.max_context
+        if context and len(ids) + max_new > context:
+            raise ApiError(400, f"{param}: {len(ids)} tokens + max_tokens {max_new} exceed the model's context of "
+                                f"{context} tokens", param)
+
+    def submit(self, request: GenerationRequest, router, on_delta=None, *, ids: list[int] | None = None,
+               model: str = "", tag: str = ""):
+        """Queue one generation (`ids`: its prompt's tokens, when already known)."""
+        self._models[id(request)] = model
+        try:
+            return self.scheduler.submit(request, on_delta, router=router, prompt_ids=ids, tag=tag)
+        except QueueFull as e:
+            self._models.pop(id(request), None)
+            raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
