@@ -96,3 +96,106 @@ def test_a_cancelled_request_frees_its_row(engine):
     sched.run_until_idle()
     assert other.result().token_ids == alone(engine, "x", {"b": 1.0}, 3)
 
+
+
+# ---------------------------------------------------------------------------- fault isolation
+def test_a_row_that_fails_mid_decode_ends_alone(engine):
+    """An exception while streaming one row (here its on_delta, as a closed client's would) ends
+    that request; its batch-mates produce exactly what they produce alone."""
+    sched = Scheduler(engine, max_batch=8)
+    calls = []
+
+    def explode(delta):
+        calls.append(delta)
+        if len(calls) == 2:
+            raise RuntimeError("client went away")
+
+    requests = [greedy(PROMPTS[i % 3], MIXES[i], n=6, ignore_eos=True) for i in range(4)]
+    good = [sched.submit(r) for r in requests]
+    bad = sched.submit(greedy("one two", {"a": 1.0}, n=6, ignore_eos=True), on_delta=explode)
+    sched.run_until_idle()
+    with pytest.raises(RuntimeError, match="client went away"):
+        bad.result()
+    for req, fut in zip(requests, good):
+        assert fut.result().token_ids == alone(engine, req.prompt, req.mixture, 6)
+    assert sched.idle() and sched.stats["failed"] == 1
+
+
+def test_a_failing_sample_ends_only_its_row(engine, monkeypatch):
+    from loramux.engine import engine as engine_module
+
+    real = engine_module._Row.sample
+
+    def sample(self, logits, tokenizer):
+        if self.request.prompt == "poison" and len(self.tokens) == 1:
+            raise ValueError("sampling blew up")
+        return real(self, logits, tokenizer)
+
+    monkeypatch.setattr(engine_module._Row, "sample", sample)
+    sched = Scheduler(engine, max_batch=8)
+    good = [sched.submit(greedy(PROMPTS[i % 3], MIXES[i], n=5, ignore_eos=True)) for i in range(3)]
+    bad = sched.submit(greedy("poison", {"c": 1.0}, n=5, ignore_eos=True))
+    sched.run_until_idle()
+    with pytest.raises(ValueError, match="sampling blew up"):
+        bad.result()
+    monkeypatch.undo()
+    for i, fut in enumerate(good):
+        assert fut.result().token_ids == alone(engine, PROMPTS[i % 3], MIXES[i], 5)
+
+
+def test_a_failing_prefill_fails_only_the_row_at_fault(engine):
+    """Token ids outside the vocabulary fail the embedding lookup: admitted together with good
+    rows, only that row fails (the group is retried row by row) and the running batch goes on."""
+    sched = Scheduler(engine, max_batch=8)
+    running = sched.submit(greedy("one two", {"a": 1.0}, n=6, ignore_eos=True))
+    sched.step()
+    mates = [greedy(PROMPTS[0], MIXES[i], n=4, ignore_eos=True) for i in range(2)]
+    good = [sched.submit(r) for r in mates]
+    vocab = engine.base.model.config.vocab_size
+    bad = sched.submit(greedy("ignored", None, n=4), prompt_ids=[1, vocab + 5, 2])
+    sched.run_until_idle()
+    with pytest.raises(IndexError):
+        bad.result()
+    assert running.result().token_ids == alone(engine, "one two", {"a": 1.0}, 6)
+    for req, fut in zip(mates, good):
+        assert fut.result().token_ids == alone(engine, req.prompt, req.mixture, 4)
+
+
+def test_failing_calls_and_router_runs_end_alone(engine):
+    class BrokenRouter:
+        kind = "broken"
+
+        def layer_mixture(self):
+            raise RuntimeError("gate exploded")
+
+    sched = Scheduler(engine)
+    good = sched.submit(greedy("one two", {"b": 1.0}, n=3))
+    call = sched.call(lambda: 1 / 0)
+    routed = sched.submit(greedy("one two", None, n=3), router=BrokenRouter())
+    after = sched.submit(greedy("x", None, n=3))
+    sched.run_until_idle()
+    with pytest.raises(ZeroDivisionError):
+        call.result()
+    with pytest.raises(RuntimeError, match="gate exploded"):
+        routed.result()
+    assert good.result().token_ids == alone(engine, "one two", {"b": 1.0}, 3)
+    assert after.result().token_ids == alone(engine, "x", None, 3)
+
+
+def test_stopping_resolves_every_waiting_future(engine):
+    from loramux.engine.scheduler import SchedulerStopped
+
+    sched = Scheduler(engine)
+    futures = [sched.submit(greedy("one", None, n=2)), sched.call(lambda: 1)]
+    sched.stop()
+    for f in futures:
+        with pytest.raises(SchedulerStopped):
+            f.result(timeout=1)
+
+
+def test_tiny_temperatures_sample_like_greedy(engine):
+    """T = 1e-39 used to turn logits / T into inf - inf = nan inside the decode loop."""
+    sched = Scheduler(engine)
+    fut = sched.submit(greedy("one two", {"a": 1.0}, n=5, temperature=1e-39, seed=3))
+    sched.run_until_idle()
+    assert fut.result().token_ids == alone(engine, "one two", {"a": 1.0}, 5)

@@ -15,6 +15,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import LoramuxError
 from .admin import add_admin_routes
@@ -76,6 +77,13 @@ def create_app(engine, library=None, config: ServerConfig | None = None) -> Fast
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         return await api_error(request, _validation_error(e))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # the framework's own: unknown paths, unparsable bodies
+        message = str(e.detail)
+        if e.status_code == 400 and "parsing the body" in message:
+            message = "the request body is not valid JSON in UTF-8"
+        return await api_error(request, ApiError(e.status_code, message, headers=dict(e.headers or {})))
 
     @app.exception_handler(LoramuxError)
     async def bad_input(request: Request, e: LoramuxError):
