@@ -269,3 +269,82 @@ def test_a_request_refused_at_admission_leaves_no_bookkeeping(served):
         with pytest.raises(LoramuxError, match="zzz"):
             future.result(timeout=30)
         assert server._models == {} and server.live == {}
+
+
+# ---------------------------------------------------------------------------- every prompt form
+def test_every_completions_prompt_form_and_n(served):
+    engine, lib = served
+    tok = engine.base.tokenizer
+    ids = [tok("one two")["input_ids"], tok("The quick")["input_ids"]]
+    with client_for(engine, lib) as c:
+        def texts(prompt, **kw):
+            r = c.post("/v1/completions", json={"model": "a", "prompt": prompt, "max_tokens": 4, "temperature": 0, **kw})
+            assert r.status_code == 200, r.text
+            return [(ch["index"], ch["text"]) for ch in r.json()["choices"]]
+
+        want = [greedy_alone(engine, p, {"a": 1.0}, 4).text for p in ("one two", "The quick")]
+        assert texts("one two") == [(0, want[0])]
+        assert texts(["one two", "The quick"]) == [(0, want[0]), (1, want[1])]
+        assert texts(ids[0]) == [(0, want[0])]
+        assert texts(ids) == [(0, want[0]), (1, want[1])]
+        assert texts(["one two", "The quick"], n=2) == [(0, want[0]), (1, want[0]), (2, want[1]), (3, want[1])]
+        r = c.post("/v1/completions", json={"model": "a", "prompt": "x", "n": 3, "temperature": 1.0, "seed": 4,
+                                            "max_tokens": 6, "loramux": {"ignore_eos": True}})
+        assert r.json()["usage"]["completion_tokens"] == 18 and len(r.json()["choices"]) == 3
+
+
+def test_llama_cpp_lora_field_and_adapter_list(served):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        listed = c.get("/lora-adapters").json()
+        assert [(a["id"], a["name"]) for a in listed] == [(0, "a"), (1, "b"), (2, "c")]
+        r = c.post("/v1/completions", json={"model": "base", "prompt": "one two", "max_tokens": 4, "temperature": 0,
+                                            "lora": [{"id": 1, "scale": 0.7}, {"id": "c", "scale": 0.3}]})
+        assert r.json()["choices"][0]["text"] == greedy_alone(engine, "one two", {"b": 0.7, "c": 0.3}, 4).text
+        assert r.json()["loramux"]["mixture"] == {"b": 0.7, "c": 0.3}
+        r = c.post("/v1/completions", json={"model": "base", "prompt": "one two", "max_tokens": 4, "temperature": 0,
+                                            "lora": [{"id": 0, "scale": 0}]})  # all scales 0: the base model
+        assert r.json()["choices"][0]["text"] == greedy_alone(engine, "one two", None, 4).text
+
+
+def test_echo_logprobs_for_a_router_and_chat_logprobs(served):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/completions", json={"model": "arrow", "prompt": "one two three", "max_tokens": 0, "echo": True,
+                                            "logprobs": 2})
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        assert lp["token_logprobs"][0] is None and all(isinstance(v, float) for v in lp["token_logprobs"][1:])
+        assert r.json()["loramux"]["router"] == "arrow"
+        r = c.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "one"}],
+                                                 "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 2})
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert len(content) >= 1 and all(len(t["top_logprobs"]) == 2 for t in content)
+        assert all(t["logprob"] == pytest.approx(t["top_logprobs"][0]["logprob"], abs=1e-6) for t in content)
+
+
+def test_a_request_deadline_ends_it_with_504(served):
+    engine, lib = served
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": engine.max_context - 8,
+                                            "loramux": {"ignore_eos": True, "timeout_s": 0.05}})
+        assert r.status_code in (200, 504)  # the tiny model may be done in time; if not, 504, never a hang
+        if r.status_code == 504:
+            assert "did not finish within 0.05s" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_failed_swap_keeps_the_old_version_serving(served, tiny_base, tmp_path):
+    from ..library.conftest import make_peft_dir
+
+    engine, lib = served
+    root = tmp_path / "uploads"
+    broken = make_peft_dir(tiny_base, root / "broken", targets=("q_proj",), r=2, seed=9)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    before = greedy_alone(engine, "one two", {"a": 1.0}, 4).text
+    with client_for(engine, lib, admin_keys=frozenset({"adm"}), adapter_root=str(root)) as c:
+        r = c.post("/v1/adapters", json={"name": "a", "path": str(broken)}, headers={"X-Admin-Key": "adm"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "path"
+        out = c.post("/v1/completions", json={"model": "a", "prompt": "one two", "max_tokens": 4, "temperature": 0})
+        assert out.json()["choices"][0]["text"] == before and out.json()["loramux"]["adapter_versions"] == {"a": 1}
+    assert lib.get("a").version == 1 and engine.adapters == ["a", "b", "c"]
