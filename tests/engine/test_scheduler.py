@@ -186,7 +186,9 @@ def test_stopping_resolves_every_waiting_future(engine):
     from loramux.engine.scheduler import SchedulerStopped
 
     sched = Scheduler(engine)
-    futures = [sched.submit(greedy("one", None, n=2)), sched.call(lambda: 1)]
+    running = sched.submit(greedy("one", None, n=8, ignore_eos=True))
+    sched.step()
+    futures = [running, sched.submit(greedy("one", None, n=2)), sched.call(lambda: 1)]
     sched.stop()
     for f in futures:
         with pytest.raises(SchedulerStopped):

@@ -240,3 +240,21 @@ def test_two_processes_adding_at_once_both_land(tiny_base, tiny_model_dir, tmp_p
     results = dict(queue.get(timeout=5) for _ in procs)
     assert results == {"a0": "ok", "a1": "ok"}
     assert lib.names() == ["a0", "a1"] and lib.verify(tiny_base) == []
+
+
+def test_replaced_dirs_are_renamed_away_before_they_are_deleted(tiny_base, peft_dir, tmp_path, monkeypatch):
+    """A reader holding the previous manifest finds the old dir whole or gone, never half-deleted."""
+    import shutil
+
+    lib = Library(tmp_path / "lib", create=True)
+    first = lib.add("alpha", peft_dir, base=tiny_base)
+    deleted, real = [], shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        deleted.append(path.name)
+        assert not (tmp_path / "lib" / "adapters" / first.dir).exists()  # gone from its name before any file goes
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    lib.add("alpha", make_peft_dir(tiny_base, tmp_path / "other", seed=3), base=tiny_base, replace=True)
+    assert deleted == [f".deleting-{first.dir}"]

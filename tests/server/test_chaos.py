@@ -17,7 +17,7 @@ import pytest
 from loramux.engine import GenerationRequest, SamplingParams
 
 AUTH = {"Authorization": "Bearer secret"}
-N = 12  # tokens per good request (EOS ignored, so they stay in flight)
+N = 24  # tokens per good request (EOS ignored, so they stay in flight)
 
 GOOD = [
     ("completions", {"model": "a", "prompt": "one two"}),
@@ -67,9 +67,38 @@ MALFORMED = [
     ("invalid UTF-8", "completions", b'{"model": "a", "prompt": "\xff\xfe"}', 400, "JSON"),
     ("JSON array", "completions", "[1, 2]", 400, "object"),
     ("oversized body", "completions", {"model": "a", "prompt": "x" * 70_000}, 413, "limit"),
+    ("weight past the bound", "completions", {"model": "base", "prompt": "x", "loramux": {"mix": {"a": 1e300}}}, 400,
+     "loramux.mix.a"),
+    ("lora scale NaN", "completions", '{"model": "base", "prompt": "x", "lora": [{"id": 0, "scale": NaN}]}', 400, "lora.0.scale"),
+    ("stop string too long", "completions", {"model": "a", "prompt": "x", "stop": "s" * 10_000}, 400, "stop"),
+    ("tools", "chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools"),
+    ("chat max_tokens 0", "chat", {"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400,
+     "max_tokens"),
+    ("streamed logprobs", "completions", {"model": "a", "prompt": "x", "logprobs": 1, "stream": True}, 400, "logprobs"),
     ("admin body not JSON", "adapters", "{oops", 400, "JSON"),
+    ("admin path with NUL", "adapters", {"name": "x", "path": "/nonexistent/a\u0000b"}, 400, "path"),
     ("admin name bad", "adapters", {"name": "../x", "path": "/tmp"}, 400, "name"),
 ]
+
+
+
+def wrong_type_in_every_field():
+    """One malformed request per field of each request model: an object where the field takes
+    something else (or, for object fields, an object with an unknown key)."""
+    from loramux.server.protocol import ChatRequest, CompletionRequest
+
+    base = {"completions": {"model": "a", "prompt": "x"},
+            "chat": {"model": "a", "messages": [{"role": "user", "content": "x"}]}}
+    out = []
+    for kind, model in (("completions", CompletionRequest), ("chat", ChatRequest)):
+        for field in model.model_fields:
+            bad = {"unknown_key": True} if field != "logit_bias" else {"5": True}
+            out.append((f"{kind}.{field} wrong type", kind, {**base[kind], field: bad}, 400, field))
+    return out
+
+
+MALFORMED += wrong_type_in_every_field()
 
 # valid but hostile: served (200), never harming the others
 HOSTILE_OK = [
@@ -174,5 +203,7 @@ def test_chaos_good_requests_are_untouched_by_bad_ones(live):
     assert httpx.get(url + "/health").status_code == 200
     ready = httpx.get(url + "/ready").json()
     assert ready["ready"] and ready["queue"] == 0
+    metrics = httpx.get(url + "/metrics", headers=AUTH).text
+    assert "loramux_running_rows 0.0" in metrics  # the rows of the clients that left were freed
     assert engine.generate([GenerationRequest("one two", {"a": 1.0}, SamplingParams(max_new_tokens=N, ignore_eos=True),
                                               chat=False)])[0].text == expected[0]  # the model is as it was

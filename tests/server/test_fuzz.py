@@ -12,7 +12,7 @@ from ..engine.test_engine import lib  # noqa: F401 (fixture)
 schemathesis = pytest.importorskip("schemathesis")
 
 
-def test_generated_requests_get_no_server_error(tiny_model_dir, lib):
+def test_generated_requests_get_no_server_error(tiny_model_dir, lib, tmp_path):
     from fastapi.testclient import TestClient
     from hypothesis import HealthCheck, settings
     from hypothesis.errors import Unsatisfiable
@@ -22,7 +22,10 @@ def test_generated_requests_get_no_server_error(tiny_model_dir, lib):
     engine = Engine(load_base(str(tiny_model_dir)), lib)
     for n in lib.names():
         engine.load(n)
-    app = create_app(engine, lib, ServerConfig(max_tokens_limit=4, request_timeout_s=30))
+    root = tmp_path / "uploads"
+    root.mkdir()
+    app = create_app(engine, lib, ServerConfig(max_tokens_limit=4, request_timeout_s=30, admin_keys=frozenset({"adm"}),
+                                               adapter_root=str(root)))
     with TestClient(app):  # runs the lifespan: the scheduler thread serves the generated requests
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         seen = []
@@ -33,7 +36,7 @@ def test_generated_requests_get_no_server_error(tiny_model_dir, lib):
             @given(op.as_strategy(generation_mode=mode))
             @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             def check(case):
-                response = case.call()
+                response = case.call(headers={"X-Admin-Key": "adm"})  # admin bodies get fuzzed too
                 seen.append((op.path, response.status_code))
                 assert response.status_code < 500, (op.path, case.body, response.text)
                 if "json" in response.headers.get("content-type", ""):

@@ -44,8 +44,7 @@ def prompt_logprobs(engine: "Engine", ids: list[int], mixture: dict[str, float] 
             logits = model(input_ids=x, attention_mask=mask).logits[0].float()  # (T, V)
         if recorder is not None:
             routing = router.routings(recorder)[0]
-    finally:
-        fused.release()
+    finally:  # the fused layers' cached factors stay: the running batch's are still valid
         if router is not None and hasattr(router, "release"):
             router.release()
     logp = torch.log_softmax(logits, dim=-1)  # row j predicts token j + 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import LoramuxError
+
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero all but the smallest set of most likely tokens whose probability reaches top_p.
@@ -28,4 +30,6 @@ def choose(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     # 1e-39 would turn l / T into inf - inf = nan), so the most likely token always keeps mass.
     logits = logits.float()
     probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # only non-finite logits get here (e.g. extreme adapter weights)
+        raise LoramuxError("the model's output is not finite for this request (are its adapter weights extreme?)")
     return int(torch.multinomial(top_p_filter(probs, top_p), 1, generator=generator))

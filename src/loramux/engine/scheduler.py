@@ -95,10 +95,15 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 def merge_caches(a, mask_a: torch.Tensor, b, mask_b: torch.Tensor):
     """Concatenate two KV caches along the batch, left-padding the shorter in time (masked out)."""
     width = max(mask_a.shape[1], mask_b.shape[1])
-    for la, lb in zip(a.layers, b.layers):
-        la.keys = torch.cat([_pad_left(la.keys, width, 2), _pad_left(lb.keys, width, 2)], dim=0)
-        la.values = torch.cat([_pad_left(la.values, width, 2), _pad_left(lb.values, width, 2)], dim=0)
-    return a, torch.cat([_pad_left(mask_a, width, 1), _pad_left(mask_b, width, 1)], dim=0)
+    # Build every new tensor before changing `a`: a failure half-way (out of memory) leaves the
+    # running cache as it was.
+    merged = [(torch.cat([_pad_left(la.keys, width, 2), _pad_left(lb.keys, width, 2)], dim=0),
+               torch.cat([_pad_left(la.values, width, 2), _pad_left(lb.values, width, 2)], dim=0))
+              for la, lb in zip(a.layers, b.layers)]
+    mask = torch.cat([_pad_left(mask_a, width, 1), _pad_left(mask_b, width, 1)], dim=0)
+    for layer, (keys, values) in zip(a.layers, merged):
+        layer.keys, layer.values = keys, values
+    return a, mask
 
 
 def _resolve(future: Future, result=None, error: BaseException | None = None) -> None:
@@ -176,10 +181,12 @@ class Scheduler:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=30)
         stopped = SchedulerStopped("the server is shutting down")
+        if thread is None or not thread.is_alive():  # else the thread still owns the batch, and ends it itself
+            self._drop_batch(stopped)
         for q in (self.waiting, self.calls):
             while not q.empty():
                 _resolve(q.get_nowait().future, error=stopped)
@@ -195,11 +202,16 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self.idle():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            self._guarded_step()
+            try:
+                if self.idle():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._guarded_step()
+            except Exception:  # even ending a batch failed: keep the thread, start from an empty batch
+                log.exception("the scheduler loop recovered from an error")
+                self.state = _State()
+        self._drop_batch(SchedulerStopped("the server is shutting down"))
 
     def _guarded_step(self) -> None:
         try:
@@ -209,10 +221,10 @@ class Scheduler:
             self._drop_batch(e)
 
     def _drop_batch(self, error: BaseException) -> None:
-        for job in self.state.jobs:
-            self._fail(job, error, logged=True)
-        router = self.state.router
+        jobs, router = self.state.jobs, self.state.router
         self.state = _State()
+        for job in jobs:
+            self._fail(job, error, logged=True)
         self.engine.fused.release()
         if router is not None and hasattr(router, "release"):
             router.release()
@@ -271,8 +283,15 @@ class Scheduler:
                 self._fail(job, e)
                 continue
             new.append(job)
-        for group in length_groups([len(j.row.prompt_ids) for j in new]):
-            self._prefill_isolated([new[i] for i in group])
+        # Engine.generate folds a shared mixture: one prefill folds once (the server never folds)
+        groups = [list(range(len(new)))] if self.fold and new else length_groups([len(j.row.prompt_ids) for j in new])
+        try:
+            for group in groups:
+                self._prefill_isolated([new[i] for i in group])
+        except Exception as e:  # not a prefill's fault (those are isolated): no taken job is left open
+            for job in new:
+                if job not in self.state.jobs:
+                    self._fail(job, e)
 
     def _admit_router(self, first: _Job) -> None:
         """Start a batch of the waiting jobs for `first`'s in-forward router (the same router object)."""
@@ -388,8 +407,8 @@ class Scheduler:
             if st.router is not None:
                 if hasattr(st.router, "select_rows"):
                     st.router.select_rows(keep)  # routers that hold per-row state (MoLE)
-            else:
-                st.mix_stale = True
+            elif not (isinstance(st.mix, SequenceMixture) and st.mix.indices.shape[0] == 1):
+                st.mix_stale = True  # one shared row broadcasts over any batch: it stays (with its fold)
         st.pending = tokens
 
     def _decode(self) -> None:

@@ -110,6 +110,16 @@ class MultiLoraLinear(nn.Module):
         self.any_gated = any(self.gated)
         self._cache = self._folded = self._flat = self._union = None
 
+    def move_slot(self, src: int, dst: int) -> None:
+        """Move slot `src` to index `dst` (the others keep their order): a replaced adapter keeps
+        the slot number clients know it by."""
+        order = [i for i in range(self.num_slots) if i != src]
+        order.insert(dst, src)
+        self.lora_A, self.lora_B, self.scaling = self.lora_A[order], self.lora_B[order], self.scaling[order]
+        self.gate_w, self.gate_b = self.gate_w[order], self.gate_b[order]
+        self.gated = [self.gated[i] for i in order]
+        self._cache = self._folded = self._flat = self._union = None
+
     def remove_slot(self, k: int) -> None:
         keep = [i for i in range(self.num_slots) if i != k]
         self.lora_A, self.lora_B, self.scaling = self.lora_A[keep], self.lora_B[keep], self.scaling[keep]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -38,6 +38,11 @@ def _return_freed_memory() -> None:
             ctypes.CDLL(name).malloc_trim(0)
         except (OSError, AttributeError):  # not glibc: nothing to do
             pass
+
+
+def library_identity(spec) -> str:
+    """What a library adapter is, for caches that outlive a process: its dir and files' sha256."""
+    return f"{spec.dir}|" + ",".join(f"{f}:{h}" for f, h in sorted(spec.files.items()))
 
 
 class FusedModel:
@@ -99,10 +104,38 @@ class FusedModel:
 
     def load(self, library: "Library", name: str) -> int:
         """Load a library adapter after the library's checks (files, sha256, base fingerprint)."""
-        library.check_loadable(name, self.base)
-        spec = library.get(name)
-        identity = f"{spec.dir}|" + ",".join(f"{f}:{h}" for f, h in sorted(spec.files.items()))  # sha256 per file
-        return self.add_adapter(name, read_peft_dir(library.adapter_dir(name)), identity)
+        for attempt in range(3):  # another process may replace it between reading the manifest and its dir
+            try:
+                library.check_loadable(name, self.base)
+                spec = library.get(name)
+                files = read_peft_dir(library.path / "adapters" / spec.dir)
+                break
+            except (FileNotFoundError, LoramuxError):
+                if attempt == 2 or name not in library:
+                    raise
+        return self.add_adapter(name, files, library_identity(spec))
+
+    def put_adapter(self, name: str, files: PeftFiles, commit: "Callable[[], str | None] | None" = None) -> None:
+        """Load `files` as adapter `name`, new or a new version of a loaded one, in its slot (the
+        slot number stays). The new version is loaded beside the old one first, then `commit()`
+        runs (e.g. the library write; it returns the identity); if either fails, the old version
+        is still in place and nothing changed."""
+        staging = f"{name}\x00staging"
+        self.add_adapter(staging, files)
+        try:
+            identity = commit() if commit is not None else None
+        except BaseException:
+            self.remove_adapter(staging)
+            raise
+        k = self.adapters.index(name) if name in self.adapters else None
+        if k is not None:
+            self.remove_adapter(name)
+            for layer in self.layers.values():
+                layer.move_slot(len(self.adapters) - 1, k)
+            self.adapters.insert(k, self.adapters.pop())
+        self.adapters[self.adapters.index(staging)] = name
+        self.identities.pop(staging, None)
+        self.identities[name] = identity
 
     def remove_adapter(self, name: str) -> None:
         k = self.slot(name)

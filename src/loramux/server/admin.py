@@ -18,9 +18,10 @@ from .protocol import ERRORS, AdapterLoaded, AdapterLoadRequest, AdapterUnloaded
 
 def swap_in(server: Server, name: str, target: Path, expected_version: int | None) -> dict:
     """Add or replace adapter `name` from the PEFT dir `target` (on the model's thread)."""
+    from ..fusion.model import library_identity
     from ..library.checks import check_against_base, read_peft_dir
 
-    library, engine, fused = server.library, server.engine, server.engine.fused
+    library, engine = server.library, server.engine
     current = library.get(name).version if name in library else None
     if expected_version is not None and current != expected_version:
         raise ApiError(409, f"adapter {name!r} is at version {current}, not the expected {expected_version}",
@@ -30,19 +31,16 @@ def swap_in(server: Server, name: str, target: Path, expected_version: int | Non
         check_against_base(files, engine.base)
     except LoramuxError as e:
         raise ApiError(400, f"path: {e}", "path") from None
-    staging = f"{name}@staging"
-    fused.add_adapter(staging, files)  # 1. the new version is in the engine (old one still serving)
-    try:
-        spec = library.add(name, files, base=engine.base, replace=current is not None)  # 2. the commit point
-    except BaseException:
-        fused.remove_adapter(staging)
-        raise
-    if name in engine.adapters:  # 3. the old version leaves, the new one takes its name
-        engine.unload(name)
-    k = fused.adapters.index(staging)
-    fused.adapters[k] = name
-    fused.identities.pop(staging, None)
-    fused.identities[name] = f"{spec.dir}|" + ",".join(f"{f}:{h}" for f, h in sorted(spec.files.items()))
+    except (OSError, ValueError) as e:  # not a readable PEFT dir (the reader's own errors)
+        raise ApiError(400, f"path: cannot read a PEFT adapter from {str(target)!r}: {e}", "path") from None
+    spec = None
+
+    def commit() -> str:  # the library changes only once the engine holds the new version
+        nonlocal spec
+        spec = library.add(name, files, base=engine.base, replace=current is not None)
+        return library_identity(spec)
+
+    engine.fused.put_adapter(name, files, commit)
     server.config.routers.clear()  # routers rebuild over the new set of adapters
     return {"name": name, "version": spec.version, "rank": spec.rank}
 
@@ -65,7 +63,10 @@ def add_admin_routes(app, server: Server) -> None:
             raise ApiError(403, "loading adapters is off: start the server with an adapter root", code="forbidden")
         if server.library is None:
             raise ApiError(400, "the server runs without a library to add adapters to")
-        target = Path(body.path).expanduser().resolve()
+        try:
+            target = Path(body.path).expanduser().resolve()
+        except (OSError, ValueError) as e:  # e.g. a NUL byte in the path
+            raise ApiError(400, f"path: {e}", "path") from None
         if not target.is_relative_to(Path(root).expanduser().resolve()):
             raise ApiError(403, f"path {body.path!r} is outside the allowed adapter root", "path", "forbidden")
         return await server.on_model_thread(lambda: swap_in(server, body.name, target, body.expected_version),

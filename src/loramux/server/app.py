@@ -71,7 +71,8 @@ def create_app(engine, library=None, config: ServerConfig | None = None) -> Fast
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        server.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        route = request.scope.get("route")  # the route's template, so clients cannot mint new series
+        server.metrics.requests.labels(getattr(route, "path", "unmatched"), str(e.status)).inc()
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..engine import GenerationRequest, SamplingParams
-from ..engine.scheduler import QueueFull, Scheduler
+from ..engine.scheduler import QueueFull, Scheduler, SchedulerStopped
 from ..errors import LoramuxError
 from .metrics import ServerMetrics
 
@@ -65,6 +65,8 @@ def failure(e: BaseException, request_id: str) -> ApiError:
     else is ours (500, with the request id the server logged its traceback under)."""
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, SchedulerStopped):
+        return ApiError(503, str(e), code="shutting_down")
     if isinstance(e, QueueFull):
         return ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, LoramuxError):
@@ -168,8 +170,11 @@ class Server:
                     raise ApiError(400, f"lora.{k}.id: no adapter has id {entry.id}; GET /lora-adapters lists ids "
                                         f"0..{len(names) - 1}", f"lora.{k}.id")
                 name = names[entry.id]
-            else:
+            elif entry.id in names:
                 name = entry.id
+            else:
+                raise ApiError(400, f"lora.{k}.id: adapter {entry.id!r} is not loaded; GET /lora-adapters lists "
+                                    f"{names}", f"lora.{k}.id")
             if name in mix:
                 raise ApiError(400, f"lora.{k}.id: adapter {name!r} is listed twice", f"lora.{k}.id")
             mix[name] = float(entry.scale)
@@ -180,6 +185,11 @@ class Server:
         choice (routed once per prompt, on the model's thread)."""
         n = len(route_texts)
         mix = opts.mix if opts.mix is not None else self.lora_mixture(lora) if lora is not None else None
+        if opts.mix is not None:
+            unknown = [name for name in opts.mix if name not in self.engine.adapters]
+            if unknown:
+                raise ApiError(400, f"loramux.mix.{unknown[0]}: adapter {unknown[0]!r} is not loaded; loaded adapters: "
+                                    f"{self.engine.adapters}", f"loramux.mix.{unknown[0]}")
         if mix is not None:
             mix = {str(k): float(v) for k, v in mix.items()} or None  # all-zero llama.cpp scales: the base model
             return Plan([mix] * n, [None] * n)

@@ -12,6 +12,7 @@ runs; handlers never re-check a field.
 # request models are made per app (`protocol.request_models`), inside `add_openai_routes`.
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -47,13 +48,20 @@ def _stream_doc(model) -> dict:
 def add_openai_routes(app, server: Server) -> None:
     engine = server.engine
     tok = engine.base.tokenizer
-    vocab = len(tok)
+    vocab = min(len(tok), engine.base.model.get_input_embeddings().num_embeddings)
     Completion, Chat = request_models(server.config.max_tokens_limit, vocab)
 
     # ------------------------------------------------------------------ shared steps
     def deadline_of(body) -> float:
         limit = server.config.request_timeout_s
         return min(limit, body.loramux.timeout_s) if body.loramux.timeout_s else limit
+
+    async def within(deadline: float, body, awaitable):
+        """Await a step of the request (routing, scoring) inside the request's own deadline."""
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the request did not finish within {deadline_of(body):g}s") from None
 
     def lp_entries(result) -> list:
         return [(t, lp, top or None) for t, lp, top in (result.logprobs or [])]
@@ -82,9 +90,8 @@ def add_openai_routes(app, server: Server) -> None:
         completion = sum(len(r.token_ids) for r in results.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def run(kind: str, body, choices: list[_Choice], plan, rid: str, finish):
+    async def run(kind: str, body, choices: list[_Choice], plan, rid: str, finish, deadline: float):
         """Submit every choice, then answer: one JSON body, or an event stream."""
-        deadline = time.monotonic() + deadline_of(body)
         explain = body.loramux.explain
         pieces: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -181,15 +188,15 @@ def add_openai_routes(app, server: Server) -> None:
         out = []
         for k, text in enumerate(texts):
             for j in range(body.n):
-                s = sampling if j == 0 or sampling.seed is None else \
-                    type(sampling)(**{**sampling.__dict__, "seed": sampling.seed + j})  # n samples, n streams
+                # n samples of one seeded prompt: n different streams, each reproducible
+                s = sampling if j == 0 or sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + j)
                 out.append(GenerationRequest(text, plan.mixtures[k], s, chat=False, routing=plan.routings[k]))
         return out
 
     # ------------------------------------------------------------------ completions
     @app.post("/v1/completions", response_model=None, responses=_stream_doc(CompletionResponse))
     async def completions(body: Completion):
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        rid, deadline = f"cmpl-{uuid.uuid4().hex[:24]}", time.monotonic() + deadline_of(body)
         p = body.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         ids = [server.prompt_ids(x) for x in prompts]
@@ -197,18 +204,19 @@ def add_openai_routes(app, server: Server) -> None:
         max_new = body.max_tokens if body.max_tokens is not None else server.config.default_max_tokens
         if max_new == 0 and not body.echo:
             raise ApiError(400, "max_tokens: 0 only makes sense with echo (score the prompt)", "max_tokens")
-        if body.echo and body.stream:
-            raise ApiError(400, "echo: not supported with stream; send stream: false", "echo")
+        if len(ids) * body.n > server.config.max_queue:
+            raise ApiError(400, f"n: {len(ids)} prompts x n = {len(ids) * body.n} choices exceed this server's queue "
+                                f"of {server.config.max_queue}", "n")
         for k, x in enumerate(ids):
             server.check_prompt(x, max_new, "prompt" if len(ids) == 1 else f"prompt.{k}")
-        plan = await server.plan(body.model, body.loramux, body.lora, texts)
+        plan = await within(deadline, body, server.plan(body.model, body.loramux, body.lora, texts))
         choices = [_Choice(k * body.n + j, k, texts[k] if body.echo else "", ids[k])
                    for k in range(len(prompts)) for j in range(body.n)]
         if body.echo:  # score each prompt once, under its routing (an in-forward router runs alone)
             for k in range(len(prompts)):
-                score = await server.on_model_thread(
+                score = await within(deadline, body, server.on_model_thread(
                     lambda k=k: prompt_logprobs(engine, ids[k], plan.mixtures[k], router=plan.router,
-                                                top_n=body.logprobs), exclusive=plan.router is not None)
+                                                top_n=body.logprobs), exclusive=plan.router is not None))
                 for ch in choices:
                     if ch.prompt == k:
                         ch.prompt_entries, ch.routing = score.entries, score.routing
@@ -229,7 +237,7 @@ def add_openai_routes(app, server: Server) -> None:
             sampling = server.sampling(body, max_new, body.logprobs)
             for ch, req in zip(choices, requests_for(body, texts, plan, sampling)):
                 ch.request = req
-            answer = await run("completion", body, choices, plan, rid, finish)
+            answer = await run("completion", body, choices, plan, rid, finish, deadline)
             if isinstance(answer, StreamingResponse):
                 return answer
         server.metrics.requests.labels("/v1/completions", "200").inc()
@@ -238,18 +246,22 @@ def add_openai_routes(app, server: Server) -> None:
     # ------------------------------------------------------------------ chat
     @app.post("/v1/chat/completions", response_model=None, responses=_stream_doc(ChatResponse))
     async def chat_completions(body: Chat):
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        rid, deadline = f"chatcmpl-{uuid.uuid4().hex[:24]}", time.monotonic() + deadline_of(body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # the model's own template refuses this conversation (jinja's raise_exception)
+                raise ApiError(400, f"messages: the model's chat template refuses them: {e}", "messages") from None
         else:
             text = "\n".join(m["content"] for m in messages)
         ids = server.prompt_ids(text)
-        max_new = body.max_completion_tokens or body.max_tokens or server.config.default_max_tokens
+        max_new = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None),
+                       server.config.default_max_tokens)
         server.check_prompt(ids, max_new, "messages")
         users = [m["content"] for m in messages if m["role"] == "user"]
-        plan = await server.plan(body.model, body.loramux, body.lora, [users[-1] if users else text])
+        plan = await within(deadline, body, server.plan(body.model, body.loramux, body.lora, [users[-1] if users else text]))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         sampling = server.sampling(body, max_new, logprobs)
         choices = [_Choice(j, 0, "", ids) for j in range(body.n)]
@@ -261,7 +273,7 @@ def add_openai_routes(app, server: Server) -> None:
                     "finish_reason": result.finish_reason,
                     "logprobs": chat_logprobs(lp_entries(result)) if body.logprobs else None}
 
-        answer = await run("chat", body, choices, plan, rid, finish)
+        answer = await run("chat", body, choices, plan, rid, finish, deadline)
         if isinstance(answer, StreamingResponse):
             return answer
         server.metrics.requests.labels("/v1/chat/completions", "200").inc()

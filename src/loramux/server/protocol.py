@@ -15,13 +15,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationInfo,
                       create_model, field_validator)
 
 INT64 = 2**63
 Finite = Annotated[Union[StrictInt, StrictFloat], Field(allow_inf_nan=False)]
+# Mixture weights past this make a LoRA's delta dwarf the base model and its logits overflow.
+MAX_WEIGHT = 16.0
+
+
+def _bounded(w: float) -> float:
+    if abs(w) > MAX_WEIGHT:
+        raise ValueError(f"a weight must be in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]; got {w!r}")
+    return w
+
+
+# finite first (so NaN is called not finite), then bounded
+Weight = Annotated[Union[StrictInt, StrictFloat], Field(allow_inf_nan=False,
+                                                        json_schema_extra={"minimum": -MAX_WEIGHT, "maximum": MAX_WEIGHT}),
+                   AfterValidator(_bounded)]
 Seed = Annotated[StrictInt, Field(ge=-INT64, lt=INT64, description="int64, as OpenAI's API takes it")]
-StopString = Annotated[StrictStr, Field(min_length=1)]
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 Stop = Union[StopString, Annotated[list[StopString], Field(max_length=16)], None]
 
 
@@ -40,7 +54,7 @@ class Open(BaseModel):
 class LoramuxOptions(Strict):
     """The `loramux` object of a request (`extra_body={"loramux": {...}}` with the openai client)."""
 
-    mix: dict[Annotated[str, Field(min_length=1)], Finite] | None = Field(
+    mix: dict[Annotated[str, Field(min_length=1)], Weight] | None = Field(
         None, min_length=1, description="An explicit mixture {adapter: weight}; overrides `model`'s choice.")
     explain: StrictBool = Field(False, description="Echo the router's scores and why it chose.")
     top_p: Annotated[Union[StrictInt, StrictFloat], Field(gt=0, le=1)] | None = Field(
@@ -61,11 +75,15 @@ class LoraScale(Strict):
     its name) and its scale. An alias of `loramux.mix`."""
 
     id: Union[Annotated[StrictInt, Field(ge=0)], Annotated[StrictStr, Field(min_length=1)]]
-    scale: Finite
+    scale: Weight
 
 
 class StreamOptions(Strict):
     include_usage: StrictBool = False
+
+
+class ResponseFormat(Strict):
+    type: Literal["text"]
 
 
 class TextPart(Strict):
@@ -104,6 +122,9 @@ class _Common(Open):
         None, description="Not implemented: only 0 is accepted.")
     logit_bias: Annotated[dict[str, Finite], Field(max_length=0)] | None = Field(
         None, description="Not implemented: only an empty object is accepted.")
+    tools: Annotated[list[Any], Field(max_length=0)] | None = Field(None, description="Not implemented: only [].")
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="Not implemented: no tools are called.")
+    response_format: ResponseFormat | None = Field(None, description="Not implemented: only {\"type\": \"text\"}.")
     loramux: LoramuxOptions = Field(default_factory=LoramuxOptions)
     lora: Annotated[list[LoraScale], Field(max_length=256)] | None = Field(
         None, description="llama.cpp's per-request adapter scales; an alias of loramux.mix.")
@@ -134,6 +155,20 @@ class CompletionRequest(_Common):
     best_of: Annotated[StrictInt, Field(ge=1, le=16)] | None = None
     suffix: Annotated[StrictStr, Field(max_length=0)] | None = Field(None, description="Not implemented: only ''.")
 
+    @field_validator("echo")
+    @classmethod
+    def _echo_not_streamed(cls, echo, info: ValidationInfo):
+        if echo and info.data.get("stream"):
+            raise ValueError("echo is not supported with stream; send stream: false")
+        return echo
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_not_streamed(cls, logprobs, info: ValidationInfo):
+        if logprobs is not None and info.data.get("stream"):
+            raise ValueError("logprobs are not streamed; send stream: false")
+        return logprobs
+
     @field_validator("best_of")
     @classmethod
     def _best_of(cls, best_of, info: ValidationInfo):
@@ -148,6 +183,13 @@ class ChatRequest(_Common):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
+    @field_validator("logprobs")
+    @classmethod
+    def _chat_logprobs_not_streamed(cls, logprobs, info: ValidationInfo):
+        if logprobs and info.data.get("stream"):
+            raise ValueError("logprobs are not streamed; send stream: false")
+        return logprobs
+
     @field_validator("top_logprobs")
     @classmethod
     def _top_needs_logprobs(cls, top, info: ValidationInfo):
@@ -157,7 +199,8 @@ class ChatRequest(_Common):
 
 
 class RoutePreviewRequest(Open):
-    model: Annotated[StrictStr, Field(min_length=1, description="a router: auto, dlp, arrow, mole, mole:<name>")]
+    model: Annotated[StrictStr, Field(pattern=r"^(auto|dlp|arrow|mole)(:.+)?$",
+                                      description="a router: auto, dlp, arrow, mole, mole:<name>")]
     prompt: Annotated[StrictStr, Field(min_length=1)]
 
 
@@ -176,8 +219,9 @@ def request_models(max_tokens_limit: int, vocab_size: int) -> tuple[type[Complet
                    ids, Annotated[list[ids], Field(min_length=1, max_length=64)]]
     completion = create_model("CompletionRequest", __base__=CompletionRequest, max_tokens=(limit, None),
                               prompt=(prompt, Field(description=CompletionRequest.model_fields["prompt"].description)))
-    chat = create_model("ChatRequest", __base__=ChatRequest, max_tokens=(limit, None),
-                        max_completion_tokens=(Annotated[StrictInt, Field(ge=1, le=max_tokens_limit)] | None, None))
+    at_least_one = Annotated[StrictInt, Field(ge=1, le=max_tokens_limit)] | None
+    chat = create_model("ChatRequest", __base__=ChatRequest, max_tokens=(at_least_one, None),
+                        max_completion_tokens=(at_least_one, None))
     return completion, chat
 
 
