@@ -137,6 +137,13 @@ class _Common(Open):
             raise ValueError("give the mixture once: either 'lora' or 'loramux.mix'")
         return lora
 
+    @field_validator("echo", "logprobs", check_fields=False)  # the subclasses' fields
+    @classmethod
+    def _not_streamed(cls, value, info: ValidationInfo):
+        if value is not None and value is not False and info.data.get("stream"):
+            raise ValueError(f"{info.field_name} is not supported with stream; send stream: false")
+        return value
+
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
@@ -155,20 +162,6 @@ class CompletionRequest(_Common):
     best_of: Annotated[StrictInt, Field(ge=1, le=16)] | None = None
     suffix: Annotated[StrictStr, Field(max_length=0)] | None = Field(None, description="Not implemented: only ''.")
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_not_streamed(cls, echo, info: ValidationInfo):
-        if echo and info.data.get("stream"):
-            raise ValueError("echo is not supported with stream; send stream: false")
-        return echo
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs_not_streamed(cls, logprobs, info: ValidationInfo):
-        if logprobs is not None and info.data.get("stream"):
-            raise ValueError("logprobs are not streamed; send stream: false")
-        return logprobs
-
     @field_validator("best_of")
     @classmethod
     def _best_of(cls, best_of, info: ValidationInfo):
@@ -182,13 +175,6 @@ class ChatRequest(_Common):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _chat_logprobs_not_streamed(cls, logprobs, info: ValidationInfo):
-        if logprobs and info.data.get("stream"):
-            raise ValueError("logprobs are not streamed; send stream: false")
-        return logprobs
 
     @field_validator("top_logprobs")
     @classmethod
@@ -264,21 +250,29 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
+class _Choice(BaseModel):
+    index: int  # prompt k's j-th sample is choice k * n + j
     finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """What every generation response carries besides its choices."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage | None = None
     loramux: RoutingEcho | None = None
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class TopLogprob(BaseModel):
@@ -300,21 +294,14 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None = None
     logprobs: ChatLogprobs | None = None
 
 
-class ChatResponse(BaseModel):
-    id: str
+class ChatResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
-    loramux: RoutingEcho | None = None
 
 
 class ModelCard(BaseModel):
