@@ -60,7 +60,8 @@ def serve(d: dict) -> list[tuple[str, str]]:
     r, res = d["ratios"], d["results"]
     big = next(k for k in res if k.startswith("concurrent16_mixed_") and k.endswith("_adapters"))
     n_big = big.split("_")[2]
-    return [(f"`loramux serve`, {d['adapters']} adapters, {d['tokens']} tokens per request over HTTP",
+    kind = " random stand-in" if d.get("adapters_note") else ""  # same shapes as the trained ones
+    return [(f"`loramux serve`, {d['adapters']}{kind} adapters, {d['tokens']} tokens per request over HTTP",
              f"16 concurrent clients with different 3-adapter mixtures: {_x(r['concurrent16_vs_sequential'])} the "
              f"throughput of one at a time; {_x(r['mixed_vs_base_concurrent16'])} the base model's at 16 concurrent; "
              f"{_x(r['library100_vs_14'])} with {n_big} adapters loaded"

@@ -379,3 +379,45 @@ def test_a_replace_is_committed_only_once_the_engine_holds_it(served, tiny_base,
     fresh = Engine(load_base(engine.base.model_id), lib)
     fresh.load("a")
     assert greedy_alone(engine, "one two", {"a": 1.0}, 4).text == greedy_alone(fresh, "one two", {"a": 1.0}, 4).text
+
+
+def test_a_request_that_fails_in_the_decode_loop_gets_a_500_and_the_others_go_on(served, monkeypatch):
+    """A fault inside the scheduler (here: sampling one row) is that request's alone: a 500 naming its
+    request id, or an error event and [DONE] on a stream; the request beside it is unchanged."""
+    from loramux.engine import engine as engine_module
+
+    engine, lib = served
+    real = engine_module._Row.sample
+
+    def sample(self, logits, tokenizer):
+        if "poison" in self.request.prompt and self.tokens:
+            raise RuntimeError("boom")
+        return real(self, logits, tokenizer)
+
+    expected = greedy_alone(engine, "one two", {"b": 1.0}, 6).text
+    monkeypatch.setattr(engine_module._Row, "sample", sample)
+    with TestClient(create_app(engine, lib, ServerConfig()), raise_server_exceptions=False) as c:
+        r = c.post("/v1/completions", json={"model": "a", "prompt": "poison", "max_tokens": 6,
+                                            "loramux": {"ignore_eos": True}})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert r.json()["error"]["message"].startswith("internal error while serving request cmpl-")
+        with c.stream("POST", "/v1/chat/completions", json={"model": "a", "stream": True, "max_tokens": 6,
+                                                            "messages": [{"role": "user", "content": "poison"}],
+                                                            "loramux": {"ignore_eos": True}}) as s:
+            lines = [ln for ln in s.iter_lines() if ln]
+        assert lines[-1] == "data: [DONE]" and "internal error" in json.loads(lines[-2][6:])["error"]["message"]
+        r = c.post("/v1/completions", json={"model": "b", "prompt": "one two", "max_tokens": 6, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == expected
+
+
+def test_echo_logprobs_under_a_mixture_equal_the_scoring_function(served):
+    from loramux.engine.logprobs import prompt_logprobs
+
+    engine, lib = served
+    mix = {"a": 0.3, "c": 0.7}
+    with client_for(engine, lib) as c:
+        r = c.post("/v1/completions", json={"model": "base", "prompt": "one two three", "max_tokens": 0, "echo": True,
+                                            "logprobs": 0, "loramux": {"mix": mix}})
+        got = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    ids = engine.base.tokenizer("one two three")["input_ids"]
+    assert got == pytest.approx([lp for _, lp, _ in prompt_logprobs(engine, ids, mix).entries], abs=1e-6)

@@ -65,6 +65,8 @@ class _Row:
         token = choose(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
         if self.logprobs is not None:
             logp = torch.log_softmax(logits.float(), dim=-1)
+            if not bool(torch.isfinite(logp[token])):
+                raise LoramuxError("the model's output is not finite for this request (are its adapter weights extreme?)")
             top = logp.topk(self.sampling.logprobs) if self.sampling.logprobs else None
             self.logprobs.append((token, float(logp[token]),
                                   {int(i): float(v) for i, v in zip(top.indices, top.values)} if top is not None else {}))

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import LoramuxError
+
 if TYPE_CHECKING:
     from ..routers.routing import Routing
     from .engine import Engine
@@ -47,6 +49,8 @@ def prompt_logprobs(engine: "Engine", ids: list[int], mixture: dict[str, float] 
     finally:  # the fused layers' cached factors stay: the running batch's are still valid
         if router is not None and hasattr(router, "release"):
             router.release()
+    if not bool(torch.isfinite(logits).all()):
+        raise LoramuxError("the model's output is not finite for this prompt (are its adapter weights extreme?)")
     logp = torch.log_softmax(logits, dim=-1)  # row j predicts token j + 1
     chosen = logp[:-1].gather(1, x[0, 1:, None])[:, 0].tolist()  # (T-1,)
     tops = logp[:-1].topk(top_n, dim=-1) if top_n else None

@@ -137,6 +137,8 @@ class Scheduler:
         """Run `fn` on the scheduler's thread, between two steps: model work that is not
         generation (routing a prompt, scoring its tokens). `exclusive`: only once the running batch
         has drained (loading or removing an adapter changes the slots the batch uses)."""
+        if self._stop.is_set():
+            raise SchedulerStopped("the server is shutting down")
         job = _Job(None, Future(), call=fn)
         target = self.waiting if exclusive else self.calls
         try:
@@ -151,6 +153,8 @@ class Scheduler:
         """Queue a request; the Future gets its GenerationResult (or the error that ended it).
         Cancelling the Future (a client that left, a timeout) frees its row at the next step.
         `prompt_ids`: the prompt's tokens, when the caller has tokenized it already."""
+        if self._stop.is_set():
+            raise SchedulerStopped("the server is shutting down")
         job = _Job(request, Future(), on_delta, router, None, prompt_ids, tag)
         try:
             self.waiting.put_nowait(job)

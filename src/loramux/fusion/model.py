@@ -127,15 +127,19 @@ class FusedModel:
         except BaseException:
             self.remove_adapter(staging)
             raise
-        k = self.adapters.index(name) if name in self.adapters else None
-        if k is not None:
-            self.remove_adapter(name)
+        names = list(self.adapters)  # readers on other threads see the old list or the new, never a shift
+        if name in names:
+            k = names.index(name)
             for layer in self.layers.values():
-                layer.move_slot(len(self.adapters) - 1, k)
-            self.adapters.insert(k, self.adapters.pop())
-        self.adapters[self.adapters.index(staging)] = name
+                layer.remove_slot(k)
+                layer.move_slot(layer.num_slots - 1, k)  # the new version takes the old one's slot
+            names.pop()  # the staging entry: the names are as before
+        else:
+            names[-1] = name
+        self.adapters = names
         self.identities.pop(staging, None)
         self.identities[name] = identity
+        _return_freed_memory()
 
     def remove_adapter(self, name: str) -> None:
         k = self.slot(name)

@@ -133,10 +133,11 @@ class Server:
     async def on_model_thread(self, fn: Callable[[], Any], *, exclusive: bool = False) -> Any:
         """Run `fn` on the scheduler's thread and wait for it (ApiErrors it raises pass through)."""
         try:
-            future = self.scheduler.call(fn, exclusive=exclusive)
-        except QueueFull as e:
-            raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-        return await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(self.scheduler.call(fn, exclusive=exclusive))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # queue full 429, shutting down 503, bad input 400, ours 500
+            raise failure(e, f"call-{id(fn):x}") from None
 
     # ------------------------------------------------------------------ routing
     def router(self, name: str):
@@ -244,11 +245,11 @@ class Server:
                               seed=body.seed, stop=body.stops(), logprobs=logprobs,
                               ignore_eos=body.loramux.ignore_eos)
 
-    def prompt_ids(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int], rendered_chat: bool = False) -> list[int]:
+        """Token ids of a prompt; a rendered chat template already holds its special tokens."""
         if isinstance(prompt, list):
             return list(prompt)
-        tok = self.engine.base.tokenizer
-        return self.engine.formatter.encode_prompt(prompt) if chat else tok(prompt)["input_ids"]
+        return self.engine.base.tokenizer(prompt, add_special_tokens=not rendered_chat)["input_ids"]
 
     def check_prompt(self, ids: list[int], max_new: int, param: str = "prompt") -> None:
         limit = self.config.max_prompt_tokens
@@ -265,6 +266,6 @@ class Server:
         self._models[id(request)] = model
         try:
             return self.scheduler.submit(request, on_delta, router=router, prompt_ids=ids, tag=tag)
-        except QueueFull as e:
+        except (QueueFull, SchedulerStopped) as e:
             self._models.pop(id(request), None)
-            raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+            raise failure(e, tag) from None

@@ -256,7 +256,7 @@ def add_openai_routes(app, server: Server) -> None:
                 raise ApiError(400, f"messages: the model's chat template refuses them: {e}", "messages") from None
         else:
             text = "\n".join(m["content"] for m in messages)
-        ids = server.prompt_ids(text)
+        ids = server.prompt_ids(text, rendered_chat=bool(getattr(tok, "chat_template", None)))
         max_new = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None),
                        server.config.default_max_tokens)
         server.check_prompt(ids, max_new, "messages")

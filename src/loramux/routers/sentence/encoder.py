@@ -12,6 +12,8 @@ library changes does not re-encode the same prompts.
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import importlib.util
 import json
@@ -103,26 +105,25 @@ class BaseModelEncoder:
         if not 0 <= layer <= n:
             raise LoramuxError(f"encoder layer must be in 0..{n} for {base.model_id!r}; got {layer}")
         self.base, self.layer, self.max_length = base, layer, max_length
+        # Its own tokenizer: padding and truncation settings live in the fast tokenizer's state,
+        # and the engine's tokenizer is used by other threads (a server's handlers) meanwhile.
+        self.tokenizer = copy.deepcopy(base.tokenizer)
+        self.tokenizer.padding_side = "right"
         self.spec = f"base:{layer}"
         self.dim = int(base.model.config.hidden_size)
         self.identity = f"base|{base.fingerprint}|{layer}|{max_length}"
 
     @torch.no_grad()
     def encode(self, texts: list[str], *, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-        tok, model = self.base.tokenizer, self.base.model
+        tok, model = self.tokenizer, self.base.model
         device = next(model.parameters()).device
         out = torch.empty(len(texts), self.dim)
-        side = tok.padding_side
-        tok.padding_side = "right"
-        try:
-            for idx, chunk in _batches(texts, tok, batch_size, progress, "encode", self.max_length):
-                enc = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-                enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-                # the decoder stack alone: the LM head is not needed for hidden states
-                hidden = model.base_model(**enc, output_hidden_states=True).hidden_states[self.layer]
-                out[idx] = _mean_pool(hidden, enc["attention_mask"]).cpu()
-        finally:
-            tok.padding_side = side
+        for idx, chunk in _batches(texts, tok, batch_size, progress, "encode", self.max_length):
+            enc = tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            # the decoder stack alone: the LM head is not needed for hidden states
+            hidden = model.base_model(**enc, output_hidden_states=True).hidden_states[self.layer]
+            out[idx] = _mean_pool(hidden, enc["attention_mask"]).cpu()
         return out
 
 
