@@ -421,3 +421,35 @@ def test_echo_logprobs_under_a_mixture_equal_the_scoring_function(served):
         got = r.json()["choices"][0]["logprobs"]["token_logprobs"]
     ids = engine.base.tokenizer("one two three")["input_ids"]
     assert got == pytest.approx([lp for _, lp, _ in prompt_logprobs(engine, ids, mix).entries], abs=1e-6)
+
+
+def test_routing_and_scoring_run_on_the_scheduler_thread(served, monkeypatch):
+    """The fused layers hold per-forward state: every use of the model, a router's included, runs on
+    the one thread that owns it."""
+    import threading
+
+    from loramux.engine import logprobs as logprobs_module
+    from loramux.routers.routing import Routing
+
+    engine, lib = served
+    threads = []
+
+    class Recording:
+        kind, granularity = "dlp", "sequence"
+
+        def route(self, prompts, **options):
+            threads.append(threading.current_thread().name)
+            return [Routing(("a",), (1.0,), {"a": 1.0}, router="dlp") for _ in prompts]
+
+    real = logprobs_module.prompt_logprobs
+
+    def scoring(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("loramux.server.openai_routes.prompt_logprobs", scoring)
+    with TestClient(create_app(engine, lib, ServerConfig(routers={"dlp": Recording()}))) as c:
+        r = c.post("/v1/completions", json={"model": "dlp", "prompt": "one two", "max_tokens": 2, "echo": True,
+                                            "logprobs": 1})
+        assert r.status_code == 200 and r.json()["loramux"]["mixture"] == {"a": 1.0}
+    assert threads == ["loramux-scheduler", "loramux-scheduler"]  # routed once, then scored
