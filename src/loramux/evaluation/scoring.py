@@ -74,7 +74,7 @@ def choice_logprobs(model: "PreTrainedModel", formatter: PromptFormatter, exampl
     with prompt_router.prefill_context(mask) if prompt_router else contextlib.nullcontext():
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts each choice's 1st token
-    cache = out.past_key_values
+    cache = out.cache
 
     owner = [i for i, ex in enumerate(examples) for _ in ex.choices]  # example of each flat choice
     flat = [a for per in answers for a in per]
@@ -87,7 +87,7 @@ def choice_logprobs(model: "PreTrainedModel", formatter: PromptFormatter, exampl
     start = mask.sum(-1)[owner]  # next position after each prompt
     cpos = start[:, None] + torch.arange(width, device=device)[None]
     out2 = model(input_ids=cids, attention_mask=torch.cat([mask[owner], cmask], dim=-1), position_ids=cpos,
-                 past_key_values=cache, use_cache=False)
+                 cache=cache, use_cache=False)
     logp = torch.log_softmax(out2.logits.float(), dim=-1)  # (N, width, V): position j predicts token j+1
 
     scores: list[list[float]] = [[] for _ in examples]
