@@ -77,6 +77,17 @@ class BaseModel:
             shapes[_unwrapped(name)] = (m.in_features, m.out_features)
         return shapes
 
+    def projection_names(self) -> tuple[str, ...]:
+        """The names of the linear projections inside the model's blocks, in order of appearance:
+        q/k/v/o/gate/up/down for Llama, Qwen2, Mistral, Gemma; qkv_proj, o_proj, gate_up_proj,
+        down_proj for Phi-3. The output head (a module directly under the model) is not one."""
+        names: dict[str, None] = {}
+        for full in self.linear_shapes():
+            parent, _, leaf = full.rpartition(".")
+            if parent and leaf != "lm_head":
+                names.setdefault(leaf, None)
+        return tuple(names)
+
 
 _WRAPPER = re.compile(r"\.base(_layer)?(?=\.|$)")
 

@@ -1,6 +1,7 @@
 """The fused layer on the model families people fine-tune LoRAs for, beyond Llama: tiny random
 Qwen2, Mistral, Gemma 2 and Phi-3 (whose attention and MLP projections are fused: `qkv_proj`,
-`gate_up_proj`). Fused single adapters and mixtures equal PEFT; a mixed batch equals each row alone."""
+`gate_up_proj`). Fused single adapters and mixtures equal PEFT; a mixed batch equals each row alone;
+the engine finds each family's projections by itself and generates batch-invariantly."""
 
 import pytest
 import torch
@@ -79,3 +80,18 @@ def test_a_mixed_batch_equals_each_row_alone(family):
     for b, row in enumerate(rows):
         alone = fused_logits(path, targets, adapters, [row, row])
         assert (both[b] - alone[b]).abs().max() <= TOL
+
+
+def test_the_engine_finds_each_familys_projections_and_batches_invariantly(family):
+    from loramux.engine import Engine, GenerationRequest, SamplingParams
+
+    path, targets, adapters = family
+    engine = Engine(load_base(str(path)))  # no target modules given
+    assert set(engine.fused.target_modules) == set(targets)
+    for name, d in adapters.items():
+        engine.fused.add_adapter(name, read_peft_dir(d))
+    mixes = [{"x": 1.0}, {"x": 0.5, "y": 0.5}, None, {"y": -1.0}]
+    requests = [GenerationRequest(p, m, SamplingParams(max_new_tokens=5, ignore_eos=True), chat=False)
+                for p, m in zip(["one two", "The quick brown fox", "x", "three four five six"], mixes)]
+    together = [r.token_ids for r in engine.generate(requests)]
+    assert together == [engine.generate([r])[0].token_ids for r in requests]

@@ -18,7 +18,6 @@ import torch
 from ..data import PromptFormatter
 from ..errors import LoramuxError
 from ..fusion import FusedModel, SequenceMixture
-from ..training.config import LLAMA_TARGETS
 from .request import GenerationRequest, GenerationResult
 from .sampling import choose
 
@@ -105,7 +104,7 @@ class Engine:
     """Generate for batches of requests, each with its own mixture of library adapters."""
 
     def __init__(self, base: "BaseModel", library: "Library | None" = None, *,
-                 target_modules: tuple[str, ...] = LLAMA_TARGETS, fold: bool = True,
+                 target_modules: tuple[str, ...] | None = None, fold: bool = True,
                  fused: FusedModel | None = None):
         """`fused`: an existing FusedModel over `base` to generate with (its loaded adapters included)."""
         self.base = base

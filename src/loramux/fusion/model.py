@@ -18,7 +18,6 @@ import torch
 
 from ..errors import LoramuxError
 from ..library.checks import PeftFiles, lora_factors, module_scaling, read_peft_dir
-from ..training.config import LLAMA_TARGETS
 from .layer import FusionState, MultiLoraLinear
 from .mixture import Mixture, SequenceMixture
 
@@ -46,8 +45,11 @@ def library_identity(spec) -> str:
 
 
 class FusedModel:
-    def __init__(self, base: "BaseModel", target_modules: tuple[str, ...] = LLAMA_TARGETS):
+    def __init__(self, base: "BaseModel", target_modules: tuple[str, ...] | None = None):
+        """`target_modules`: the projection names to fuse (default: every projection of the
+        model's blocks, whatever the family calls them; see BaseModel.projection_names)."""
         self.base = base
+        target_modules = base.projection_names() if target_modules is None else target_modules
         self.state = FusionState()
         self.layers: dict[str, MultiLoraLinear] = {}
         self.adapters: list[str] = []  # slot k holds adapters[k]
