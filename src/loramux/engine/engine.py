@@ -19,7 +19,7 @@ from ..data import PromptFormatter
 from ..errors import LoramuxError
 from ..fusion import FusedModel, SequenceMixture
 from .request import GenerationRequest, GenerationResult
-from .sampling import choose
+from .sampling import NonFiniteOutput, choose
 
 if TYPE_CHECKING:
     from ..library import Library
@@ -65,7 +65,7 @@ class _Row:
         if self.logprobs is not None:
             logp = torch.log_softmax(logits.float(), dim=-1)
             if not bool(torch.isfinite(logp[token])):
-                raise LoramuxError("the model's output is not finite for this request (are its adapter weights extreme?)")
+                raise NonFiniteOutput()
             top = logp.topk(self.sampling.logprobs) if self.sampling.logprobs else None
             self.logprobs.append((token, float(logp[token]),
                                   {int(i): float(v) for i, v in zip(top.indices, top.values)} if top is not None else {}))
@@ -210,11 +210,17 @@ class Engine:
                    else self.base.tokenizer(req.prompt)["input_ids"])
         if not ids:
             raise LoramuxError(f"request {i}: the prompt is empty")
-        total = len(ids) + req.sampling.max_new_tokens
-        if self.max_context and total > self.max_context:
-            raise LoramuxError(f"request {i}: prompt of {len(ids)} tokens + max_new_tokens "
-                               f"{req.sampling.max_new_tokens} exceeds the model's context of {self.max_context} tokens")
+        try:
+            self.check_length(len(ids), req.sampling.max_new_tokens)
+        except LoramuxError as e:
+            raise LoramuxError(f"request {i}: {e}") from None
         return _Row(req, ids, set() if req.sampling.ignore_eos else self.stop_ids)
+
+    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a prompt and generation budget that do not fit the model's context."""
+        if self.max_context and prompt_tokens + max_new_tokens > self.max_context:
+            raise LoramuxError(f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                               f"model's context of {self.max_context} tokens")
 
     def sequence_mixture(self, mixtures: list[dict[str, float] | None]) -> SequenceMixture | None:
         """One row per request (None: the base model); a mixture every row shares becomes one row."""

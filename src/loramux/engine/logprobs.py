@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import LoramuxError
+from .sampling import NonFiniteOutput
 
 if TYPE_CHECKING:
     from ..routers.routing import Routing
@@ -50,7 +50,7 @@ def prompt_logprobs(engine: "Engine", ids: list[int], mixture: dict[str, float] 
         if router is not None and hasattr(router, "release"):
             router.release()
     if not bool(torch.isfinite(logits).all()):
-        raise LoramuxError("the model's output is not finite for this prompt (are its adapter weights extreme?)")
+        raise NonFiniteOutput()
     logp = torch.log_softmax(logits, dim=-1)  # row j predicts token j + 1
     chosen = logp[:-1].gather(1, x[0, 1:, None])[:, 0].tolist()  # (T-1,)
     tops = logp[:-1].topk(top_n, dim=-1) if top_n else None

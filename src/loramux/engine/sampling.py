@@ -7,6 +7,14 @@ import torch
 from ..errors import LoramuxError
 
 
+class NonFiniteOutput(LoramuxError):
+    """The model's output for a request is not finite: its mixture (e.g. extreme adapter weights)
+    overflowed. The request's fault, so a 400, not a server error."""
+
+    def __init__(self) -> None:
+        super().__init__("the model's output is not finite for this request (are its adapter weights extreme?)")
+
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero all but the smallest set of most likely tokens whose probability reaches top_p.
 
@@ -31,5 +39,5 @@ def choose(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     logits = logits.float()
     probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if not bool(torch.isfinite(probs).all()):  # only non-finite logits get here (e.g. extreme adapter weights)
-        raise LoramuxError("the model's output is not finite for this request (are its adapter weights extreme?)")
+        raise NonFiniteOutput()
     return int(torch.multinomial(top_p_filter(probs, top_p), 1, generator=generator))

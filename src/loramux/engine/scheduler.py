@@ -106,6 +106,11 @@ def merge_caches(a, mask_a: torch.Tensor, b, mask_b: torch.Tensor):
     return a, mask
 
 
+def _shared(mix) -> bool:
+    """One mixture row that every row of the batch shares (it broadcasts, and it can be folded)."""
+    return isinstance(mix, SequenceMixture) and mix.indices.shape[0] == 1
+
+
 def _resolve(future: Future, result=None, error: BaseException | None = None) -> None:
     """Set a future's outcome unless it is already done (a client may cancel at any moment)."""
     try:
@@ -137,30 +142,24 @@ class Scheduler:
         """Run `fn` on the scheduler's thread, between two steps: model work that is not
         generation (routing a prompt, scoring its tokens). `exclusive`: only once the running batch
         has drained (loading or removing an adapter changes the slots the batch uses)."""
-        if self._stop.is_set():
-            raise SchedulerStopped("the server is shutting down")
-        job = _Job(None, Future(), call=fn)
-        target = self.waiting if exclusive else self.calls
-        try:
-            target.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"the queue is full ({target.maxsize} waiting); retry later") from None
-        self._wake.set()
-        return job.future
+        return self._enqueue(_Job(None, Future(), call=fn), self.waiting if exclusive else self.calls)
 
     def submit(self, request: GenerationRequest, on_delta: Callable[[str], None] | None = None, *,
                router=None, prompt_ids: list[int] | None = None, tag: str = "") -> Future:
         """Queue a request; the Future gets its GenerationResult (or the error that ended it).
         Cancelling the Future (a client that left, a timeout) frees its row at the next step.
         `prompt_ids`: the prompt's tokens, when the caller has tokenized it already."""
+        future = self._enqueue(_Job(request, Future(), on_delta, router, None, prompt_ids, tag), self.waiting)
+        self.stats["requests"] += 1
+        return future
+
+    def _enqueue(self, job: _Job, target: queue.Queue) -> Future:
         if self._stop.is_set():
             raise SchedulerStopped("the server is shutting down")
-        job = _Job(request, Future(), on_delta, router, None, prompt_ids, tag)
         try:
-            self.waiting.put_nowait(job)
+            target.put_nowait(job)
         except queue.Full:
-            raise QueueFull(f"the queue is full ({self.waiting.maxsize} waiting); retry later") from None
-        self.stats["requests"] += 1
+            raise QueueFull(f"the queue is full ({target.maxsize} waiting); retry later") from None
         self._wake.set()
         return job.future
 
@@ -189,7 +188,7 @@ class Scheduler:
         if thread is not None:
             thread.join(timeout=30)
         stopped = SchedulerStopped("the server is shutting down")
-        if thread is None or not thread.is_alive():  # else the thread still owns the batch, and ends it itself
+        if thread is None:  # synchronous use; a thread ends its own batch as it exits (_loop)
             self._drop_batch(stopped)
         for q in (self.waiting, self.calls):
             while not q.empty():
@@ -225,13 +224,20 @@ class Scheduler:
             self._drop_batch(e)
 
     def _drop_batch(self, error: BaseException) -> None:
+        for job in self._end_batch():
+            self._fail(job, error, logged=True)
+
+    def _end_batch(self) -> list[_Job]:
+        """Forget the running batch and free what its forwards cached; returns its jobs."""
         jobs, router = self.state.jobs, self.state.router
         self.state = _State()
-        for job in jobs:
-            self._fail(job, error, logged=True)
-        self.engine.fused.release()
+        self._release(router)
+        return jobs
+
+    def _release(self, router) -> None:
+        self.engine.fused.release()  # cached factors and folded weights (up to a copy per slot used)
         if router is not None and hasattr(router, "release"):
-            router.release()
+            router.release()  # routers that hold per-batch state (MoLE)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -321,9 +327,7 @@ class Scheduler:
             log.exception("prefill for router %s failed", getattr(first.router, "kind", "?"))
             for job in ok:
                 self._fail(job, e, logged=True)
-            self.engine.fused.release()
-            if hasattr(first.router, "release"):
-                first.router.release()
+            self._release(first.router)
 
     def _prefill_isolated(self, jobs: list[_Job]) -> None:
         try:
@@ -349,7 +353,7 @@ class Scheduler:
             mix, fold = router.layer_mixture(), False
         else:
             mix = self.engine.sequence_mixture([j.request.mixture for j in jobs])
-            fold = self.fold and isinstance(mix, SequenceMixture) and mix.indices.shape[0] == 1
+            fold = self.fold and _shared(mix)
         with contextlib.ExitStack() as stack:
             recorder = stack.enter_context(router.recording(mask)) if router is not None else None
             stack.enter_context(self.engine.fused.mixture(mix, attention_mask=mask, fold=fold))
@@ -397,11 +401,7 @@ class Scheduler:
             _resolve(job.future, result)
         if len(keep) < len(st.rows):
             if not keep:
-                router = st.router
-                self.state = _State()
-                self.engine.fused.release()  # the drained batch's cached factors (up to a copy per slot used)
-                if router is not None and hasattr(router, "release"):
-                    router.release()
+                self._end_batch()
                 return
             index = torch.tensor(keep, device=st.mask.device)
             st.cache.batch_select_indices(index)
@@ -411,7 +411,7 @@ class Scheduler:
             if st.router is not None:
                 if hasattr(st.router, "select_rows"):
                     st.router.select_rows(keep)  # routers that hold per-row state (MoLE)
-            elif not (isinstance(st.mix, SequenceMixture) and st.mix.indices.shape[0] == 1):
+            elif not _shared(st.mix):
                 st.mix_stale = True  # one shared row broadcasts over any batch: it stays (with its fold)
         st.pending = tokens
 
@@ -423,7 +423,7 @@ class Scheduler:
         if st.mix_stale:
             self.engine.fused.release()  # the previous rows' cached factors
             st.mix, st.mix_stale = self.engine.sequence_mixture([j.request.mixture for j in st.jobs]), False
-        fold = self.fold and isinstance(st.mix, SequenceMixture) and st.mix.indices.shape[0] == 1
+        fold = self.fold and _shared(st.mix)
         with self.engine.fused.mixture(st.mix, fold=fold):
             out = model(input_ids=torch.tensor(st.pending, device=device)[:, None], attention_mask=st.mask,
                         position_ids=st.next_pos[:, None], cache=st.cache, use_cache=True)

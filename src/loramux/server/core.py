@@ -161,6 +161,11 @@ class Server:
         self.config.routers[name] = router
         return router
 
+    def router_names(self) -> list[str]:
+        """The router model names this server answers to (GET /v1/models, the web view)."""
+        stored = self.library.routers() if self.library is not None else {}
+        return (["auto"] if "dlp" in stored else []) + sorted(stored) + (["arrow"] if self.engine.adapters else [])
+
     def lora_mixture(self, entries) -> dict[str, float]:
         """llama.cpp's `lora` list -> a mixture: ids index GET /lora-adapters, names are accepted."""
         names = self.engine.adapters
@@ -185,14 +190,14 @@ class Server:
         """The mixture of each prompt: an explicit mix, an adapter, the base model, or a router's
         choice (routed once per prompt, on the model's thread)."""
         n = len(route_texts)
-        mix = opts.mix if opts.mix is not None else self.lora_mixture(lora) if lora is not None else None
         if opts.mix is not None:
             unknown = [name for name in opts.mix if name not in self.engine.adapters]
             if unknown:
                 raise ApiError(400, f"loramux.mix.{unknown[0]}: adapter {unknown[0]!r} is not loaded; loaded adapters: "
                                     f"{self.engine.adapters}", f"loramux.mix.{unknown[0]}")
-        if mix is not None:
-            mix = {str(k): float(v) for k, v in mix.items()} or None  # all-zero llama.cpp scales: the base model
+            return Plan([{k: float(v) for k, v in opts.mix.items()}] * n, [None] * n)
+        if lora is not None:
+            mix = self.lora_mixture(lora) or None  # all-zero llama.cpp scales: the base model
             return Plan([mix] * n, [None] * n)
         if model in ("base", self.base_id):
             return Plan([None] * n, [None] * n)
@@ -238,9 +243,7 @@ class Server:
         return out
 
     # ------------------------------------------------------------------ requests
-    def sampling(self, body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        if max_tokens is None:
-            max_tokens = self.config.default_max_tokens
+    def sampling(self, body, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(max_new_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
                               seed=body.seed, stop=body.stops(), logprobs=logprobs,
                               ignore_eos=body.loramux.ignore_eos)
@@ -255,10 +258,10 @@ class Server:
         limit = self.config.max_prompt_tokens
         if limit and len(ids) > limit:
             raise ApiError(400, f"{param}: {len(ids)} tokens exceed this server's limit of {limit}", param)
-        context = self.engine.max_context
-        if context and len(ids) + max_new > context:
-            raise ApiError(400, f"{param}: {len(ids)} tokens + max_tokens {max_new} exceed the model's context of "
-                                f"{context} tokens", param)
+        try:
+            self.engine.check_length(len(ids), max_new)
+        except LoramuxError as e:
+            raise ApiError(400, f"{param}: {e}", param) from None
 
     def submit(self, request: GenerationRequest, router, on_delta=None, *, ids: list[int] | None = None,
                model: str = "", tag: str = ""):

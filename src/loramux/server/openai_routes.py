@@ -249,14 +249,15 @@ def add_openai_routes(app, server: Server) -> None:
         rid, deadline = f"chatcmpl-{uuid.uuid4().hex[:24]}", time.monotonic() + deadline_of(body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        if getattr(tok, "chat_template", None):
+        templated = engine.formatter.use_chat_template
+        if templated:
             try:
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as e:  # the model's own template refuses this conversation (jinja's raise_exception)
                 raise ApiError(400, f"messages: the model's chat template refuses them: {e}", "messages") from None
         else:
             text = "\n".join(m["content"] for m in messages)
-        ids = server.prompt_ids(text, rendered_chat=bool(getattr(tok, "chat_template", None)))
+        ids = server.prompt_ids(text, rendered_chat=templated)
         max_new = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None),
                        server.config.default_max_tokens)
         server.check_prompt(ids, max_new, "messages")
@@ -287,15 +288,9 @@ def add_openai_routes(app, server: Server) -> None:
         for name in engine.adapters:
             data.append({"id": name, "created": created, "parent": server.base_id, "kind": "adapter",
                          "version": library.get(name).version if library is not None and name in library else None})
-        for name in router_names():
+        for name in server.router_names():
             data.append({"id": name, "created": created, "parent": server.base_id, "kind": "router"})
         return ModelList(data=[ModelCard(**d) for d in data])
-
-    def router_names() -> list[str]:
-        stored = server.library.routers() if server.library is not None else {}
-        return (["auto"] if "dlp" in stored else []) + sorted(stored) + (["arrow"] if engine.adapters else [])
-
-    app.state.router_names = router_names
 
     @app.get("/lora-adapters", response_model=list[LoraAdapterInfo], responses=ERRORS)
     async def lora_adapters():

@@ -72,7 +72,7 @@ def add_web_routes(app, server: Server) -> None:
     async def library_view():
         adapters = [{"name": spec.name, "tasks": list(spec.tasks), "rank": spec.rank, "version": spec.version,
                      "loaded": spec.name in engine.adapters} for spec in (library.list() if library is not None else [])]
-        return {"base": server.base_id, "adapters": adapters, "routers": app.state.router_names() or ["base"]}
+        return {"base": server.base_id, "adapters": adapters, "routers": server.router_names() or ["base"]}
 
     @app.get("/v1/loramux/recent")
     async def recent():
