@@ -78,6 +78,7 @@ MALFORMED = [
     ("streamed logprobs", "completions", {"model": "a", "prompt": "x", "logprobs": 1, "stream": True}, 400, "logprobs"),
     ("admin body not JSON", "adapters", "{oops", 400, "JSON"),
     ("admin path with NUL", "adapters", {"name": "x", "path": "/nonexistent/a\u0000b"}, 400, "path"),
+    ("admin path naming a home", "adapters", {"name": "x", "path": "~0"}, 403, "path"),  # no `~` expansion
     ("admin name bad", "adapters", {"name": "../x", "path": "/tmp"}, 400, "name"),
 ]
 

@@ -63,9 +63,9 @@ def add_admin_routes(app, server: Server) -> None:
             raise ApiError(403, "loading adapters is off: start the server with an adapter root", code="forbidden")
         if server.library is None:
             raise ApiError(400, "the server runs without a library to add adapters to")
-        try:
-            target = Path(body.path).expanduser().resolve()
-        except (OSError, ValueError) as e:  # e.g. a NUL byte in the path
+        try:  # no `~` expansion: a client's path names no home directory on the server
+            target = Path(body.path).resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. a NUL byte in the path
             raise ApiError(400, f"path: {e}", "path") from None
         if not target.is_relative_to(Path(root).expanduser().resolve()):
             raise ApiError(403, f"path {body.path!r} is outside the allowed adapter root", "path", "forbidden")
