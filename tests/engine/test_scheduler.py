@@ -124,19 +124,43 @@ def test_a_row_that_fails_mid_decode_ends_alone(engine):
 def test_a_failing_sample_ends_only_its_row(engine, monkeypatch):
     from loramux.engine import engine as engine_module
 
-    real = engine_module._Row.sample
+    real = engine_module._Row.take
 
-    def sample(self, logits, tokenizer):
+    def take(self, chosen, tokenizer):
         if self.request.prompt == "poison" and len(self.tokens) == 1:
             raise ValueError("sampling blew up")
-        return real(self, logits, tokenizer)
+        return real(self, chosen, tokenizer)
 
-    monkeypatch.setattr(engine_module._Row, "sample", sample)
+    monkeypatch.setattr(engine_module._Row, "take", take)
     sched = Scheduler(engine, max_batch=8)
     good = [sched.submit(greedy(PROMPTS[i % 3], MIXES[i], n=5, ignore_eos=True)) for i in range(3)]
     bad = sched.submit(greedy("poison", {"c": 1.0}, n=5, ignore_eos=True))
     sched.run_until_idle()
     with pytest.raises(ValueError, match="sampling blew up"):
+        bad.result()
+    monkeypatch.undo()
+    for i, fut in enumerate(good):
+        assert fut.result().token_ids == alone(engine, PROMPTS[i % 3], MIXES[i], 5)
+
+
+def test_a_row_that_breaks_the_batched_pick_ends_alone(engine, monkeypatch):
+    """The step's tokens are picked for all rows at once; if that fails, rows are picked one by
+    one, so only the row at fault ends."""
+    from loramux.engine import engine as engine_module
+
+    real = engine_module._Row.wants
+
+    def wants(self, device):
+        if self.request.prompt == "poison" and len(self.tokens) == 2:
+            raise ValueError("no sampling for you")
+        return real(self, device)
+
+    monkeypatch.setattr(engine_module._Row, "wants", wants)
+    sched = Scheduler(engine, max_batch=8)
+    good = [sched.submit(greedy(PROMPTS[i % 3], MIXES[i], n=5, ignore_eos=True)) for i in range(3)]
+    bad = sched.submit(greedy("poison", {"c": 1.0}, n=5, ignore_eos=True))
+    sched.run_until_idle()
+    with pytest.raises(ValueError, match="no sampling for you"):
         bad.result()
     monkeypatch.undo()
     for i, fut in enumerate(good):

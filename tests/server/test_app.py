@@ -387,15 +387,15 @@ def test_a_request_that_fails_in_the_decode_loop_gets_a_500_and_the_others_go_on
     from loramux.engine import engine as engine_module
 
     engine, lib = served
-    real = engine_module._Row.sample
+    real = engine_module._Row.take
 
-    def sample(self, logits, tokenizer):
+    def take(self, chosen, tokenizer):
         if "poison" in self.request.prompt and self.tokens:
             raise RuntimeError("boom")
-        return real(self, logits, tokenizer)
+        return real(self, chosen, tokenizer)
 
     expected = greedy_alone(engine, "one two", {"b": 1.0}, 6).text
-    monkeypatch.setattr(engine_module._Row, "sample", sample)
+    monkeypatch.setattr(engine_module._Row, "take", take)
     with TestClient(create_app(engine, lib, ServerConfig()), raise_server_exceptions=False) as c:
         r = c.post("/v1/completions", json={"model": "a", "prompt": "poison", "max_tokens": 6,
                                             "loramux": {"ignore_eos": True}})

@@ -19,7 +19,7 @@ from ..data import PromptFormatter
 from ..errors import LoramuxError
 from ..fusion import FusedModel, SequenceMixture
 from .request import GenerationRequest, GenerationResult
-from .sampling import NonFiniteOutput, choose
+from .sampling import NonFiniteOutput, Pick, RowSampling
 
 if TYPE_CHECKING:
     from ..library import Library
@@ -57,19 +57,19 @@ class _Row:
         self.first_token_at: float | None = None
         self.logprobs: list[tuple[int, float, dict[int, float]]] | None = [] if self.sampling.logprobs is not None else None
 
-    def sample(self, logits: torch.Tensor, tokenizer) -> tuple[int, str]:
-        """Choose this row's next token from its logits, record its log-probability if asked."""
+    def wants(self, device: torch.device) -> RowSampling:
+        """What this row asks of its next token (its seeded generator is made on `device` once)."""
         if self.generator is None and self.sampling.seed is not None:
-            self.generator = torch.Generator(device=logits.device).manual_seed(self.sampling.seed)
-        token = choose(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
+            self.generator = torch.Generator(device=device).manual_seed(self.sampling.seed)
+        return RowSampling(self.sampling.temperature, self.sampling.top_p, self.generator, self.sampling.logprobs)
+
+    def take(self, chosen: Pick, tokenizer) -> tuple[int, str]:
+        """Add the token picked for this row, with its log-probabilities if asked."""
+        if not chosen.finite:
+            raise NonFiniteOutput()
         if self.logprobs is not None:
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            if not bool(torch.isfinite(logp[token])):
-                raise NonFiniteOutput()
-            top = logp.topk(self.sampling.logprobs) if self.sampling.logprobs else None
-            self.logprobs.append((token, float(logp[token]),
-                                  {int(i): float(v) for i, v in zip(top.indices, top.values)} if top is not None else {}))
-        return token, self.push(token, tokenizer)
+            self.logprobs.append((chosen.token, chosen.logprob, chosen.top))
+        return chosen.token, self.push(chosen.token, tokenizer)
 
     def push(self, token: int, tokenizer) -> str:
         """Add one token; return the text that can be shown now."""

@@ -1,6 +1,16 @@
-"""Next-token choice: greedy, or temperature + top-p with a per-request generator."""
+"""Next-token choice for every row of a decode step: greedy, or temperature + top-p with a
+per-request generator, plus the log-probabilities a row asked for.
+
+Everything is computed on the logits' device and comes to the host in **one** transfer per step
+(`pick`): a per-row `int(...)` would wait on the device once per row, which on a GPU serialises
+the step. A row whose output is not finite is not sampled from (on CUDA a NaN probability in
+`torch.multinomial` is a device-side assert that ends the process); it is flagged, and the row's
+request fails alone with `NonFiniteOutput`.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +23,26 @@ class NonFiniteOutput(LoramuxError):
 
     def __init__(self) -> None:
         super().__init__("the model's output is not finite for this request (are its adapter weights extreme?)")
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """What one row asks of its next token."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None  # on the logits' device; None: the global RNG
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely
+
+
+@dataclass
+class Pick:
+    """One row's next token as the host sees it."""
+
+    token: int
+    finite: bool
+    logprob: float | None = None
+    top: dict[int, float] = field(default_factory=dict)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -30,14 +60,49 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum()
 
 
-def choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token id from one row of logits (V,)."""
-    if temperature == 0:
-        return int(logits.argmax())
+def _sampled(logits: torch.Tensor, greedy: torch.Tensor, p: RowSampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, finite) of one row with temperature > 0, as 0-dim tensors on the logits' device."""
     # Shift before scaling: (l - max) / T stays finite-or--inf for any T > 0 (a tiny T such as
     # 1e-39 would turn l / T into inf - inf = nan), so the most likely token always keeps mass.
+    probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
+    finite = torch.isfinite(probs).all()
+    safe = torch.where(finite, probs, torch.nn.functional.one_hot(greedy, probs.shape[-1]).to(probs))
+    return torch.multinomial(top_p_filter(safe, p.top_p), 1, generator=p.generator)[0], finite
+
+
+def pick(logits: torch.Tensor, rows: list[RowSampling]) -> list[Pick]:
+    """The next token of each row of `logits` (B, V), with one device-to-host transfer."""
     logits = logits.float()
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # only non-finite logits get here (e.g. extreme adapter weights)
-        raise NonFiniteOutput()
-    return int(torch.multinomial(top_p_filter(probs, top_p), 1, generator=generator))
+    greedy = logits.argmax(-1)  # (B,)
+    tokens, finite = [], []
+    for b, p in enumerate(rows):
+        if p.temperature == 0:
+            tokens.append(greedy[b])
+            finite.append(torch.isfinite(logits[b, greedy[b]]))
+        else:
+            token, ok = _sampled(logits[b], greedy[b], p)
+            tokens.append(token)
+            finite.append(ok)
+    tokens_t = torch.stack(tokens)
+    # Every value travels as fp32 in one tensor: token ids (< 2**24 for any vocabulary in use) and
+    # flags are exact there, and log-probs are fp32 already.
+    parts = [tokens_t.float(), torch.stack(finite).float()]
+    asked = [b for b, p in enumerate(rows) if p.logprobs is not None]
+    k = max((rows[b].logprobs for b in asked), default=0)
+    if asked:
+        logp = torch.log_softmax(logits[asked], dim=-1)  # (A, V)
+        chosen = logp.gather(1, tokens_t[asked, None])  # (A, 1)
+        top = logp.topk(k, dim=-1) if k else None
+        parts += [chosen.reshape(-1)] + ([top.values.reshape(-1), top.indices.float().reshape(-1)] if top else [])
+    host = torch.cat(parts).tolist()
+    B = len(rows)
+    picks = [Pick(int(host[b]), bool(host[B + b])) for b in range(B)]
+    at = 2 * B
+    chosen_h, values, indices = host[at:at + len(asked)], host[at + len(asked):at + len(asked) * (1 + k)], \
+        host[at + len(asked) * (1 + k):]
+    for a, b in enumerate(asked):
+        picks[b].logprob = chosen_h[a]
+        picks[b].finite = picks[b].finite and chosen_h[a] > float("-inf") and chosen_h[a] == chosen_h[a]
+        n = rows[b].logprobs
+        picks[b].top = {int(indices[a * k + j]): values[a * k + j] for j in range(n)}
+    return picks

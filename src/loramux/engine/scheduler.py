@@ -39,6 +39,7 @@ from ..fusion import SequenceMixture
 from ..padding import length_groups
 from ..training.batching import left_pad
 from .engine import Engine, _Row
+from .sampling import pick
 from .request import GenerationRequest, GenerationResult
 
 log = logging.getLogger("loramux.scheduler")
@@ -379,12 +380,15 @@ class Scheduler:
     def _sample_and_retire(self) -> None:
         st, tok = self.state, self.engine.base.tokenizer
         keep, tokens = [], []
+        picks = self._picks()
         for b, (row, job) in enumerate(zip(st.rows, st.jobs)):
             if job.future.cancelled():  # the client went away or timed out: free its row now
                 self._notify("cancelled", {"request": job.request})
                 continue
             try:
-                token, delta = row.sample(st.logits[b], tok)
+                if isinstance(picks[b], BaseException):
+                    raise picks[b]
+                token, delta = row.take(picks[b], tok)
                 self.stats["tokens"] += 1
                 if delta and job.on_delta is not None:
                     job.on_delta(delta)
@@ -414,6 +418,21 @@ class Scheduler:
             elif not _shared(st.mix):
                 st.mix_stale = True  # one shared row broadcasts over any batch: it stays (with its fold)
         st.pending = tokens
+
+    def _picks(self) -> list:
+        """Every row's next token in one batched pick (one host transfer); if that fails, row by row,
+        so that only the row at fault gets its exception (in place of its pick)."""
+        st = self.state
+        try:
+            return pick(st.logits, [row.wants(st.logits.device) for row in st.rows])
+        except Exception:
+            out = []
+            for b, row in enumerate(st.rows):
+                try:
+                    out += pick(st.logits[b:b + 1], [row.wants(st.logits.device)])
+                except Exception as e:
+                    out.append(e)
+            return out
 
     def _decode(self) -> None:
         st = self.state
