@@ -30,6 +30,13 @@ When every row has the same mixture the batched matmuls become two plain ones, a
 so a long decode with one mixture costs exactly a base forward per step (at the price of one
 extra copy of each adapted weight while that mixture is in use).
 Ranks may differ: slots are zero-padded to the largest rank, which leaves the sum unchanged.
+
+Precision: the factors are kept in fp32 whatever the base's dtype (`factor_dtype`), as PEFT keeps
+LoRA weights (its `autocast_adapter_dtype`). Over a bf16/fp16 base the update is computed in fp32 on
+x cast up and added to the base output in fp32 before one rounding back, which is PEFT's order too;
+a mixture is then never folded into the weights: W0 + ΔW rounded to bf16 loses most of a small ΔW
+(its 8-bit mantissa keeps ~2-3 significant digits of W0) and would make a row's output depend on
+whether its batch shared the mixture.
 """
 
 from __future__ import annotations
@@ -56,13 +63,13 @@ class FusionState:
 
 
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, name: str, state: FusionState):
+    def __init__(self, base: nn.Linear, name: str, state: FusionState, factor_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base = base
         self.name = name
         self.state = state
         d_in, d_out = base.in_features, base.out_features
-        dtype, device = base.weight.dtype, base.weight.device
+        dtype, device = factor_dtype, base.weight.device
         # Not parameters and not in state_dict: adapters are loaded and unloaded at runtime.
         self.register_buffer("lora_A", torch.zeros(0, 0, d_in, dtype=dtype, device=device), persistent=False)  # (K, r, d_in)
         self.register_buffer("lora_B", torch.zeros(0, d_out, 0, dtype=dtype, device=device), persistent=False)  # (K, d_out, r)
@@ -130,18 +137,25 @@ class MultiLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mix, state = self.state.mixture, self.state
+        mix = self.state.mixture
         if mix is None or self.lora_A.shape[1] == 0:  # no mixture, or no loaded adapter adapts this layer
             return self.base(x)
+        if x.dtype != self.lora_A.dtype:  # a half-precision base: the update in the factors' dtype (see top)
+            return self._adapted(x.to(self.lora_A.dtype), mix, lambda: self.base(x).to(self.lora_A.dtype)).to(x.dtype)
+        return self._adapted(x, mix, lambda: self.base(x))
+
+    def _adapted(self, x: torch.Tensor, mix: Mixture, base_out) -> torch.Tensor:
+        """W0·x + the mixture's update; x is in the factors' dtype and `base_out()` gives W0·x in it."""
+        state = self.state
         if type(mix) is SequenceMixture and not state.reference and not self.any_gated:  # the hot path
-            if state.fold:  # the folded weight replaces the base matmul: never run both
-                weight = self._folded_weight(mix, x.device)
+            if state.fold and self.base.weight.dtype == self.lora_A.dtype:  # never in half precision (see top)
+                weight = self._folded_weight(mix, x.device)  # the folded weight replaces the base matmul
                 if weight is not None:
                     return torch.nn.functional.linear(x, weight, self.base.bias)
             if self._reads_fewer_union(x, mix):
-                return self._add_union_delta(self.base(x), x, mix)
-            return self._add_sequence_delta(self.base(x), x, mix)
-        y = self.base(x)
+                return self._add_union_delta(base_out(), x, mix)
+            return self._add_sequence_delta(base_out(), x, mix)
+        y = base_out()
         squeeze = x.dim() == 2  # (N, d_in) inputs are treated as (N, 1, d_in)
         x3 = x[:, None] if squeeze else x
         if state.reference:

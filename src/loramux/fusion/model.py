@@ -45,9 +45,11 @@ def library_identity(spec) -> str:
 
 
 class FusedModel:
-    def __init__(self, base: "BaseModel", target_modules: tuple[str, ...] | None = None):
+    def __init__(self, base: "BaseModel", target_modules: tuple[str, ...] | None = None, *,
+                 factor_dtype: torch.dtype = torch.float32):
         """`target_modules`: the projection names to fuse (default: every projection of the
-        model's blocks, whatever the family calls them; see BaseModel.projection_names)."""
+        model's blocks, whatever the family calls them; see BaseModel.projection_names).
+        `factor_dtype`: the adapters' factors; fp32 whatever the base's dtype, as PEFT (see layer.py)."""
         self.base = base
         target_modules = base.projection_names() if target_modules is None else target_modules
         self.state = FusionState()
@@ -59,7 +61,7 @@ class FusedModel:
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
                 if child_name in target_modules and isinstance(child, torch.nn.Linear):
-                    layer = MultiLoraLinear(child, full, self.state)
+                    layer = MultiLoraLinear(child, full, self.state, factor_dtype)
                     setattr(module, child_name, layer)
                     self.layers[full] = layer
         if not self.layers:

@@ -99,7 +99,7 @@ class ArrowRouter(InForwardRouter):
         self.valid: dict[str, torch.Tensor] = {}  # module -> (K,) bool: adapts this module and is a candidate
         for module, layer in self.fused.layers.items():
             d_in = layer.base.in_features
-            P = torch.zeros(len(names), d_in, dtype=layer.base.weight.dtype, device=layer.base.weight.device)
+            P = torch.zeros(len(names), d_in, dtype=layer.lora_A.dtype, device=layer.lora_A.device)  # x's dtype there
             ok = torch.zeros(len(names), dtype=torch.bool, device=P.device)
             for k, (name, protos) in enumerate(zip(names, per_adapter)):
                 if module in protos and name in wanted:
