@@ -44,6 +44,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 _DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
+DTYPE_HELP = "Base weights: auto (bf16 on a CUDA device that supports it, else fp32), float32, bfloat16 or float16."
 _CONVERTED_MARKER = "loramux-converted.json"
 # Config keys that say how a checkpoint was saved, not what the network computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -197,13 +199,46 @@ def _resolve(name_or_path: str) -> tuple[str, Path]:
     )
 
 
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> the first of CUDA, MPS, CPU that is present; any other name is checked to exist."""
+    import torch
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    present = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if cuda else []) \
+        + (["mps"] if mps else [])
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LoramuxError(f"unknown device {device!r}; accepted here: {present}") from None
+    ok = parsed.type == "cpu" or (parsed.type == "cuda" and cuda and (parsed.index or 0) < torch.cuda.device_count()) \
+        or (parsed.type == "mps" and mps)
+    if not ok:
+        raise LoramuxError(f"device {device!r} is not available on this machine; accepted here: {present}")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bfloat16 on a CUDA device that supports it, else float32 (CPU and MPS)."""
+    if dtype == "auto":
+        import torch
+
+        return "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in _DTYPES:
+        raise LoramuxError(f"dtype {dtype!r} is not supported; accepted: {['auto', *_DTYPES]}")
+    return dtype
+
+
 def load_base(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> BaseModel:
     """Load a base model and its tokenizer, ready for adapters.
 
     `name_or_path` is an embedded model name (default: SmolLM2-135M-Instruct) or an HF model dir.
+    `device` and `dtype` take 'auto' (see `resolve_device`, `resolve_dtype`); adapters keep fp32
+    factors over any base dtype (fusion/layer.py).
     """
-    if dtype not in _DTYPES:
-        raise LoramuxError(f"dtype {dtype!r} is not supported; expected one of {list(_DTYPES)}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     model_id, path = _resolve(name_or_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

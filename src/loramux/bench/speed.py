@@ -59,28 +59,41 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_probe(model: str, n: int, rank: int) -> dict:
-    """Resident memory added by loading n random adapters into a fused model, vs their raw bytes."""
-    base = load_base(model)
+def _used_bytes(device: torch.device) -> int:
+    """Host RSS on the CPU; the allocator's live bytes on an accelerator."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
+
+
+def memory_probe(model: str, n: int, rank: int, device: str = "cpu", dtype: str = "float32") -> dict:
+    """Memory added by loading n random adapters into a fused model, vs their raw bytes (the
+    process's resident memory on the CPU, the device's allocated bytes on CUDA)."""
+    base = load_base(model, device=device, dtype=dtype)
+    where = base.model.device
     fused = FusedModel(base)
     raw = 0
-    before = _rss_bytes()
+    before = _used_bytes(where)
     for i in range(n):
         f = random_adapter(base, rank, seed=1000 + i)
         raw += sum(t.numel() * t.element_size() for t in f.tensors.values())
         fused.add_adapter(f"m{i}", f)
         del f
-    rss = _rss_bytes() - before
+    rss = _used_bytes(where) - before
     return {"adapters": n, "rank": rank, "raw_tensor_bytes": raw, "fused_adapter_bytes": fused.adapter_bytes(),
             "rss_delta_bytes": rss, "fused_over_raw": fused.adapter_bytes() / raw, "rss_over_raw": rss / raw}
 
 
-def _median_times(variants: dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> dict[str, float]:
+def _median_times(variants: dict[str, Callable[[], None]], reps: int, warmup: int = 1,
+                  device: torch.device | None = None) -> dict[str, float]:
+    """Median seconds of each variant; on an accelerator each run ends with a synchronize, so the
+    time is the work's, not the launch's."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for rep in range(warmup + reps):
         for name, fn in variants.items():  # interleaved: drift on a shared machine hits every variant alike
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             if rep >= warmup:
                 times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -159,26 +172,33 @@ def gemm_row_scaling(base: BaseModel, rows: tuple[int, ...] = (1, 2, 4, 8, 16), 
 
 
 def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: int = 8, prompt_len: int = 96,
-        reps: int = 7, decode_tokens: int = 32, memory_adapters: int = 100, seed: int = 0) -> dict:
+        reps: int = 7, decode_tokens: int = 32, memory_adapters: int = 100, seed: int = 0,
+        device: str = "cpu", dtype: str = "float32") -> dict:
     from peft import PeftModel
+
+    from ..models import resolve_device, resolve_dtype
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    plain = load_base(model)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    plain = load_base(model, device=device, dtype=dtype)
+    on = plain.model.device
     names = [f"a{i}" for i in range(adapters)]
     files = {n: random_adapter(plain, rank, seed=i) for i, n in enumerate(names)}
-    ids = torch.randint(100, plain.model.config.vocab_size - 100, (batch, prompt_len))
+    ids = torch.randint(100, plain.model.config.vocab_size - 100, (batch, prompt_len)).to(on)
     mask = torch.ones_like(ids)
 
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {n: write_peft(f, Path(tmp) / n) for n, f in files.items()}
-        peft = PeftModel.from_pretrained(load_base(model).model, dirs[names[0]], adapter_name=names[0])
+        peft = PeftModel.from_pretrained(load_base(model, device=device, dtype=dtype).model, dirs[names[0]],
+                                         adapter_name=names[0])
         for n in names[1:]:
             peft.load_adapter(dirs[n], adapter_name=n)
         peft.eval()
         peft.add_weighted_adapter(names[:3], [0.5, 0.3, 0.2], "cat3", combination_type="cat")
 
-        fused_base = load_base(model)
+        fused_base = load_base(model, device=device, dtype=dtype)
         engine = Engine(fused_base)
         for n in names:
             engine.fused.add_adapter(n, read_peft_dir(dirs[n]))
@@ -221,7 +241,7 @@ def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: in
             "loramux_single_unfolded": fused_with([{names[0]: 1.0}] * batch),
             "loramux_hetero3": fused_with(hetero_rows),
             "loramux_fold_only": fold_only,
-        }, reps)
+        }, reps, device=on)
 
         # ---- decode tokens/s, batch 1 and batch B, same adapter, greedy
         tok = plain.tokenizer
@@ -250,18 +270,19 @@ def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: in
                 "loramux_full": lambda: ours(decode_tokens + 1), "loramux_prefill": lambda: ours(1),
                 "peft_full": lambda: theirs(decode_tokens + 1), "peft_prefill": lambda: theirs(1),
                 "base_full": lambda: base_only(decode_tokens + 1), "base_prefill": lambda: base_only(1),
-            }, reps=3)
+            }, reps=3, device=on)
             for who in ("loramux", "peft", "base"):
                 decode[f"{who}_b{b}_tokens_per_s"] = b * decode_tokens / (t[f"{who}_full"] - t[f"{who}_prefill"])
 
-        decode["base_b1_step_profile"] = decode_step_profile(plain, ids[:1])
+        if on.type == "cpu":  # the profile counts CPU time
+            decode["base_b1_step_profile"] = decode_step_profile(plain, ids[:1])
 
     # ---- memory: many adapters loaded at once, measured in a fresh process (this one has freed
     # whole models, whose pages the allocator would hand back to the adapters and hide the cost)
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(1) as pool:
-        memory = pool.apply(memory_probe, (model, memory_adapters, rank))
+        memory = pool.apply(memory_probe, (model, memory_adapters, rank, device, dtype))
 
     ratios = {k: forward[k] / forward["base"] for k in forward if k != "base"}
     # What bounds decode: base-model generate with no adapter, the floor for any LoRA engine.
@@ -273,7 +294,7 @@ def run(model: str = DEFAULT_MODEL, adapters: int = 14, rank: int = 8, batch: in
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "setup": {"model": model, "adapters": adapters, "rank": rank, "targets": list(LLAMA_TARGETS), "batch": batch,
-                  "prompt_len": prompt_len, "reps": reps, "decode_tokens": decode_tokens, "dtype": "float32",
+                  "prompt_len": prompt_len, "reps": reps, "decode_tokens": decode_tokens, "device": device, "dtype": dtype,
                   "forward_logits": "last position only (logits_to_keep=1)"},
         "forward_median_seconds": forward,
         "decode": decode,

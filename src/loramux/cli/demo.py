@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
+from .options import DEVICE, DTYPE
 
 DEMO_TASKS = "intent_recognition,hyperbaton,language_identification"
 
@@ -19,8 +20,11 @@ def demo(
     steps: int = typer.Option(60, help="Training steps for each adapter the library lacks."),
     show: int = typer.Option(2, help="Test prompts sent per task."),
     seed: int = typer.Option(0, help="Which test prompts (a seeded sample)."),
+    router_prompts: int = typer.Option(200, help="Training prompts per task for the DLP router."),
+    score_limit: int = typer.Option(40, help="Test examples per task in the closing adapter-vs-base scores (0: skip)."),
     output: Optional[str] = typer.Option(None, help="Write every prompt's routing and answers as JSON here."),
-    device: str = typer.Option("cpu", help="torch device."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ) -> None:
     """The main job: build or reuse a library (one adapter per task) and its DLP router, start the
     OpenAI-compatible server, send test prompts of different tasks with the `openai` client, and
@@ -30,8 +34,10 @@ def demo(
     import openai
 
     from ..data import load_tasks
+    from ..data.fetch import ensure_bigbench, missing_tasks
     from ..engine import Engine
     from ..errors import LoramuxError
+    from ..evaluation import score_task
     from ..evaluation.scoring import answer_budget, exact_match
     from ..models import load_base
     from ..routers import load_router
@@ -39,18 +45,27 @@ def demo(
     from ..server import ServerConfig, create_app
     from ..server.background import serve_in_background
     from ..training import LoraTrainConfig, train_adapters
-    from .common import default_data_dir, open_library
+    from ..training.estimate import estimate_seconds
+    from .common import open_library
 
-    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
+    # 0. the tasks: a given --data-dir that holds them, else $LORAMUX_HOME/data (fetched when missing)
+    given = Path(data_dir).expanduser() if data_dir else None
+    root = given if given and not missing_tasks(given, names) else ensure_bigbench(names, log=typer.echo)
     lib = open_library(library, create=True)
-    base = load_base(model, device=device)
+    base = load_base(model, device=device, dtype=dtype)
 
-    # 1. the library: train only what it lacks
+    # 1. the library: train only what it lacks, after saying how long that will take
     missing = [n for n in names if n not in lib]
     if missing:
         config = LoraTrainConfig(steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps // 10))
-        train_adapters(base, load_tasks(root, missing, "train"), lib, config, log=typer.echo)
+        train = load_tasks(root, missing, "train")
+        typer.echo(f"[loramux] training {len(train)} adapter(s), {steps} steps of {config.batch_size} examples each; "
+                   f"timing one step first ...")
+        guess = estimate_seconds(base, train, config)
+        typer.echo("[loramux] estimate on this machine: " + ", ".join(f"{n} ~{s:.0f}s" for n, s in guess.items())
+                   + f"; about {sum(guess.values()) / 60:.1f} min in all (rough: one measured step, scaled by tokens)")
+        train_adapters(base, train, lib, config, log=typer.echo)
     typer.echo(f"[loramux] library {lib.path}: {len(lib.names())} adapters ({', '.join(lib.names())})")
 
     # 2. the DLP router over every adapter of the library (trained again when the library changed)
@@ -58,9 +73,11 @@ def demo(
         load_router(lib, "dlp", base=base)
         typer.echo("[loramux] reusing the stored DLP router")
     except LoramuxError as e:
-        typer.echo(f"[loramux] training the DLP router ({e})")
         covered = sorted({t for spec in lib.list() for t in spec.tasks})
-        train_dlp(lib, load_tasks(root, covered, "train"), DlpTrainConfig(), log=typer.echo).save(lib, "dlp")
+        config = DlpTrainConfig(max_per_task=router_prompts)
+        typer.echo(f"[loramux] training the DLP router on up to {router_prompts} prompts per task ({e})")
+        train_dlp(lib, load_tasks(root, covered, "train"), config, log=typer.echo,
+                  device=str(base.model.device)).save(lib, "dlp")
 
     # 3. the server, on loopback, in this process
     engine = Engine(base, lib)
@@ -104,5 +121,18 @@ def demo(
     typer.echo("=" * 72)
     typer.echo(f"{n} prompts: routed to their own task's adapter first {routed_right}/{n}; "
                f"exact answers routed {routed_ok}/{n} vs base model {base_ok}/{n}")
+
+    # 5. each task's adapter against the base model on held-out examples, with the task's metric
+    scores = {}
+    if score_limit > 0:
+        typer.echo(f"scores on the first {score_limit} test examples of each task (the task's own metric):")
+        fused = engine.fused
+        for task in load_tasks(root, names, "test"):
+            plain = score_task(base.model, base.tokenizer, task, limit=score_limit, progress=False)
+            with fused.mixture(fused.sequence_mixture([{task.name: 1.0}])):  # one row's mixture, shared by all
+                adapted = score_task(base.model, base.tokenizer, task, limit=score_limit, progress=False)
+            scores[task.name] = {"metric": plain.metric, "n": plain.n, "base": plain.score, "adapter": adapted.score}
+            typer.echo(f"  {task.name:28s} {plain.metric:22s} adapter {adapted.score:.3f}  base {plain.score:.3f}"
+                       f"  (n={plain.n})")
     if output:
-        Path(output).write_text(json.dumps({"library": str(lib.path), "prompts": records}, indent=2))
+        Path(output).write_text(json.dumps({"library": str(lib.path), "prompts": records, "scores": scores}, indent=2))

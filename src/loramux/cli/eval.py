@@ -5,6 +5,7 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
+from .options import DEVICE, DTYPE
 
 
 def eval_(
@@ -19,6 +20,8 @@ def eval_(
     cache_dir: Optional[str] = typer.Option(None, help="Keep scored predictions here; a rerun reads them back "
                                                        "(keyed by model, adapter weights and scoring code)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
     markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table as Markdown here."),
     plots: Optional[str] = typer.Option(None, "--plots", help="Write PNGs here: per-task heatmap, DLP router "
@@ -44,10 +47,10 @@ def eval_(
         from ..evaluation.distributed import evaluate_ray
 
         result = evaluate_ray(model, str(lib.path), str(data_dir or default_data_dir()), names, config,
-                              address=ray_address, log=lambda s: typer.echo(s, err=True))
+                              address=ray_address, device=device, dtype=dtype, log=lambda s: typer.echo(s, err=True))
     else:
         test = load_tasks(data_dir or default_data_dir(), names, "test")
-        result = evaluate(FusedModel(load_base(model)), lib, test, config, log=lambda s: typer.echo(s, err=True))
+        result = evaluate(FusedModel(load_base(model, device=device, dtype=dtype)), lib, test, config, log=lambda s: typer.echo(s, err=True))
     table = to_markdown(result)
     typer.echo(table)
     if output:

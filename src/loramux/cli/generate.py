@@ -5,6 +5,7 @@ from typing import List, Optional
 import typer
 
 from ..models import DEFAULT_MODEL
+from .options import DEVICE, DTYPE
 
 
 def parse_mix(mix: str) -> dict[str, float]:
@@ -38,7 +39,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     stop: Optional[List[str]] = typer.Option(None, help="Stop string (repeatable)."),
     stream: bool = typer.Option(True, help="Print text as it is generated."),
-    device: str = typer.Option("cpu", help="torch device."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ) -> None:
     """Generate from the base model, one adapter, or a weighted mixture of adapters (fused engine)."""
     from ..engine import Engine, GenerationRequest, SamplingParams
@@ -51,7 +53,7 @@ def generate(
     mixture = parse_mix(mix) if mix else ({adapter: 1.0} if adapter else None)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               stop=tuple(stop or ()))
-    base = load_base(model, device=device)
+    base = load_base(model, device=device, dtype=dtype)
     lib = open_library(library) if (mixture or router) else None
     engine = Engine(base, lib)
     for name in mixture or {}:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
+from .options import DEVICE, DTYPE
 from ..routers.sentence.train import DlpTrainConfig
 
 app = typer.Typer(help="Routers that choose adapters per prompt (DLP-LoRA).", no_args_is_help=True)
@@ -45,7 +46,8 @@ def train(
     granularity: str = typer.Option("layer", help="mole: layer | block | network."),
     balance_alpha: float = typer.Option(0.5, help="mole: weight of the balance loss (0 = off)."),
     steps: int = typer.Option(100, help="mole: optimizer steps."),
-    device: str = typer.Option("cpu", help="mole: torch device."),
+    device: str = DEVICE,  # mole: the base model; dlp: the sentence encoder (or the base with --encoder base)
+    dtype: str = DTYPE,
 ) -> None:
     """Train a router on the library's tasks and store it in the library beside the adapters."""
     from ..data import load_tasks
@@ -65,7 +67,7 @@ def train(
 
         config = MoleTrainConfig(granularity=granularity, balance_alpha=balance_alpha, lr=lr, steps=steps,
                                  batch_size=batch_size or 8, seed=seed)
-        fused = FusedModel(load_base(model, device=device))
+        fused = FusedModel(load_base(model, device=device, dtype=dtype))
         for adapter in lib.names():
             fused.load(lib, adapter)
         router = train_mole(fused, tasks, config, log=typer.echo)
@@ -75,12 +77,15 @@ def train(
         config = DlpTrainConfig(encoder=encoder, hidden=_parse_hidden(hidden), dropout=dropout, lr=lr,
                                 batch_size=batch_size or _D.batch_size, max_epochs=max_epochs, patience=patience,
                                 val_fraction=val_fraction, max_per_task=max_per_task, seed=seed)
+        from ..models import resolve_device
+
         base = None
         if encoder == "base" or encoder.startswith("base:"):
             from ..models import load_base
 
-            base = load_base(model)
-        router = train_dlp(lib, tasks, config, base=base, selection=DlpConfig(top_p=top_p), log=typer.echo)
+            base = load_base(model, device=device, dtype=dtype)
+        router = train_dlp(lib, tasks, config, base=base, selection=DlpConfig(top_p=top_p), log=typer.echo,
+                           device=resolve_device(device))
     path = router.save(lib, name or method)
     typer.echo(f"router {name or method!r} saved to {path}")
 

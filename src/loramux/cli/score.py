@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
+from .options import DEVICE, DTYPE
 
 
 def score(
@@ -19,7 +20,8 @@ def score(
     split: str = typer.Option("test", help="train or test."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N examples."),
     batch_size: int = typer.Option(8, help="Examples per forward batch."),
-    device: str = typer.Option("cpu", help="torch device."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write results (with predictions) as JSON."),
 ) -> None:
     """Score the base model, or one adapter, on tasks: choice log-likelihood grade or exact match."""
@@ -28,7 +30,7 @@ def score(
     from .common import open_library, resolve_tasks
 
     task_list = resolve_tasks(task, tasks, data_dir, split)
-    base = load_base(model, device=device)
+    base = load_base(model, device=device, dtype=dtype)
     net = open_library(library).load_peft(base, adapter) if adapter else base.model
     results = []
     for t in task_list:

@@ -5,6 +5,7 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
+from .options import DEVICE, DTYPE
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -23,7 +24,8 @@ def serve(
     max_batch: int = typer.Option(16, help="Rows in the running batch."),
     max_queue: int = typer.Option(64, help="Waiting requests before 429."),
     max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
-    device: str = typer.Option("cpu", help="torch device."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     pack: bool = typer.Option(True, "--pack/--no-pack", help="CPU fp32: serve from oneDNN-prepacked base weights "
                                                              "(faster batched decode, one more copy of the weights)."),
     ray: bool = typer.Option(False, "--ray", help="Serve as a Ray Serve deployment (a local Ray unless --ray-address)."),
@@ -77,9 +79,9 @@ def serve(
         typer.echo(f"Ray Serve: {'autoscaling ' + json.dumps(scaling) if scaling else f'{replicas} replica(s)'} "
                    f"on http://{host}:{port}")
         ray_serve.run(model, str(lib.path), config, address=ray_address, host=host, port=port, replicas=replicas,
-                      autoscaling=scaling, ray_actor_options=actor, device=device)
+                      autoscaling=scaling, ray_actor_options=actor, device=device, dtype=dtype)
         return
-    engine = Engine(load_base(model, device=device), lib)
+    engine = Engine(load_base(model, device=device, dtype=dtype), lib)
     for name in lib.names():
         engine.load(name)
     app = create_app(engine, lib, config)

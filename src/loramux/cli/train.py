@@ -5,6 +5,7 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
+from .options import DEVICE, DTYPE
 from ..training.config import LLAMA_TARGETS, LoraTrainConfig
 
 _D = LoraTrainConfig()
@@ -17,7 +18,8 @@ def train(
     library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
     name: Optional[str] = typer.Option(None, help="Adapter name (single task only; default: the task name)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     rank: int = typer.Option(_D.rank, help="LoRA rank r."),
     alpha: float = typer.Option(_D.alpha, help="LoRA alpha (scale alpha/r)."),
     dropout: float = typer.Option(_D.dropout, help="LoRA dropout."),
@@ -69,7 +71,7 @@ def train(
 
         train_adapters_ray(model, resolve_tasks(task, tasks, data_dir, "train"), open_library(library, create=True),
                            config, address=ray_address, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task,
-                           device=device, max_retries=max_retries, skip_existing=skip_existing, replace=replace,
+                           device=device, dtype=dtype, max_retries=max_retries, skip_existing=skip_existing, replace=replace,
                            log=typer.echo)
         return
     if method == "dynamic":
@@ -79,20 +81,20 @@ def train(
 
         dyn = DynamicConfig(realloc=realloc, input_gate=input_gate, realloc_every=realloc_every)
         task_list = resolve_tasks(task, tasks, data_dir, "train")
-        return _train_dynamic(task_list, name, library, model, device, config, dyn, skip_existing, replace)
+        return _train_dynamic(task_list, name, library, model, (device, dtype), config, dyn, skip_existing, replace)
     if cluster:
-        return _train_clusters(cluster, data_dir, library, model, device, config, steps_given=steps != _D.steps,
+        return _train_clusters(cluster, data_dir, library, model, (device, dtype), config, steps_given=steps != _D.steps,
                                skip_existing=skip_existing, replace=replace, resume=resume)
     task_list = resolve_tasks(task, tasks, data_dir, "train")
     if name and len(task_list) != 1:
         raise LoramuxError(f"--name {name!r} needs exactly one task; got {len(task_list)} (adapters take task names)")
     lib = open_library(library, create=True)
-    base = load_base(model, device=device)
+    base = load_base(model, device=device, dtype=dtype)
     train_adapters(base, task_list, lib, config, names=[name] if name else None, skip_existing=skip_existing,
                    replace=replace, resume=resume, log=typer.echo)
 
 
-def _train_clusters(path: str, data_dir: Optional[str], library: Optional[str], model: str, device: str,
+def _train_clusters(path: str, data_dir: Optional[str], library: Optional[str], model: str, where: tuple[str, str],
                     config: LoraTrainConfig, *, steps_given: bool, skip_existing: bool, replace: bool,
                     resume: bool) -> None:
     """One adapter per cluster, named cluster<i>, on the union of its tasks. Each gets the sum of
@@ -112,12 +114,12 @@ def _train_clusters(path: str, data_dir: Optional[str], library: Optional[str], 
     groups = [load_tasks(root, task_names, "train") for _, task_names, _ in plan]
     names, configs = [p[0] for p in plan], [p[2] for p in plan]
     lib = open_library(library, create=True)
-    base = load_base(model, device=device)
+    base = load_base(model, device=where[0], dtype=where[1])
     train_adapters(base, groups, lib, configs, names=names, skip_existing=skip_existing, replace=replace,
                    resume=resume, log=typer.echo)
 
 
-def _train_dynamic(task_list, name, library, model, device, config, dyn, skip_existing: bool, replace: bool) -> None:
+def _train_dynamic(task_list, name, library, model, where, config, dyn, skip_existing: bool, replace: bool) -> None:
     """One Dynamic LoRA per task; its final ranks and importance are plotted beside its checkpoints."""
     from ..errors import LoramuxError
     from ..models import load_base
@@ -128,7 +130,7 @@ def _train_dynamic(task_list, name, library, model, device, config, dyn, skip_ex
     if name and len(task_list) != 1:
         raise LoramuxError(f"--name {name!r} needs exactly one task; got {len(task_list)} (adapters take task names)")
     lib = open_library(library, create=True)
-    base = load_base(model, device=device)
+    base = load_base(model, device=where[0], dtype=where[1])
     for t in task_list:
         adapter = name or t.name
         if skip_existing and adapter in lib:

@@ -13,7 +13,7 @@ from .harness import EvalConfig
 
 
 def _cell(model: str, library: str, data_dir: str, task: str, strategy: str, limit: int | None, seed: int,
-          batch_size: int, home: str) -> dict:
+          batch_size: int, home: str, device: str = "cpu", dtype: str = "float32") -> dict:
     import os
 
     os.environ["LORAMUX_HOME"] = home
@@ -24,7 +24,7 @@ def _cell(model: str, library: str, data_dir: str, task: str, strategy: str, lim
     from .harness import evaluate
 
     test = load_tasks(data_dir, [task], "test")
-    r = evaluate(FusedModel(load_base(model)), Library(library), test,
+    r = evaluate(FusedModel(load_base(model, device=device, dtype=dtype)), Library(library), test,
                  EvalConfig((strategy,), limit, seed, batch_size), progress=False, log=lambda s: None)
     out = r["strategies"][strategy]
     return {"score": out["per_task"][task], "metric": out["metric"][task], "seconds": out["seconds"],
@@ -32,7 +32,8 @@ def _cell(model: str, library: str, data_dir: str, task: str, strategy: str, lim
 
 
 def evaluate_ray(model: str, library: str, data_dir: str, tasks: list[str], config: EvalConfig, *,
-                 address: str | None = None, cpus_per_cell: float = 1, max_retries: int = 2, log=print) -> dict:
+                 address: str | None = None, cpus_per_cell: float = 1, max_retries: int = 2, log=print,
+                 device: str = "cpu", dtype: str = "float32") -> dict:
     import ray
     from tqdm.auto import tqdm
 
@@ -42,7 +43,8 @@ def evaluate_ray(model: str, library: str, data_dir: str, tasks: list[str], conf
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=cpus_per_cell, max_retries=max_retries, retry_exceptions=True)(_cell)
     home = str(loramux_home())
-    refs = {remote.remote(model, library, data_dir, t, s, config.limit_per_task, config.seed, config.batch_size, home):
+    refs = {remote.remote(model, library, data_dir, t, s, config.limit_per_task, config.seed, config.batch_size, home,
+                          device, dtype):
             (s, t) for s in config.strategies for t in tasks}
     cells, failed = {}, {}
     started = time.perf_counter()

@@ -22,13 +22,13 @@ from .app import ServerConfig, create_app
 class LoramuxReplica:
     """One Ray Serve replica: an engine over the library, behind `create_app`'s FastAPI app."""
 
-    def __init__(self, model: str, library: str, config: dict, device: str = "cpu"):
+    def __init__(self, model: str, library: str, config: dict, device: str = "cpu", dtype: str = "float32"):
         from ..engine import Engine
         from ..library import Library
         from ..models import load_base
 
         self.library = Library(library)
-        self.engine = Engine(load_base(model, device=device), self.library)
+        self.engine = Engine(load_base(model, device=device, dtype=dtype), self.library)  # 'auto': what Ray gave it
         for name in self.library.names():
             self.engine.load(name)
         self.config = ServerConfig(**config)
@@ -39,7 +39,7 @@ class LoramuxReplica:
 
 def deployment(model: str, library: str, config: ServerConfig, *, replicas: int = 1,
                autoscaling: dict[str, Any] | None = None, ray_actor_options: dict[str, Any] | None = None,
-               device: str = "cpu"):
+               device: str = "cpu", dtype: str = "float32"):
     """The bound Ray Serve application: `replicas` fixed replicas, or Ray Serve's autoscaling
     config (`min_replicas`, `max_replicas`, `target_ongoing_requests`, ...) passed through."""
     from ray import serve
@@ -60,7 +60,7 @@ def deployment(model: str, library: str, config: ServerConfig, *, replicas: int 
     else:
         options["num_replicas"] = replicas
     app_cls = serve.deployment(**options)(serve.ingress()(LoramuxReplica))
-    return app_cls.bind(model, library, fields, device)
+    return app_cls.bind(model, library, fields, device, dtype)
 
 
 def run(model: str, library: str, config: ServerConfig, *, address: str | None = None, host: str = "127.0.0.1",

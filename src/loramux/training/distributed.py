@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .config import LoraTrainConfig
 
 
-def _train_remote(model: str, device: str, task: "Task", config: "LoraTrainConfig", home: str,
+def _train_remote(model: str, device: str, dtype: str, task: "Task", config: "LoraTrainConfig", home: str,
                   on_start: Callable[[str], None] | None) -> dict:
     """Runs in a Ray worker: train one adapter, return its PEFT config, tensors and summary."""
     import torch
@@ -36,7 +36,7 @@ def _train_remote(model: str, device: str, task: "Task", config: "LoraTrainConfi
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if on_start is not None:
         on_start(task.name)
-    base = load_base(model, device=device)
+    base = load_base(model, device=device, dtype=dtype)  # 'auto' resolves in the worker, on what Ray gave it
     result = train_lora(base, task, config, progress=False)
     name = result.model.active_adapter
     peft_config = result.model.peft_config[name].to_dict()
@@ -47,7 +47,7 @@ def _train_remote(model: str, device: str, task: "Task", config: "LoraTrainConfi
 
 def train_adapters_ray(model: str, tasks: list["Task"], library: "Library", config: "LoraTrainConfig", *,
                        address: str | None = None, cpus_per_task: float = 1, gpus_per_task: float = 0,
-                       device: str = "cpu", max_retries: int = 2, skip_existing: bool = False,
+                       device: str = "cpu", dtype: str = "float32", max_retries: int = 2, skip_existing: bool = False,
                        replace: bool = False, on_start: Callable[[str], None] | None = None,
                        log: Callable[[str], None] = print) -> list["AdapterSpec"]:
     """One Ray task per task; returns the specs added. `on_start(task_name)` runs in the worker
@@ -70,7 +70,7 @@ def train_adapters_ray(model: str, tasks: list["Task"], library: "Library", conf
     remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries,
                         retry_exceptions=True)(_train_remote)
     home = str(loramux_home())
-    pending = {remote.remote(model, device, t, config, home, on_start): t for t in todo}
+    pending = {remote.remote(model, device, dtype, t, config, home, on_start): t for t in todo}
     base = load_base(model)  # the driver checks every adapter against the base before adding it
     specs, failed = [], {}
     bar = tqdm(total=len(pending), desc=f"train {len(pending)} adapters on Ray", unit="adapter")

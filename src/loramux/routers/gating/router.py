@@ -55,6 +55,7 @@ class MoleRouter(InForwardRouter):
         self.fused, self.gates, self.adapters = fused, gates, list(adapters)
         self.mask = tuple(mask)
         self._off = torch.tensor([a in set(mask) for a in adapters])
+        self._any_off = bool(mask)  # known on the host: no device sync per gate
         self.info = dict(info or {})
         self.cache_key: str | None = None  # set when loaded from stored weights: what they are, and the mask
         self.collected: list[torch.Tensor] | None = None  # training: every unit's weights, for the balance loss
@@ -64,8 +65,10 @@ class MoleRouter(InForwardRouter):
     # ------------------------------------------------------------------ the gate
     def weights(self, unit: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         logits = self.gates.logits(unit, x, attention_mask)
-        if bool(self._off.any()):
-            logits = logits.masked_fill(self._off.to(logits.device), float("-inf"))
+        if self._any_off:
+            if self._off.device != logits.device:
+                self._off = self._off.to(logits.device)
+            logits = logits.masked_fill(self._off, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
     def gate(self, name: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -150,6 +153,7 @@ class MoleRouter(InForwardRouter):
             raise LoramuxError(f"router {name!r} was trained for other fused modules than this model's")
         gates = MoleGates(modules, len(meta["adapters"]), MoleConfig(**meta["gates"]))
         gates.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
+        gates.to(next(fused.base.model.parameters()).device)  # beside the hidden states they read
         router = cls(fused, gates.eval(), meta["adapters"], mask=mask, info=meta.get("info"))
         digest = hashlib.sha256((d / WEIGHTS_FILE).read_bytes()).hexdigest()
         router.cache_key = f"mole|{digest}|{meta['adapters']}|mask={sorted(set(mask))}"

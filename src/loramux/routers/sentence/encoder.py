@@ -67,7 +67,7 @@ def _batches(texts: list[str], tokenizer, batch_size: int, progress: bool, desc:
 class HFEncoder:
     """Any HF encoder dir (BERT-like), mean pooled over the attention mask."""
 
-    def __init__(self, path: str | Path, *, spec: str | None = None, max_length: int = 256):
+    def __init__(self, path: str | Path, *, spec: str | None = None, max_length: int = 256, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path).expanduser()
@@ -76,7 +76,7 @@ class HFEncoder:
                                f"'minilm', 'base', 'base:LAYER' or a model dir")
         self.spec = spec or str(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.model = AutoModel.from_pretrained(path).eval().to(device)
         self.max_length = min(max_length, int(getattr(self.tokenizer, "model_max_length", max_length) or max_length))
         self.dim = int(self.model.config.hidden_size)
         weights = sorted(path.glob("*.safetensors"))
@@ -87,9 +87,10 @@ class HFEncoder:
     def encode(self, texts: list[str], *, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         out = torch.empty(len(texts), self.dim)
         for idx, chunk in _batches(texts, self.tokenizer, batch_size, progress, "encode", self.max_length):
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.model.device)
             hidden = self.model(**enc).last_hidden_state
-            out[idx] = _mean_pool(hidden, enc["attention_mask"])
+            out[idx] = _mean_pool(hidden, enc["attention_mask"]).cpu()  # embeddings live on the host (cached)
         return out
 
 
@@ -138,10 +139,13 @@ def minilm_dir() -> Path:
     return d
 
 
-def load_encoder(spec: str = DEFAULT_ENCODER, *, base: "BaseModel | None" = None) -> Encoder:
-    """'minilm' | 'base' | 'base:LAYER' | path to an HF encoder dir."""
+def load_encoder(spec: str = DEFAULT_ENCODER, *, base: "BaseModel | None" = None, device: str | None = None) -> Encoder:
+    """'minilm' | 'base' | 'base:LAYER' | path to an HF encoder dir. A separate encoder runs on
+    `device`, by default the base model's (CPU without one); its embeddings come back to the host."""
+    if device is None:
+        device = str(next(base.model.parameters()).device) if base is not None else "cpu"
     if spec == "minilm":
-        return HFEncoder(minilm_dir(), spec="minilm")
+        return HFEncoder(minilm_dir(), spec="minilm", device=device)
     if spec == "base" or spec.startswith("base:"):
         if base is None:
             raise LoramuxError(f"encoder {spec!r} reads the base model's hidden states; pass the base model")
@@ -149,7 +153,7 @@ def load_encoder(spec: str = DEFAULT_ENCODER, *, base: "BaseModel | None" = None
         if layer and not layer.lstrip("-").isdigit():
             raise LoramuxError(f"encoder {spec!r}: the layer after 'base:' must be an integer")
         return BaseModelEncoder(base, int(layer) if layer else None)
-    return HFEncoder(spec)
+    return HFEncoder(spec, device=device)
 
 
 def encode_cached(encoder: Encoder, texts: list[str], *, cache_dir: Path | None = None, progress: bool = False,

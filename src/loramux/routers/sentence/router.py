@@ -81,6 +81,7 @@ class DlpRouter:
         if isinstance(prompts, str):
             raise LoramuxError("route() takes a list of prompts; wrap a single prompt in a list")
         emb = encode_cached(self.encoder, list(prompts)) if cache else self.encoder.encode(list(prompts))
+        # The head (a ~5M-parameter MLP) runs on the host, where the embeddings come back to.
         return torch.softmax(self.head(emb).float(), dim=-1), emb
 
     def route(self, prompts: list[str], config: DlpConfig | None = None, **overrides) -> list[Routing]:
@@ -152,7 +153,7 @@ class DlpRouter:
 
     @classmethod
     def load(cls, library: "Library", name: str = KIND, *, base: "BaseModel | None" = None,
-             encoder: Encoder | None = None, config: DlpConfig | None = None) -> "DlpRouter":
+             encoder: Encoder | None = None, config: DlpConfig | None = None, device: str | None = None) -> "DlpRouter":
         """Load a stored router; refuses one whose adapters changed since it was trained."""
         from safetensors.torch import load_file
 
@@ -160,7 +161,7 @@ class DlpRouter:
         meta = json.loads((d / CONFIG_FILE).read_text())
         if meta.get("kind") != cls.kind:
             raise LoramuxError(f"router {name!r} is a {meta.get('kind')!r} router, not {cls.kind!r}")
-        encoder = encoder or load_encoder(meta["encoder"], base=base)
+        encoder = encoder or load_encoder(meta["encoder"], base=base, device=device)
         if encoder.dim != meta["encoder_dim"]:
             raise LoramuxError(f"router {name!r} expects {meta['encoder_dim']}-dim embeddings from encoder "
                                f"{meta['encoder']!r}; this encoder gives {encoder.dim}")

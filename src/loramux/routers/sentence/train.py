@@ -92,11 +92,13 @@ def _split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], li
 
 def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = DlpTrainConfig(), *,
               base: "BaseModel | None" = None, selection: DlpConfig = DlpConfig(), progress: bool = True,
-              log: Callable[[str], None] = print) -> DlpRouter:
+              log: Callable[[str], None] = print, device: str | None = None) -> DlpRouter:
+    """`device`: where a separate encoder (MiniLM, an HF dir) runs; default the base's, else the CPU.
+    The head is small and trains on the host beside the cached embeddings."""
     from tqdm.auto import tqdm
 
     texts, labels, adapters = labelled_prompts(library, tasks, max_per_task=config.max_per_task, seed=config.seed)
-    encoder = load_encoder(config.encoder, base=base)
+    encoder = load_encoder(config.encoder, base=base, device=device)
     log(f"router: {len(texts)} prompts for {len(adapters)} adapters; encoder {encoder.spec} ({encoder.dim} dims)")
     emb = encode_cached(encoder, texts, progress=progress)
     y = torch.tensor(labels)
