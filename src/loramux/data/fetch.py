@@ -75,3 +75,23 @@ def fetch_bigbench(tasks: list[str], dest: Path | None = None, *, seed: int = 0)
         atomic_write_json(out / "test.json", test)
         written.append(out)
     return written
+
+
+def missing_tasks(root: Path, tasks: list[str]) -> list[str]:
+    """The tasks of `tasks` that have no train.json and test.json under `root`."""
+    return [t for t in tasks if not all((Path(root) / t.replace("/", "__") / f"{s}.json").is_file()
+                                        for s in ("train", "test"))]
+
+
+def ensure_bigbench(tasks: list[str], root: Path | None = None, *, log=print) -> Path:
+    """Make sure `tasks` are on disk under `root` (default $LORAMUX_HOME/data/bigbench), fetching
+    the missing ones from the bigbench sdist on PyPI (saying so first: a one-time ~360 MB
+    download, cached under $LORAMUX_HOME/downloads). Returns `root`."""
+    root = Path(root) if root else loramux_home() / "data" / "bigbench"
+    missing = missing_tasks(root, tasks)
+    if missing:
+        cached = (loramux_home() / "downloads" / "bigbench-1.0.0.tar.gz").is_file()
+        log(f"[loramux] tasks {missing} are not in {root}: fetching them from {BIGBENCH_SDIST} on PyPI"
+            + ("" if cached else " (a one-time ~360 MB download, about a minute on a fast link)"))
+        fetch_bigbench(missing, root)
+    return root
