@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,46 @@ def build_model_dir(path: Path, *, seed: int = 0, chat: bool = True, layers: int
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@dataclass(frozen=True)
+class Where:
+    """A (device, dtype) the engine, fusion, router and server suites run on, and how close two
+    results must be there. fp32: the fused layer against PEFT and a row alone against its batch
+    agree to float rounding, the test's own bound. bf16: the factors stay fp32 and the update is
+    added before one rounding (as PEFT does): one adapter alone matched PEFT exactly, but any other
+    order of the same fp32 sums (a mixture, a batch of different rows, a cached decode step) can
+    round a hidden value one bf16 step (2**-8 relative) the other way, and two layers amplify that
+    to up to ~0.13 at the tiny model's logits (|logit| < 8, measured), so bf16 bounds are 0.25. A
+    wrong weight of 0.1 on one adapter moves those logits by ~0.7: still caught."""
+
+    device: str
+    dtype: str
+
+    def tol(self, fp32: float) -> float:
+        """The bound for a comparison whose fp32 bound is `fp32`."""
+        return fp32 if self.dtype == "float32" else 0.25
+
+    def __str__(self) -> str:
+        return f"{self.device}-{self.dtype}"
+
+
+WHERE = [Where("cpu", "float32"), Where("cpu", "bfloat16"), Where("cuda", "float32"), Where("cuda", "bfloat16")]
+
+
+@pytest.fixture(params=WHERE, ids=str)
+def where(request, monkeypatch) -> Where:
+    """Runs a test once per (device, dtype): CPU fp32 and bf16 always, CUDA where present. Every
+    model the test loads with `load_base` defaults (`tiny_base`, the engines, the CLI) is loaded there."""
+    import torch
+
+    from loramux.models import load_base
+
+    w: Where = request.param
+    if w.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine (torch.cuda.is_available() is False)")
+    monkeypatch.setattr(load_base, "__kwdefaults__", {"device": w.device, "dtype": w.dtype})
+    return w
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,30 @@ from loramux.errors import LoramuxError
 from loramux.fusion import FusionState, LayerMixture, MultiLoraLinear, SequenceMixture, TokenMixture
 
 RANKS = [2, 4, None, 8, 4]  # None: the adapter does not adapt this layer
+WHERE = None  # this test's (device, dtype)
+
+
+@pytest.fixture(autouse=True)
+def _tensors_in_where(where):
+    """Base layers, inputs and factors are made in the test's dtype on its device (the layer keeps
+    its factors in fp32 whatever they come in)."""
+    global WHERE
+    WHERE, before = where, torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, where.dtype))
+    try:
+        with torch.device(where.device):
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def close(a, b, atol):
+    """fp32: within `atol`. bf16: within the bf16 bound and 2**-5 relative (a few bf16 steps)."""
+    if WHERE.dtype == "float32":
+        return torch.allclose(a, b, atol=atol)
+    return torch.allclose(a.float(), b.float(), atol=WHERE.tol(atol), rtol=2 ** -5)
+
+
 
 
 def make_layer(d_in=12, d_out=10, ranks=RANKS, seed=0):
@@ -48,18 +72,18 @@ def test_sequence_mixture_fast_equals_reference_and_formula():
     mix = SequenceMixture(idx, w)
     C = torch.zeros(3, 1, 5).scatter_add_(-1, idx[:, None], w[:, None])
     fast, ref = run(layer, x, mix), run(layer, x, mix, reference=True)
-    assert torch.allclose(fast, ref, atol=1e-5)
-    assert torch.allclose(ref, explicit(layer, factors, x, C), atol=1e-4)
+    assert close(fast, ref, atol=1e-5)
+    assert close(ref, explicit(layer, factors, x, C), atol=1e-4)
 
 
 def test_shared_mixture_and_2d_inputs():
     layer, factors = make_layer()
     mix = SequenceMixture(torch.tensor([[1, 3]] * 4), torch.tensor([[0.6, 0.4]] * 4))
     x = torch.randn(4, 7, 12)
-    assert torch.allclose(run(layer, x, mix), run(layer, x, mix, reference=True), atol=1e-5)
+    assert close(run(layer, x, mix), run(layer, x, mix, reference=True), atol=1e-5)
     assert layer._cache[1][0].dim() == 2  # one gathered pair of factors served all rows
     x2 = torch.randn(4, 12)  # (N, d_in): one token per row
-    assert torch.allclose(run(layer, x2, mix), run(layer, x2[:, None], mix)[:, 0], atol=1e-6)
+    assert close(run(layer, x2, mix), run(layer, x2[:, None], mix)[:, 0], atol=1e-6)
 
 
 def test_many_rows_and_few_rows_layouts_agree():
@@ -68,7 +92,7 @@ def test_many_rows_and_few_rows_layouts_agree():
         mix = SequenceMixture(torch.tensor(rows), torch.tensor([[0.6, 0.4]] * 3))
         for T in (1, 100):  # 3 and 300 rows: the contiguous and the transposed-view layouts
             x = torch.randn(3, T, 12)
-            assert torch.allclose(run(layer, x, mix), run(layer, x, mix, reference=True), atol=1e-5)
+            assert close(run(layer, x, mix), run(layer, x, mix, reference=True), atol=1e-5)
 
 
 def test_each_layout_is_made_only_when_asked_for():
@@ -101,8 +125,8 @@ def test_token_mixture_fast_equals_reference_and_formula():
     mix = TokenMixture(idx, w)
     C = torch.zeros(B, T, 5).scatter_add_(-1, idx, w)
     fast, ref = run(layer, x, mix), run(layer, x, mix, reference=True)
-    assert torch.allclose(fast, ref, atol=1e-5)
-    assert torch.allclose(ref, explicit(layer, factors, x, C), atol=1e-4)
+    assert close(fast, ref, atol=1e-5)
+    assert close(ref, explicit(layer, factors, x, C), atol=1e-4)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -116,11 +140,11 @@ def test_sparse_per_token_gate_equals_reference_and_formula(k):
     C = torch.zeros_like(logits).scatter_(-1, top.indices, torch.softmax(top.values, -1))
     mix = LayerMixture(lambda name, x, mask: C)
     fast, ref = run(layer, x, mix), run(layer, x, mix, reference=True)
-    assert torch.allclose(fast, ref, atol=1e-5)
-    assert torch.allclose(ref, explicit(layer, factors, x, C), atol=1e-4)
+    assert close(fast, ref, atol=1e-5)
+    assert close(ref, explicit(layer, factors, x, C), atol=1e-4)
     layer.remove_slot(1)  # the flattened factors are rebuilt for the new set of slots
     C7 = torch.cat([C[..., :1], C[..., 2:]], -1)
-    assert torch.allclose(run(layer, x, LayerMixture(lambda n, x, m: C7)),
+    assert close(run(layer, x, LayerMixture(lambda n, x, m: C7)),
                           explicit(layer, factors[:1] + factors[2:], x, C7), atol=1e-4)
 
 
@@ -144,8 +168,8 @@ def test_layer_mixture_calls_the_gate_with_name_input_and_mask():
     layer.state.attention_mask = mask
     out = run(layer, x, LayerMixture(gate))
     assert seen == {"name": "blk.q_proj", "shape": (2, 4, 12), "mask": mask}
-    assert torch.allclose(out, run(layer, x, LayerMixture(gate), reference=True), atol=1e-5)
-    assert torch.allclose(out, explicit(layer, factors, x, weights[:, None]), atol=1e-4)
+    assert close(out, run(layer, x, LayerMixture(gate), reference=True), atol=1e-5)
+    assert close(out, explicit(layer, factors, x, weights[:, None]), atol=1e-4)
 
 
 def test_no_mixture_is_the_base_layer_and_remove_slot_keeps_the_others():
@@ -156,7 +180,7 @@ def test_no_mixture_is_the_base_layer_and_remove_slot_keeps_the_others():
     before = run(layer, x, mix_before)
     layer.remove_slot(1)  # slots 3, 4 become 2, 3
     after = run(layer, x, SequenceMixture(torch.tensor([[2], [3]]), torch.tensor([[1.0], [0.5]])))
-    assert layer.num_slots == 4 and torch.allclose(before, after, atol=1e-6)
+    assert layer.num_slots == 4 and close(before, after, atol=1e-6)
 
 
 def test_layer_no_loaded_adapter_adapts_is_the_base_layer():
@@ -185,8 +209,8 @@ def _check_decode_shapes(layer, factors, mix, C):
         assert layer._union is not None and layer._union[0] is mix and layer._cache is None  # nothing gathered per row
         x3 = x if x.dim() == 3 else x[:, None]
         expected = explicit(layer, factors, x3, C)
-        assert torch.allclose(fast, expected if x.dim() == 3 else expected[:, 0], atol=1e-4)
-        assert torch.allclose(fast, run(layer, x, mix, reference=True), atol=1e-5)
+        assert close(fast, expected if x.dim() == 3 else expected[:, 0], atol=1e-4)
+        assert close(fast, run(layer, x, mix, reference=True), atol=1e-5)
 
 
 @pytest.fixture
@@ -203,7 +227,7 @@ def test_on_cpu_decode_rows_with_distinct_mixtures_are_gathered_not_unioned():
     x = torch.randn(4, 1, 12)
     fast = run(layer, x, mix)
     assert layer._union is None and layer._cache[0] is mix
-    assert torch.allclose(fast, run(layer, x, mix, reference=True), atol=1e-5)
+    assert close(fast, run(layer, x, mix, reference=True), atol=1e-5)
 
 
 def test_few_tokens_per_row_with_many_distinct_mixtures_read_every_slot_once(union_on_cpu):

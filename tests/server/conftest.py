@@ -10,6 +10,12 @@ from loramux.server.background import serve_in_background
 from ..engine.test_engine import lib  # noqa: F401 (fixture)
 
 
+@pytest.fixture(autouse=True)
+def _on_every_device_and_dtype(where):
+    """Every test here runs on each (device, dtype) of `where` (tests/conftest.py)."""
+    return where
+
+
 @pytest.fixture
 def live(tiny_model_dir, lib, request):
     engine = Engine(load_base(str(tiny_model_dir)), lib)

@@ -14,14 +14,15 @@ serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip
 openai = pytest.importorskip("openai")
 
 
-def test_two_replicas_answer_like_loramux_serve(tiny_model_dir, lib):
+def test_two_replicas_answer_like_loramux_serve(tiny_model_dir, lib, where):
     from loramux.server import ray_serve
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ray_serve.run(str(tiny_model_dir), str(lib.path), ServerConfig(api_keys=frozenset({"secret"})), port=port,
-                      blocking=False, replicas=2, ray_actor_options={"num_cpus": 0.5})
+                      blocking=False, replicas=2, ray_actor_options={"num_cpus": 0.5}, device=where.device,
+                      dtype=where.dtype)  # the replicas load the model as this test's engine does
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
         local = Engine(load_base(str(tiny_model_dir)), lib)
         for n in lib.names():
