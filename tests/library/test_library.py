@@ -154,6 +154,18 @@ def test_target_modules_the_base_lacks(tiny_base, lib_with_one, peft_dir, tmp_pa
     assert _state(lib_with_one.path) == before
 
 
+@pytest.mark.parametrize("field, value", [("modules_to_save", ["lm_head"]), ("use_dora", True),
+                                          ("trainable_token_indices", [1, 2])])
+def test_parts_that_are_not_lora_factors_are_refused_by_name(tiny_base, lib_with_one, peft_dir, tmp_path, field, value):
+    bad = tmp_path / "bad-part"
+    shutil.copytree(peft_dir, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg[field] = value
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoramuxError, match=rf"uses \{{'{field}': .*which loramux does not fuse"):
+        lib_with_one.add("bad", bad, base=tiny_base)
+
+
 def test_shapes_that_do_not_fit_the_base(tiny_base, lib_with_one, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -89,6 +89,16 @@ def test_train_adapters_builds_a_library_one_adapter_per_task(tiny_base, tmp_pat
 def test_bad_target_modules(tiny_base, toy):
     with pytest.raises(LoramuxError, match=r"--target-modules \['c_attn'\] are not linear layers"):
         train_lora(tiny_base, toy, LoraTrainConfig(target_modules=("q_proj", "c_attn")), progress=False)
+    with pytest.raises(LoramuxError, match=r"embed_tokens is an Embedding; loramux adapts nn.Linear only"):
+        train_lora(tiny_base, toy, LoraTrainConfig(target_modules=("q_proj", "embed_tokens")), progress=False)
+
+
+def test_auto_targets_every_projection_of_the_blocks(tiny_base, toy):
+    result = train_lora(tiny_base, toy, LoraTrainConfig(target_modules=("auto",), steps=1, warmup_steps=0,
+                                                           checkpoint_every=0),
+                        progress=False)
+    assert sorted(result.model.peft_config["default"].target_modules) == sorted(tiny_base.projection_names())
+    result.model.unload()
 
 
 @pytest.mark.parametrize("kwargs, match", [

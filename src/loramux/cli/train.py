@@ -6,7 +6,7 @@ import typer
 
 from ..models import DEFAULT_MODEL
 from .options import DEVICE, DTYPE
-from ..training.config import LLAMA_TARGETS, LoraTrainConfig
+from ..training.config import LoraTrainConfig
 
 _D = LoraTrainConfig()
 
@@ -23,7 +23,9 @@ def train(
     rank: int = typer.Option(_D.rank, help="LoRA rank r."),
     alpha: float = typer.Option(_D.alpha, help="LoRA alpha (scale alpha/r)."),
     dropout: float = typer.Option(_D.dropout, help="LoRA dropout."),
-    target_modules: str = typer.Option(",".join(LLAMA_TARGETS), help="Comma-separated module names to adapt."),
+    target_modules: str = typer.Option("auto", help="Comma-separated module names to adapt; auto: every projection "
+                                                    "of the model's blocks (q/k/v/o/gate/up/down on Llama, Qwen2, "
+                                                    "Mistral, Gemma; qkv/o/gate_up/down on Phi-3)."),
     rslora: bool = typer.Option(_D.use_rslora, help="rsLoRA scaling alpha/sqrt(r)."),
     steps: int = typer.Option(_D.steps, help="Optimizer steps per adapter."),
     batch_size: int = typer.Option(_D.batch_size, help="Examples per micro-batch."),

@@ -71,6 +71,13 @@ def read_peft_dir(path: str | Path) -> PeftFiles:
         raise LoramuxError(f"{path / CONFIG_FILE} is not valid JSON ({e})") from None
     if config.get("peft_type") != "LORA":
         raise LoramuxError(f"adapter {str(path)!r} has peft_type {config.get('peft_type')!r}; only 'LORA' adapters are accepted")
+    unsupported = {"modules_to_save": config.get("modules_to_save"),  # full copies of modules, not LoRA factors
+                   "use_dora": config.get("use_dora") or None,  # a magnitude vector per module
+                   "trainable_token_indices": config.get("trainable_token_indices")}
+    named = {k: v for k, v in unsupported.items() if v}
+    if named:
+        raise LoramuxError(f"adapter {str(path)!r} uses {named}, which loramux does not fuse: it fuses LoRA factors "
+                           f"(lora_A, lora_B) of linear layers only")
     try:
         with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
             metadata = dict(f.metadata() or {})

@@ -18,7 +18,7 @@ class LoraTrainConfig:
     # --dropout: dropout on the LoRA input. Off by default: runs of ~60 steps do not overfit, and
     # PEFT's dropout path costs ~23% of a CPU training step (14.0 vs 10.8 s; cpu_profile.json).
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = field(default=LLAMA_TARGETS)  # --target-modules
+    target_modules: tuple[str, ...] = field(default=LLAMA_TARGETS)  # --target-modules; ("auto",): every projection
     use_rslora: bool = False  # --rslora: scale by alpha / sqrt(r) instead
     steps: int = 60  # --steps: optimizer steps
     batch_size: int = 8  # --batch-size: examples per micro-batch
@@ -50,6 +50,15 @@ class LoraTrainConfig:
             raise LoramuxError(f"--checkpoint-every must be >= 0; got {self.checkpoint_every!r}")
         if not self.target_modules:
             raise LoramuxError("--target-modules must name at least one module, e.g. q_proj,v_proj")
+
+    def resolved(self, base) -> "LoraTrainConfig":
+        """This config with `target_modules=("auto",)` replaced by every projection of the base
+        model's blocks, whatever its family calls them (BaseModel.projection_names)."""
+        import dataclasses
+
+        if self.target_modules != ("auto",):
+            return self
+        return dataclasses.replace(self, target_modules=base.projection_names())
 
     def to_dict(self) -> dict:
         d = asdict(self)

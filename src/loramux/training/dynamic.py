@@ -245,7 +245,7 @@ def train_dynamic(base: "BaseModel", tasks: list[Task] | Task, config: LoraTrain
 
     from .lora import _lr_lambda
 
-    config = config or LoraTrainConfig()
+    config = (config or LoraTrainConfig()).resolved(base)
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
     examples = [ex for t in tasks for ex in t.examples]
     if not examples:

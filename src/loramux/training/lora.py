@@ -117,7 +117,7 @@ def train_lora(
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    config = config or LoraTrainConfig()
+    config = (config or LoraTrainConfig()).resolved(base)
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
     examples = [ex for t in tasks for ex in t.examples]
     if not examples:
@@ -130,8 +130,11 @@ def train_lora(
     linear_suffixes = {n.rsplit(".", 1)[-1] for n in base.linear_shapes()}
     missing = [m for m in config.target_modules if m not in linear_suffixes]
     if missing:
-        raise LoramuxError(f"--target-modules {missing} are not linear layers of {base.model_id!r}; it has "
-                           f"{sorted(linear_suffixes)}")
+        kinds = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in base.model.named_modules()}
+        found = {m: kinds[m] for m in missing if m in kinds}  # e.g. embed_tokens: Embedding
+        raise LoramuxError(f"--target-modules {missing} are not linear layers of {base.model_id!r}"
+                           + (f" ({', '.join(f'{m} is an {k}' for m, k in found.items())}; loramux adapts nn.Linear only)"
+                              if found else "") + f"; its linear layers are {sorted(linear_suffixes)}")
 
     torch.manual_seed(config.seed)  # LoRA A init is random: seed it
     lora_config = LoraConfig(
