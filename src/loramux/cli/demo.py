@@ -9,7 +9,7 @@ import typer
 from ..models import DEFAULT_MODEL
 from .options import DEVICE, DTYPE
 
-DEMO_TASKS = "intent_recognition,hyperbaton,language_identification"
+DEMO_TASKS = "hyperbaton,qa_wikidata,intent_recognition"
 
 
 def demo(
@@ -17,7 +17,7 @@ def demo(
     data_dir: Optional[str] = typer.Option(None, help="Directory of task dirs (default: $LORAMUX_HOME/data/bigbench)."),
     library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
-    steps: int = typer.Option(60, help="Training steps for each adapter the library lacks."),
+    steps: int = typer.Option(30, help="Training steps for each adapter the library lacks."),
     show: int = typer.Option(2, help="Test prompts sent per task."),
     seed: int = typer.Option(0, help="Which test prompts (a seeded sample)."),
     router_prompts: int = typer.Option(200, help="Training prompts per task for the DLP router."),
