@@ -35,7 +35,7 @@ from ..data import PromptFormatter, Task
 from ..errors import LoramuxError
 from ..library.checks import PeftFiles
 from ..library.spec import TrainingSummary
-from .batching import answer_loss, collate_left, encode_for_training, micro_batch_indices
+from .batching import LazyFeatures, answer_loss, collate_left, micro_batch_indices
 from .config import LoraTrainConfig
 
 if TYPE_CHECKING:
@@ -251,7 +251,7 @@ def train_dynamic(base: "BaseModel", tasks: list[Task] | Task, config: LoraTrain
     if not examples:
         raise LoramuxError(f"no training examples in task(s) {[t.name for t in tasks]}")
     formatter = PromptFormatter(base.tokenizer)
-    features = [encode_for_training(formatter, ex, config.max_seq_len) for ex in examples]
+    features = LazyFeatures(formatter, examples, config.max_seq_len)
     model = base.model
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

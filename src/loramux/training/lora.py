@@ -18,7 +18,7 @@ from .._atomic import atomic_write_json
 from ..data import PromptFormatter, Task
 from ..errors import LoramuxError
 from ..library.spec import TrainingSummary
-from .batching import answer_loss, collate_left, encode_for_training, micro_batch_indices
+from .batching import LazyFeatures, answer_loss, collate_left, micro_batch_indices
 from .config import LoraTrainConfig
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def train_lora(
         raise LoramuxError(f"no training examples in task(s) {[t.name for t in tasks]}")
     data = ",".join(f"{t.name}({len(t)})" for t in tasks)
     formatter = PromptFormatter(base.tokenizer)
-    features = [encode_for_training(formatter, ex, config.max_seq_len) for ex in examples]
+    features = LazyFeatures(formatter, examples, config.max_seq_len)
     pad_id = base.tokenizer.pad_token_id
 
     linear_suffixes = {n.rsplit(".", 1)[-1] for n in base.linear_shapes()}

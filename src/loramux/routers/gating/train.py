@@ -52,7 +52,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     from tqdm.auto import tqdm
 
     from ...data import PromptFormatter
-    from ...training.batching import answer_loss, collate_left, encode_for_training, micro_batch_indices
+    from ...training.batching import LazyFeatures, answer_loss, collate_left, micro_batch_indices
 
     if not fused.adapters:
         raise LoramuxError("load the library's adapters into the fused model before training gates")
@@ -61,7 +61,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     if not examples:
         raise LoramuxError("no training examples for the gates")
     fmt = PromptFormatter(base.tokenizer)
-    features = [encode_for_training(fmt, ex, config.max_seq_len) for ex in examples]
+    features = LazyFeatures(fmt, examples, config.max_seq_len)
     torch.manual_seed(config.seed)
     modules = gated_modules(fused)
     gates = MoleGates(modules, len(fused.adapters), MoleConfig(config.granularity))
