@@ -67,10 +67,10 @@ def demo(
         config = LoraTrainConfig(steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps // 10))
         train = load_tasks(root, missing, "train")
         typer.echo(f"[loramux] training {len(train)} adapter(s), {steps} steps of {config.batch_size} examples each; "
-                   f"timing one step first ...")
+                   f"timing one step of each first ...")
         guess = estimate_seconds(base, train, config)
         typer.echo("[loramux] estimate on this machine: " + ", ".join(f"{n} ~{s:.0f}s" for n, s in guess.items())
-                   + f"; about {sum(guess.values()) / 60:.1f} min in all (rough: one measured step, scaled by tokens)")
+                   + f"; about {sum(guess.values()) / 60:.1f} min in all (one measured step of each; errs high)")
         train_adapters(base, train, lib, config, log=typer.echo)
     typer.echo(f"[loramux] library {lib.path}: {len(lib.names())} adapters ({', '.join(lib.names())})")
 
