@@ -121,46 +121,25 @@ def test_a_row_that_fails_mid_decode_ends_alone(engine):
     assert sched.idle() and sched.stats["failed"] == 1
 
 
-def test_a_failing_sample_ends_only_its_row(engine, monkeypatch):
+@pytest.mark.parametrize("method, after", [("take", 1), ("wants", 2)])
+def test_a_row_whose_sampling_fails_ends_alone(engine, monkeypatch, method, after):
+    """`take` fails for one row: only that row ends. `wants` fails: the step's batched pick fails,
+    the rows are picked one by one, and again only the row at fault ends."""
     from loramux.engine import engine as engine_module
 
-    real = engine_module._Row.take
+    real = getattr(engine_module._Row, method)
 
-    def take(self, chosen, tokenizer):
-        if self.request.prompt == "poison" and len(self.tokens) == 1:
+    def poisoned(self, *args):
+        if self.request.prompt == "poison" and len(self.tokens) == after:
             raise ValueError("sampling blew up")
-        return real(self, chosen, tokenizer)
+        return real(self, *args)
 
-    monkeypatch.setattr(engine_module._Row, "take", take)
+    monkeypatch.setattr(engine_module._Row, method, poisoned)
     sched = Scheduler(engine, max_batch=8)
     good = [sched.submit(greedy(PROMPTS[i % 3], MIXES[i], n=5, ignore_eos=True)) for i in range(3)]
     bad = sched.submit(greedy("poison", {"c": 1.0}, n=5, ignore_eos=True))
     sched.run_until_idle()
     with pytest.raises(ValueError, match="sampling blew up"):
-        bad.result()
-    monkeypatch.undo()
-    for i, fut in enumerate(good):
-        assert fut.result().token_ids == alone(engine, PROMPTS[i % 3], MIXES[i], 5)
-
-
-def test_a_row_that_breaks_the_batched_pick_ends_alone(engine, monkeypatch):
-    """The step's tokens are picked for all rows at once; if that fails, rows are picked one by
-    one, so only the row at fault ends."""
-    from loramux.engine import engine as engine_module
-
-    real = engine_module._Row.wants
-
-    def wants(self, device):
-        if self.request.prompt == "poison" and len(self.tokens) == 2:
-            raise ValueError("no sampling for you")
-        return real(self, device)
-
-    monkeypatch.setattr(engine_module._Row, "wants", wants)
-    sched = Scheduler(engine, max_batch=8)
-    good = [sched.submit(greedy(PROMPTS[i % 3], MIXES[i], n=5, ignore_eos=True)) for i in range(3)]
-    bad = sched.submit(greedy("poison", {"c": 1.0}, n=5, ignore_eos=True))
-    sched.run_until_idle()
-    with pytest.raises(ValueError, match="no sampling for you"):
         bad.result()
     monkeypatch.undo()
     for i, fut in enumerate(good):
