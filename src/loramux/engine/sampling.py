@@ -56,7 +56,8 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     before = sorted_p.cumsum(0) - sorted_p  # mass of the tokens ranked above each one
     keep = before < top_p
     keep[0] = True
-    filtered = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    # A mask, not boolean indexing: indexing would wait on the device to learn the kept count.
+    filtered = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
     return filtered / filtered.sum()
 
 
@@ -74,11 +75,12 @@ def pick(logits: torch.Tensor, rows: list[RowSampling]) -> list[Pick]:
     """The next token of each row of `logits` (B, V), with one device-to-host transfer."""
     logits = logits.float()
     greedy = logits.argmax(-1)  # (B,)
+    greedy_finite = torch.isfinite(logits.gather(-1, greedy[:, None]))[:, 0]  # (B,); no per-row indexing by tensor
     tokens, finite = [], []
     for b, p in enumerate(rows):
         if p.temperature == 0:
             tokens.append(greedy[b])
-            finite.append(torch.isfinite(logits[b, greedy[b]]))
+            finite.append(greedy_finite[b])
         else:
             token, ok = _sampled(logits[b], greedy[b], p)
             tokens.append(token)
@@ -90,8 +92,8 @@ def pick(logits: torch.Tensor, rows: list[RowSampling]) -> list[Pick]:
     asked = [b for b, p in enumerate(rows) if p.logprobs is not None]
     k = max((rows[b].logprobs for b in asked), default=0)
     if asked:
-        logp = torch.log_softmax(logits[asked], dim=-1)  # (A, V)
-        chosen = logp.gather(1, tokens_t[asked, None])  # (A, 1)
+        logp = torch.log_softmax(logits[asked], dim=-1)  # (A, V); `asked` is a host list
+        chosen = logp.gather(1, tokens_t[asked][:, None])  # (A, 1)
         top = logp.topk(k, dim=-1) if k else None
         parts += [chosen.reshape(-1)] + ([top.values.reshape(-1), top.indices.float().reshape(-1)] if top else [])
     host = torch.cat(parts).tolist()

@@ -148,7 +148,7 @@ class MultiLoraLinear(nn.Module):
         """W0·x + the mixture's update; x is in the factors' dtype and `base_out()` gives W0·x in it."""
         state = self.state
         if type(mix) is SequenceMixture and not state.reference and not self.any_gated:  # the hot path
-            if state.fold and self.base.weight.dtype == self.lora_A.dtype:  # never in half precision (see top)
+            if state.fold and self.base.weight.dtype == self.lora_A.dtype and self.lora_A.element_size() >= 4:  # never in half precision (see top)
                 weight = self._folded_weight(mix, x.device)  # the folded weight replaces the base matmul
                 if weight is not None:
                     return torch.nn.functional.linear(x, weight, self.base.bias)
@@ -251,7 +251,7 @@ class MultiLoraLinear(nn.Module):
         if cache is None or cache[0] is not mix:
             idx = mix.indices.to(device).long()  # (B, m)
             coef = mix.weights.to(device=device, dtype=self.lora_A.dtype) * self.scaling[idx]  # (B, m)
-            if idx.shape[0] > 1 and bool((idx == idx[:1]).all()) and bool((mix.weights == mix.weights[:1]).all()):
+            if idx.shape[0] > 1 and mix.rows_alike:
                 idx, coef = idx[:1], coef[:1]  # every row mixes the same way: one shared pair of factors
             Bsz, m = idx.shape
             r = self.max_rank

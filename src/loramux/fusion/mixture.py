@@ -51,6 +51,14 @@ class SequenceMixture:
         slots, inverse = torch.unique(self.indices.long(), sorted=True, return_inverse=True)
         return slots, inverse
 
+    @functools.cached_property
+    def rows_alike(self) -> bool:
+        """Every row selects the same slots with the same weights. Decided once per mixture, where
+        its tensors were made (the host, for `FusedModel.sequence_mixture`), not once per layer on
+        the device: that would wait on the device in every fused layer."""
+        return self.indices.shape[0] == 1 or bool((self.indices == self.indices[:1]).all()
+                                                   and (self.weights == self.weights[:1]).all())
+
 
 @dataclass(frozen=True)
 class TokenMixture:

@@ -67,22 +67,25 @@ class DynamicLoraLinear(nn.Module):
         super().__init__()
         self.base = base
         d_in, d_out = base.in_features, base.out_features
-        self.lora_A = nn.Parameter(torch.empty(room, d_in, dtype=base.weight.dtype, device=base.weight.device))
+        # fp32 factors and gate whatever the base's dtype, as PEFT keeps LoRA weights (fusion/layer.py)
+        on = dict(dtype=torch.float32, device=base.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(room, d_in, **on))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default LoRA init
-        self.lora_B = nn.Parameter(torch.zeros(d_out, room, dtype=base.weight.dtype, device=base.weight.device))
-        self.register_buffer("mask", (torch.arange(room) < rank).to(base.weight.dtype).to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, room, **on))
+        self.register_buffer("mask", (torch.arange(room, device=base.weight.device) < rank).float())
         self.scaling = scaling
-        self.gate = nn.Linear(d_in, 1).to(base.weight) if gate else None
+        self.gate = nn.Linear(d_in, 1, **on) if gate else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
         self.register_buffer("importance", torch.zeros(room, device=base.weight.device))  # per component EMA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = ((x @ self.lora_A.T) * self.mask) @ self.lora_B.T * self.scaling
+        xf = x.to(self.lora_A.dtype)  # the update in fp32, added before one rounding (PEFT's order)
+        delta = ((xf @ self.lora_A.T) * self.mask) @ self.lora_B.T * self.scaling
         if self.gate is not None:
-            delta = delta * (2 * torch.sigmoid(self.gate(x)))
-        return self.base(x) + delta
+            delta = delta * (2 * torch.sigmoid(self.gate(xf)))
+        return (self.base(x) + delta).to(x.dtype)
 
     @property
     def rank(self) -> int:
