@@ -40,7 +40,7 @@ def test_greedy_single_adapter_equals_peft_generate(engine, tiny_model_dir, lib)
     peft = PeftModel.from_pretrained(base.model, lib.adapter_dir("c")).eval()
     ours = engine.generate([greedy(p, {"c": 1.0}, n=10) for p in PROMPTS])
     for prompt, result in zip(PROMPTS, ours):
-        ids = torch.tensor([engine.formatter.encode_prompt(prompt)])
+        ids = torch.tensor([engine.formatter.encode_prompt(prompt)], device=peft.device)
         with torch.no_grad():
             out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                                 eos_token_id=sorted(engine.stop_ids), pad_token_id=base.tokenizer.pad_token_id)
@@ -192,7 +192,7 @@ def test_arrow_in_the_engine_equals_a_forward_with_its_gate(engine, lib, where):
         ids = list(engine.formatter.encode_prompt(prompt))
         for token in result.token_ids:  # greedy, one token at a time, no cache, Arrow's gate active
             with torch.no_grad(), engine.fused.mixture(router.layer_mixture()):
-                logits = engine.base.model(input_ids=torch.tensor([ids])).logits[0, -1]
+                logits = engine.base.model(input_ids=torch.tensor([ids], device=engine.base.model.device)).logits[0, -1]
             # bf16: a cached step and a full forward round differently; the token is (near) the top
             assert logits[token] >= logits.max() - where.tol(0.0)
             ids.append(token)

@@ -44,7 +44,7 @@ def peft_with(model_dir, adapters):
 
 def logits(model, **kw):
     with torch.no_grad():
-        return model(input_ids=IDS, **kw).logits
+        return model(input_ids=IDS.to(model.device), **kw).logits
 
 
 def test_single_adapter_equals_peft(tiny_model_dir, adapters):
@@ -86,7 +86,7 @@ def test_rows_with_different_mixtures_equal_each_row_alone(tiny_model_dir, adapt
         batched = logits(fused.base.model)
     for i, row in enumerate(rows):
         with fused.mixture(fused.sequence_mixture([row])), torch.no_grad():
-            alone = fused.base.model(input_ids=IDS[i : i + 1]).logits
+            alone = fused.base.model(input_ids=IDS[i : i + 1].to(fused.base.model.device)).logits
         assert (batched[i] - alone[0]).abs().max() <= TOL
 
 
@@ -171,7 +171,7 @@ def test_unfuse_gives_the_plain_base_back(tiny_model_dir):
     from loramux.models import load_base
 
     base = load_base(str(tiny_model_dir))
-    ids = torch.tensor([[5, 6, 7]])
+    ids = torch.tensor([[5, 6, 7]], device=base.model.device)
     with torch.no_grad():
         before = base.model(input_ids=ids).logits
     fused = FusedModel(base)

@@ -54,7 +54,7 @@ def fused_logits(path, targets, adapters, rows):
     for name, d in adapters.items():
         fused.add_adapter(name, read_peft_dir(d))
     with torch.no_grad(), fused.mixture(fused.sequence_mixture(rows)):
-        return fused.base.model(input_ids=IDS).logits
+        return fused.base.model(input_ids=IDS.to(fused.base.model.device)).logits
 
 
 def test_fused_single_and_mixed_equal_peft(family, where):
@@ -67,12 +67,12 @@ def test_fused_single_and_mixed_equal_peft(family, where):
     for name in adapters:
         peft.set_adapter(name)
         with torch.no_grad():
-            want = peft(input_ids=IDS).logits
+            want = peft(input_ids=IDS.to(peft.device)).logits
         assert (fused_logits(path, targets, adapters, [{name: 1.0}] * 2) - want).abs().max() <= where.tol(TOL), name
     peft.add_weighted_adapter(["x", "y"], [0.7, 0.3], "mix", combination_type="cat")
     peft.set_adapter("mix")
     with torch.no_grad():
-        want = peft(input_ids=IDS).logits
+        want = peft(input_ids=IDS.to(peft.device)).logits
     assert (fused_logits(path, targets, adapters, [{"x": 0.7, "y": 0.3}] * 2) - want).abs().max() <= where.tol(TOL)
 
 
@@ -114,9 +114,9 @@ def test_train_add_and_export_on_each_family(family, where, tmp_path):
     for name in mix:
         fused.load(lib, name)
     with torch.no_grad():
-        want = peft(input_ids=IDS).logits
+        want = peft(input_ids=IDS.to(peft.device)).logits
         with fused.mixture(fused.sequence_mixture([mix] * 2)):
-            got = fused.base.model(input_ids=IDS).logits
+            got = fused.base.model(input_ids=IDS.to(peft.device)).logits
     assert (got - want).abs().max() <= where.tol(TOL)
 
 

@@ -151,7 +151,7 @@ def test_echo_scores_the_prompt_like_a_forward(served):
         choice = r.json()["choices"][0]
     ids = engine.base.tokenizer(prompt)["input_ids"]
     with torch.no_grad(), engine.fused.mixture(engine.fused.sequence_mixture([{"b": 1.0}])):
-        logp = torch.log_softmax(engine.base.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        logp = torch.log_softmax(engine.base.model(input_ids=torch.tensor([ids], device=engine.base.model.device)).logits[0].float(), -1)
     lp = choice["logprobs"]
     assert choice["text"] == prompt and len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
     assert lp["token_logprobs"][1:] == pytest.approx([float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)

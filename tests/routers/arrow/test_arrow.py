@@ -23,7 +23,7 @@ def make_gapped_peft_dir(base, path, *, r=4, seed=0, targets=TARGETS):
         for name, p in model.named_parameters():
             if "lora_A" in name:
                 q, _ = torch.linalg.qr(torch.randn(p.shape[1], p.shape[0]))
-                p.copy_((q.T * torch.tensor([1.0, 0.25, 0.06, 0.015][: p.shape[0]])[:, None]) * 3)
+                p.copy_(((q.T * torch.tensor([1.0, 0.25, 0.06, 0.015][: p.shape[0]])[:, None]) * 3).to(p))
             elif "lora_B" in name:
                 q, _ = torch.linalg.qr(torch.randn(p.shape[0], p.shape[1]))
                 p.copy_(q)
@@ -114,7 +114,7 @@ def test_logits_equal_peft_create_arrow_model(tiny_model_dir, arrow_lib, top_k, 
     router = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=top_k, temperature=temperature, prototype=prototype,
                                                        power_seed=7))
     tok = fused.base.tokenizer
-    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog")["input_ids"]])
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog")["input_ids"]], device=fused.base.model.device)
     with torch.no_grad(), fused.mixture(router.layer_mixture()):
         ours = fused.base.model(input_ids=ids).logits
     with torch.no_grad(), fused.mixture(router.layer_mixture(), reference=True):

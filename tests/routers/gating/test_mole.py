@@ -40,11 +40,11 @@ def router_for(fused, granularity, seed=0, **kw):
     return MoleRouter(fused, gates, NAMES, **kw)
 
 
-def padded_batch(tok):
+def padded_batch(tok, device):
     rows = [tok("one two three four five")["input_ids"], tok("x")["input_ids"]]
     width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return rows, ids, mask
 
 
@@ -54,10 +54,10 @@ def test_gate_shapes_and_padding_invariance(tiny_model_dir, lib, granularity, n_
     router = router_for(fused, granularity)
     # the tiny model has 2 blocks; all 7 projections are fused, 3 adapted (q, v, down): gates only there
     assert len(router.gates.units) == n_units
-    rows, ids, mask = padded_batch(fused.base.tokenizer)
+    rows, ids, mask = padded_batch(fused.base.tokenizer, fused.base.model.device)
     with torch.no_grad():
         batch = router.route_weights(ids, mask)
-        alone = router.route_weights(torch.tensor([rows[1]]), torch.ones(1, len(rows[1]), dtype=torch.long))
+        alone = router.route_weights(torch.tensor([rows[1]]).to(ids), torch.ones(1, len(rows[1])).to(ids))
     for unit, w in batch.items():
         assert w.shape == (2, 3) and torch.allclose(w.sum(-1), torch.ones(2), atol=1e-6)
         assert torch.allclose(w[1], alone[unit][0], atol=1e-5)  # padding does not change a row's weights
@@ -77,7 +77,7 @@ def test_units_by_granularity():
 def test_balance_loss_gradient_reaches_the_gates(tiny_model_dir, lib):
     fused = fused_for(tiny_model_dir, lib)
     router = router_for(fused, "block")
-    _, ids, mask = padded_batch(fused.base.tokenizer)
+    _, ids, mask = padded_batch(fused.base.tokenizer, fused.base.model.device)
     router.collected = []
     with fused.mixture(router.layer_mixture(), attention_mask=mask):
         fused.base.model(input_ids=ids, attention_mask=mask)
@@ -135,7 +135,7 @@ def test_train_save_load_and_refuse_a_changed_library(tiny_model_dir, lib, tmp_p
     other = FusedModel(load_base(str(tiny_model_dir)))
     loaded = load_router(lib, "mole", fused=other)  # loads the adapters in the gates' order
     assert other.adapters == NAMES
-    _, ids, mask = padded_batch(fused.base.tokenizer)
+    _, ids, mask = padded_batch(fused.base.tokenizer, fused.base.model.device)
     with torch.no_grad():
         a, b = router.route_weights(ids, mask), loaded.route_weights(ids, mask)
     assert all(torch.allclose(a[u], b[u]) for u in a)
@@ -158,7 +158,7 @@ def test_generation_uses_the_prompts_gate_weights(tiny_model_dir, lib):
     results = engine.generate([GenerationRequest(p, sampling=SamplingParams(max_new_tokens=5)) for p in prompts],
                               router=router)
     for prompt, result in zip(prompts, results):
-        ids = torch.tensor([engine.formatter.encode_prompt(prompt)])
+        ids = torch.tensor([engine.formatter.encode_prompt(prompt)], device=engine.base.model.device)
         with torch.no_grad(), engine.fused.mixture(router.layer_mixture(), attention_mask=torch.ones_like(ids)):
             first = int(engine.base.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
         assert result.token_ids[0] == first
