@@ -64,7 +64,8 @@ def demo(
     # 1. the library: train only what it lacks, after saying how long that will take
     missing = [n for n in names if n not in lib]
     if missing:
-        config = LoraTrainConfig(steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps // 10))
+        config = LoraTrainConfig(steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps // 10),
+                                 target_modules=("auto",))  # every projection, whatever the family calls them
         train = load_tasks(root, missing, "train")
         typer.echo(f"[loramux] training {len(train)} adapter(s), {steps} steps of {config.batch_size} examples each; "
                    f"timing one step of each first ...")
@@ -82,6 +83,8 @@ def demo(
         covered = sorted({t for spec in lib.list() for t in spec.tasks})
         config = DlpTrainConfig(max_per_task=router_prompts)
         typer.echo(f"[loramux] training the DLP router on up to {router_prompts} prompts per task ({e})")
+        if not given:  # a library from earlier runs may cover tasks this run did not fetch
+            ensure_bigbench(covered, root, log=typer.echo)
         train_dlp(lib, load_tasks(root, covered, "train"), config, log=typer.echo,
                   device=str(base.model.device)).save(lib, "dlp")
 

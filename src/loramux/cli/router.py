@@ -98,6 +98,7 @@ def _selection(top_p, top_k, weighting, min_confidence, max_distance) -> dict:
 
 
 def build_router(lib, method: str, *, name: str | None = None, model: str = DEFAULT_MODEL, base=None, fused=None,
+                 where: tuple[str, str] = ("cpu", "float32"),
                  top_p=None, top_k=None, weighting=None, min_confidence=None, max_distance=None,
                  temperature=None, candidates: str | None = None, mask: list[str] | None = None):
     """The router the CLI options describe. Arrow runs inside a fused model (built here unless
@@ -116,7 +117,7 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
         if any(v is not None for v in (top_p, weighting, min_confidence, max_distance)):
             raise LoramuxError("--top-p, --weighting, --min-confidence and --max-distance are DLP options; Arrow "
                                "takes --top-k, --temperature and --candidates")
-        fused = fused or FusedModel(base or load_base(model))
+        fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
         names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else lib.names()
         for n in names:
             if n not in fused.adapters:
@@ -129,11 +130,11 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
 
         if any(v is not None for v in (top_p, top_k, weighting, min_confidence, max_distance, temperature, candidates)):
             raise LoramuxError("MoLE's trained gates take only --mask")
-        fused = fused or FusedModel(base or load_base(model))
+        fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
         return load_router(lib, "mole", name=name, fused=fused, mask=tuple(mask or ()))
     if temperature is not None or candidates is not None:
         raise LoramuxError("--temperature and --candidates are Arrow options")
-    return load_router(lib, method, name=name, base=base or _base_if_needed(lib, method, name, model),
+    return load_router(lib, method, name=name, base=base or _base_if_needed(lib, method, name, model, where),
                        **_selection(top_p, top_k, weighting, min_confidence, max_distance))
 
 
@@ -153,6 +154,8 @@ def route(
     min_confidence: Optional[float] = typer.Option(None, help="Abstain below this top probability."),
     max_distance: Optional[str] = typer.Option(None, help="Abstain beyond this centroid distance, or 'auto'."),
     model: str = typer.Option(DEFAULT_MODEL, help="Base model (only read for a base-encoder router)."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     as_json: bool = typer.Option(False, "--json", help="Print the routing as JSON."),
 ) -> None:
     """Show the router's ranking of the library's adapters and the mixture it chooses."""
@@ -161,7 +164,7 @@ def route(
     lib = open_library(library)
     rt = build_router(lib, router, name=name, model=model, top_p=top_p, top_k=top_k, weighting=weighting,
                       min_confidence=min_confidence, max_distance=max_distance, temperature=temperature,
-                      candidates=candidates, mask=_names(mask))
+                      candidates=candidates, mask=_names(mask), where=(device, dtype))
     routing = rt.route([prompt])[0]
     if plot:
         from ..routers.plot import plot_layer_weights
@@ -186,7 +189,7 @@ def _names(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def _base_if_needed(lib, method: str, name: str | None, model: str):
+def _base_if_needed(lib, method: str, name: str | None, model: str, where: tuple[str, str]):
     """A router with a base-model encoder needs the base model; others do not load it."""
     entry = lib.routers().get(name or method)
     if entry is None:
@@ -195,5 +198,5 @@ def _base_if_needed(lib, method: str, name: str | None, model: str):
     if str(meta.get("encoder", "")).startswith("base"):
         from ..models import load_base
 
-        return load_base(model)
+        return load_base(model, device=where[0], dtype=where[1])
     return None
