@@ -10,6 +10,7 @@ request fails alone with `NonFiniteOutput`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -96,15 +97,16 @@ def pick(logits: torch.Tensor, rows: list[RowSampling]) -> list[Pick]:
         chosen = logp.gather(1, tokens_t[asked][:, None])  # (A, 1)
         top = logp.topk(k, dim=-1) if k else None
         parts += [chosen.reshape(-1)] + ([top.values.reshape(-1), top.indices.float().reshape(-1)] if top else [])
-    host = torch.cat(parts).tolist()
-    B = len(rows)
-    picks = [Pick(int(host[b]), bool(host[B + b])) for b in range(B)]
-    at = 2 * B
-    chosen_h, values, indices = host[at:at + len(asked)], host[at + len(asked):at + len(asked) * (1 + k)], \
-        host[at + len(asked) * (1 + k):]
+    host = iter(torch.cat(parts).tolist())  # read back in the order `parts` was laid out
+    picks = [Pick(int(next(host)), False) for _ in rows]
+    for p in picks:
+        p.finite = bool(next(host))
+    chosen_h = [next(host) for _ in asked]
+    values = [[next(host) for _ in range(k)] for _ in asked]
+    indices = [[int(next(host)) for _ in range(k)] for _ in asked]
     for a, b in enumerate(asked):
-        picks[b].logprob = chosen_h[a]
-        picks[b].finite = picks[b].finite and chosen_h[a] > float("-inf") and chosen_h[a] == chosen_h[a]
         n = rows[b].logprobs
-        picks[b].top = {int(indices[a * k + j]): values[a * k + j] for j in range(n)}
+        picks[b].logprob = chosen_h[a]
+        picks[b].finite = picks[b].finite and math.isfinite(chosen_h[a])
+        picks[b].top = dict(zip(indices[a][:n], values[a][:n]))
     return picks
