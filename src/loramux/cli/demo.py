@@ -88,6 +88,8 @@ def demo(
         train_dlp(lib, load_tasks(root, covered, "train"), config, log=typer.echo,
                   device=str(base.model.device)).save(lib, "dlp")
 
+    test_tasks = load_tasks(root, names, "test")  # read once: the conversation and the closing scores
+
     # 3. the server, on loopback, in this process
     engine = Engine(base, lib)
     for name in lib.names():
@@ -101,7 +103,7 @@ def demo(
     rng = random.Random(seed)
     records, routed_right, routed_ok, base_ok = [], 0, 0, 0
     try:
-        for task in load_tasks(root, names, "test"):
+        for task in test_tasks:
             for ex in rng.sample(list(task.examples), min(show, len(task.examples))):
                 messages = [{"role": "user", "content": ex.prompt.strip()}]
                 budget = answer_budget(base.tokenizer, [ex])
@@ -136,7 +138,7 @@ def demo(
     if score_limit > 0:
         typer.echo(f"scores on the first {score_limit} test examples of each task (the task's own metric):")
         fused = engine.fused
-        for task in load_tasks(root, names, "test"):
+        for task in test_tasks:
             plain = score_task(base.model, base.tokenizer, task, limit=score_limit, progress=False)
             with fused.mixture(fused.sequence_mixture([{task.name: 1.0}])):  # one row's mixture, shared by all
                 adapted = score_task(base.model, base.tokenizer, task, limit=score_limit, progress=False)
