@@ -24,10 +24,16 @@ def test_route_prints_the_ranking_and_the_mixture(capsys, trained_lib):
     lines = out.splitlines()
     assert len(lines) == 4 and lines[0].startswith("*") and lines[0].endswith("numbers")
     assert lines[-1].startswith("mixture: numbers=")
-    code, out, _ = run(capsys, "route", "hello world zebra quantum", "-l", str(trained_lib.path),
-                       "--max-distance", "auto", "--json")
-    routing = json.loads(out)
-    assert routing["abstained"] and routing["adapters"] == [] and "radius" in routing["reason"]
+    code, out, _ = run(capsys, "route", "hello world zebra quantum", "-l", str(trained_lib.path), "--json")
+    routing = json.loads(out)  # the stored out-of-library test, on by default
+    assert routing["abstained"] and routing["adapters"] == [] and "no adapter fits: energy" in routing["reason"]
+    code, out, _ = run(capsys, "route", "hello world zebra quantum", "-l", str(trained_lib.path), "--no-abstain",
+                       "--max-distance", "0", "--json")
+    routing = json.loads(out)  # the older distance test, still available
+    assert routing["abstained"] and routing["adapters"] == [] and "max_distance 0.0" in routing["reason"]
+    code, out, _ = run(capsys, "route", "hello world zebra quantum", "-l", str(trained_lib.path), "--no-abstain",
+                       "--json")
+    assert not json.loads(out)["abstained"]
 
 
 def test_generate_with_the_router(capsys, trained_lib, tiny_model_dir):

@@ -41,7 +41,14 @@ def train(
     max_epochs: int = typer.Option(_D.max_epochs, help="dlp: epoch limit."),
     patience: int = typer.Option(_D.patience, help="dlp: early stopping, epochs without a better validation loss."),
     val_fraction: float = typer.Option(_D.val_fraction, help="dlp: held-out share of each task's prompts."),
-    max_per_task: Optional[int] = typer.Option(None, help="dlp: cap on training prompts per task."),
+    max_per_task: Optional[int] = typer.Option(_D.max_per_task, help="dlp: cap on training prompts per task."),
+    formats: str = typer.Option(",".join(_D.formats), help="dlp: formats each prompt is embedded in "
+                                                           "(own, raw, stripped, qa, instruction, chat)."),
+    abstain_recall: float = typer.Option(_D.abstain_recall, help="dlp: share of in-library validation prompts the "
+                                                                 "out-of-library threshold keeps."),
+    no_abstain: bool = typer.Option(False, "--no-abstain", help="dlp: store no out-of-library threshold."),
+    warm_start: bool = typer.Option(True, help="dlp: start from the stored router's head (a grown library: only "
+                                               "new prompts are encoded)."),
     top_p: float = typer.Option(0.6, help="dlp: default selection threshold stored with the router."),
     granularity: str = typer.Option("layer", help="mole: layer | block | network."),
     balance_alpha: float = typer.Option(0.5, help="mole: weight of the balance loss (0 = off)."),
@@ -76,7 +83,8 @@ def train(
 
         config = DlpTrainConfig(encoder=encoder, hidden=_parse_hidden(hidden), dropout=dropout, lr=lr,
                                 batch_size=batch_size or _D.batch_size, max_epochs=max_epochs, patience=patience,
-                                val_fraction=val_fraction, max_per_task=max_per_task, seed=seed)
+                                val_fraction=val_fraction, max_per_task=max_per_task, seed=seed,
+                                formats=tuple(_names(formats) or ()), abstain_recall=None if no_abstain else abstain_recall)
         from ..models import resolve_device
 
         base = None
@@ -84,14 +92,23 @@ def train(
             from ..models import load_base
 
             base = load_base(model, device=device, dtype=dtype)
+        previous = None
+        if warm_start and (name or method) in lib.routers():
+            from ..routers.sentence import DlpRouter
+
+            try:  # the stored router, even if adapters were added since: its head is a starting point
+                previous = DlpRouter.load(lib, name or method, base=base, device=resolve_device(device),
+                                          adapters_may_differ=True)
+            except LoramuxError as e:
+                typer.echo(f"router: not warm-starting ({e})", err=True)
         router = train_dlp(lib, tasks, config, base=base, selection=DlpConfig(top_p=top_p), log=typer.echo,
-                           device=resolve_device(device))
+                           device=resolve_device(device), previous=previous)
     path = router.save(lib, name or method)
     typer.echo(f"router {name or method!r} saved to {path}")
 
 
-def _selection(top_p, top_k, weighting, min_confidence, max_distance) -> dict:
-    out = {"top_p": top_p, "top_k": top_k, "weighting": weighting, "min_confidence": min_confidence}
+def _selection(top_p, top_k, weighting, min_confidence, max_distance, abstain=None) -> dict:
+    out = {"top_p": top_p, "top_k": top_k, "weighting": weighting, "min_confidence": min_confidence, "abstain": abstain}
     if max_distance is not None:
         out["max_distance"] = max_distance if max_distance == "auto" else float(max_distance)
     return {k: v for k, v in out.items() if v is not None}
@@ -99,7 +116,7 @@ def _selection(top_p, top_k, weighting, min_confidence, max_distance) -> dict:
 
 def build_router(lib, method: str, *, name: str | None = None, model: str = DEFAULT_MODEL, base=None, fused=None,
                  where: tuple[str, str] = ("cpu", "float32"),
-                 top_p=None, top_k=None, weighting=None, min_confidence=None, max_distance=None,
+                 top_p=None, top_k=None, weighting=None, min_confidence=None, max_distance=None, abstain=None,
                  temperature=None, candidates: str | None = None, mask: list[str] | None = None):
     """The router the CLI options describe. Arrow runs inside a fused model (built here unless
     given) with every library adapter, or only --candidates, loaded."""
@@ -114,8 +131,8 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
         from ..fusion import FusedModel
         from ..models import load_base
 
-        if any(v is not None for v in (top_p, weighting, min_confidence, max_distance)):
-            raise LoramuxError("--top-p, --weighting, --min-confidence and --max-distance are DLP options; Arrow "
+        if any(v is not None for v in (top_p, weighting, min_confidence, max_distance, abstain)):
+            raise LoramuxError("--top-p, --weighting, --min-confidence, --max-distance and --no-abstain are DLP options; Arrow "
                                "takes --top-k, --temperature and --candidates")
         fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
         names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else lib.names()
@@ -128,14 +145,15 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
         from ..fusion import FusedModel
         from ..models import load_base
 
-        if any(v is not None for v in (top_p, top_k, weighting, min_confidence, max_distance, temperature, candidates)):
+        if any(v is not None for v in (top_p, top_k, weighting, min_confidence, max_distance, abstain, temperature,
+                                       candidates)):
             raise LoramuxError("MoLE's trained gates take only --mask")
         fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
         return load_router(lib, "mole", name=name, fused=fused, mask=tuple(mask or ()))
     if temperature is not None or candidates is not None:
         raise LoramuxError("--temperature and --candidates are Arrow options")
     return load_router(lib, method, name=name, base=base or _base_if_needed(lib, method, name, model, where),
-                       **_selection(top_p, top_k, weighting, min_confidence, max_distance))
+                       **_selection(top_p, top_k, weighting, min_confidence, max_distance, abstain))
 
 
 def route(
@@ -153,6 +171,8 @@ def route(
     weighting: Optional[str] = typer.Option(None, help="renorm (default) or softmax."),
     min_confidence: Optional[float] = typer.Option(None, help="Abstain below this top probability."),
     max_distance: Optional[str] = typer.Option(None, help="Abstain beyond this centroid distance, or 'auto'."),
+    no_abstain: bool = typer.Option(False, "--no-abstain", help="DLP: route even where the stored out-of-library "
+                                                               "test would send the prompt to the base model."),
     model: str = typer.Option(DEFAULT_MODEL, help="Base model (only read for a base-encoder router)."),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -164,7 +184,8 @@ def route(
     lib = open_library(library)
     rt = build_router(lib, router, name=name, model=model, top_p=top_p, top_k=top_k, weighting=weighting,
                       min_confidence=min_confidence, max_distance=max_distance, temperature=temperature,
-                      candidates=candidates, mask=_names(mask), where=(device, dtype))
+                      candidates=candidates, mask=_names(mask), where=(device, dtype),
+                      abstain=False if no_abstain else None)
     routing = rt.route([prompt])[0]
     if plot:
         from ..routers.plot import plot_layer_weights

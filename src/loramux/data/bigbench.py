@@ -33,7 +33,7 @@ def _choice_order(text: str, choices: list[str]) -> list[str]:
 def _example(raw: Any, i: int, meta: dict, where: str) -> Example:
     if not isinstance(raw, dict) or not isinstance(raw.get("input"), str):
         raise LoramuxError(f"{where}: example {i} needs a string 'input'; got {str(raw)[:120]!r}")
-    text = raw["input"]
+    text = content = raw["input"]
     choices: list[str] = []
     scores: list[float] = []
     if "target_scores" in raw:
@@ -61,7 +61,8 @@ def _example(raw: Any, i: int, meta: dict, where: str) -> Example:
         + text
         + str(meta.get("example_output_prefix", DEFAULT_OUTPUT_PREFIX))
     )
-    return Example(prompt=prompt, targets=targets, choices=tuple(choices), choice_scores=tuple(scores))
+    return Example(prompt=prompt, targets=targets, choices=tuple(choices), choice_scores=tuple(scores),
+                   content=content)
 
 
 def parse_bigbench(data: Any, *, name: str, where: str = "<task.json>", source: Path | None = None) -> Task:

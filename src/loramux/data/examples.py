@@ -23,10 +23,19 @@ class Example:
     targets: tuple[str, ...]
     choices: tuple[str, ...] = ()
     choice_scores: tuple[float, ...] = ()
+    # The example's content before any template: BIG-bench's `input` without the task's prefixes
+    # or appended choices. Routers train and are tested on it in other formats (formats.py).
+    # Out of repr and ==: digests of a task's examples (recipes, caches) stay what they were.
+    content: str = field(default="", repr=False, compare=False)
 
     @property
     def is_multiple_choice(self) -> bool:
         return bool(self.choices)
+
+    @property
+    def raw(self) -> str:
+        """The content alone, or the prompt where the reader kept no separate content."""
+        return self.content or self.prompt
 
     @property
     def answer(self) -> str:

@@ -31,7 +31,7 @@ def _example(row: Any, where: str) -> Example:
         if target not in choices:
             raise LoramuxError(f"{where}: 'target' {row['target']!r} is neither one of the choices "
                                f"{choices} nor an index into them")
-        return Example(prompt=str(row["input"]), targets=(target,), choices=tuple(choices),
+        return Example(prompt=str(row["input"]), targets=(target,), choices=tuple(choices), content=str(row["input"]),
                        choice_scores=tuple(1.0 if c == target else 0.0 for c in choices))
     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
     raise LoramuxError(f"{where}: unknown jsonl schema with keys {keys}; accepted schemas: {', '.join(SCHEMAS)}")

@@ -83,5 +83,6 @@ def evaluate_ray(model: str, library: str, data_dir: str, tasks: list[str], conf
             result.setdefault("routing", {})[s] = {"labels": routing[0]["labels"], "confusion": counts,
                                                    "top1_accuracy": round(hits / max(1, total), 4),
                                                    "mean_adapters": mean("mean_adapters", 3),
-                                                   "mean_true_weight": mean("mean_true_weight", 4)}
+                                                   "mean_true_weight": mean("mean_true_weight", 4),
+                                                   "abstained": sum(r.get("abstained", 0) for r in routing)}
     return result

@@ -120,10 +120,12 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
 
 def routing_confusion(plan: dict, owner: dict[str, str], adapters: list[str]) -> dict:
     """How a per-prompt router chose: rows are the adapter trained on the prompt's task, columns
-    the adapter with the largest weight in its mixture (ties: the first in library order)."""
+    the adapter with the largest weight in its mixture (ties: the first in library order); `abstained`
+    counts the prompts the router sent to the base model alone (not in the matrix)."""
     index = {a: i for i, a in enumerate(adapters)}
     counts = [[0] * len(adapters) for _ in adapters]
     sizes, true_weight = [], []
+    abstained = sum(1 for (task, _), mixture in plan.items() if task in owner and not mixture)
     for (task, _), mixture in plan.items():
         if task in owner and mixture:
             top = max(mixture, key=lambda a: (mixture[a], -index[a]))
@@ -134,7 +136,8 @@ def routing_confusion(plan: dict, owner: dict[str, str], adapters: list[str]) ->
     hits = sum(counts[i][i] for i in range(len(adapters)))
     n = max(1, len(sizes))
     return {"labels": adapters, "confusion": counts, "top1_accuracy": round(hits / max(1, sum(map(sum, counts))), 4),
-            "mean_adapters": round(sum(sizes) / n, 3), "mean_true_weight": round(sum(true_weight) / n, 4)}
+            "mean_adapters": round(sum(sizes) / n, 3), "mean_true_weight": round(sum(true_weight) / n, 4),
+            "abstained": abstained}
 
 
 def to_markdown(result: dict) -> str:

@@ -244,8 +244,9 @@ class Library:
         """Router name -> its manifest entry (kind, dir, files, the adapters it was trained for)."""
         return self._read_routers()
 
-    def router_dir(self, name: str) -> Path:
-        """The dir of a stored router, after checking its files and that its adapters are unchanged."""
+    def router_dir(self, name: str, *, adapters_may_differ: bool = False) -> Path:
+        """The dir of a stored router, after checking its files and that its adapters are unchanged
+        (`adapters_may_differ`: files only, for a router read as the start of its retraining)."""
         routers = self._read_routers()
         if name not in routers:
             raise LoramuxError(f"no router named {name!r} in library {str(self.path)!r}; it has {sorted(routers)} "
@@ -253,6 +254,8 @@ class Library:
         entry = routers[name]
         d = self.path / "routers" / entry["dir"]
         self._check_sums(f"router {name!r}", d, entry["files"])
+        if adapters_may_differ:
+            return d
         adapters = self._read_manifest()
         trained = entry["adapters"]
         removed = sorted(a for a in trained if a not in adapters)

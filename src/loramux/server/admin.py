@@ -41,7 +41,7 @@ def swap_in(server: Server, name: str, target: Path, expected_version: int | Non
         return library_identity(spec)
 
     engine.fused.put_adapter(name, files, commit)
-    server.config.routers.clear()  # routers rebuild over the new set of adapters
+    server.adapters_changed(added=name if current is None else None)  # routers rebuild over the new set
     return {"name": name, "version": spec.version, "rank": spec.rank}
 
 
@@ -79,7 +79,7 @@ def add_admin_routes(app, server: Server) -> None:
             if name not in server.engine.adapters:
                 raise ApiError(404, f"adapter {name!r} is not loaded", "name", "model_not_found")
             server.engine.unload(name)
-            server.config.routers.clear()
+            server.adapters_changed()
             return {"name": name, "unloaded": True}
 
         return await server.on_model_thread(drop, exclusive=True)

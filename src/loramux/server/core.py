@@ -141,9 +141,15 @@ class Server:
 
     # ------------------------------------------------------------------ routing
     def router(self, name: str):
-        """The router a model name stands for, built on first use (call on the model's thread)."""
-        if name in self.config.routers:
-            return self.config.routers[name]
+        """The router a model name stands for, built on first use (call on the model's thread).
+
+        A stored DLP router is re-read when the library holds a newer one (a grown library's
+        retrained router): the swap is one assignment on this thread, so each request routes
+        wholly with the old router or wholly with the new. Until the new one is stored, the old
+        one keeps routing between the adapters it knows."""
+        cached = self.config.routers.get(name)
+        if cached is not None and not self._newer_dlp(name, cached):
+            return cached
         from ..routers import load_router
 
         if self.library is None:
@@ -153,13 +159,37 @@ class Server:
         kind = "dlp" if kind == "auto" else kind
         try:
             if kind == "dlp":
-                router = load_router(self.library, "dlp", base=self.engine.base)
+                from ..routers.sentence import DlpRouter
+
+                reuse = cached.encoder if isinstance(cached, DlpRouter) else None
+                router = DlpRouter.load(self.library, stored or "dlp", base=self.engine.base, encoder=reuse)
             else:
                 router = load_router(self.library, kind, fused=self.engine.fused, **({"name": stored} if stored else {}))
         except LoramuxError as e:
+            if cached is not None:  # a stored router mid-update: the one in hand still routes
+                return cached
             raise ApiError(404, f"model {name!r}: {e}", "model", "model_not_found") from None
         self.config.routers[name] = router
         return router
+
+    def _newer_dlp(self, name: str, router) -> bool:
+        """Whether the library stores another version of this DLP router than the one in hand."""
+        stored_dir = getattr(router, "stored_dir", None)
+        if self.library is None or stored_dir is None:
+            return False
+        entry = self.library.routers().get(name.partition(":")[2] or "dlp")
+        return entry is not None and entry["dir"] != stored_dir
+
+    def adapters_changed(self, added: str | None = None) -> None:
+        """Drop the routers a change of adapters makes stale. Adding an adapter keeps the DLP
+        routers (they route between adapters that are all still served, until their retrained
+        successor is stored); any other change rebuilds every router."""
+        from ..routers.sentence import DlpRouter
+
+        keep = {n: r for n, r in self.config.routers.items()
+                if added is not None and isinstance(r, DlpRouter) and added not in r.adapters}
+        self.config.routers.clear()
+        self.config.routers.update(keep)
 
     def router_names(self) -> list[str]:
         """The router model names this server answers to (GET /v1/models, the web view)."""

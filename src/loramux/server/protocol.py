@@ -62,12 +62,14 @@ class LoramuxOptions(Strict):
     top_k: Annotated[StrictInt, Field(ge=1, le=64)] | None = Field(None, description="DLP: at most this many adapters.")
     temperature: Annotated[Union[StrictInt, StrictFloat], Field(gt=0, le=100)] | None = Field(
         None, description="DLP: softmax temperature of the router.")
+    abstain: StrictBool | None = Field(
+        None, description="DLP: false routes even a prompt its out-of-library test would send to the base model.")
     ignore_eos: StrictBool = Field(False, description="Generate past end-of-sequence (benchmarks).")
     timeout_s: Annotated[Union[StrictInt, StrictFloat], Field(gt=0, le=86400)] | None = Field(
         None, description="This request's deadline in seconds (at most the server's own); then 504.")
 
     def router_options(self) -> dict[str, Any]:
-        return {k: v for k in ("top_p", "top_k", "temperature") if (v := getattr(self, k)) is not None}
+        return {k: v for k in ("top_p", "top_k", "temperature", "abstain") if (v := getattr(self, k)) is not None}
 
 
 class LoraScale(Strict):

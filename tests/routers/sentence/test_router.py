@@ -11,7 +11,10 @@ from loramux.routers.sentence import DlpConfig, DlpRouter, DlpTrainConfig, MlpHe
 from ...library.conftest import make_peft_dir
 from .conftest import WORDS, task_prompts
 
-SMALL = DlpTrainConfig(hidden=(64,), max_epochs=60, patience=10, lr=3e-3, batch_size=16)
+# The tasks' own format and no stored abstain test: these tests check routing and selection exactly
+# (test_abstain.py and test_formats.py cover the rest).
+SMALL = DlpTrainConfig(hidden=(64,), max_epochs=60, patience=10, lr=3e-3, batch_size=16, formats=("own",),
+                       abstain_recall=None)
 
 
 @pytest.fixture

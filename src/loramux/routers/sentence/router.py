@@ -4,10 +4,12 @@ Once per prompt: a frozen encoder embeds the prompt, the MLP head gives p = soft
 the library's adapters, top-p keeps the smallest most-probable prefix reaching p_top, and the
 kept probabilities become fusion weights used in every layer for the whole generation.
 
-Beyond the paper, the router can abstain (route to the base model alone) when its top
-probability is low or when the prompt's embedding is far from every adapter's training
-centroid: a classifier always names *some* class, and an unrelated prompt should not be forced
-through a wrong adapter. Both are off by default.
+Beyond the paper, the router abstains (routes to the base model alone) when no adapter fits: a
+classifier always names *some* class, and a prompt from a task outside the library should not
+be forced through a wrong adapter. The calibrated test, on by default for routers trained with
+one, is the head's energy score -logsumexp(logits) (Liu et al. 2020, arXiv 2010.03759) against a
+threshold set on in-library validation prompts (train.py). Two older tests stay available and
+off by default: a low top probability, and an embedding far from every adapter's centroid.
 """
 
 from __future__ import annotations
@@ -34,6 +36,27 @@ CONFIG_FILE = "router.json"
 WEIGHTS_FILE = "router.safetensors"
 
 
+def energy(logits: torch.Tensor) -> torch.Tensor:
+    """Out-of-library score per row: high when no class has a large logit."""
+    return -torch.logsumexp(logits.float(), dim=-1)
+
+
+@dataclass(frozen=True)
+class Abstain:
+    """The stored out-of-library test: abstain when `score` exceeds `threshold`, which kept
+    `recall` of the `n_val` in-library validation prompts when it was set."""
+
+    score: str
+    threshold: float
+    recall: float
+    n_val: int
+
+    def __post_init__(self) -> None:
+        if self.score != "energy" or not math.isfinite(self.threshold):
+            raise LoramuxError(f"unknown abstain test {self.score!r} / threshold {self.threshold!r}; "
+                               f"this version reads 'energy' with a finite threshold")
+
+
 @dataclass(frozen=True)
 class DlpConfig:
     """How the router turns probabilities into a mixture (can differ per call; not trained)."""
@@ -45,6 +68,7 @@ class DlpConfig:
     # abstain when the cosine distance to the nearest training centroid exceeds this; "auto":
     # when the prompt lies outside every adapter's radius (its farthest training prompt)
     max_distance: Union[float, str, None] = None
+    abstain: bool = True  # apply the router's stored out-of-library threshold, if it has one
 
     def __post_init__(self) -> None:
         if not 0 < self.top_p <= 1:
@@ -53,6 +77,8 @@ class DlpConfig:
             raise LoramuxError(f"top_k must be a positive integer or None; got {self.top_k!r}")
         if self.weighting not in WEIGHTINGS:
             raise LoramuxError(f"weighting must be one of {list(WEIGHTINGS)}; got {self.weighting!r}")
+        if not isinstance(self.abstain, bool):
+            raise LoramuxError(f"abstain must be true or false; got {self.abstain!r}")
         if self.min_confidence is not None and not 0 <= self.min_confidence <= 1:
             raise LoramuxError(f"min_confidence must be in [0, 1] or None; got {self.min_confidence!r}")
         d = self.max_distance
@@ -64,7 +90,8 @@ class DlpRouter:
     kind = KIND
 
     def __init__(self, encoder: Encoder, head: MlpHead, adapters: list[str], centroids: torch.Tensor,
-                 radii: torch.Tensor, config: DlpConfig = DlpConfig(), info: dict | None = None):
+                 radii: torch.Tensor, config: DlpConfig = DlpConfig(), info: dict | None = None,
+                 abstain: Abstain | None = None):
         if head.n_out != len(adapters) or centroids.shape != (len(adapters), encoder.dim):
             raise LoramuxError(f"router shapes disagree: head has {head.n_out} outputs, {len(adapters)} adapters, "
                                f"centroids {tuple(centroids.shape)}, encoder dim {encoder.dim}")
@@ -73,25 +100,33 @@ class DlpRouter:
         self.radii = radii.float()
         self.config = config
         self.info = dict(info or {})
+        self.abstain = abstain
+        self.stored_dir: str | None = None
 
     # ------------------------------------------------------------------ routing
     @torch.no_grad()
-    def scores(self, prompts: list[str], *, cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(probabilities (N, K), embeddings (N, d)) for the prompts."""
+    def logits(self, prompts: list[str], *, cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head logits (N, K), embeddings (N, d)) for the prompts."""
         if isinstance(prompts, str):
             raise LoramuxError("route() takes a list of prompts; wrap a single prompt in a list")
         emb = encode_cached(self.encoder, list(prompts)) if cache else self.encoder.encode(list(prompts))
         # The head (a ~5M-parameter MLP) runs on the host, where the embeddings come back to.
-        return torch.softmax(self.head(emb).float(), dim=-1), emb
+        return self.head(emb).float(), emb
+
+    def scores(self, prompts: list[str], *, cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities (N, K), embeddings (N, d)) for the prompts."""
+        logits, emb = self.logits(prompts, cache=cache)
+        return torch.softmax(logits, dim=-1), emb
 
     def route(self, prompts: list[str], config: DlpConfig | None = None, **overrides) -> list[Routing]:
         """One Routing per prompt. `config`/keyword overrides change selection for this call only."""
-        probs, emb = self.scores(prompts)
-        return self.decide(probs, emb, config, **overrides)
+        logits, emb = self.logits(prompts)
+        return self.decide(torch.softmax(logits, dim=-1), emb, config, energies=energy(logits), **overrides)
 
-    def decide(self, probs: torch.Tensor, emb: torch.Tensor | None = None, config: DlpConfig | None = None,
-               **overrides) -> list[Routing]:
-        """Selection on given probabilities (and embeddings, for the distance abstain)."""
+    def decide(self, probs: torch.Tensor, emb: torch.Tensor | None = None, config: DlpConfig | None = None, *,
+               energies: torch.Tensor | None = None, **overrides) -> list[Routing]:
+        """Selection on given probabilities (and embeddings, for the distance abstain; energies, for
+        the stored out-of-library test, which is skipped without them)."""
         cfg = replace(config or self.config, **overrides) if overrides else (config or self.config)
         if probs.ndim != 2 or probs.shape[1] != len(self.adapters):
             raise LoramuxError(f"probabilities must be (N, {len(self.adapters)}); got {tuple(probs.shape)}")
@@ -106,7 +141,11 @@ class DlpRouter:
             named = dict(zip(self.adapters, p))
             top = max(p)
             reason = ""
-            if cfg.min_confidence is not None and top < cfg.min_confidence:
+            if cfg.abstain and self.abstain is not None and energies is not None \
+                    and float(energies[n]) > self.abstain.threshold:
+                reason = (f"no adapter fits: energy {float(energies[n]):.3f} > {self.abstain.threshold:.3f}, "
+                          f"above {self.abstain.recall:.0%} of in-library validation prompts")
+            elif cfg.min_confidence is not None and top < cfg.min_confidence:
                 reason = f"top probability {top:.3f} < min_confidence {cfg.min_confidence}"
             elif dist is not None:
                 d = dist[n]
@@ -146,6 +185,7 @@ class DlpRouter:
                 "dropout": self.head.dropout,
                 "adapters": self.adapters,
                 "selection": asdict(self.config),
+                "abstain": asdict(self.abstain) if self.abstain else None,
                 "info": self.info,
             }, indent=2, sort_keys=True) + "\n")
 
@@ -153,20 +193,27 @@ class DlpRouter:
 
     @classmethod
     def load(cls, library: "Library", name: str = KIND, *, base: "BaseModel | None" = None,
-             encoder: Encoder | None = None, config: DlpConfig | None = None, device: str | None = None) -> "DlpRouter":
-        """Load a stored router; refuses one whose adapters changed since it was trained."""
+             encoder: Encoder | None = None, config: DlpConfig | None = None, device: str | None = None,
+             adapters_may_differ: bool = False) -> "DlpRouter":
+        """Load a stored router; refuses one whose adapters changed since it was trained (unless
+        `adapters_may_differ`: a grown library's old router, read to warm-start its successor)."""
         from safetensors.torch import load_file
 
-        d = library.router_dir(name)  # checks sha256 and that the adapters are unchanged
+        # checks sha256 and that the adapters are unchanged
+        d = library.router_dir(name, adapters_may_differ=adapters_may_differ)
         meta = json.loads((d / CONFIG_FILE).read_text())
         if meta.get("kind") != cls.kind:
             raise LoramuxError(f"router {name!r} is a {meta.get('kind')!r} router, not {cls.kind!r}")
-        encoder = encoder or load_encoder(meta["encoder"], base=base, device=device)
+        if encoder is None or encoder.spec != meta["encoder"]:  # a given encoder is reused only if it is this one
+            encoder = load_encoder(meta["encoder"], base=base, device=device)
         if encoder.dim != meta["encoder_dim"]:
             raise LoramuxError(f"router {name!r} expects {meta['encoder_dim']}-dim embeddings from encoder "
                                f"{meta['encoder']!r}; this encoder gives {encoder.dim}")
         tensors = load_file(str(d / WEIGHTS_FILE))
         head = MlpHead(meta["encoder_dim"], len(meta["adapters"]), tuple(meta["hidden"]), meta["dropout"])
         head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-        return cls(encoder, head, meta["adapters"], tensors["centroids"], tensors["radii"],
-                   config or DlpConfig(**meta["selection"]), meta.get("info"))
+        abstain = Abstain(**meta["abstain"]) if meta.get("abstain") else None
+        router = cls(encoder, head, meta["adapters"], tensors["centroids"], tensors["radii"],
+                     config or DlpConfig(**meta["selection"]), meta.get("info"), abstain)
+        router.stored_dir = d.name  # which stored version this is (a server notices a newer one)
+        return router

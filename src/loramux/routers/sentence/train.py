@@ -1,5 +1,15 @@
 """Train the DLP router: embed each adapter's training prompts once (the encoder is frozen),
-then fit the MLP head with cross-entropy, a stratified validation split and early stopping."""
+then fit the MLP head with cross-entropy, a stratified validation split and early stopping.
+
+Beyond the paper (docs/routing.md):
+- every example is embedded in several formats (formats.py), so the head learns the content
+  rather than each task's template;
+- an out-of-library threshold on the head's energy score, -logsumexp(logits) (Liu et al. 2020,
+  arXiv 2010.03759), is set on the validation prompts alone at `abstain_recall` of them kept, and
+  stored with the router: a prompt scoring above it goes to the base model;
+- `previous` warm-starts the head from an older router of the same encoder (a grown library):
+  only the new prompts are encoded, and the kept adapters' output rows start where they were.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +22,12 @@ import torch
 
 from ...errors import LoramuxError
 from .encoder import DEFAULT_ENCODER, encode_cached, load_encoder
+from .formats import TRAIN_FORMATS, check_formats, render
 from .head import MlpHead
-from .router import DlpConfig, DlpRouter
+from .router import Abstain, DlpConfig, DlpRouter, energy
 
 if TYPE_CHECKING:
-    from ...data import Task
+    from ...data import Example, Task
     from ...library import Library
     from ...models import BaseModel
 
@@ -33,7 +44,9 @@ class DlpTrainConfig:
     patience: int = 5  # epochs without a better validation loss before stopping
     min_delta: float = 1e-4  # what counts as better: a validation loss lower by more than this
     val_fraction: float = 0.1
-    max_per_task: int | None = None  # cap on training prompts per task (None: all)
+    max_per_task: int | None = 200  # cap on training examples per task (None: all)
+    formats: tuple[str, ...] = tuple(TRAIN_FORMATS)  # each example is embedded in every one of these
+    abstain_recall: float | None = 0.95  # share of in-library validation prompts kept; None: never abstain
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,11 +57,14 @@ class DlpTrainConfig:
                 raise LoramuxError(f"{key} must be a positive integer; got {getattr(self, key)!r}")
         if self.max_per_task is not None and self.max_per_task < 1:
             raise LoramuxError(f"max_per_task must be a positive integer or None; got {self.max_per_task!r}")
+        check_formats(tuple(self.formats))
+        if self.abstain_recall is not None and not 0 < self.abstain_recall <= 1:
+            raise LoramuxError(f"abstain_recall must be in (0, 1] or None; got {self.abstain_recall!r}")
 
 
 def labelled_prompts(library: "Library", tasks: list["Task"], *, max_per_task: int | None = None,
-                     seed: int = 0) -> tuple[list[str], list[int], list[str]]:
-    """(prompts, adapter index per prompt, adapter names): each adapter's own tasks, labelled with it."""
+                     seed: int = 0) -> tuple[list["Example"], list[int], list[str]]:
+    """(examples, adapter index per example, adapter names): each adapter's own tasks, labelled with it."""
     by_name = {t.name: t for t in tasks}
     adapters = library.names()
     if not adapters:
@@ -69,7 +85,7 @@ def labelled_prompts(library: "Library", tasks: list["Task"], *, max_per_task: i
             if task_name not in by_name:
                 raise LoramuxError(f"adapter {name!r} was trained on task {task_name!r}, which is not in the given "
                                    f"data (have {sorted(by_name)})")
-            prompts = [ex.prompt for ex in by_name[task_name].examples]
+            prompts = list(by_name[task_name].examples)
             if max_per_task and len(prompts) > max_per_task:
                 prompts = rng.sample(prompts, max_per_task)
             texts += prompts
@@ -90,22 +106,57 @@ def _split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], li
     return sorted(train), sorted(val)
 
 
+def _expand(rows: list[int], n_formats: int) -> list[int]:
+    """Example rows -> rows of the (example, format) matrix: an example's formats stay on one side
+    of the validation split, so validation never sees another format of a training example."""
+    return [r * n_formats + f for r in rows for f in range(n_formats)]
+
+
+def _warm_start(head: MlpHead, previous: DlpRouter | None, adapters: list[str]) -> bool:
+    """Start from `previous`'s head where it fits: same encoder and hidden sizes. Its output rows
+    follow their adapters (kept ones keep what they learned; a new adapter's row starts fresh)."""
+    if previous is None or previous.head.hidden != head.hidden or previous.head.dim != head.dim:
+        return False
+    old = previous.head.state_dict()
+    new = head.state_dict()
+    last = max(k for k in new if k.endswith(".weight"))[: -len(".weight")]
+    for k, v in old.items():
+        if not k.startswith(last + "."):
+            new[k] = v.clone()
+    for j, name in enumerate(adapters):
+        if name in previous.adapters:
+            i = previous.adapters.index(name)
+            new[last + ".weight"][j] = old[last + ".weight"][i]
+            new[last + ".bias"][j] = old[last + ".bias"][i]
+    head.load_state_dict(new)
+    return True
+
+
 def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = DlpTrainConfig(), *,
               base: "BaseModel | None" = None, selection: DlpConfig = DlpConfig(), progress: bool = True,
-              log: Callable[[str], None] = print, device: str | None = None) -> DlpRouter:
+              log: Callable[[str], None] = print, device: str | None = None,
+              previous: DlpRouter | None = None) -> DlpRouter:
     """`device`: where a separate encoder (MiniLM, an HF dir) runs; default the base's, else the CPU.
-    The head is small and trains on the host beside the cached embeddings."""
+    The head is small and trains on the host beside the cached embeddings. `previous`: a router
+    of the same encoder to warm-start from (its encoder object is reused too)."""
     from tqdm.auto import tqdm
 
-    texts, labels, adapters = labelled_prompts(library, tasks, max_per_task=config.max_per_task, seed=config.seed)
-    encoder = load_encoder(config.encoder, base=base, device=device)
-    log(f"router: {len(texts)} prompts for {len(adapters)} adapters; encoder {encoder.spec} ({encoder.dim} dims)")
-    emb = encode_cached(encoder, texts, progress=progress)
-    y = torch.tensor(labels)
-    train_idx, val_idx = _split(labels, config.val_fraction, config.seed)
+    examples, labels, adapters = labelled_prompts(library, tasks, max_per_task=config.max_per_task, seed=config.seed)
+    if previous is not None and previous.encoder.spec == config.encoder:
+        encoder = previous.encoder
+    else:
+        encoder, previous = load_encoder(config.encoder, base=base, device=device), None
+    formats = tuple(config.formats)
+    log(f"router: {len(examples)} prompts x {len(formats)} formats for {len(adapters)} adapters; encoder "
+        f"{encoder.spec} ({encoder.dim} dims)")
+    emb = encode_cached(encoder, [render(ex, f) for ex in examples for f in formats], progress=progress)
+    y = torch.tensor(labels).repeat_interleave(len(formats))
+    train_ex, val_ex = _split(labels, config.val_fraction, config.seed)
+    train_idx, val_idx = _expand(train_ex, len(formats)), _expand(val_ex, len(formats))
 
     torch.manual_seed(config.seed)
     head = MlpHead(encoder.dim, len(adapters), config.hidden, config.dropout)
+    warm = _warm_start(head, previous, adapters)
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
     xt, yt = emb[train_idx], y[train_idx]
@@ -141,12 +192,21 @@ def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = 
     unit = torch.nn.functional.normalize(centroids, dim=-1)
     dist = 1.0 - (emb * unit[y]).sum(-1)
     radii = torch.stack([dist[y == k].max() for k in range(len(adapters))])
+    abstain = None
+    if config.abstain_recall is not None:
+        # On held-out prompts only: the training prompts' scores are optimistically low.
+        with torch.no_grad():
+            scores = energy(head(xv if len(xv) else xt))
+        abstain = Abstain("energy", float(torch.quantile(scores, config.abstain_recall)), config.abstain_recall,
+                          len(scores))
     info = {
-        "train_config": {**asdict(config), "hidden": list(config.hidden)},
-        "n_train": len(train_idx), "n_val": len(val_idx), "best_epoch": best[2],
+        "train_config": {**asdict(config), "hidden": list(config.hidden), "formats": list(formats)},
+        "n_train": len(train_idx), "n_val": len(val_idx), "best_epoch": best[2], "warm_start": warm,
         "val_loss": best[0], "val_accuracy": history[best[2] - 1]["val_accuracy"], "head_params": head.n_params,
         "history": history,
     }
     log(f"router: best epoch {best[2]}, validation loss {best[0]:.4f}, accuracy "
-        f"{info['val_accuracy']:.4f}; head {head.n_params:,} parameters")
-    return DlpRouter(encoder, head, adapters, centroids, radii, selection, info)
+        f"{info['val_accuracy']:.4f}; head {head.n_params:,} parameters"
+        + (f"; abstains above energy {abstain.threshold:.3f} ({abstain.recall:.0%} of validation prompts kept)"
+           if abstain else ""))
+    return DlpRouter(encoder, head, adapters, centroids, radii, selection, info, abstain)
