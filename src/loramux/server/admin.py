@@ -16,7 +16,8 @@ from .core import ApiError, Server
 from .protocol import ERRORS, AdapterLoaded, AdapterLoadRequest, AdapterUnloaded
 
 
-def swap_in(server: Server, name: str, target: Path, expected_version: int | None) -> dict:
+def swap_in(server: Server, name: str, target: Path, expected_version: int | None,
+            tasks: list[str] | None = None) -> dict:
     """Add or replace adapter `name` from the PEFT dir `target` (on the model's thread)."""
     from ..fusion.model import library_identity
     from ..library.checks import check_against_base, read_peft_dir
@@ -37,7 +38,8 @@ def swap_in(server: Server, name: str, target: Path, expected_version: int | Non
 
     def commit() -> str:  # the library changes only once the engine holds the new version
         nonlocal spec
-        spec = library.add(name, files, base=engine.base, replace=current is not None)
+        kept = library.get(name).tasks if current is not None and tasks is None else ()
+        spec = library.add(name, files, base=engine.base, replace=current is not None, tasks=tasks or kept)
         return library_identity(spec)
 
     engine.fused.put_adapter(name, files, commit)
@@ -69,7 +71,7 @@ def add_admin_routes(app, server: Server) -> None:
             raise ApiError(400, f"path: {e}", "path") from None
         if not target.is_relative_to(Path(root).expanduser().resolve()):
             raise ApiError(403, f"path {body.path!r} is outside the allowed adapter root", "path", "forbidden")
-        return await server.on_model_thread(lambda: swap_in(server, body.name, target, body.expected_version),
+        return await server.on_model_thread(lambda: swap_in(server, body.name, target, body.expected_version, body.tasks),
                                             exclusive=True)
 
     @app.delete("/v1/adapters/{name}", response_model=AdapterUnloaded, responses=ERRORS, dependencies=admin)

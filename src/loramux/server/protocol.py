@@ -196,6 +196,9 @@ class AdapterLoadRequest(Strict):
     name: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     path: Annotated[StrictStr, Field(min_length=1)]
     expected_version: Annotated[StrictInt, Field(ge=0)] | None = None
+    tasks: list[Annotated[StrictStr, Field(min_length=1, max_length=128)]] | None = Field(
+        None, max_length=64, description="The tasks the adapter was trained on (a DLP router retrains on them); "
+                                         "a replace keeps the old ones when absent.")
 
 
 def request_models(max_tokens_limit: int, vocab_size: int) -> tuple[type[CompletionRequest], type[ChatRequest]]:
