@@ -81,7 +81,8 @@ def scale(d: dict) -> list[tuple[str, str]]:
 def router_dlp(d: dict) -> list[tuple[str, str]]:
     rows = [(f"DLP router ({d['encoder']} + {d['head_params'] / 1e6:.2f}M-param head) on the "
              f"{d['library']['adapters']} test sets, {d['n_test']:,} prompts",
-             f"top-1 accuracy {d['accuracy']:.3f}; {d['latency_ms_b1']:.1f} ms per prompt at batch 1, "
+             f"top-1 accuracy {d['accuracy']:.3f} (prompts in their training template: template recognition); "
+             f"{d['latency_ms_b1']:.1f} ms per prompt at batch 1, "
              f"{d['latency_ms_b32']:.1f} ms at batch 32; routing {100 * d['routing_share_of_generation']:.1f}% "
              f"of a 32-token routed generation")]
     c = d.get("composite")
@@ -149,8 +150,27 @@ def composite(d: dict) -> list[tuple[str, str]]:
              + (f" (still to run: {', '.join(d['missing'])})" if d.get("missing") else ""))]
 
 
+def routing_real(d: dict) -> list[tuple[str, str]]:
+    f, a, g = d["formats"], d["abstention"], d["growth"]
+    drop = a["composite_drop_points"]
+    return [
+        (f"DLP router trained on 6 formats, {sum(d['n_test'].values()):,} in-library test prompts in 3 formats",
+         f"top-1 own template {f['own']:.3f}, a template never trained on {f['other_template']:.3f}, raw content "
+         f"{f['raw']:.3f}"),
+        (f"DLP abstention (energy, threshold at {a['threshold_recall_on_validation']:.0%} validation recall) vs "
+         f"{len(d['n_unseen'])} BIG-bench tasks outside the library ({sum(d['n_unseen'].values())} prompts)",
+         f"AUROC {a['auroc']:.3f}; {a['abstain_rate_at_95_recall']:.1%} of them abstained, in-library recall "
+         f"{a['per_format']['own']['in_library_recall_at_threshold']:.1%}; composite cost "
+         + (f"{drop['measured']:.2f} points" if drop.get("measured") is not None
+            else f"≤ {drop['upper_bound']:.2f} points (bound; estimate {drop['estimate']:.2f}, not measured)")),
+        (f"a 15th adapter added and the DLP head retrained from cached embeddings ({d['library']})",
+         f"{d['growth_seconds']:.1f} s (add {g['add_adapter_s']:.1f}, retrain {g['retrain_head_s']:.1f}, load "
+         f"{g['load_new_router_s']:.1f}; the 14-adapter router's full training {g['first_train_seconds_for_comparison']:.1f} s)"),
+    ]
+
+
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
-           ("router_dlp.json", router_dlp), ("arrow.json", arrow), ("mole.json", mole),
+           ("router_dlp.json", router_dlp), ("routing_real.json", routing_real), ("arrow.json", arrow), ("mole.json", mole),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 

@@ -42,6 +42,7 @@ class DlpTrainConfig:
     batch_size: int = 64
     max_epochs: int = 50
     patience: int = 5  # epochs without a better validation loss before stopping
+    warm_patience: int = 1  # the same for a warm-started head, which starts near its optimum
     min_delta: float = 1e-4  # what counts as better: a validation loss lower by more than this
     val_fraction: float = 0.1
     max_per_task: int | None = 200  # cap on training examples per task (None: all)
@@ -52,7 +53,7 @@ class DlpTrainConfig:
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
             raise LoramuxError(f"val_fraction must be in (0, 1); got {self.val_fraction!r}")
-        for key in ("batch_size", "max_epochs", "patience"):
+        for key in ("batch_size", "max_epochs", "patience", "warm_patience"):
             if getattr(self, key) < 1:
                 raise LoramuxError(f"{key} must be a positive integer; got {getattr(self, key)!r}")
         if self.max_per_task is not None and self.max_per_task < 1:
@@ -71,7 +72,6 @@ def labelled_prompts(library: "Library", tasks: list["Task"], *, max_per_task: i
         raise LoramuxError(f"library {str(library.path)!r} has no adapters to route between")
     owner: dict[str, str] = {}
     texts, labels = [], []
-    rng = random.Random(seed)
     for k, name in enumerate(adapters):
         own = library.get(name).tasks
         if not own:
@@ -87,7 +87,8 @@ def labelled_prompts(library: "Library", tasks: list["Task"], *, max_per_task: i
                                    f"data (have {sorted(by_name)})")
             prompts = list(by_name[task_name].examples)
             if max_per_task and len(prompts) > max_per_task:
-                prompts = rng.sample(prompts, max_per_task)
+                # seeded per task: a grown library samples its old tasks' prompts as before (cached embeddings)
+                prompts = random.Random(f"{seed}/{task_name}").sample(prompts, max_per_task)
             texts += prompts
             labels += [k] * len(prompts)
     return texts, labels, adapters
@@ -163,6 +164,7 @@ def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = 
     xv, yv = emb[val_idx], y[val_idx]
     best = (math.inf, None, 0)  # (val loss, state, epoch)
     history = []
+    patience = config.warm_patience if warm else config.patience
     bar = tqdm(range(1, config.max_epochs + 1), desc="train router", unit="epoch", disable=not progress)
     for epoch in bar:
         head.train()
@@ -181,7 +183,7 @@ def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = 
         bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
         if val_loss < best[0] - config.min_delta:
             best = (val_loss, {k: v.clone() for k, v in head.state_dict().items()}, epoch)
-        elif epoch - best[2] >= config.patience:
+        elif epoch - best[2] >= patience:
             break
     bar.close()
     head.load_state_dict(best[1])
