@@ -157,10 +157,12 @@ def routing_real(d: dict) -> list[tuple[str, str]]:
         (f"DLP router trained on 6 formats, {sum(d['n_test'].values()):,} in-library test prompts in 3 formats",
          f"top-1 own template {f['own']:.3f}, a template never trained on {f['other_template']:.3f}, raw content "
          f"{f['raw']:.3f}"),
-        (f"DLP abstention (energy, threshold at {a['threshold_recall_on_validation']:.0%} validation recall) vs "
+        (f"DLP abstention (energy, per-adapter thresholds at {a['threshold_recall_on_validation']:.0%} validation "
+         f"recall) vs "
          f"{len(d['n_unseen'])} BIG-bench tasks outside the library ({sum(d['n_unseen'].values())} prompts)",
-         f"AUROC {a['auroc']:.3f}; {a['abstain_rate_at_95_recall']:.1%} of them abstained, in-library recall "
-         f"{a['per_format']['own']['in_library_recall_at_threshold']:.1%}; composite cost "
+         f"AUROC {a['auroc']:.3f}; {a['abstain_rate_at_95_recall']:.1%} of them abstained at 95% in-library recall; "
+         f"at the stored thresholds {a['per_format']['own']['out_of_library_abstained_at_stored_thresholds']:.1%}, "
+         f"in-library recall {a['per_format']['own']['in_library_recall_at_stored_thresholds']:.1%}; composite cost "
          + (f"{drop['measured']:.2f} points" if drop.get("measured") is not None
             else f"≤ {drop['upper_bound']:.2f} points (bound; estimate {drop['estimate']:.2f}, not measured)")),
         (f"a 15th adapter added and the DLP head retrained from cached embeddings ({d['library']})",

@@ -32,7 +32,8 @@ def routed_lib(task_lib, task_dir, bert_dir, tiny_model_dir):
 
 def test_strategies_side_by_side(tiny_model_dir, routed_lib, task_dir):
     tasks = load_tasks(task_dir, split="test")
-    config = EvalConfig(("base", "oracle", "uniform", "dlp", "dlp_p1.0", "arrow", "mole"), limit_per_task=4, seed=1)
+    config = EvalConfig(("base", "oracle", "uniform", "dlp", "dlp_p1.0", "dlp_p1.0_open", "arrow", "mole"),
+                        limit_per_task=4, seed=1)
     result = evaluate(FusedModel(load_base(str(tiny_model_dir))), routed_lib, tasks, config, progress=False,
                       log=lambda s: None)
     s = result["strategies"]
@@ -43,7 +44,8 @@ def test_strategies_side_by_side(tiny_model_dir, routed_lib, task_dir):
         assert v["metric"] == dict.fromkeys(WORDS, "exact_str_match")
     assert s["dlp"]["per_task"] == s["oracle"]["per_task"]  # the router picks each task's own adapter
     routing = result["routing"]
-    assert set(routing) == {"dlp", "dlp_p1.0"}  # only per-prompt routers have a confusion matrix
+    assert set(routing) == {"dlp", "dlp_p1.0", "dlp_p1.0_open"}  # only per-prompt routers have a confusion matrix
+    assert s["dlp_p1.0_open"] == s["dlp_p1.0"] | {"seconds": s["dlp_p1.0_open"]["seconds"]}  # nothing to abstain on here
     assert routing["dlp"]["labels"] == result["adapters"] and routing["dlp"]["top1_accuracy"] == 1.0
     assert sorted(result["adapters"]) == sorted(WORDS)  # one adapter per task, named after it: diagonal
     assert routing["dlp"]["confusion"] == [[4 * (i == j) for j in range(3)] for i in range(3)]

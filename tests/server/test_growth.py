@@ -2,6 +2,7 @@
 head is retrained for it from cached embeddings, and the server switches routers atomically while
 it keeps answering routed requests."""
 
+import pytest
 import threading
 
 import httpx
@@ -16,6 +17,15 @@ from loramux.server.background import serve_in_background
 
 from ..library.conftest import make_peft_dir
 from ..routers.sentence.conftest import WORDS, bert_dir, task_dir, task_prompts  # noqa: F401 (fixtures)
+
+
+@pytest.fixture
+def where():
+    """Router training and routing do not depend on the model's dtype: these tests run once, CPU fp32."""
+    from ..conftest import Where
+
+    return Where("cpu", "float32")
+
 
 CONFIG = DlpTrainConfig(hidden=(64,), max_epochs=60, patience=10, lr=3e-3, batch_size=16, formats=("own",),
                         abstain_recall=None)

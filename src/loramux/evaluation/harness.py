@@ -28,7 +28,8 @@ FIXED = ("base", "oracle", "uniform")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    strategies: tuple[str, ...] = ("base", "oracle", "uniform")  # + dlp, dlp_p<P>, arrow, mole[:name]
+    # + dlp, dlp_p<P> (either with "_open": the stored out-of-library test off), arrow, mole[:name]
+    strategies: tuple[str, ...] = ("base", "oracle", "uniform")
     limit_per_task: int | None = None  # a seeded sample of each task's test set
     seed: int = 0
     batch_size: int = 8
@@ -37,11 +38,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for s in self.strategies:
             if s not in FIXED and s != "arrow" and not s.startswith(("dlp", "mole")):
-                raise LoramuxError(f"unknown strategy {s!r}; use {list(FIXED)}, dlp, dlp_p<top-p> (e.g. dlp_p0.9), "
-                                   f"arrow or mole[:<stored router name>]")
+                raise LoramuxError(f"unknown strategy {s!r}; use {list(FIXED)}, dlp, dlp_p<top-p> (e.g. dlp_p0.9; "
+                                   f"'_open' after either: no abstaining), arrow or mole[:<stored router name>]")
             if s.startswith("dlp_p"):
                 try:
-                    float(s[5:])
+                    float(s[5:].removesuffix("_open"))
                 except ValueError:
                     raise LoramuxError(f"strategy {s!r}: the top-p after 'dlp_p' must be a number") from None
 
@@ -90,7 +91,8 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
         else:  # dlp, dlp_p<P>: each prompt routed on its own, in the shuffled pool's order
             from ..routers import load_router
 
-            router = load_router(library, "dlp", **({"top_p": float(s[5:])} if s.startswith("dlp_p") else {}))
+            options = {"top_p": float(s[5:].removesuffix("_open"))} if s.startswith("dlp_p") else {}
+            router = load_router(library, "dlp", **options, **({"abstain": False} if s.endswith("_open") else {}))
             plans[s] = {}
             for b in range(0, len(pool), 32):
                 batch = pool[b:b + 32]

@@ -10,6 +10,15 @@ from loramux.routers.sentence import Abstain, DlpRouter, DlpTrainConfig, energy,
 from ...library.conftest import make_peft_dir
 from .conftest import WORDS, task_prompts
 
+
+@pytest.fixture
+def where():
+    """Router training and routing do not depend on the model's dtype: these tests run once, CPU fp32."""
+    from ...conftest import Where
+
+    return Where("cpu", "float32")
+
+
 CONFIG = DlpTrainConfig(hidden=(64,), max_epochs=60, patience=10, lr=3e-3, batch_size=16, formats=("own",),
                         abstain_recall=0.9)
 OUTSIDE = ["hello world zebra quantum", "quantum quantum hello", "zebra world"]
@@ -24,6 +33,7 @@ def test_threshold_from_validation_prompts_stored_and_applied(task_lib, task_dir
     router = train(task_lib, task_dir, bert_dir)
     a = router.abstain
     assert a.score == "energy" and a.recall == 0.9 and a.n_val == 12  # ceil(0.1 * 40) prompts of each of 3 tasks
+    assert sorted(a.per_adapter) == sorted(WORDS)
     inside = [p for t in WORDS for p in task_prompts(t, 10, offset=1)]
     routed = router.route(inside + OUTSIDE)
     kept = [not r.abstained for r in routed[:len(inside)]]
@@ -46,6 +56,10 @@ def test_decide_uses_given_energies_only():
     probs = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
     out = router.decide(probs, energies=torch.tensor([0.5, -0.5]))
     assert [r.abstained for r in out] == [True, False]
+    # each adapter's own threshold, the global one where an adapter has none
+    router.abstain = Abstain("energy", 0.0, 0.95, 10, {"x": 1.0})
+    out = router.decide(torch.tensor([[0.9, 0.1], [0.1, 0.9]]), energies=torch.tensor([0.5, 0.5]))
+    assert [r.abstained for r in out] == [False, True] and "'y'" in out[1].reason
     assert not any(r.abstained for r in router.decide(probs))  # constructed probabilities: no energies, no test
     with pytest.raises(Exception, match="abstain test"):
         Abstain("msp", 0.1, 0.95, 10)

@@ -7,6 +7,15 @@ from loramux.data.bigbench import parse_bigbench
 from loramux.errors import LoramuxError
 from loramux.routers.sentence import FORMATS, HELD_OUT_FORMATS, TRAIN_FORMATS, DlpTrainConfig, render
 
+
+@pytest.fixture
+def where():
+    """Router training and routing do not depend on the model's dtype: these tests run once, CPU fp32."""
+    from ...conftest import Where
+
+    return Where("cpu", "float32")
+
+
 TASK = {"task_prefix": "Pick the colour.\n", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: ",
         "examples": [{"input": "What colour is the sky?", "target_scores": {"blue": 1, "red": 0}},
                      {"input": "Name a fruit", "target": "apple"}]}

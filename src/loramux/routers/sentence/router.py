@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -43,18 +43,26 @@ def energy(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Abstain:
-    """The stored out-of-library test: abstain when `score` exceeds `threshold`, which kept
-    `recall` of the `n_val` in-library validation prompts when it was set."""
+    """The stored out-of-library test: abstain when `score` exceeds the threshold of the adapter the
+    head ranks first (`per_adapter`; `threshold` where an adapter had no validation prompts). Each
+    adapter's threshold kept `recall` of its own in-library validation prompts (`n_val` in all)
+    when it was set: one global threshold let through the tasks with confident heads and abstained
+    on a third of the prompts of others (docs/routing.md)."""
 
     score: str
     threshold: float
     recall: float
     n_val: int
+    per_adapter: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.score != "energy" or not math.isfinite(self.threshold):
-            raise LoramuxError(f"unknown abstain test {self.score!r} / threshold {self.threshold!r}; "
-                               f"this version reads 'energy' with a finite threshold")
+        values = [self.threshold, *self.per_adapter.values()]
+        if self.score != "energy" or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise LoramuxError(f"unknown abstain test {self.score!r} / thresholds {values[:4]!r}; "
+                               f"this version reads 'energy' with finite thresholds")
+
+    def limit(self, adapter: str) -> float:
+        return self.per_adapter.get(adapter, self.threshold)
 
 
 @dataclass(frozen=True)
@@ -141,10 +149,11 @@ class DlpRouter:
             named = dict(zip(self.adapters, p))
             top = max(p)
             reason = ""
+            first = self.adapters[p.index(top)]
             if cfg.abstain and self.abstain is not None and energies is not None \
-                    and float(energies[n]) > self.abstain.threshold:
-                reason = (f"no adapter fits: energy {float(energies[n]):.3f} > {self.abstain.threshold:.3f}, "
-                          f"above {self.abstain.recall:.0%} of in-library validation prompts")
+                    and float(energies[n]) > self.abstain.limit(first):
+                reason = (f"no adapter fits: energy {float(energies[n]):.3f} > {self.abstain.limit(first):.3f}, "
+                          f"above {self.abstain.recall:.0%} of {first!r}'s validation prompts")
             elif cfg.min_confidence is not None and top < cfg.min_confidence:
                 reason = f"top probability {top:.3f} < min_confidence {cfg.min_confidence}"
             elif dist is not None:

@@ -4,9 +4,10 @@ then fit the MLP head with cross-entropy, a stratified validation split and earl
 Beyond the paper (docs/routing.md):
 - every example is embedded in several formats (formats.py), so the head learns the content
   rather than each task's template;
-- an out-of-library threshold on the head's energy score, -logsumexp(logits) (Liu et al. 2020,
-  arXiv 2010.03759), is set on the validation prompts alone at `abstain_recall` of them kept, and
-  stored with the router: a prompt scoring above it goes to the base model;
+- out-of-library thresholds on the head's energy score, -logsumexp(logits) (Liu et al. 2020,
+  arXiv 2010.03759), one per adapter, are set on the validation prompts alone at `abstain_recall`
+  of each adapter's prompts kept, and stored with the router: a prompt scoring above the
+  threshold of the adapter it would go to is sent to the base model;
 - `previous` warm-starts the head from an older router of the same encoder (a grown library):
   only the new prompts are encoded, and the kept adapters' output rows start where they were.
 """
@@ -198,9 +199,12 @@ def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = 
     if config.abstain_recall is not None:
         # On held-out prompts only: the training prompts' scores are optimistically low.
         with torch.no_grad():
-            scores = energy(head(xv if len(xv) else xt))
-        abstain = Abstain("energy", float(torch.quantile(scores, config.abstain_recall)), config.abstain_recall,
-                          len(scores))
+            logits = head(xv if len(xv) else xt)
+        scores, target = energy(logits), (yv if len(xv) else yt)
+        q = config.abstain_recall
+        abstain = Abstain("energy", float(torch.quantile(scores, q)), q, len(scores),
+                          {a: float(torch.quantile(scores[target == k], q)) for k, a in enumerate(adapters)
+                           if bool((target == k).any())})
     info = {
         "train_config": {**asdict(config), "hidden": list(config.hidden), "formats": list(formats)},
         "n_train": len(train_idx), "n_val": len(val_idx), "best_epoch": best[2], "warm_start": warm,
@@ -209,6 +213,6 @@ def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = 
     }
     log(f"router: best epoch {best[2]}, validation loss {best[0]:.4f}, accuracy "
         f"{info['val_accuracy']:.4f}; head {head.n_params:,} parameters"
-        + (f"; abstains above energy {abstain.threshold:.3f} ({abstain.recall:.0%} of validation prompts kept)"
+        + (f"; abstains above each adapter's energy threshold ({abstain.recall:.0%} of its validation prompts kept)"
            if abstain else ""))
     return DlpRouter(encoder, head, adapters, centroids, radii, selection, info, abstain)

@@ -1,0 +1,129 @@
+"""Tasks outside the library: the 14-task library scored zero-shot on 8 BIG-bench tasks that no
+adapter was trained on, every strategy through one harness. Writes benchmarks/results/unseen.json
+(`average` {strategy: score}, `per_task`), a row as soon as it is scored; a rerun keeps rows
+whose recipe is unchanged, so the run can span sessions.
+
+    python benchmarks/unseen.py [--data-dir ../shared/data/bigbench] [--limit-per-task 40]
+        [--strategies base,uniform,...] [--mole-steps 30] [--multitask-steps 0] [--mbc-k 5]
+
+The tasks (snarks, ruin_names, movie_recommendation, anachronisms, emoji_movie,
+analogical_similarity, metaphor_boolean, fantasy_reasoning) are fetched with `loramux data fetch
+bigbench` into $LORAMUX_HOME/data/unseen and never committed. The library, its DLP router, MoLE
+gates, merges, multi-task LoRA and MBC cluster library are composite.py's, built (or reused) in
+the same cache. Strategies:
+  base; uniform (every adapter, equal weights); dlp (the stored router, abstaining by its stored
+  per-adapter thresholds); dlp_soft (top-p 0.9 over related adapters, never abstaining); arrow;
+  mbc_arrow; mole (layer gates); ties; multitask.
+Arrow with general-knowledge subtraction (PEFT's `use_gks`) is not implemented in loramux; it is
+listed under `not_run` with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from composite import (RESULTS, common_args, ensure_dlp, ensure_library, ensure_mbc, ensure_merges, ensure_mole,
+                       ensure_multitask, library_sha, log)
+
+from loramux import Library, LoraTrainConfig, load_base, load_tasks
+from loramux.bench.machine import machine
+from loramux.data.fetch import fetch_bigbench
+from loramux.evaluation.harness import EvalConfig, evaluate
+from loramux.fusion import FusedModel
+
+UNSEEN = ("snarks", "ruin_names", "movie_recommendation", "anachronisms", "emoji_movie", "analogical_similarity",
+          "metaphor_boolean", "fantasy_reasoning")
+# strategy -> what the harness runs, and over which library ("lib": the private library; else a side one)
+STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("dlp", "lib"),
+              "dlp_soft": ("dlp_p0.9_open", "lib"), "arrow": ("arrow", "lib"), "mole": ("mole:mole_layer", "lib"),
+              "ties": ("oracle", "ties"), "multitask": ("oracle", "multitask"), "mbc_arrow": ("arrow", "mbc")}
+NOT_RUN = {"arrow_gks": "not implemented: PEFT's use_gks subtracts general-knowledge adapters, which neither "
+                        "loramux's Arrow nor this library has yet"}
+
+
+def main() -> None:
+    ap = common_args(__doc__)
+    ap.add_argument("--unseen-dir", default=None, help="default: $LORAMUX_HOME/data/unseen (fetched if missing)")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--mole-steps", type=int, default=30)
+    ap.add_argument("--multitask-steps", type=int, default=0, help="0: the library's total steps")
+    ap.add_argument("--mbc-k", type=int, default=5)
+    ap.add_argument("--output", default=str(RESULTS / "unseen.json"))
+    args = ap.parse_args()
+
+    from loramux._home import default_library_path, loramux_home, prediction_cache_path
+
+    wanted = [s for s in args.strategies.split(",") if s]
+    if set(wanted) - set(STRATEGIES):
+        raise SystemExit(f"--strategies {sorted(set(wanted) - set(STRATEGIES))}: unknown; choose from "
+                         f"{', '.join(STRATEGIES)}")
+    unseen_dir = Path(args.unseen_dir or loramux_home() / "data" / "unseen")
+    missing = [t for t in UNSEEN if not (unseen_dir / t / "test.json").is_file()]
+    if missing:
+        log(f"fetching {missing}")
+        fetch_bigbench(missing, unseen_dir)
+    test = load_tasks(str(unseen_dir), list(UNSEEN), "test")
+    base = load_base(args.model) if args.model else load_base()
+    tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
+    out = Path(args.output)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    recipe = {"model": base.fingerprint, "library_tasks": tasks, "adapter": LoraTrainConfig().to_dict(),
+              "unseen": {t.name: len(t) for t in test}, "limit_per_task": args.limit_per_task, "seed": args.seed,
+              "mole_steps": args.mole_steps, "multitask_steps": args.multitask_steps, "mbc_k": args.mbc_k}
+    if result.get("recipe") != recipe:
+        result = {"recipe": recipe, "per_task": {}, "average": {}, "library_sha": {}}
+    timings: dict = result.setdefault("train_seconds", {})
+    lib = Library(Path(args.library or default_library_path()), create=True)
+    ensure_library(base, lib, args.data_dir, tasks)
+    work = Library(lib.path.with_name(lib.path.name + "-baselines"), create=True)
+    config = EvalConfig((), args.limit_per_task, args.seed, cache_dir=str(prediction_cache_path()))
+    started = time.perf_counter()
+    for s in wanted:
+        if s in result["average"]:
+            continue
+        harness, where = STRATEGIES[s]
+        if s.startswith("dlp"):
+            ensure_dlp(lib, args.data_dir, timings)
+        if s == "mole":
+            ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
+        if where == "lib":
+            side = lib
+        elif where == "mbc":
+            from loramux.library.clustering import Clustering
+
+            committed = RESULTS / f"mbc_k{args.mbc_k}" / "clustering.json"
+            side, _ = ensure_mbc(base, lib, args.data_dir, args.mbc_k,
+                                 clustering=Clustering.load(committed) if committed.is_file() else None)
+        else:  # a merge or the multi-task LoRA, alone, from the side library
+            if where == "multitask":
+                result["multitask_steps_used"] = ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps)
+            else:
+                ensure_merges(base, lib, work, timings)
+            side = Library(Path(tempfile.mkdtemp()) / "one", create=True)
+            side.add(where, work.adapter_dir(where), base=base, tasks=tuple(t.name for t in test))
+        fused = FusedModel(base)
+        r = evaluate(fused, side, test, dataclasses.replace(config, strategies=(harness,)), log=log)
+        fused.unfuse()
+        row = r["strategies"][harness]
+        result["per_task"][s], result["average"][s] = row["per_task"], row["average"]
+        result["library_sha"][s] = library_sha(side) if where != "lib" else library_sha(lib)
+        if "routing" in r:
+            result.setdefault("routing", {})[s] = {"abstained": r["routing"][harness].get("abstained"),
+                                                   "mean_adapters": r["routing"][harness].get("mean_adapters")}
+        result.update(metric=row["metric"], n_per_task=r["n_per_task"], command="python " + " ".join(sys.argv),
+                      date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
+                      not_run=NOT_RUN, missing=[x for x in wanted if x not in result["average"]])
+        log(f"{s}: average {row['average']:.4f}")
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    result["wall_seconds_last_run"] = round(time.perf_counter() - started, 1)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
