@@ -76,9 +76,9 @@ def ensure_library(base, lib: Library, data_dir: str, tasks: list[str]) -> None:
 def ensure_dlp(lib: Library, data_dir: str, timings: dict) -> None:
     from loramux.routers.sentence import train_dlp
 
-    try:
-        lib.router_dir("dlp")
-        return
+    try:  # a router stored before abstention existed has no thresholds: trained again
+        if json.loads((lib.router_dir("dlp") / "router.json").read_text()).get("abstain") is not None:
+            return
     except Exception:
         pass
     log("training the DLP router")

@@ -156,7 +156,9 @@ def routing_real(d: dict) -> list[tuple[str, str]]:
     return [
         (f"DLP router trained on 6 formats, {sum(d['n_test'].values()):,} in-library test prompts in 3 formats",
          f"top-1 own template {f['own']:.3f}, a template never trained on {f['other_template']:.3f}, raw content "
-         f"{f['raw']:.3f}"),
+         f"{f['raw']:.3f} (abstention off; the stored thresholds abstain on "
+         + ", ".join(f"{100 * d['formats_detail'][k]['abstained_at_stored_thresholds']:.1f}%" for k in f)
+         + " of them)"),
         (f"DLP abstention (energy, per-adapter thresholds at {a['threshold_recall_on_validation']:.0%} validation "
          f"recall) vs "
          f"{len(d['n_unseen'])} BIG-bench tasks outside the library ({sum(d['n_unseen'].values())} prompts)",
@@ -166,7 +168,8 @@ def routing_real(d: dict) -> list[tuple[str, str]]:
          + (f"{drop['measured']:.2f} points" if drop.get("measured") is not None
             else f"≤ {drop['upper_bound']:.2f} points (bound; estimate {drop['estimate']:.2f}, not measured)")),
         (f"a 15th adapter added and the DLP head retrained from cached embeddings ({d['library']})",
-         f"{d['growth_seconds']:.1f} s (add {g['add_adapter_s']:.1f}, retrain {g['retrain_head_s']:.1f}, load "
+         f"{d['growth_seconds']:.1f} s, {g['prompts_encoded']:,} of {g['prompts_in_training']:,} prompts encoded "
+         f"(add {g['add_adapter_s']:.1f}, retrain {g['retrain_head_s']:.1f}, load "
          f"{g['load_new_router_s']:.1f}; the 14-adapter router's full training {g['first_train_seconds_for_comparison']:.1f} s)"),
     ]
 

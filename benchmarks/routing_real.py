@@ -70,7 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"))
     ap.add_argument("--unseen-dir", default=None, help="default: $LORAMUX_HOME/data/unseen (fetched if missing)")
-    ap.add_argument("--library", default=None, help="a library with one adapter per task (default: stand-ins)")
+    ap.add_argument("--library", default=None, help="a library with one adapter per task, named after it (copied "
+                                                    "first; default: stand-ins)")
     ap.add_argument("--output", default=str(RESULTS / "routing_real.json"))
     args = ap.parse_args()
 
@@ -86,8 +87,10 @@ def main() -> None:
     unseen = load_tasks(str(unseen_dir), list(UNSEEN), "test")
     base = load_base()
     work = Path(tempfile.mkdtemp(prefix="routing_real-"))
-    if args.library:
-        lib = Library(args.library)
+    if args.library:  # a copy: the growth step adds an adapter and a router to it
+        import shutil
+
+        lib = Library(shutil.copytree(args.library, work / "library"))
     else:
         lib = Library(work / "library", create=True)
         for i, t in enumerate(names):
@@ -149,6 +152,9 @@ def main() -> None:
     abst["per_format"] = per_format
     abst["auroc"] = per_format["own"]["auroc"]
     abst["abstain_rate_at_95_recall"] = per_format["own"]["out_of_library_abstained_at_95_recall"]
+    abst["abstain_rate_at_95_recall_note"] = (
+        "a point of the ROC curve: the cut-off that keeps 95% of the in-library *test* prompts, for reporting only; "
+        "what a served router does is the stored thresholds' row (set on validation prompts alone)")
     # Abstaining on an in-library prompt serves it with the base model: it loses at most that prompt's
     # score (in [0, 1]), so the composite (mean over tasks of mean over prompts) drops by at most the
     # mean per-task abstained share. The estimate assumes abstained prompts gain what their task's
@@ -169,6 +175,9 @@ def main() -> None:
 
     # Growth: a 15th adapter, then the router retrained from cached embeddings, warm-started.
     new = load_tasks(str(unseen_dir), [NEW_TASK], "train")
+    encoded: list[str] = []
+    real_encode = router.encoder.encode
+    router.encoder.encode = lambda texts, **kw: encoded.extend(texts) or real_encode(texts, **kw)
     started = time.perf_counter()
     stand_in(base, lib, NEW_TASK, work / "peft", seed=99)
     added = time.perf_counter()
@@ -182,6 +191,7 @@ def main() -> None:
     out["growth_seconds"] = round(loaded - started, 1)  # the first training's time includes whatever it encoded
     out["growth"] = {"add_adapter_s": round(added - started, 1), "retrain_head_s": round(trained - added, 1),
                      "load_new_router_s": round(loaded - trained, 1), "warm_start": grown.info["warm_start"],
+                     "prompts_encoded": len(encoded), "prompts_in_training": grown.info["n_train"] + grown.info["n_val"],
                      "new_task": NEW_TASK, "new_task_test_top1": round(routed.count(NEW_TASK) / len(routed), 4),
                      "first_train_seconds_for_comparison": round(train_seconds, 1),
                      "first_train_note": "this run's 14-adapter training; its embeddings may come from the cache of "

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from composite import (RESULTS, common_args, ensure_dlp, ensure_library, ensure_mbc, ensure_merges, ensure_mole,
                        ensure_multitask, library_sha, log)
+from routing_real import UNSEEN
 
 from loramux import Library, LoraTrainConfig, load_base, load_tasks
 from loramux.bench.machine import machine
@@ -37,8 +38,6 @@ from loramux.data.fetch import fetch_bigbench
 from loramux.evaluation.harness import EvalConfig, evaluate
 from loramux.fusion import FusedModel
 
-UNSEEN = ("snarks", "ruin_names", "movie_recommendation", "anachronisms", "emoji_movie", "analogical_similarity",
-          "metaphor_boolean", "fantasy_reasoning")
 # strategy -> what the harness runs, and over which library ("lib": the private library; else a side one)
 STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("dlp", "lib"),
               "dlp_soft": ("dlp_p0.9_open", "lib"), "arrow": ("arrow", "lib"), "mole": ("mole:mole_layer", "lib"),

@@ -59,8 +59,9 @@ def test_routing_confusion_counts_the_top_adapter_per_prompt():
 
     owner = {"t1": "a", "t2": "b", "t3": "c"}
     plan = {("t1", 0): {"a": 0.7, "b": 0.3}, ("t1", 1): {"b": 0.6, "a": 0.4}, ("t2", 0): {"a": 0.5, "b": 0.5},
-            ("t3", 0): {"c": 1.0}, ("t3", 1): None, ("unowned", 0): {"a": 1.0}}
+            ("t3", 0): {"c": 1.0}, ("t3", 1): None, ("unowned", 0): {"a": 1.0}, ("unowned", 1): None}
     r = routing_confusion(plan, owner, ["a", "b", "c"])
+    assert r["abstained"] == 2  # every prompt sent to the base model, a task outside the library's too
     # the tie in t2 goes to the first adapter in library order; base (None) and unowned tasks are not counted
     assert r["confusion"] == [[1, 1, 0], [1, 0, 0], [0, 0, 1]] and r["top1_accuracy"] == 0.5
     # mixture sizes 2, 2, 2, 1 and the true adapter's share 0.7, 0.4, 0.5, 1.0 over the 4 counted prompts

@@ -47,8 +47,8 @@ def train(
     abstain_recall: float = typer.Option(_D.abstain_recall, help="dlp: share of in-library validation prompts the "
                                                                  "out-of-library threshold keeps."),
     no_abstain: bool = typer.Option(False, "--no-abstain", help="dlp: store no out-of-library threshold."),
-    warm_start: bool = typer.Option(True, help="dlp: start from the stored router's head (a grown library: only "
-                                               "new prompts are encoded)."),
+    warm_start: bool = typer.Option(True, help="dlp: when adapters were added since the stored router, start from "
+                                               "its head (only new prompts are encoded)."),
     top_p: float = typer.Option(0.6, help="dlp: default selection threshold stored with the router."),
     granularity: str = typer.Option("layer", help="mole: layer | block | network."),
     balance_alpha: float = typer.Option(0.5, help="mole: weight of the balance loss (0 = off)."),
@@ -93,14 +93,20 @@ def train(
 
             base = load_base(model, device=device, dtype=dtype)
         previous = None
-        if warm_start and (name or method) in lib.routers():
+        entry = lib.routers().get(name or method)
+        if warm_start and entry is not None:
             from ..routers.sentence import DlpRouter
 
-            try:  # the stored router, even if adapters were added since: its head is a starting point
-                previous = DlpRouter.load(lib, name or method, base=base, device=resolve_device(device),
-                                          adapters_may_differ=True)
-            except LoramuxError as e:
-                typer.echo(f"router: not warm-starting ({e})", err=True)
+            stored = json.loads((lib.path / "routers" / entry["dir"] / "router.json").read_text())
+            # only for a grown library (the same adapters and more) and the same encoder: any other
+            # retrain (new formats, seed, a replaced adapter) starts from scratch with full patience
+            grown = set(stored.get("adapters", ())) < set(lib.names()) and stored.get("encoder") == encoder
+            if grown:
+                try:  # the stored router, though adapters were added since: its head is a starting point
+                    previous = DlpRouter.load(lib, name or method, base=base, device=resolve_device(device),
+                                              adapters_may_differ=True)
+                except LoramuxError as e:
+                    typer.echo(f"router: not warm-starting ({e})", err=True)
         router = train_dlp(lib, tasks, config, base=base, selection=DlpConfig(top_p=top_p), log=typer.echo,
                            device=resolve_device(device), previous=previous)
     path = router.save(lib, name or method)

@@ -98,6 +98,7 @@ class Server:
         self.recent: deque = deque(maxlen=50)  # the web view's "recent requests"
         self.live: dict[int, tuple[dict, object]] = {}  # request id -> (its entry, its engine row): in flight
         self._models: dict[int, str] = {}  # request object id -> the model name it asked for
+        self._unloadable: set = set()  # stored router versions that failed to load (not retried)
         self.scheduler.observers.append(self._remember)
 
     # ------------------------------------------------------------------ the web view's book-keeping
@@ -167,6 +168,7 @@ class Server:
                 router = load_router(self.library, kind, fused=self.engine.fused, **({"name": stored} if stored else {}))
         except LoramuxError as e:
             if cached is not None:  # a stored router mid-update: the one in hand still routes
+                self._unloadable.add(self._stored_entry(name))  # not retried on every request
                 return cached
             raise ApiError(404, f"model {name!r}: {e}", "model", "model_not_found") from None
         self.config.routers[name] = router
@@ -177,8 +179,12 @@ class Server:
         stored_dir = getattr(router, "stored_dir", None)
         if self.library is None or stored_dir is None:
             return False
-        entry = self.library.routers().get(name.partition(":")[2] or "dlp")
-        return entry is not None and entry["dir"] != stored_dir
+        current = self._stored_entry(name)
+        return current is not None and current != stored_dir and current not in self._unloadable
+
+    def _stored_entry(self, name: str) -> str | None:
+        entry = self.library.routers().get(name.partition(":")[2] or "dlp") if self.library is not None else None
+        return entry["dir"] if entry else None
 
     def adapters_changed(self, added: str | None = None) -> None:
         """Drop the routers a change of adapters makes stale. Adding an adapter keeps the DLP

@@ -55,7 +55,7 @@ Render = Callable[["Example"], str]
 TRAIN_FORMATS: dict[str, Render] = {
     "own": lambda ex: ex.prompt,  # the task's own template
     "raw": _content,  # the content alone, as a chat user often types it
-    "stripped": lambda ex: ex.prompt.strip(),  # a chat turn: the template's whitespace and cues trimmed
+    "stripped": lambda ex: ex.prompt.strip(),  # a chat turn: the template's surrounding whitespace trimmed
     "qa": lambda ex: f"Question: {_content(ex)}{_lettered(ex)}\nAnswer:",
     "instruction": lambda ex: f"{_pick(ex, _INSTRUCTIONS)}\n\n{_content(ex)}{_lettered(ex)}",
     "chat": _chat,

@@ -44,9 +44,9 @@ def energy(logits: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Abstain:
     """The stored out-of-library test: abstain when `score` exceeds the threshold of the adapter the
-    head ranks first (`per_adapter`; `threshold` where an adapter had no validation prompts). Each
-    adapter's threshold kept `recall` of its own in-library validation prompts (`n_val` in all)
-    when it was set: one global threshold let through the tasks with confident heads and abstained
+    head ranks first (`per_adapter`; `threshold` where no validation prompt ranked it first). Each
+    adapter's threshold kept `recall` of the in-library validation prompts ranked to it (`n_val` in
+    all) when it was set: one global threshold let through the tasks with confident heads and abstained
     on a third of the prompts of others (docs/routing.md)."""
 
     score: str

@@ -95,13 +95,14 @@ def labelled_prompts(library: "Library", tasks: list["Task"], *, max_per_task: i
     return texts, labels, adapters
 
 
-def _split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Stratified: each class gives ceil(fraction * n) validation rows (none if it has one row)."""
-    rng = random.Random(seed)
+def _split(labels: list[int], fraction: float, seed: int, names: list[str]) -> tuple[list[int], list[int]]:
+    """Stratified: each class gives ceil(fraction * n) validation rows (none if it has one row),
+    shuffled by a seed of its own adapter's name: adding an adapter leaves the others' splits as
+    they were, so a warm-started head never validates on rows its predecessor trained on."""
     train, val = [], []
     for k in sorted(set(labels)):
         rows = [i for i, y in enumerate(labels) if y == k]
-        rng.shuffle(rows)
+        random.Random(f"{seed}/{names[k]}").shuffle(rows)
         n_val = math.ceil(fraction * len(rows)) if len(rows) > 1 else 0
         val += rows[:n_val]
         train += rows[n_val:]
@@ -121,7 +122,7 @@ def _warm_start(head: MlpHead, previous: DlpRouter | None, adapters: list[str]) 
         return False
     old = previous.head.state_dict()
     new = head.state_dict()
-    last = max(k for k in new if k.endswith(".weight"))[: -len(".weight")]
+    last = f"net.{len(head.net) - 1}"  # the output layer
     for k, v in old.items():
         if not k.startswith(last + "."):
             new[k] = v.clone()
@@ -153,7 +154,7 @@ def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = 
         f"{encoder.spec} ({encoder.dim} dims)")
     emb = encode_cached(encoder, [render(ex, f) for ex in examples for f in formats], progress=progress)
     y = torch.tensor(labels).repeat_interleave(len(formats))
-    train_ex, val_ex = _split(labels, config.val_fraction, config.seed)
+    train_ex, val_ex = _split(labels, config.val_fraction, config.seed, adapters)
     train_idx, val_idx = _expand(train_ex, len(formats)), _expand(val_ex, len(formats))
 
     torch.manual_seed(config.seed)
@@ -196,15 +197,18 @@ def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = 
     dist = 1.0 - (emb * unit[y]).sum(-1)
     radii = torch.stack([dist[y == k].max() for k in range(len(adapters))])
     abstain = None
-    if config.abstain_recall is not None:
-        # On held-out prompts only: the training prompts' scores are optimistically low.
+    if config.abstain_recall is not None and not len(xv):
+        log("router: no validation prompts (every task has one example), so no out-of-library threshold is stored")
+    elif config.abstain_recall is not None:
+        # On held-out prompts only (the training prompts' scores are optimistically low), grouped by
+        # the adapter the head ranks first: the threshold a prompt meets is that adapter's.
         with torch.no_grad():
-            logits = head(xv if len(xv) else xt)
-        scores, target = energy(logits), (yv if len(xv) else yt)
+            logits = head(xv)
+        scores, first = energy(logits), logits.argmax(-1)
         q = config.abstain_recall
         abstain = Abstain("energy", float(torch.quantile(scores, q)), q, len(scores),
-                          {a: float(torch.quantile(scores[target == k], q)) for k, a in enumerate(adapters)
-                           if bool((target == k).any())})
+                          {a: float(torch.quantile(scores[first == k], q)) for k, a in enumerate(adapters)
+                           if bool((first == k).any())})
     info = {
         "train_config": {**asdict(config), "hidden": list(config.hidden), "formats": list(formats)},
         "n_train": len(train_idx), "n_val": len(val_idx), "best_epoch": best[2], "warm_start": warm,
