@@ -36,6 +36,7 @@ import torch
 
 from loramux import Library, load_base, load_tasks
 from loramux.bench.machine import machine
+from loramux.bench.speed import random_adapter
 from loramux.data.fetch import fetch_bigbench
 from loramux.routers.sentence import DlpRouter, DlpTrainConfig, energy, render, train_dlp
 
@@ -49,15 +50,9 @@ def log(msg: str) -> None:
     print(f"[routing_real] {msg}", file=sys.stderr, flush=True)
 
 
-def stand_in(base, lib: Library, name: str, work: Path, seed: int) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(base.model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    model.save_pretrained(work / name)
-    model.unload()
-    lib.add(name, work / name, base=base, tasks=(name,))
+def stand_in(base, lib: Library, name: str, seed: int) -> None:
+    """A random r=8 LoRA on all seven projections (the serving benchmark's stand-ins), named after its task."""
+    lib.add(name, random_adapter(base, 8, seed), base=base, tasks=(name,))
 
 
 def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
@@ -94,7 +89,7 @@ def main() -> None:
     else:
         lib = Library(work / "library", create=True)
         for i, t in enumerate(names):
-            stand_in(base, lib, t, work / "peft", seed=i)
+            stand_in(base, lib, t, seed=i)
     config = DlpTrainConfig()
     started = time.perf_counter()
     router = train_dlp(lib, train, config, progress=False, log=log)
@@ -179,7 +174,7 @@ def main() -> None:
     real_encode = router.encoder.encode
     router.encoder.encode = lambda texts, **kw: encoded.extend(texts) or real_encode(texts, **kw)
     started = time.perf_counter()
-    stand_in(base, lib, NEW_TASK, work / "peft", seed=99)
+    stand_in(base, lib, NEW_TASK, seed=99)
     added = time.perf_counter()
     grown = train_dlp(lib, train + new, config, progress=False, log=log, previous=router)
     grown.save(lib)

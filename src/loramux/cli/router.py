@@ -93,11 +93,10 @@ def train(
 
             base = load_base(model, device=device, dtype=dtype)
         previous = None
-        entry = lib.routers().get(name or method)
-        if warm_start and entry is not None:
+        stored = _stored_meta(lib, name or method)
+        if warm_start and stored is not None:
             from ..routers.sentence import DlpRouter
 
-            stored = json.loads((lib.path / "routers" / entry["dir"] / "router.json").read_text())
             # only for a grown library (the same adapters and more) and the same encoder: any other
             # retrain (new formats, seed, a replaced adapter) starts from scratch with full patience
             grown = set(stored.get("adapters", ())) < set(lib.names()) and stored.get("encoder") == encoder
@@ -218,12 +217,17 @@ def _names(text: str | None) -> list[str] | None:
 
 def _base_if_needed(lib, method: str, name: str | None, model: str, where: tuple[str, str]):
     """A router with a base-model encoder needs the base model; others do not load it."""
-    entry = lib.routers().get(name or method)
-    if entry is None:
+    meta = _stored_meta(lib, name or method)
+    if meta is None:
         return None
-    meta = json.loads((lib.path / "routers" / entry["dir"] / "router.json").read_text())
     if str(meta.get("encoder", "")).startswith("base"):
         from ..models import load_base
 
         return load_base(model, device=where[0], dtype=where[1])
     return None
+
+
+def _stored_meta(lib, name: str) -> dict | None:
+    """The router.json of the router stored under `name`, unchecked (None when there is none)."""
+    entry = lib.routers().get(name)
+    return json.loads((lib.path / "routers" / entry["dir"] / "router.json").read_text()) if entry else None
