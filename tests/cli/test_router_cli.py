@@ -74,6 +74,13 @@ def test_route_and_generate_with_arrow(capsys, task_lib, tiny_model_dir):
     code, _, err = run(capsys, "route", "x", "--router", "arrow", "--top-p", "0.5", "-l", str(task_lib.path),
                        "--model", str(tiny_model_dir))
     assert code == 2 and "DLP options" in err
+    code, out, err = run(capsys, "route", "one two three", "--router", "arrow", "-l", str(task_lib.path),
+                         "--model", str(tiny_model_dir), "--general", "numbers", "--json")
+    assert code == 0, err
+    routing = json.loads(out)
+    assert "general knowledge subtracted" in routing["reason"] and "numbers" not in routing["adapters"]
+    code, _, err = run(capsys, "route", "x", "--gks", "-l", str(task_lib.path), "--model", str(tiny_model_dir))
+    assert code == 2 and "--gks and --general are Arrow options" in err
 
 
 def test_mole_train_route_mask_plot_generate(capsys, task_lib, task_dir, tiny_model_dir, tmp_path):

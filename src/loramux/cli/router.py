@@ -122,9 +122,10 @@ def _selection(top_p, top_k, weighting, min_confidence, max_distance, abstain=No
 def build_router(lib, method: str, *, name: str | None = None, model: str = DEFAULT_MODEL, base=None, fused=None,
                  where: tuple[str, str] = ("cpu", "float32"),
                  top_p=None, top_k=None, weighting=None, min_confidence=None, max_distance=None, abstain=None,
-                 temperature=None, candidates: str | None = None, mask: list[str] | None = None):
+                 temperature=None, candidates: str | None = None, mask: list[str] | None = None,
+                 gks: bool = False, general: str | None = None):
     """The router the CLI options describe. Arrow runs inside a fused model (built here unless
-    given) with every library adapter, or only --candidates, loaded."""
+    given) with every library adapter, or only --candidates (and --general), loaded."""
     from ..errors import LoramuxError
     from ..routers import METHODS, load_router
 
@@ -132,6 +133,8 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
         raise LoramuxError(f"unknown router method {method!r}; available: {list(METHODS)}")
     if mask and method != "mole":
         raise LoramuxError("--mask is a MoLE option (--router mole)")
+    if (gks or general) and method != "arrow":
+        raise LoramuxError("--gks and --general are Arrow options (--router arrow)")
     if method == "arrow":
         from ..fusion import FusedModel
         from ..models import load_base
@@ -140,12 +143,16 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
             raise LoramuxError("--top-p, --weighting, --min-confidence, --max-distance and --no-abstain are DLP options; Arrow "
                                "takes --top-k, --temperature and --candidates")
         fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
-        names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else lib.names()
-        for n in names:
+        general_names = _names(general) or []
+        names = _names(candidates) or [n for n in lib.names() if n not in general_names]
+        for n in [*names, *general_names]:
             if n not in fused.adapters:
                 fused.load(lib, n)
         opts = {k: v for k, v in (("top_k", top_k), ("temperature", temperature)) if v is not None}
-        return load_router(lib, "arrow", fused=fused, **opts)
+        if candidates:
+            opts["candidates"] = tuple(names)
+        return load_router(lib, "arrow", fused=fused, gks=bool(gks or general_names), general=tuple(general_names),
+                           **opts)
     if method == "mole":
         from ..fusion import FusedModel
         from ..models import load_base
@@ -171,6 +178,10 @@ def route(
     top_k: Optional[int] = typer.Option(None, help="DLP: cap on adapters fused; Arrow: adapters per token (4)."),
     temperature: Optional[float] = typer.Option(None, help="Arrow: softmax temperature T (1.0)."),
     candidates: Optional[str] = typer.Option(None, help="Arrow: route only between these adapters (a,b,...)."),
+    gks: bool = typer.Option(False, "--gks", help="Arrow: subtract general knowledge (the routed adapters' mean "
+                                                  "delta, or --general's) from every adapter (GenKnowSub)."),
+    general: Optional[str] = typer.Option(None, help="Arrow: the general adapters to subtract (a,b,...); implies "
+                                                     "--gks."),
     mask: Optional[str] = typer.Option(None, help="MoLE: switch these adapters off (a,b,...); the rest renormalise."),
     plot: Optional[str] = typer.Option(None, help="MoLE/Arrow: save a heatmap of the weights per unit (PNG)."),
     weighting: Optional[str] = typer.Option(None, help="renorm (default) or softmax."),
@@ -190,7 +201,7 @@ def route(
     rt = build_router(lib, router, name=name, model=model, top_p=top_p, top_k=top_k, weighting=weighting,
                       min_confidence=min_confidence, max_distance=max_distance, temperature=temperature,
                       candidates=candidates, mask=_names(mask), where=(device, dtype),
-                      abstain=False if no_abstain else None)
+                      abstain=False if no_abstain else None, gks=gks, general=general)
     routing = rt.route([prompt])[0]
     if plot:
         from ..routers.plot import plot_layer_weights

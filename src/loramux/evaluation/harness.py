@@ -28,7 +28,8 @@ FIXED = ("base", "oracle", "uniform")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # + dlp, dlp_p<P> (either with "_open": the stored out-of-library test off), arrow, mole[:name]
+    # + dlp, dlp_p<P> (either with "_open": the stored out-of-library test off), arrow, arrow_gks
+    # (general knowledge subtracted: the adapters' mean), mole[:name]
     strategies: tuple[str, ...] = ("base", "oracle", "uniform")
     limit_per_task: int | None = None  # a seeded sample of each task's test set
     seed: int = 0
@@ -37,9 +38,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for s in self.strategies:
-            if s not in FIXED and s != "arrow" and not s.startswith(("dlp", "mole")):
+            if s not in FIXED and s not in ("arrow", "arrow_gks") and not s.startswith(("dlp", "mole")):
                 raise LoramuxError(f"unknown strategy {s!r}; use {list(FIXED)}, dlp, dlp_p<top-p> (e.g. dlp_p0.9; "
-                                   f"'_open' after either: no abstaining), arrow or mole[:<stored router name>]")
+                                   f"'_open' after either: no abstaining), arrow, arrow_gks or "
+                                   f"mole[:<stored router name>]")
             if s.startswith("dlp_p"):
                 try:
                     float(s[5:].removesuffix("_open"))
@@ -82,11 +84,15 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
             plans[s] = {k: {owner[k[0]]: 1.0} for k in pool}
         elif s == "uniform":
             plans[s] = {k: {a: 1.0 / len(adapters) for a in adapters} for k in pool}
-        elif s == "arrow" or s.startswith("mole"):
+        elif s in ("arrow", "arrow_gks"):
             from ..routers import load_router
 
-            kind, _, stored = s.partition(":")
-            router = load_router(library, kind, fused=fused, **({"name": stored} if stored else {}))
+            plans[s] = dict.fromkeys(pool, load_router(library, "arrow", fused=fused, gks=s == "arrow_gks"))
+        elif s.startswith("mole"):
+            from ..routers import load_router
+
+            _, _, stored = s.partition(":")
+            router = load_router(library, "mole", fused=fused, **({"name": stored} if stored else {}))
             plans[s] = {k: router for k in pool}
         else:  # dlp, dlp_p<P>: each prompt routed on its own, in the shuffled pool's order
             from ..routers import load_router

@@ -168,3 +168,71 @@ def test_power_prototypes_follow_pefts_procedure_and_approach_the_svd():
     assert abs(float(many @ exact)) == pytest.approx(1.0, abs=1e-5)
     assert abs(float(few @ exact)) <= abs(float(many @ exact))
     assert torch.equal(power_iteration_vector(A, B, seed=3), power_iteration_vector(A, B, seed=3))  # seeded
+
+
+def _dense_delta(layer, k):
+    return (layer.scaling[k] * layer.lora_B[k].double() @ layer.lora_A[k].double())
+
+
+@pytest.mark.parametrize("general", [(), ("t4",), ("t3", "t4")])
+def test_gks_prototypes_are_those_of_the_purified_deltas(tiny_model_dir, arrow_lib, general):
+    """GenKnowSub in ΔW space: each routed adapter's prototype is the top right singular vector of
+    ΔW_i − mean_g ΔW_g (g: the general adapters, or every routed adapter when none are named)."""
+    fused = fused_with(tiny_model_dir, arrow_lib)
+    router = ArrowRouter(fused, arrow_lib, ArrowConfig(gks=True, general=general))
+    routed = [k for k, n in enumerate(fused.adapters) if n not in general]
+    subtract = [k for k, n in enumerate(fused.adapters) if n in general] or routed
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        layer = fused.layers[module]
+        mean = sum(_dense_delta(layer, g) for g in subtract) / len(subtract)
+        for k in routed:
+            ref = torch.linalg.svd(_dense_delta(layer, k) - mean).Vh[0]
+            cos = float(torch.nn.functional.cosine_similarity(router.prototypes[module][k].double(), ref, dim=0))
+            assert abs(cos) == pytest.approx(1.0, abs=1e-5)
+        assert bool(router.valid[module][routed].all()) and not bool(router.valid[module][
+            [k for k in range(len(fused.adapters)) if k not in routed]].any())
+    plain = ArrowRouter(fused, arrow_lib, ArrowConfig())
+    assert not torch.allclose(plain.prototypes[module][0], router.prototypes[module][0], atol=1e-3)
+
+
+@pytest.mark.parametrize("general", [(), ("t4",)])
+def test_gks_forward_is_the_routed_mixture_minus_the_general_mean(tiny_model_dir, arrow_lib, general):
+    """Σ_i c_i (ΔW_i − ΔW̄) = Σ_i c_i ΔW_i − ΔW̄ because a token's weights sum to 1: every general
+    adapter gets −1/G on top of Arrow's top-k weights, and the model's output is that mixture's
+    (fast path equal to the fused layer's plain reference loop)."""
+    fused = fused_with(tiny_model_dir, arrow_lib)
+    router = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=2, gks=True, general=general))
+    module = "model.layers.1.mlp.up_proj"
+    x = torch.randn(2, 3, fused.layers[module].base.in_features)
+    C = router.gate(module, x, None)
+    names = list(fused.adapters)
+    subtract = [names.index(g) for g in general] or list(range(len(names)))
+    routed = [k for k, n in enumerate(names) if n not in general]
+    decision = C.clone()
+    decision[..., subtract] += 1.0 / len(subtract)
+    assert torch.allclose(decision[..., routed].sum(-1), torch.ones(2, 3), atol=1e-6)  # Arrow's own top-k weights
+    assert int((decision[..., routed] > 0).sum(-1).max()) == 2
+    tok = fused.base.tokenizer
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog")["input_ids"]])
+    with torch.no_grad(), fused.mixture(router.layer_mixture()):
+        ours = fused.base.model(input_ids=ids).logits
+    with torch.no_grad(), fused.mixture(router.layer_mixture(), reference=True):
+        reference = fused.base.model(input_ids=ids).logits
+    with torch.no_grad(), fused.mixture(ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=2)).layer_mixture()):
+        plain = fused.base.model(input_ids=ids).logits
+    assert float((ours - reference).abs().max()) <= 1e-4
+    assert float((ours - plain).abs().max()) > 1e-3  # the subtraction changes the output
+    r = router.route(["one two three"])[0]
+    assert "general knowledge subtracted" in r.reason and min(r.probabilities.values()) >= 0
+
+
+def test_gks_options_are_checked(tiny_model_dir, arrow_lib):
+    fused = fused_with(tiny_model_dir, arrow_lib, ["t0", "t1"])
+    with pytest.raises(LoramuxError, match="only with gks=True"):
+        ArrowConfig(general=("t1",))
+    with pytest.raises(LoramuxError, match="use prototype='svd'"):
+        ArrowConfig(gks=True, prototype="power")
+    with pytest.raises(LoramuxError, match=r"general adapters \['t4'\] are not loaded"):
+        ArrowRouter(fused, arrow_lib, ArrowConfig(gks=True, general=("t4",)))
+    with pytest.raises(LoramuxError, match=r"\['t1'\] cannot also be routing candidates"):
+        ArrowRouter(fused, arrow_lib, ArrowConfig(gks=True, general=("t1",), candidates=("t0", "t1")))

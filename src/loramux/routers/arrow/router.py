@@ -11,6 +11,17 @@ a module, or are outside `candidates`, are never chosen there.
 
 `route(prompts)` runs the prompts once and reports, per prompt, the mean weight each adapter
 received over its tokens and modules (and per module), so a user can see what Arrow chose.
+
+General knowledge subtraction (`gks=True`; GenKnowSub, Bagherifard et al., ACL 2025; PEFT's
+`use_gks`) routes over "purified" adapters ΔW_i − ΔW̄, where ΔW̄ is the mean of the `general`
+adapters (or, when none are named, of the routing candidates: the knowledge the library's adapters
+share). Both the prototypes (top right singular vector of s_i·B_i·A_i − ΔW̄) and the forward use the
+purified deltas. Since a token's routing weights sum to 1, Σ_i c_i (ΔW_i − ΔW̄) = Σ_i c_i ΔW_i − ΔW̄:
+the forward is Arrow's mixture plus every general adapter at the constant weight −1/G, exactly,
+through the same fused layer. PEFT subtracts the mean A and the mean B factor by factor instead;
+that is not ΔW − ΔW̄, and for adapters trained from the same seed (loramux's default), whose A
+factors share most of their initialisation, it removes most of each adapter rather than the
+shared knowledge. This module subtracts in ΔW space.
 """
 
 from __future__ import annotations
@@ -41,6 +52,8 @@ class ArrowConfig:
     prototype: str = "svd"  # "svd": exact; "power": PEFT's seeded power iteration (matches its logits)
     power_iters: int = 15
     power_seed: int = 0
+    gks: bool = False  # general knowledge subtraction (see the module docstring)
+    general: tuple[str, ...] = ()  # gks: the general adapters (loaded, never routed to); () = the candidates' mean
 
     def __post_init__(self) -> None:
         if self.prototype not in ("svd", "power"):
@@ -51,6 +64,10 @@ class ArrowConfig:
             raise LoramuxError(f"Arrow temperature must be a finite number > 0; got {self.temperature!r}")
         if self.candidates is not None and not self.candidates:
             raise LoramuxError("Arrow candidates must name at least one adapter (or be None for all)")
+        if self.general and not self.gks:
+            raise LoramuxError("Arrow general adapters are subtracted only with gks=True")
+        if self.gks and self.prototype != "svd":
+            raise LoramuxError("Arrow gks prototypes are exact SVDs of the purified deltas; use prototype='svd'")
 
 
 class _Recorder:
@@ -90,11 +107,16 @@ class ArrowRouter(InForwardRouter):
         names = tuple(self.fused.adapters)
         if not names:
             raise LoramuxError("Arrow routes between loaded adapters; load some first (FusedModel.load / Engine.load)")
-        wanted = set(self.config.candidates or names)
-        unknown = sorted(wanted - set(names))
-        if unknown:
-            raise LoramuxError(f"Arrow candidates {unknown} are not loaded; loaded adapters: {list(names)}")
-        per_adapter = [self._source(n) for n in names]
+        general = set(self.config.general)
+        wanted = set(self.config.candidates or [n for n in names if n not in general])
+        for what, asked in (("candidates", wanted), ("general adapters", general)):
+            unknown = sorted(asked - set(names))
+            if unknown:
+                raise LoramuxError(f"Arrow {what} {unknown} are not loaded; loaded adapters: {list(names)}")
+        if wanted & general:
+            raise LoramuxError(f"Arrow general adapters {sorted(wanted & general)} cannot also be routing candidates")
+        subtract = [k for k, n in enumerate(names) if n in (general or wanted)] if self.config.gks else []
+        per_adapter = [{} if self.config.gks else self._source(n) for n in names]
         self.prototypes: dict[str, torch.Tensor] = {}  # module -> (K, d_in)
         self.valid: dict[str, torch.Tensor] = {}  # module -> (K,) bool: adapts this module and is a candidate
         for module, layer in self.fused.layers.items():
@@ -105,8 +127,15 @@ class ArrowRouter(InForwardRouter):
                 if module in protos and name in wanted:
                     P[k] = protos[module].to(P)
                     ok[k] = True
+            if subtract:
+                for k, v in _purified_prototypes(layer, [k for k, n in enumerate(names) if n in wanted], subtract):
+                    P[k], ok[k] = v.to(P), True
             self.prototypes[module], self.valid[module] = P, ok
         self._slots = names
+        self._offset = None
+        if subtract:  # every general adapter at -1/G, in every module and token
+            self._offset = torch.zeros(len(names))
+            self._offset[subtract] = -1.0 / len(subtract)
         self._compile()
 
     def _compile(self) -> None:
@@ -117,22 +146,24 @@ class ArrowRouter(InForwardRouter):
         for module, P in self.prototypes.items():
             ok = self.valid[module]
             k = min(self.config.top_k, int(ok.sum()))
-            self._gate[module] = ((P.T / self.config.temperature).contiguous(), None if bool(ok.all()) else ~ok, k)
+            offset = None if self._offset is None else self._offset.to(P)
+            self._gate[module] = ((P.T / self.config.temperature).contiguous(), None if bool(ok.all()) else ~ok, k,
+                                  offset)
 
     # ------------------------------------------------------------------ the gate
     def gate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-token weights over all K slots at module `name`: (B, T, K), top-k nonzero per token."""
         if tuple(self.fused.adapters) != self._slots:
             raise LoramuxError("the loaded adapters changed since Arrow's prototypes were built; call refresh()")
-        Pt, out, k = self._gate[name]
+        Pt, out, k, offset = self._gate[name]
         logits = (x @ Pt).abs_()  # (B, T, K): |⟨h, v_i⟩| / T
         if out is not None:  # adapters that do not adapt this module, or are not candidates
             logits.masked_fill_(out, float("-inf"))
         top = logits.topk(k, dim=-1)
         C = torch.zeros_like(logits).scatter_(-1, top.indices, torch.softmax(top.values, dim=-1))
         if self._recorder is not None:
-            self._recorder.add(name, C)
-        return C
+            self._recorder.add(name, C)  # the routing decision; the subtraction below is fixed
+        return C if offset is None else C + offset
 
     # ------------------------------------------------------------------ reporting
     def new_recorder(self, attention_mask: torch.Tensor) -> _Recorder:
@@ -144,9 +175,27 @@ class ArrowRouter(InForwardRouter):
         return per_row_routings({m: s / tokens for m, s in recorder.sums.items()}, list(self._slots), router=self.kind,
                                 granularity="token",
                                 reason=f"per token and module: top-{self.config.top_k} of |<h, prototype>| / "
-                                       f"{self.config.temperature}; weights are the mean over tokens and modules")
+                                       f"{self.config.temperature}; weights are the mean over tokens and modules"
+                                       + ("; general knowledge subtracted" if self.config.gks else ""))
 
     def route(self, prompts: list[str]) -> list[Routing]:
         """Run the prompts once (chat-formatted like the engine) and report what Arrow chose."""
         ids, mask = prompt_batch(self.fused, prompts)
         return self.routings(prefill(self, self.fused, ids, mask))
+
+
+def _purified_prototypes(layer, routed: list[int], subtract: list[int]):
+    """(slot, prototype) for each routed slot that adapts this module: the top right singular
+    vector of s_i·B_i·A_i − mean_g s_g·B_g·A_g, from the stacked factors (rank r·(1+G), never the
+    d_out×d_in product)."""
+    from .prototypes import top_right_singular_vector
+
+    A, B, s = layer.lora_A.double(), layer.lora_B.double(), layer.scaling.double()
+    if not bool((s[subtract] != 0).any()):
+        subtract = []  # no general adapter adapts this module: nothing to subtract here
+    A_g = torch.cat([A[g] for g in subtract]) if subtract else A.new_zeros(0, A.shape[-1])
+    B_g = torch.cat([-s[g] / len(subtract) * B[g] for g in subtract], dim=1) if subtract else B.new_zeros(B.shape[1], 0)
+    for k in routed:
+        if float(s[k]) == 0.0:
+            continue  # the adapter does not adapt this module
+        yield k, top_right_singular_vector(torch.cat([A[k], A_g]), torch.cat([s[k] * B[k], B_g], dim=1))
