@@ -22,7 +22,7 @@ benchmarks/results/composite.{json,md} plus PNGs (heatmap, DLP router confusion,
 accuracy vs cost).
 
     python benchmarks/composite.py --data-dir ../shared/data/bigbench [--limit-per-task 40]
-        [--mole-steps 30] [--multitask-steps 120] [--with mbc,dynamic] [--mbc-k 5] [--model M --library L]
+        [--mole-steps 400] [--multitask-steps 120] [--with mbc,dynamic] [--mbc-k 5] [--model M --library L]
 """
 
 from __future__ import annotations
@@ -93,17 +93,19 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict) ->
 
     tasks = None
     for name, (granularity, alpha) in MOLE.items():
-        try:
-            lib.router_dir(name)
-            continue
+        config = MoleTrainConfig(granularity=granularity, balance_alpha=alpha, steps=steps)
+        try:  # reuse stored gates only when they were trained with this recipe (and so have a curve)
+            stored = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
+            if stored.get("train_config") == dataclasses.asdict(config):
+                continue
         except Exception:
             pass
         tasks = tasks or load_tasks(data_dir, sorted({t for s in lib.list() for t in s.tasks}), "train")
         fused = FusedModel(base)
         for a in lib.names():
             fused.load(lib, a)
-        log(f"training {name} ({steps} steps)")
-        router = train_mole(fused, tasks, MoleTrainConfig(granularity=granularity, balance_alpha=alpha, steps=steps))
+        log(f"training {name} (at most {steps} steps, until the validation loss is flat)")
+        router = train_mole(fused, tasks, config)
         router.save(lib, name)
         timings[name] = router.info["seconds"]
         fused.unfuse()
@@ -370,7 +372,7 @@ def library_sha(lib: Library, names: list[str] | None = None) -> str:
 
 def main() -> None:
     ap = common_args(__doc__)
-    ap.add_argument("--mole-steps", type=int, default=30)
+    ap.add_argument("--mole-steps", type=int, default=400, help="at most (validation stops it)")
     ap.add_argument("--multitask-steps", type=int, default=120,
                     help="0: the library's total steps (matched compute; 840 for 14 x 60)")
     ap.add_argument("--mbc-k", type=int, default=5,

@@ -1,13 +1,15 @@
-"""MoLE benchmark (issue 6): gates at layer and block granularity, with and without the balance
-loss, vs the uniform mixture and the oracle, on all test sets mixed; the effect of masking the
-true task's adapter; gate training time and gating cost.
+"""MoLE benchmark: gates at layer and block granularity, with and without the balance loss, vs
+the uniform mixture and the oracle, on all test sets mixed; the effect of masking the true task's
+adapter; gate training time and gating cost; each gate set's validation curve (training stops
+when it flattens) and, per task, the weight the gates give each adapter in every layer or block.
 
 Reuses composite.py's builders (library, gates cached in the library under mole_layer,
 mole_block, mole_layer_no_balance).
 
-    python benchmarks/mole.py --data-dir ../shared/data/bigbench [--limit-per-task 40] [--mole-steps 30]
+    python benchmarks/mole.py --data-dir ../shared/data/bigbench [--limit-per-task 40] [--mole-steps 400]
+        [--profile-per-task 8]
 
-Writes benchmarks/results/mole.json.
+Writes benchmarks/results/mole.json, mole_curves.png and mole_gates_<name>.png.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from loramux.evaluation import MixtureScorer
 from loramux.evaluation.harness import EvalConfig, evaluate, sample_indices
 from loramux.evaluation.scoring import result_of
 from loramux.fusion import FusedModel
+from loramux.routers.gating import MoleTrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
     ap = common_args(__doc__)
-    ap.add_argument("--mole-steps", type=int, default=30)
+    ap.add_argument("--mole-steps", type=int, default=MoleTrainConfig().steps, help="at most (validation stops it)")
+    ap.add_argument("--profile-per-task", type=int, default=8, help="test prompts per task for the gate profiles")
     ap.add_argument("--output", default=str(RESULTS / "mole.json"))
     args = ap.parse_args()
 
@@ -43,9 +47,12 @@ def main() -> None:
     base, lib, tasks = setup(args)
     timings: dict = {}
     ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
-    for name in MOLE:  # training time as recorded when the gates were trained
+    training = {}
+    for name in MOLE:  # training time and curve as recorded when the gates were trained
         info = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
         timings.setdefault(name, info.get("seconds"))
+        training[name] = {k: info.get(k) for k in ("steps_run", "stopped", "best_step", "best_val_task_loss",
+                                                   "gate_params", "curve")}
     test = load_tasks(args.data_dir, tasks, "test")
     strategies = ("oracle", "uniform", *(f"mole:{m}" for m in MOLE))
     fused = FusedModel(base)
@@ -61,6 +68,8 @@ def main() -> None:
         preds = scorer.score(t, [router] * len(idx[t.name]), idx[t.name])
         masked[t.name] = round(result_of(t, preds).score, 4)
     averages["mole_layer_mask_true_task"] = round(sum(masked.values()) / len(masked), 4)
+    profiles = {name: gate_profile(load_router(lib, "mole", name=name, fused=fused), test, owner,
+                                   args.profile_per_task) for name in MOLE}
     fused.unfuse()
     costs = cost_ratios(base, lib, ["uniform", "mole_layer"])
     out = {
@@ -70,10 +79,67 @@ def main() -> None:
         "per_task": {k.removeprefix("mole:"): v["per_task"] for k, v in result["strategies"].items()}
         | {"mole_layer_mask_true_task": masked},
         "gate_cost_ratio": costs.get("_gate_cost_ratio"), "train_seconds": timings,
+        "mask_true_task_cost_points": round(100 * (averages["mole_layer"] - averages["mole_layer_mask_true_task"]), 2),
+        "training": training,
+        "gate_profiles": profiles,
+        "gate_profiles_how": (f"per task, the mean over {args.profile_per_task} of its test prompts of each unit's gate "
+                              f"weights: own_by_unit is the weight on the task's own adapter in each layer or block "
+                              f"(forward order), mean the weights averaged over units, top the adapter with the "
+                              f"largest mean"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
+    plot(out, Path(args.output).parent)
     print(json.dumps({k: out[k] for k in ("average_accuracy", "gate_cost_ratio", "train_seconds")}, indent=1))
+
+
+def gate_profile(router, test, owner: dict, per_task: int) -> dict:
+    """Task -> what the gates give its prompts: the own adapter's weight per unit, the mean
+    weights over units, and the adapter with the largest mean."""
+    out = {}
+    for t in test:
+        prompts = [e.prompt for e in t.examples[:per_task]]
+        routings = [r for b in range(0, len(prompts), 8) for r in router.route(prompts[b:b + 8])]
+        units = list(routings[0].layers)
+        mean_by_unit = {u: {a: sum(r.layers[u][a] for r in routings) / len(routings) for a in router.adapters}
+                        for u in units}
+        mean = {a: round(sum(mean_by_unit[u][a] for u in units) / len(units), 4) for a in router.adapters}
+        out[t.name] = {"own": owner[t.name], "own_by_unit": [round(mean_by_unit[u][owner[t.name]], 4) for u in units],
+                       "mean": mean, "top": max(mean, key=mean.get)}
+    return out
+
+
+def plot(out: dict, results: Path) -> None:
+    """mole_curves.png (validation curves) and mole_gates_<name>.png (own-adapter weight per task
+    and unit)."""
+    from loramux.evaluation.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, info in out["training"].items():
+        curve = [c for c in info.get("curve") or [] if "val_task_loss" in c]
+        if curve:
+            ax.plot([c["step"] for c in curve], [c["val_task_loss"] for c in curve], marker="o", label=f"{name} (val)")
+            ax.plot([c["step"] for c in curve], [c["train_task_loss"] for c in curve], ls=":", alpha=0.6,
+                    label=f"{name} (train)")
+    ax.set_xlabel("gate training step")
+    ax.set_ylabel("answer loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "mole_curves.png", dpi=120)
+    plt.close(fig)
+    for name, profile in out["gate_profiles"].items():
+        tasks = sorted(profile)
+        grid = [profile[t]["own_by_unit"] for t in tasks]
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(tasks) + 1.5))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(max(r) for r in grid))
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+        ax.set_xlabel("gated unit (forward order)")
+        ax.set_title(f"{name}: gate weight on each task's own adapter (uniform = {1 / len(tasks):.3f})")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(results / f"mole_gates_{name}.png", dpi=120)
+        plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ and while the library grows. Writes benchmarks/results/routing_real.json.
   adapter, threshold or training step saw them), of the stored test's decision score; the share
   of those abstained where 95% of in-library test prompts are kept, and at the stored per-adapter
   thresholds (each set at 95% recall on that adapter's validation prompts).
-- composite_drop_points: what abstention costs on the in-library composite. Without a trained
-  library on disk this is bounded, not measured (see the field's `how`).
+- composite_drop_points: what abstention costs on the in-library composite. With a trained library
+  (--library) it is measured: the composite (harness, --limit-per-task prompts per task) routed
+  by this router with abstention on, and off. Without one it is bounded, not measured.
+- arrow / mole (with --library; mole only where the library stores gates named mole_layer): the
+  analogous out-of-library score of the in-forward routers, and its AUROC on the same prompts:
+  Arrow's mean over tokens and modules of the best |cos(h, prototype)|, MoLE's mean over units of
+  the largest gate weight (low = no adapter fits).
 - growth_seconds: adding a 15th adapter to the library and retraining the router's head from
   cached embeddings (warm-started), then loading the new router beside the running one.
 
@@ -67,6 +72,8 @@ def main() -> None:
     ap.add_argument("--unseen-dir", default=None, help="default: $LORAMUX_HOME/data/unseen (fetched if missing)")
     ap.add_argument("--library", default=None, help="a library with one adapter per task, named after it (copied "
                                                     "first; default: stand-ins)")
+    ap.add_argument("--limit-per-task", type=int, default=40, help="with --library: composite prompts per task, "
+                                                                    "and prompts per task for Arrow/MoLE scores")
     ap.add_argument("--output", default=str(RESULTS / "routing_real.json"))
     args = ap.parse_args()
 
@@ -166,6 +173,9 @@ def main() -> None:
                "in-library test prompts (own format, stored thresholds) x 100; estimate = the same shares x each "
                "task's dlp_p0.6 - base gain in composite.json. Not a measured composite.",
         "abstained_share_per_task": {t: round(v, 4) for t, v in shares.items()}}
+    if args.library:
+        abst["composite_drop_points"].update(measured_drop(lib, base, test, args.limit_per_task))
+        out["in_forward_routers"] = in_forward_scores(lib, base, test, unseen, args.limit_per_task)
     out["abstention"] = abst
 
     # Growth: a 15th adapter, then the router retrained from cached embeddings, warm-started.
@@ -197,6 +207,101 @@ def main() -> None:
     log(f"growth: {out['growth']}")
     Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
     log(f"wrote {args.output}")
+
+
+def measured_drop(lib: Library, base, test, limit: int) -> dict:
+    """The in-library composite routed by the stored DLP router with abstention on and off."""
+    from loramux._home import prediction_cache_path
+    from loramux.evaluation.harness import EvalConfig, evaluate
+    from loramux.fusion import FusedModel
+
+    fused = FusedModel(base)
+    r = evaluate(fused, lib, test, EvalConfig(("base", "dlp", "dlp_open"), limit, 0,
+                                              cache_dir=str(prediction_cache_path())), log=log)
+    fused.unfuse()
+    on, off = r["strategies"]["dlp"]["average"], r["strategies"]["dlp_open"]["average"]
+    return {"measured": round(100 * (off - on), 2), "composite_abstain_on": on, "composite_abstain_off": off,
+            "composite_base": r["strategies"]["base"]["average"], "limit_per_task": limit,
+            "abstained_in_library": r.get("routing", {}).get("dlp", {}).get("abstained"),
+            "how_measured": f"harness composite ({limit} seeded test prompts per task, the library's trained "
+                            f"adapters): the same router with abstention on (dlp) and off (dlp_open); "
+                            f"measured = off - on, in points"}
+
+
+def _sample(tasks, limit: int) -> tuple[list[str], list[int]]:
+    from loramux.evaluation.harness import sample_indices
+
+    idx = sample_indices(tasks, limit, 0)
+    prompts = [t.examples[i].prompt for t in tasks for i in idx[t.name]]
+    return prompts, [k for k, t in enumerate(tasks) for _ in idx[t.name]]
+
+
+def arrow_alignment(router, prompts: list[str], batch: int = 8) -> torch.Tensor:
+    """Per prompt: the mean over its real tokens and Arrow's modules of max_i |cos(h, v_i)|."""
+    sums: list[torch.Tensor] = []
+    real = router.gate
+
+    def gate(name, x, mask):
+        if x.shape[1] > 1:
+            P, ok = router.prototypes[name], router.valid[name]
+            cos = (x @ P.T).abs() / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)  # prototypes are unit vectors
+            best = cos.masked_fill(~ok, 0).amax(-1)  # (B, T)
+            m = mask.to(best) if mask is not None and mask.shape == best.shape else torch.ones_like(best)
+            sums.append((best * m).sum(1) / m.sum(1).clamp(min=1))
+        return real(name, x, mask)
+
+    router.gate = gate
+    out = []
+    try:
+        for b in range(0, len(prompts), batch):
+            sums.clear()
+            with torch.no_grad():
+                router.route(prompts[b:b + batch])
+            out.append(torch.stack(sums).mean(0))
+    finally:
+        del router.gate
+    return torch.cat(out)
+
+
+def mole_confidence(router, prompts: list[str], batch: int = 8) -> torch.Tensor:
+    """Per prompt: the mean over the gated units of the largest gate weight."""
+    out = []
+    for b in range(0, len(prompts), batch):
+        with torch.no_grad():
+            for r in router.route(prompts[b:b + batch]):
+                out.append(sum(max(w.values()) for w in r.layers.values()) / len(r.layers))
+    return torch.tensor(out)
+
+
+def in_forward_scores(lib: Library, base, test, unseen, limit: int) -> dict:
+    """AUROC of Arrow's and MoLE's own out-of-library scores (low confidence = outside)."""
+    from loramux.fusion import FusedModel
+    from loramux.routers import load_router
+
+    inside, _ = _sample(test, limit)
+    outside, out_y = _sample(unseen, limit)
+    result = {"n_in_library": len(inside), "n_out_of_library": len(outside)}
+    scorers = {"arrow": ("arrow", {}, arrow_alignment,
+                         "mean over real tokens and modules of max_i |cos(h, prototype_i)|"),
+               "mole": ("mole", {"name": "mole_layer"}, mole_confidence,
+                        "mean over the layer gates of the largest gate weight")}
+    for key, (method, options, score, what) in scorers.items():
+        fused = FusedModel(base)
+        try:
+            router = load_router(lib, method, fused=fused, **options)
+        except Exception as e:  # no stored gates: say so
+            result[key] = {"not_measured": f"{type(e).__name__}: {e}"}
+            fused.unfuse()
+            continue
+        a, b = score(router, inside), score(router, outside)
+        fused.unfuse()
+        result[key] = {"score": what, "auroc": round(auroc(-a, -b), 4),
+                       "out_of_library_below_5th_percentile": round(float((b < torch.quantile(a, 0.05)).float().mean()), 4),
+                       "mean_in_library": round(float(a.mean()), 4), "mean_out_of_library": round(float(b.mean()), 4),
+                       "per_unseen_task_mean": {t.name: round(float(b[torch.tensor(out_y) == k].mean()), 4)
+                                                for k, t in enumerate(unseen)}}
+        log(f"{key}: {result[key]}")
+    return result
 
 
 if __name__ == "__main__":

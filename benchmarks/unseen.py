@@ -4,7 +4,7 @@ adapter was trained on, every strategy through one harness. Writes benchmarks/re
 whose recipe is unchanged, so the run can span sessions.
 
     python benchmarks/unseen.py [--data-dir ../shared/data/bigbench] [--limit-per-task 40]
-        [--strategies base,uniform,...] [--mole-steps 30] [--multitask-steps 0] [--mbc-k 5]
+        [--strategies base,uniform,...] [--mole-steps 400] [--multitask-steps 0] [--mbc-k 5]
 
 The tasks (snarks, ruin_names, movie_recommendation, anachronisms, emoji_movie,
 analogical_similarity, metaphor_boolean, fantasy_reasoning) are fetched with `loramux data fetch
@@ -49,7 +49,7 @@ def main() -> None:
     ap = common_args(__doc__)
     ap.add_argument("--unseen-dir", default=None, help="default: $LORAMUX_HOME/data/unseen (fetched if missing)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--mole-steps", type=int, default=30)
+    ap.add_argument("--mole-steps", type=int, default=400, help="at most (validation stops it)")
     ap.add_argument("--multitask-steps", type=int, default=0, help="0: the library's total steps")
     ap.add_argument("--mbc-k", type=int, default=5)
     ap.add_argument("--output", default=str(RESULTS / "unseen.json"))

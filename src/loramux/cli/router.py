@@ -10,10 +10,12 @@ import typer
 from ..models import DEFAULT_MODEL
 from .options import DEVICE, DTYPE
 from ..routers.sentence.train import DlpTrainConfig
+from ..routers.gating.train import MoleTrainConfig
 
 app = typer.Typer(help="Routers that choose adapters per prompt (DLP-LoRA).", no_args_is_help=True)
 LIBRARY = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library).")
 _D = DlpTrainConfig()
+_M = MoleTrainConfig()
 
 
 def _parse_hidden(hidden: str) -> tuple[int, ...]:
@@ -31,7 +33,7 @@ def train(
     library: Optional[str] = LIBRARY,
     data: Optional[str] = typer.Option(None, "--data", help="Dir of task dirs holding each adapter's tasks."),
     name: Optional[str] = typer.Option(None, help="Name to store the router under (default: the method)."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    lr: Optional[float] = typer.Option(None, help=f"AdamW learning rate (dlp: {_D.lr}, mole: {_M.lr})."),
     batch_size: Optional[int] = typer.Option(None, help="Examples per step (dlp: 64 prompts, mole: 8)."),
     seed: int = typer.Option(0, help="Random seed."),
     model: str = typer.Option(DEFAULT_MODEL, help="Base model (mole, and dlp with --encoder base)."),
@@ -52,7 +54,12 @@ def train(
     top_p: float = typer.Option(0.6, help="dlp: default selection threshold stored with the router."),
     granularity: str = typer.Option("layer", help="mole: layer | block | network."),
     balance_alpha: float = typer.Option(0.5, help="mole: weight of the balance loss (0 = off)."),
-    steps: int = typer.Option(100, help="mole: optimizer steps."),
+    steps: int = typer.Option(_M.steps, help="mole: optimizer steps at most (training stops earlier when the "
+                                              "validation loss flattens)."),
+    gate_input: str = typer.Option(_M.gate_input, help="mole: what a gate reads: outputs (the adapters' outputs, "
+                                                       "the paper's gating) or input (the hidden state)."),
+    val_per_task: int = typer.Option(_M.val_per_task, help="mole: examples per task held out for the validation "
+                                                           "curve (0: none, run every step)."),
     device: str = DEVICE,  # mole: the base model; dlp: the sentence encoder (or the base with --encoder base)
     dtype: str = DTYPE,
 ) -> None:
@@ -72,8 +79,9 @@ def train(
         from ..models import load_base
         from ..routers.gating import MoleTrainConfig, train_mole
 
-        config = MoleTrainConfig(granularity=granularity, balance_alpha=balance_alpha, lr=lr, steps=steps,
-                                 batch_size=batch_size or 8, seed=seed)
+        config = MoleTrainConfig(granularity=granularity, gate_input=gate_input, balance_alpha=balance_alpha, lr=lr or _M.lr,
+                                 steps=steps, batch_size=batch_size or _M.batch_size, seed=seed,
+                                 val_per_task=val_per_task)
         fused = FusedModel(load_base(model, device=device, dtype=dtype))
         for adapter in lib.names():
             fused.load(lib, adapter)
@@ -81,7 +89,7 @@ def train(
     else:
         from ..routers.sentence import DlpConfig, train_dlp
 
-        config = DlpTrainConfig(encoder=encoder, hidden=_parse_hidden(hidden), dropout=dropout, lr=lr,
+        config = DlpTrainConfig(encoder=encoder, hidden=_parse_hidden(hidden), dropout=dropout, lr=lr or _D.lr,
                                 batch_size=batch_size or _D.batch_size, max_epochs=max_epochs, patience=patience,
                                 val_fraction=val_fraction, max_per_task=max_per_task, seed=seed,
                                 formats=tuple(_names(formats) or ()), abstain_recall=None if no_abstain else abstain_recall)

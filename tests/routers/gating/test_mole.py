@@ -8,7 +8,7 @@ from loramux.library import Library
 from loramux.models import load_base
 from loramux.routers import load_router
 from loramux.routers.gating import (MoleConfig, MoleGates, MoleRouter, MoleTrainConfig, balance_loss, gated_modules,
-                                    train_mole, unit_of)
+                                    out_widths, split_validation, train_mole, unit_of)
 
 from ...conftest import toy_mc_task
 from ...library.conftest import make_peft_dir
@@ -32,9 +32,9 @@ def fused_for(model_dir, lib):
     return fused
 
 
-def router_for(fused, granularity, seed=0, **kw):
+def router_for(fused, granularity, seed=0, gate_input="outputs", **kw):
     torch.manual_seed(seed)
-    gates = MoleGates(gated_modules(fused), 3, MoleConfig(granularity))
+    gates = MoleGates(gated_modules(fused), 3, MoleConfig(granularity, gate_input=gate_input), out_widths(fused))
     for p in gates.projs:  # random, not the uniform start, so the weights differ by input
         torch.nn.init.normal_(p.weight, std=1.0)
     return MoleRouter(fused, gates, NAMES, **kw)
@@ -48,10 +48,11 @@ def padded_batch(tok, device):
     return rows, ids, mask
 
 
+@pytest.mark.parametrize("gate_input", ["outputs", "input"])
 @pytest.mark.parametrize("granularity, n_units", [("layer", 3 * 2), ("block", 2), ("network", 1)])
-def test_gate_shapes_and_padding_invariance(tiny_model_dir, lib, granularity, n_units):
+def test_gate_shapes_and_padding_invariance(tiny_model_dir, lib, granularity, n_units, gate_input):
     fused = fused_for(tiny_model_dir, lib)
-    router = router_for(fused, granularity)
+    router = router_for(fused, granularity, gate_input=gate_input)
     # the tiny model has 2 blocks; all 7 projections are fused, 3 adapted (q, v, down): gates only there
     assert len(router.gates.units) == n_units
     rows, ids, mask = padded_batch(fused.base.tokenizer, fused.base.model.device)
@@ -124,9 +125,10 @@ def test_train_save_load_and_refuse_a_changed_library(tiny_model_dir, lib, tmp_p
     fused = fused_for(tiny_model_dir, lib)
     before = {k: v.clone() for k, v in fused.base.model.state_dict().items()}
     lora_before = fused.layers["model.layers.0.self_attn.q_proj"].lora_A.clone()
-    router = train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=3, batch_size=4, lr=0.1),
+    router = train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=3, batch_size=4, lr=0.1,
+                                                      val_per_task=0, eval_every=1),
                         progress=False, log=lambda s: None)
-    assert router.info["gate_params"] == router.gates.n_params and len(router.info["history"]) == 3
+    assert router.info["gate_params"] == router.gates.n_params and len(router.info["curve"]) == 3
     after = fused.base.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # base frozen
     assert torch.equal(fused.layers["model.layers.0.self_attn.q_proj"].lora_A, lora_before)  # LoRAs frozen
@@ -164,3 +166,100 @@ def test_generation_uses_the_prompts_gate_weights(tiny_model_dir, lib):
         assert result.token_ids[0] == first
         assert result.routing.router == "mole" and len(result.routing.layers) == len(router.gates.units)
     assert router._frozen is None  # released after generation
+
+
+def test_outputs_gate_is_the_papers_gate_on_the_mean_over_tokens(tiny_model_dir, lib):
+    """The paper's gate reads every LoRA's output E_i(x), normalised, concatenated and projected.
+    Over a prompt, the mean of E_i(x_t) over its real tokens equals E_i of the mean x (a LoRA is
+    linear), which is what the gate computes: checked against per-token dense outputs."""
+    fused = fused_for(tiny_model_dir, lib)
+    router = router_for(fused, "layer")
+    module = "model.layers.1.mlp.down_proj"
+    layer, i = fused.layers[module], router.gates.index[module]
+    x = torch.randn(2, 5, layer.base.in_features)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        got = router.gates.logits(module, x, mask, layer)
+        rows = []
+        for b in range(2):
+            real = x[b, mask[b].bool()]  # (t, d_in)
+            outs = [(layer.scaling[k] * real @ (layer.lora_B[k] @ layer.lora_A[k]).T).mean(0) for k in range(3)]
+            h = torch.cat([router.gates.norms[i](o) for o in outs])
+            rows.append(router.gates.projs[i](h) / router.gates.log_tau[i].exp())
+    assert torch.allclose(got, torch.stack(rows), atol=1e-5)
+    assert router.gates.projs[i].in_features == 3 * layer.base.out_features
+
+
+def test_balance_over_recent_batches():
+    """With more adapters than a batch has rows, a per-batch balance loss punishes routing itself;
+    the running mean asks balance of the traffic, and its current batch still carries a gradient."""
+    peaky = [torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]], requires_grad=True)]  # 2 rows, 4 adapters
+    alone = balance_loss(peaky)
+    assert float(alone) > 30  # q = (.5, .5, 0, 0): two adapters unused in this batch
+    memory = torch.full((4,), 0.25)
+    loss, new = balance_loss(peaky, memory, 0.9)
+    assert float(loss) < 6 and torch.allclose(new, 0.9 * memory + 0.1 * torch.tensor([0.5, 0.5, 0, 0]))
+    loss.backward()
+    assert peaky[0].grad is not None and float(peaky[0].grad.abs().sum()) > 0
+    assert not new.requires_grad
+
+
+def _toy_tasks(tmp_path, n=12):
+    from loramux.data import load_task
+
+    for name in NAMES:
+        toy_mc_task(tmp_path / "data" / f"task_{name}" / "train.json", n=n)
+    return [load_task(tmp_path / "data" / f"task_{name}") for name in NAMES]
+
+
+def test_validation_split_is_seeded_and_held_out(tmp_path):
+    tasks = _toy_tasks(tmp_path)
+    train, val = split_validation(tasks, 2, 0)
+    assert len(val) == 6 and len(train) == 30 and not {id(e) for e in train} & {id(e) for e in val}
+    assert [e.prompt for e in split_validation(tasks, 2, 0)[1]] == [e.prompt for e in val]
+    assert split_validation(tasks, 7, 0)[1] == []  # too few examples to hold any out
+
+
+def test_training_stops_when_the_validation_curve_is_flat_and_keeps_the_best(tiny_model_dir, lib, tmp_path):
+    tasks = _toy_tasks(tmp_path)
+    fused = fused_for(tiny_model_dir, lib)
+    flat = train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=50, batch_size=4, lr=0.0,
+                                                    val_per_task=2, eval_every=2, patience=2),
+                      progress=False, log=lambda s: None)
+    # lr 0: the validation loss never improves after the first evaluation; 2 more and it stops
+    assert flat.info["stopped"] == "flat" and flat.info["steps_run"] == 6 and flat.info["best_step"] == 2
+    assert [c["step"] for c in flat.info["curve"]] == [2, 4, 6] and flat.info["val_examples"] == 6
+    assert all(c["val_task_loss"] == flat.info["curve"][0]["val_task_loss"] for c in flat.info["curve"])
+    learned = train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=6, batch_size=4, lr=0.05,
+                                                       val_per_task=2, eval_every=2, patience=5),
+                         progress=False, log=lambda s: None)
+    assert learned.info["stopped"] == "steps" and learned.info["steps_run"] == 6
+    best = min(learned.info["curve"], key=lambda c: c["val_task_loss"])
+    assert learned.info["best_step"] == best["step"]  # the kept gates are the best evaluation's
+    none = train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=3, batch_size=4, val_per_task=0,
+                                                    eval_every=1), progress=False, log=lambda s: None)
+    assert none.info["steps_run"] == 3 and "val_task_loss" not in none.info["curve"][0]
+
+
+def test_a_router_stored_before_the_papers_gating_still_loads(tiny_model_dir, lib, tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    from loramux.routers.gating import router as router_module
+
+    tasks = _toy_tasks(tmp_path)
+    fused = fused_for(tiny_model_dir, lib)
+    old = train_mole(fused, tasks, MoleTrainConfig(granularity="block", gate_input="input", steps=2, batch_size=4,
+                                                   lr=0.1, val_per_task=0), progress=False, log=lambda s: None)
+    # what routers stored before gate_input existed hold: no such key in their gates' config
+    monkeypatch.setattr(router_module, "asdict", lambda c: {k: v for k, v in dataclasses.asdict(c).items()
+                                                             if k != "gate_input"})
+    d = old.save(lib)
+    monkeypatch.undo()
+    assert "gate_input" not in json.loads((d / "router.json").read_text())["gates"]
+    loaded = load_router(lib, "mole", fused=fused)
+    assert loaded.gates.config.gate_input == "input"
+    _, ids, mask = padded_batch(fused.base.tokenizer, fused.base.model.device)
+    with torch.no_grad():
+        a, b = old.route_weights(ids, mask), loaded.route_weights(ids, mask)
+    assert all(torch.allclose(a[u], b[u]) for u in a)

@@ -1,8 +1,8 @@
 """MoLE: learned per-layer/block/network gates over frozen LoRAs, with a balance loss and masking."""
 
-from .gates import GRANULARITIES, MoleConfig, MoleGates, gated_modules, unit_of
+from .gates import GATE_INPUTS, GRANULARITIES, MoleConfig, MoleGates, gated_modules, out_widths, unit_of
 from .router import MoleRouter
-from .train import MoleTrainConfig, balance_loss, train_mole
+from .train import MoleTrainConfig, balance_loss, split_validation, train_mole
 
 __all__ = ["MoleRouter", "MoleGates", "MoleConfig", "MoleTrainConfig", "train_mole", "balance_loss", "unit_of",
-           "gated_modules", "GRANULARITIES"]
+           "gated_modules", "out_widths", "split_validation", "GRANULARITIES", "GATE_INPUTS"]

@@ -1,11 +1,22 @@
 """MoLE gates (ALGORITHMS.md §2, arXiv 2404.13628): learned weights over frozen LoRAs.
 
 One gate per gated unit: each adapted module ("layer"), each transformer block ("block"), or one
-for the whole model ("network"). A gate mean-pools its input over the sequence's real tokens
-(mask-aware, so padded batches of any lengths work, where the paper flattens a fixed length),
-normalises it (LayerNorm), projects it to K logits and takes softmax(logits / τ) with a
-learnable temperature τ. A block's or the network's gate reads the input of its first adapted
-module (the block's normalised hidden state) and its weights serve every module of the unit.
+for the whole model ("network"). Weights are softmax(logits / τ) with a learnable temperature τ.
+
+What a gate reads (`gate_input`):
+
+- "outputs", the paper's gating: the outputs E_i(x) = s_i·B_i·A_i·x of every LoRA at the unit's
+  first adapted module, each normalised (LayerNorm), concatenated and projected to K logits. The
+  paper flattens E_i over a fixed sequence length; an LLM's prompts vary in length, so the gate
+  reads the mean over the real tokens instead. A LoRA is linear, so the mean of E_i(x_t) over
+  tokens is E_i of the mean x: one rank-r product per adapter on the pooled input, exactly.
+- "input" (loramux's earlier gate, kept for stored routers): the mean-pooled input x itself,
+  normalised and projected.
+
+Pooling is mask-aware, so padded batches of any lengths give each row the weights it gets alone.
+A block's or the network's gate reads its first adapted module (the block's normalised hidden
+state) and its weights serve every module of the unit. A Dynamic LoRA slot's input gate is not
+applied inside E_i here (it is per token, so it does not commute with the mean).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from torch import nn
 from ...errors import LoramuxError
 
 GRANULARITIES = ("layer", "block", "network")
+GATE_INPUTS = ("outputs", "input")
 _BLOCK = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
 
 
@@ -40,23 +52,33 @@ def unit_of(module: str, granularity: str) -> str:
     return f"block.{m.group(1)}"
 
 
+def out_widths(fused) -> dict[str, int]:
+    """Fused module -> output width, for the same modules as `gated_modules`."""
+    return {m: layer.base.out_features for m, layer in fused.layers.items() if layer.max_rank > 0}
+
+
 @dataclass(frozen=True)
 class MoleConfig:
     granularity: str = "layer"
     init_temperature: float = 1.0
+    gate_input: str = "outputs"  # the paper's gating; "input": the pooled hidden state (older routers)
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise LoramuxError(f"granularity must be one of {list(GRANULARITIES)}; got {self.granularity!r}")
+        if self.gate_input not in GATE_INPUTS:
+            raise LoramuxError(f"gate_input must be one of {list(GATE_INPUTS)}; got {self.gate_input!r}")
         if not self.init_temperature > 0:
             raise LoramuxError(f"init_temperature must be > 0; got {self.init_temperature!r}")
 
 
 class MoleGates(nn.Module):
-    """The trainable part of MoLE: per unit a LayerNorm + Linear(d -> K) and a log-temperature."""
+    """The trainable part of MoLE: per unit a LayerNorm + Linear(-> K) and a log-temperature."""
 
-    def __init__(self, modules: dict[str, int], n_adapters: int, config: MoleConfig = MoleConfig()):
-        """`modules`: fused module name -> its input width, in forward order."""
+    def __init__(self, modules: dict[str, int], n_adapters: int, config: MoleConfig = MoleConfig(),
+                 outputs: dict[str, int] | None = None):
+        """`modules`: fused module name -> its input width, in forward order; `outputs`: -> its
+        output width (needed when the gates read the adapters' outputs)."""
         super().__init__()
         self.config = config
         self.unit = {m: unit_of(m, config.granularity) for m in modules}
@@ -65,23 +87,38 @@ class MoleGates(nn.Module):
             self.anchor.setdefault(self.unit[m], m)
         self.units = list(self.anchor)
         self.index = {u: i for i, u in enumerate(self.units)}
-        self.norms = nn.ModuleList(nn.LayerNorm(modules[self.anchor[u]]) for u in self.units)
-        self.projs = nn.ModuleList(nn.Linear(modules[self.anchor[u]], n_adapters) for u in self.units)
+        if config.gate_input == "outputs":
+            if outputs is None:
+                raise LoramuxError("gates that read the adapters' outputs need the modules' output widths")
+            widths = [outputs[self.anchor[u]] for u in self.units]
+            self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
+            self.projs = nn.ModuleList(nn.Linear(n_adapters * w, n_adapters) for w in widths)
+        else:
+            widths = [modules[self.anchor[u]] for u in self.units]
+            self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
+            self.projs = nn.ModuleList(nn.Linear(w, n_adapters) for w in widths)
         for p in self.projs:  # start from the uniform mixture
             nn.init.zeros_(p.weight)
             nn.init.zeros_(p.bias)
         self.log_tau = nn.Parameter(torch.full((len(self.units),), float(torch.log(torch.tensor(config.init_temperature)))))
         self.n_adapters = n_adapters
 
-    def logits(self, unit: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, K) logits / τ from the unit's input x (B, T, d) and attention mask (B, T) or None."""
+    def logits(self, unit: str, x: torch.Tensor, mask: torch.Tensor | None, layer=None) -> torch.Tensor:
+        """(B, K) logits / τ from the unit's input x (B, T, d), its attention mask (B, T) or None,
+        and (reading outputs) the fused layer of the unit's first module, whose slots are the K."""
         i = self.index[unit]
         if mask is not None and mask.shape[:2] == x.shape[:2]:
             m = mask.to(x.dtype).unsqueeze(-1)
             pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
         else:
             pooled = x.mean(1)
-        h = self.norms[i](pooled.to(self.projs[i].weight.dtype))
+        dtype = self.projs[i].weight.dtype
+        if self.config.gate_input == "outputs":
+            A, B = layer.lora_A.to(dtype), layer.lora_B.to(dtype)  # (K, r, d_in), (K, d_out, r)
+            z = torch.einsum("bd,krd->bkr", pooled.to(dtype), A) * layer.scaling.to(dtype)[None, :, None]
+            h = self.norms[i](torch.einsum("bkr,kor->bko", z, B)).flatten(1)  # (B, K·d_out)
+        else:
+            h = self.norms[i](pooled.to(dtype))
         return self.projs[i](h) / self.log_tau[i].exp()
 
     @property

@@ -21,7 +21,7 @@ import torch
 from ...errors import LoramuxError
 from ..layerwise import InForwardRouter, per_row_routings, prefill, prompt_batch
 from ..routing import Routing
-from .gates import MoleConfig, MoleGates, gated_modules
+from .gates import MoleConfig, MoleGates, gated_modules, out_widths
 
 if TYPE_CHECKING:
     from ...fusion import FusedModel
@@ -64,7 +64,7 @@ class MoleRouter(InForwardRouter):
 
     # ------------------------------------------------------------------ the gate
     def weights(self, unit: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        logits = self.gates.logits(unit, x, attention_mask)
+        logits = self.gates.logits(unit, x, attention_mask, self.fused.layers[self.gates.anchor[unit]])
         if self._any_off:
             if self._off.device != logits.device:
                 self._off = self._off.to(logits.device)
@@ -151,7 +151,9 @@ class MoleRouter(InForwardRouter):
         modules = gated_modules(fused)
         if modules != meta["modules"]:
             raise LoramuxError(f"router {name!r} was trained for other fused modules than this model's")
-        gates = MoleGates(modules, len(meta["adapters"]), MoleConfig(**meta["gates"]))
+        # routers stored before the paper's gating read their input: no gate_input in their config
+        gates = MoleGates(modules, len(meta["adapters"]), MoleConfig(**{"gate_input": "input", **meta["gates"]}),
+                          out_widths(fused))
         gates.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
         gates.to(next(fused.base.model.parameters()).device)  # beside the hidden states they read
         router = cls(fused, gates.eval(), meta["adapters"], mask=mask, info=meta.get("info"))

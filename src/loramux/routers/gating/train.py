@@ -1,13 +1,27 @@
 """Train MoLE gates: base and LoRAs frozen, only gates and τ learn, on the library's tasks mixed.
 
 Loss = task loss (answer tokens) + α · L_balance, with L_balance = −Σ_i log q_i and q_i the mean
-gate weight of adapter i over all gated units and the batch (ALGORITHMS.md §2). It is computed
-on the live gate outputs, so its gradient reaches the gates; the public MoLE code detaches it,
-which makes it a constant.
+gate weight of adapter i over all gated units and prompts (ALGORITHMS.md §2). It is computed on
+the live gate outputs, so its gradient reaches the gates; the public MoLE code detaches it, which
+makes it a constant.
+
+Over how many prompts q is taken matters once a library has more adapters than a batch has
+prompts: a batch of 8 from 14 tasks cannot use all 14 adapters, so a per-batch −Σ log q_i
+penalises the gates for routing at all (the adapters of the tasks absent from the batch get q ≈ 0)
+and holds them near the uniform mixture. q is therefore a running mean over recent batches
+(`balance_memory`; 0 = this batch alone, the paper's form), whose current batch carries the
+gradient: the balance is asked of the traffic, not of every batch.
+
+Training runs until a validation curve flattens: a few held-out examples per task
+(`val_per_task`) are scored every `eval_every` steps; after `patience` evaluations without a
+relative improvement of `min_delta`, or at `steps`, training stops and the gates of the best
+evaluation are kept. The curve is stored with the router (`info["curve"]`).
 """
 
 from __future__ import annotations
 
+import copy
+import random
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable
@@ -15,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ...errors import LoramuxError
-from .gates import MoleConfig, MoleGates, gated_modules
+from .gates import MoleConfig, MoleGates, gated_modules, out_widths
 from .router import MoleRouter
 
 if TYPE_CHECKING:
@@ -26,25 +40,56 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class MoleTrainConfig:
     granularity: str = "layer"
+    gate_input: str = "outputs"  # the paper's gating (gates.py)
     balance_alpha: float = 0.5  # α; 0 turns the balance loss off (the paper's ablation)
-    lr: float = 1e-3
-    steps: int = 100
+    balance_memory: float = 0.9  # q_i as a running mean over batches; 0: this batch alone
+    # The paper's gate projects K·d normalised features: an early Adam step moves each weight by
+    # about lr, a logit by about lr·K·d·E|h| (≈ 0.6 at 1e-4 for 14 adapters of width 576), so
+    # 1e-3 flips gates from uniform to one-hot within two steps.
+    lr: float = 1e-4
+    steps: int = 400  # at most; validation usually stops it earlier
     batch_size: int = 8
     max_seq_len: int = 256
     seed: int = 0
+    val_per_task: int = 4  # held out from training; 0: no validation, run all `steps`
+    eval_every: int = 20
+    patience: int = 3  # evaluations without a relative improvement of min_delta
+    min_delta: float = 0.005
 
     def __post_init__(self) -> None:
-        MoleConfig(self.granularity)  # validates the granularity
+        MoleConfig(self.granularity, gate_input=self.gate_input)  # validates both
         if self.balance_alpha < 0:
             raise LoramuxError(f"balance_alpha must be >= 0; got {self.balance_alpha!r}")
+        if not 0 <= self.balance_memory < 1:
+            raise LoramuxError(f"balance_memory must be in [0, 1); got {self.balance_memory!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise LoramuxError(f"steps and batch_size must be positive; got {self.steps}, {self.batch_size}")
+        if self.val_per_task < 0 or self.eval_every < 1 or self.patience < 1 or self.min_delta < 0:
+            raise LoramuxError("val_per_task >= 0, eval_every >= 1, patience >= 1 and min_delta >= 0 are required")
 
 
-def balance_loss(collected: list[torch.Tensor]) -> torch.Tensor:
-    """−Σ_i log q_i, q_i = mean weight of adapter i over every gated unit and batch row."""
+def balance_loss(collected: list[torch.Tensor], memory: torch.Tensor | None = None,
+                 keep: float = 0.0) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """−Σ_i log q_i, q_i = mean weight of adapter i over every gated unit and batch row; with
+    `memory` (the running q of earlier batches), q = keep·memory + (1 − keep)·q_batch and the new
+    running q (detached) is returned too."""
     q = torch.cat(collected, dim=0).mean(0)  # (K,)
-    return -torch.log(q.clamp(min=1e-9)).sum()
+    if memory is None:
+        return -torch.log(q.clamp(min=1e-9)).sum()
+    q = keep * memory + (1 - keep) * q
+    return -torch.log(q.clamp(min=1e-9)).sum(), q.detach()
+
+
+def split_validation(tasks: list["Task"], per_task: int, seed: int):
+    """(train examples, validation examples): `per_task` seeded examples of each task held out
+    (none from a task with fewer than 2 * per_task examples)."""
+    train, val = [], []
+    for t in tasks:
+        idx = list(range(len(t.examples)))
+        held = set(random.Random(f"{seed}:{t.name}").sample(idx, per_task)) if len(idx) >= 2 * per_task else set()
+        train += [t.examples[i] for i in idx if i not in held]
+        val += [t.examples[i] for i in sorted(held)]
+    return train, val
 
 
 def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig = MoleTrainConfig(), *,
@@ -52,19 +97,21 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     from tqdm.auto import tqdm
 
     from ...data import PromptFormatter
-    from ...training.batching import LazyFeatures, answer_loss, collate_left, micro_batch_indices
+    from ...training.batching import LazyFeatures, micro_batch_indices
 
     if not fused.adapters:
         raise LoramuxError("load the library's adapters into the fused model before training gates")
     base = fused.base
-    examples = [ex for t in tasks for ex in t.examples]
+    examples, val_examples = split_validation(tasks, config.val_per_task, config.seed)
     if not examples:
         raise LoramuxError("no training examples for the gates")
     fmt = PromptFormatter(base.tokenizer)
     features = LazyFeatures(fmt, examples, config.max_seq_len)
+    val_features = LazyFeatures(fmt, val_examples, config.max_seq_len)
     torch.manual_seed(config.seed)
-    modules = gated_modules(fused)
-    gates = MoleGates(modules, len(fused.adapters), MoleConfig(config.granularity))
+    gates = MoleGates(gated_modules(fused), len(fused.adapters), MoleConfig(config.granularity,
+                                                                              gate_input=config.gate_input),
+                      out_widths(fused))
     device = next(base.model.parameters()).device
     gates.to(device)
     router = MoleRouter(fused, gates, list(fused.adapters))
@@ -73,33 +120,75 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
         p.requires_grad_(False)
     opt = torch.optim.AdamW(gates.parameters(), lr=config.lr)
     mixture = router.layer_mixture()
-    history = []
+    memory = torch.full((len(fused.adapters),), 1.0 / len(fused.adapters), device=device)
+    curve, window, best = [], [], None
+    stopped = "steps"
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc=f"train mole ({config.granularity})", unit="step", disable=not progress)
     try:
         for step in bar:
             idx = micro_batch_indices(len(features), config.batch_size, step, config.seed)
-            inputs, labels = collate_left([features[i] for i in idx], base.tokenizer.pad_token_id)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            router.collected = []
-            with fused.mixture(mixture, attention_mask=inputs["attention_mask"]):
-                logits = base.model(**inputs, logits_to_keep=labels.shape[1] + 1).logits
-            task = answer_loss(logits, labels.to(device))
-            bal = balance_loss(router.collected)
+            task, bal = _forward(router, fused, mixture, [features[i] for i in idx], device, grad=True)
+            bal, memory = balance_loss(bal, memory, config.balance_memory)
             loss = task + config.balance_alpha * bal if config.balance_alpha else task
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            history.append({"step": step + 1, "task_loss": round(task.item(), 4), "balance_loss": round(bal.item(), 4)})
-            bar.set_postfix(task=f"{history[-1]['task_loss']:.3f}", balance=f"{history[-1]['balance_loss']:.3f}")
+            window.append((task.item(), bal.item()))
+            bar.set_postfix(task=f"{window[-1][0]:.3f}", balance=f"{window[-1][1]:.3f}")
+            last = step + 1 == config.steps
+            if val_features and ((step + 1) % config.eval_every == 0 or last):
+                val = _validation_loss(router, fused, mixture, val_features, config.batch_size, device)
+                curve.append({"step": step + 1, "train_task_loss": round(sum(t for t, _ in window) / len(window), 4),
+                              "balance_loss": round(sum(b for _, b in window) / len(window), 4),
+                              "val_task_loss": round(val, 4)})
+                window = []
+                if best is None or val < best[0] * (1 - config.min_delta):
+                    best = (val, step + 1, copy.deepcopy(gates.state_dict()))
+                elif (step + 1 - best[1]) // config.eval_every >= config.patience:
+                    stopped = "flat"
+                    break
+            elif not val_features and ((step + 1) % config.eval_every == 0 or last):
+                curve.append({"step": step + 1, "train_task_loss": round(sum(t for t, _ in window) / len(window), 4),
+                              "balance_loss": round(sum(b for _, b in window) / len(window), 4)})
+                window = []
     finally:
         router.collected = None
         for p, f in zip(base.model.parameters(), frozen):
             p.requires_grad_(f)
+    if best is not None:
+        gates.load_state_dict(best[2])
     seconds = time.perf_counter() - started
     gates.eval()
+    steps_run = curve[-1]["step"] if curve else config.steps
     router.info = {"train_config": asdict(config), "seconds": round(seconds, 1), "gate_params": gates.n_params,
-                   "examples": len(examples), "tasks": [t.name for t in tasks], "history": history[-20:]}
-    log(f"mole: {config.steps} steps in {seconds:.0f}s; {gates.n_params:,} gate parameters; final task loss "
-        f"{history[-1]['task_loss']}, balance {history[-1]['balance_loss']}")
+                   "examples": len(examples), "val_examples": len(val_examples), "tasks": [t.name for t in tasks],
+                   "steps_run": steps_run, "stopped": stopped, "best_step": best[1] if best else steps_run,
+                   "best_val_task_loss": round(best[0], 4) if best else None, "curve": curve}
+    log(f"mole: {steps_run} steps ({stopped}) in {seconds:.0f}s; {gates.n_params:,} gate parameters; kept step "
+        f"{router.info['best_step']} (validation task loss {router.info['best_val_task_loss']})")
     return router
+
+
+def _forward(router: MoleRouter, fused, mixture, rows, device, grad: bool):
+    """(answer loss, the gate weights of every unit) for one batch of encoded examples."""
+    from ...training.batching import answer_loss, collate_left
+
+    inputs, labels = collate_left(rows, fused.base.tokenizer.pad_token_id)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    router.collected = []
+    with torch.set_grad_enabled(grad), fused.mixture(mixture, attention_mask=inputs["attention_mask"]):
+        logits = fused.base.model(**inputs, logits_to_keep=labels.shape[1] + 1).logits
+        task = answer_loss(logits, labels.to(device))
+    collected, router.collected = router.collected, None
+    return task, collected
+
+
+def _validation_loss(router, fused, mixture, features, batch_size: int, device) -> float:
+    """Mean answer loss over the held-out examples (per-batch means weighted by batch size)."""
+    total, n = 0.0, 0
+    for b in range(0, len(features), batch_size):
+        rows = [features[i] for i in range(b, min(b + batch_size, len(features)))]
+        task, _ = _forward(router, fused, mixture, rows, device, grad=False)
+        total, n = total + task.item() * len(rows), n + len(rows)
+    return total / max(1, n)
