@@ -169,9 +169,10 @@ def main() -> None:
         "upper_bound": round(100 * sum(shares.values()) / len(shares), 2),
         "estimate": round(100 * sum(shares[t] * max(0.0, gain[t]) for t in shares) / len(shares), 2),
         "measured": None,
-        "how": "no trained 14-task library on this machine: upper bound = mean per-task abstained share of the "
-               "in-library test prompts (own format, stored thresholds) x 100; estimate = the same shares x each "
-               "task's dlp_p0.6 - base gain in composite.json. Not a measured composite.",
+        "how": "upper bound = mean per-task abstained share of the in-library test prompts (own format, stored "
+               "thresholds) x 100; estimate = the same shares x each task's dlp_p0.6 - base gain in composite.json. "
+               + ("'measured' is the composite itself (how_measured)." if args.library else
+                  "No trained library given: not a measured composite."),
         "abstained_share_per_task": {t: round(v, 4) for t, v in shares.items()}}
     if args.library:
         abst["composite_drop_points"].update(measured_drop(lib, base, test, args.limit_per_task))

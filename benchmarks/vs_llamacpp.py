@@ -1,0 +1,303 @@
+"""loramux serve next to llama.cpp's llama-server: the same weights, the same HTTP workload, one
+server at a time, on this machine. Writes benchmarks/results/vs_llamacpp.json.
+
+    python benchmarks/vs_llamacpp.py [--data-dir ../shared/data/bigbench] [--cache ~/.cache/loramux-bench]
+        [--tokens 64] [--threads 2] [--quantize int8] [--rows sequential_base,...]
+
+What it builds, all cached outside the repository (--cache), each step skipped when its output is
+there:
+- llama.cpp from the source vendored in the llama-cpp-python 0.3.36 sdist (`pip download`), its
+  `llama-server` target only, with cmake (Release, native CPU flags, no curl);
+- the base model as GGUF with llama.cpp's own `convert_hf_to_gguf.py` from the safetensors loramux
+  serves (f32, and q8_0 for the quantized rows), and the library's adapters (plus random stand-ins
+  up to 100) with its `convert_lora_to_gguf.py`, in f32.
+
+The workload, identical for both servers: POST /v1/completions, greedy, exactly --tokens new
+tokens (end of sequence ignored), prompts from the shared tasks' test sets rendered with the
+model's chat template (loramux's /v1/completions applies it; llama-server gets the rendered text,
+so both prefill the same tokens: the usage's prompt_tokens are compared and reported). Mixtures
+go in llama.cpp's per-request `lora` field, which loramux accepts too, by each server's own ids
+(GET /lora-adapters). Rows:
+  sequential_base, sequential_mixed (a 3-adapter mixture per request), concurrent16_base,
+  concurrent16_distinct (16 clients, 16 distinct 3-adapter mixtures), library100_distinct (the
+  same with 100 adapters loaded), prefill_heavy (prompts of about --long-prompt tokens, 8 new
+  tokens, 4 clients);
+each again with a quantized base (`quantized_` prefix) when --quantize is given: loramux's
+`--quantize` against llama.cpp's nearest bit width (int8 -> q8_0, int4 -> the embedded Q4_1).
+Tokens/s count generated tokens (prefill_heavy: prompt + generated) over the row's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+SDIST = ("llama-cpp-python", "0.3.36")
+NEAREST = {"int8": "q8_0", "int4": "q4_1"}
+ROWS = ("sequential_base", "sequential_mixed", "concurrent16_base", "concurrent16_distinct", "library100_distinct",
+        "prefill_heavy")
+
+
+def log(msg: str) -> None:
+    print(f"[vs_llamacpp] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kw) -> None:
+    log(" ".join(map(str, cmd)))
+    subprocess.run(cmd, check=True, **kw)
+
+
+def llama_source(cache: Path) -> Path:
+    name, version = SDIST
+    src = cache / f"{name.replace('-', '_')}-{version}" / "vendor" / "llama.cpp"
+    if not src.is_dir():
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"{name}=={version}",
+             "-d", str(cache)])
+        with tarfile.open(next(cache.glob(f"{name.replace('-', '_')}-{version}.tar.gz"))) as tar:
+            tar.extractall(cache, filter="data")
+    return src
+
+
+def build_llama_server(cache: Path, jobs: int) -> Path:
+    """llama-server built once into the cache (about 25 minutes on 2 cores); resumable."""
+    build = cache / "llama.cpp-build"
+    binary = build / "bin" / "llama-server"
+    if not binary.is_file():
+        src = llama_source(cache)
+        run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DGGML_NATIVE=ON"])
+        run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)])
+    return binary
+
+
+def _convert_env(src: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def base_gguf(cache: Path, model_dir: Path, outtype: str) -> Path:
+    """The served base model as GGUF, converted by llama.cpp's own script (q4_1: the embedded GGUF
+    loramux's weights were de-quantized from)."""
+    if outtype == "q4_1":
+        from loramux.models import DEFAULT_MODEL, _gguf_path
+
+        return _gguf_path(DEFAULT_MODEL)
+    out = cache / "gguf" / f"base-{outtype}.gguf"
+    if not out.is_file():
+        src = llama_source(cache)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
+             "--outfile", str(out)], env=_convert_env(src))
+    return out
+
+
+def adapter_gguf(cache: Path, model_dir: Path, name: str, peft_dir: Path) -> Path:
+    out = cache / "gguf" / "lora" / f"{name}.gguf"
+    if not out.is_file():
+        src = llama_source(cache)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, str(src / "convert_lora_to_gguf.py"), str(peft_dir), "--base", str(model_dir),
+             "--outtype", "f32", "--outfile", str(out)], env=_convert_env(src))
+    return out
+
+
+def wait_http(url: str, path: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url}{path} answered")
+        try:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url}{path} not ready after {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def adapter_ids(url: str) -> dict[str, int]:
+    """Adapter name -> the server's id for the per-request `lora` field."""
+    import httpx
+
+    out = {}
+    for a in httpx.get(f"{url}/lora-adapters", timeout=30).json():
+        out[a.get("name") or Path(a["path"]).stem] = a["id"]
+    return out
+
+
+def workload(url: str, ids: dict[str, int], prompts: list[str], mixes: list, tokens: int, concurrency: int,
+             ignore_eos: dict) -> dict:
+    import httpx
+
+    def one(i: int) -> dict:
+        body = {"model": "base", "prompt": prompts[i], "max_tokens": tokens, "temperature": 0, **ignore_eos}
+        if mixes[i]:
+            body["lora"] = [{"id": ids[a], "scale": w} for a, w in mixes[i].items()]
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=3600)
+        r.raise_for_status()
+        return r.json()["usage"]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        usage = list(pool.map(one, range(len(prompts))))
+    wall = time.perf_counter() - started
+    out_tokens = sum(u["completion_tokens"] for u in usage)
+    in_tokens = sum(u["prompt_tokens"] for u in usage)
+    return {"requests": len(prompts), "concurrency": concurrency, "wall_seconds": round(wall, 2),
+            "completion_tokens": out_tokens, "prompt_tokens": in_tokens,
+            "tokens_per_s": round(out_tokens / wall, 3), "all_tokens_per_s": round((in_tokens + out_tokens) / wall, 3)}
+
+
+def plan(rows: list[str], prompts: list[str], long_prompts: list[str], names: list[str], extra: list[str],
+         tokens: int, rng: random.Random) -> dict:
+    """Row -> (prompts, mixtures, new tokens, concurrency, adapters it needs loaded)."""
+    def mixes(n: int, pool: list[str]) -> list[dict]:
+        return [dict(zip(rng.sample(pool, 3), (0.5, 0.3, 0.2))) for _ in range(n)]
+
+    table = {"sequential_base": (prompts[:8], [None] * 8, tokens, 1, names),
+             "sequential_mixed": (prompts[:8], mixes(8, names), tokens, 1, names),
+             "concurrent16_base": (prompts[:32], [None] * 32, tokens, 16, names),
+             "concurrent16_distinct": (prompts[:32], mixes(16, names) * 2, tokens, 16, names),
+             "library100_distinct": (prompts[:32], mixes(16, names + extra) * 2, tokens, 16, names + extra),
+             "prefill_heavy": (long_prompts, [None] * len(long_prompts), 8, 4, names)}
+    return {r: table[r] for r in rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "bigbench"))
+    ap.add_argument("--library", default=None, help="default: $LORAMUX_HOME/library")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "loramux-bench"))
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs for the llama.cpp build")
+    ap.add_argument("--quantize", default=None, choices=sorted(NEAREST), help="also the quantized rows")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--long-prompt", type=int, default=1024, help="prefill_heavy: prompt tokens, about")
+    ap.add_argument("--build-only", action="store_true", help="build and convert, then stop")
+    ap.add_argument("--output", default=str(RESULTS / "vs_llamacpp.json"))
+    args = ap.parse_args()
+
+    from loramux import Library, load_base, load_tasks
+    from loramux._home import default_library_path
+    from loramux.bench.machine import machine
+    from loramux.bench.speed import random_adapter
+    from loramux.data import PromptFormatter
+    from loramux.models import DEFAULT_MODEL, converted_model_dir
+
+    rows = [r for r in args.rows.split(",") if r]
+    if set(rows) - set(ROWS):
+        raise SystemExit(f"--rows {sorted(set(rows) - set(ROWS))}: unknown; choose from {', '.join(ROWS)}")
+    cache = Path(args.cache).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    binary = build_llama_server(cache, args.jobs)
+    base = load_base()
+    model_dir = converted_model_dir(DEFAULT_MODEL)
+    lib = Library(args.library or default_library_path())
+    names = lib.names()
+    stand_ins = Library(cache / "stand-ins", create=True)  # random r=8 adapters up to 100, for library100
+    for i in range(100 - len(names)):
+        if f"extra{i:02d}" not in stand_ins:
+            stand_ins.add(f"extra{i:02d}", random_adapter(base, 8, 1000 + i), base=base, tasks=())
+    extra = stand_ins.names()
+    precisions = [("fp32", [], "f32")] + ([(args.quantize, ["--quantize", args.quantize], NEAREST[args.quantize])]
+                                          if args.quantize else [])
+    gguf = {a: adapter_gguf(cache, model_dir, a, lib.adapter_dir(a)) for a in names}
+    gguf |= {a: adapter_gguf(cache, model_dir, a, stand_ins.adapter_dir(a)) for a in extra}
+    bases = {p: base_gguf(cache, model_dir, outtype) for p, _, outtype in precisions}
+    if args.build_only:
+        log(f"built {binary}; {len(gguf)} adapters and {sorted(bases)} bases converted")
+        return
+
+    fmt = PromptFormatter(base.tokenizer)
+    tasks = load_tasks(args.data_dir, sorted(t for s in lib.list() for t in s.tasks), "test")
+    rng = random.Random(0)
+    pool = [fmt.prompt_text(e.prompt) for t in tasks for e in t.examples]
+    rng.shuffle(pool)
+    long_prompts = []
+    for k in range(8):  # test prompts joined until about --long-prompt tokens
+        text, n = "", 0
+        for p in pool[100 + 40 * k:]:
+            text, n = text + p, n + len(base.tokenizer(p)["input_ids"])
+            if n >= args.long_prompt:
+                break
+        long_prompts.append(text)
+    work = plan(rows, pool, long_prompts, names, extra, args.tokens, rng)
+    result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "llama_cpp": f"llama-server from the {SDIST[0]} {SDIST[1]} sdist's vendored source",
+              "threads": args.threads, "tokens": args.tokens, "rows": {}, "ratios": {}}
+    for precision, loramux_flags, outtype in precisions:
+        prefix = "" if precision == "fp32" else "quantized_"
+        for server in ("loramux", "llama.cpp"):
+            for library_size in ("library", "library100"):
+                todo = [r for r in work if (r == "library100_distinct") == (library_size == "library100")]
+                if not todo:
+                    continue
+                loaded = names + (extra if library_size == "library100" else [])
+                port = 8431
+                url = f"http://127.0.0.1:{port}"
+                if server == "llama.cpp":
+                    cmd = [str(binary), "-m", str(bases[precision]), "--port", str(port), "--host", "127.0.0.1",
+                           "-t", str(args.threads), "-tb", str(args.threads), "-np", "16", "-c", str(16 * 2048),
+                           "--lora-init-without-apply", "--no-webui"]
+                    for a in loaded:
+                        cmd += ["--lora", str(gguf[a])]
+                    proc, ready, eos = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), \
+                        "/health", {"ignore_eos": True}
+                else:
+                    serve_lib = lib.path
+                    if library_size == "library100":  # the library plus the stand-ins, in a side library
+                        serve_lib = cache / "library100"
+                        side = Library(serve_lib, create=True)
+                        for src, group in ((lib, names), (stand_ins, extra)):
+                            for a in group:
+                                if a not in side:
+                                    side.add(a, src.adapter_dir(a), base=base, tasks=src.get(a).tasks)
+                    cmd = [sys.executable, "-m", "loramux", "serve", "--library", str(serve_lib), "--port", str(port),
+                           "--max-batch", "16", *loramux_flags]
+                    proc, ready, eos = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}), \
+                        "/ready", {"loramux": {"ignore_eos": True}}
+                try:
+                    wait_http(url, ready, proc)
+                    ids = adapter_ids(url)
+                    for row in todo:
+                        prompts, mixes, tokens, concurrency, _ = work[row]
+                        workload(url, ids, prompts[:2], mixes[:2], 4, 1, eos)  # warm-up
+                        r = workload(url, ids, prompts, mixes, tokens, concurrency, eos)
+                        result["rows"].setdefault(prefix + row, {})[server] = {**r, "precision": (
+                            precision if server == "loramux" else outtype)}
+                        log(f"{prefix}{row} {server}: {r['tokens_per_s']} tokens/s")
+                finally:
+                    stop(proc)
+    for row, by in result["rows"].items():
+        if {"loramux", "llama.cpp"} <= set(by):
+            key = "all_tokens_per_s" if row.endswith("prefill_heavy") else "tokens_per_s"
+            result["ratios"][row] = round(by["loramux"][key] / by["llama.cpp"][key], 3)
+            by["same_prompt_tokens"] = by["loramux"]["prompt_tokens"] == by["llama.cpp"]["prompt_tokens"]
+    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["ratios"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
