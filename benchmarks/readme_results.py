@@ -167,10 +167,17 @@ def routing_real(d: dict) -> list[tuple[str, str]]:
          f"in-library recall {a['per_format']['own']['in_library_recall_at_stored_thresholds']:.1%}; composite cost "
          + (f"{drop['measured']:.2f} points" if drop.get("measured") is not None
             else f"≤ {drop['upper_bound']:.2f} points (bound; estimate {drop['estimate']:.2f}, not measured)")),
-        (f"a 15th adapter added and the DLP head retrained from cached embeddings ({d['library']})",
+        *([(f"Arrow's own out-of-library score (a token's best cosine to a prototype), "
+            f"{d['in_forward_routers']['n_in_library']} in-library vs "
+            f"{d['in_forward_routers']['n_out_of_library']} unseen test prompts",
+            f"AUROC {d['in_forward_routers']['arrow']['auroc']:.3f}: too weak to abstain on, so Arrow does not "
+            f"(docs/routing.md)")] if "auroc" in d.get("in_forward_routers", {}).get("arrow", {}) else []),
+        (f"a 15th adapter added and the DLP head retrained from cached embeddings "
+         f"({'the trained library' if d['library'] == 'given' else d['library']})",
          f"{d['growth_seconds']:.1f} s, {g['prompts_encoded']:,} of {g['prompts_in_training']:,} prompts encoded "
          f"(add {g['add_adapter_s']:.1f}, retrain {g['retrain_head_s']:.1f}, load "
-         f"{g['load_new_router_s']:.1f}; the 14-adapter router's full training {g['first_train_seconds_for_comparison']:.1f} s)"),
+         f"{g['load_new_router_s']:.1f}; the 14-adapter router's full training {g['first_train_seconds_for_comparison']:.1f} s; "
+         f"prompts an earlier run in the same home encoded are read from the cache)"),
     ]
 
 
