@@ -145,7 +145,8 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
                 window = []
                 if best is None or val < best[0] * (1 - config.min_delta):
                     best = (val, step + 1, copy.deepcopy(gates.state_dict()))
-                elif (step + 1 - best[1]) // config.eval_every >= config.patience:
+                log(f"mole step {step + 1}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
+                if (step + 1 - best[1]) // config.eval_every >= config.patience:
                     stopped = "flat"
                     break
             elif not val_features and ((step + 1) % config.eval_every == 0 or last):
