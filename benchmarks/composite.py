@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +42,7 @@ import torch
 from loramux import Library, LoraTrainConfig, load_base, load_tasks
 from loramux.bench.machine import machine
 from loramux.bench.speed import _median_times
+from loramux.errors import LoramuxError
 from loramux.evaluation.harness import EvalConfig, evaluate, to_markdown
 from loramux.evaluation.plots import plot_results
 from loramux.fusion import FusedModel
@@ -105,7 +107,14 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict) ->
         for a in lib.names():
             fused.load(lib, a)
         log(f"training {name} (at most {steps} steps, until the validation loss is flat)")
-        router = train_mole(fused, tasks, config)
+        ckpt = lib.path.parent / "runs" / f"mole-{name}"  # a run cut short resumes at its last evaluation
+        try:
+            router = train_mole(fused, tasks, config, checkpoint_dir=ckpt, resume=True)
+        except LoramuxError as e:
+            if "cannot resume" not in str(e):
+                raise
+            shutil.rmtree(ckpt)  # another recipe's checkpoint
+            router = train_mole(fused, tasks, config, checkpoint_dir=ckpt)
         router.save(lib, name)
         timings[name] = router.info["seconds"]
         fused.unfuse()

@@ -263,3 +263,32 @@ def test_a_router_stored_before_the_papers_gating_still_loads(tiny_model_dir, li
     with torch.no_grad():
         a, b = old.route_weights(ids, mask), loaded.route_weights(ids, mask)
     assert all(torch.allclose(a[u], b[u]) for u in a)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_gates(tiny_model_dir, lib, tmp_path):
+    tasks = _toy_tasks(tmp_path)
+    fused = fused_for(tiny_model_dir, lib)
+    config = MoleTrainConfig(granularity="block", steps=4, batch_size=4, lr=0.05, val_per_task=2, eval_every=2,
+                             patience=5)
+    whole = train_mole(fused, tasks, config, progress=False, log=lambda s: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_4(msg):
+        if msg.startswith("mole step 4"):
+            raise Stop  # after step 2's checkpoint, before step 4's
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Stop):
+        train_mole(fused, tasks, config, progress=False, log=stop_at_step_4, checkpoint_dir=ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["mole-2.safetensors", "state.json"]
+    messages = []
+    resumed = train_mole(fused, tasks, config, progress=False, log=messages.append, checkpoint_dir=ckpt, resume=True)
+    assert messages[0].startswith("mole: resuming at step 2")
+    assert [c["step"] for c in resumed.info["curve"]] == [2, 4] and resumed.info["curve"] == whole.info["curve"]
+    a, b = whole.gates.state_dict(), resumed.gates.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(LoramuxError, match=r"cannot resume MoLE training .* \['config'\] differ"):
+        train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=5, batch_size=4, val_per_task=2,
+                                                 eval_every=2), progress=False, log=lambda s: None,
+                   checkpoint_dir=ckpt, resume=True)

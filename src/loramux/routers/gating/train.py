@@ -16,14 +16,21 @@ Training runs until a validation curve flattens: a few held-out examples per tas
 (`val_per_task`) are scored every `eval_every` steps; after `patience` evaluations without a
 relative improvement of `min_delta`, or at `steps`, training stops and the gates of the best
 evaluation are kept. The curve is stored with the router (`info["curve"]`).
+
+With `checkpoint_dir`, every evaluation writes a checkpoint (gates, the best gates so far, the
+optimizer's moments, the running balance and the curve; safetensors and JSON, never a pickle),
+and `resume=True` continues from it: the batch stream is a pure function of the step, so a
+resumed run sees the batches it would have seen.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -93,7 +100,8 @@ def split_validation(tasks: list["Task"], per_task: int, seed: int):
 
 
 def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig = MoleTrainConfig(), *,
-               progress: bool = True, log: Callable[[str], None] = print) -> MoleRouter:
+               progress: bool = True, log: Callable[[str], None] = print,
+               checkpoint_dir: str | Path | None = None, resume: bool = False) -> MoleRouter:
     from tqdm.auto import tqdm
 
     from ...data import PromptFormatter
@@ -124,7 +132,14 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     curve, window, best = [], [], None
     stopped = "steps"
     started = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=f"train mole ({config.granularity})", unit="step", disable=not progress)
+    first, elapsed = 0, 0.0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    meta = {"config": asdict(config), "adapters": list(fused.adapters), "tasks": [t.name for t in tasks]}
+    if resume and ckpt and (ckpt / _STATE).is_file():
+        first, elapsed, curve, best, memory = _load_checkpoint(ckpt, meta, gates, opt)
+        log(f"mole: resuming at step {first} from {ckpt}")
+    bar = tqdm(range(first, config.steps), desc=f"train mole ({config.granularity})", unit="step",
+               disable=not progress, initial=first, total=config.steps)
     try:
         for step in bar:
             idx = micro_batch_indices(len(features), config.batch_size, step, config.seed)
@@ -146,6 +161,9 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
                 if best is None or val < best[0] * (1 - config.min_delta):
                     best = (val, step + 1, copy.deepcopy(gates.state_dict()))
                 log(f"mole step {step + 1}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
+                if ckpt:
+                    _save_checkpoint(ckpt, meta, step + 1, elapsed + time.perf_counter() - started, curve, best,
+                                     memory, gates, opt)
                 if (step + 1 - best[1]) // config.eval_every >= config.patience:
                     stopped = "flat"
                     break
@@ -159,7 +177,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             p.requires_grad_(f)
     if best is not None:
         gates.load_state_dict(best[2])
-    seconds = time.perf_counter() - started
+    seconds = elapsed + time.perf_counter() - started
     gates.eval()
     steps_run = curve[-1]["step"] if curve else config.steps
     router.info = {"train_config": asdict(config), "seconds": round(seconds, 1), "gate_params": gates.n_params,
@@ -193,3 +211,51 @@ def _validation_loss(router, fused, mixture, features, batch_size: int, device) 
         task, _ = _forward(router, fused, mixture, rows, device, grad=False)
         total, n = total + task.item() * len(rows), n + len(rows)
     return total / max(1, n)
+
+
+_STATE = "state.json"
+
+
+def _save_checkpoint(ckpt: Path, meta: dict, step: int, elapsed: float, curve: list, best, memory: torch.Tensor,
+                     gates: MoleGates, opt: torch.optim.Optimizer) -> None:
+    from safetensors.torch import save_file
+
+    from ..._atomic import atomic_write_json
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tensors = {f"gates.{k}": v.detach().cpu().contiguous() for k, v in gates.state_dict().items()}
+    tensors |= {f"best.{k}": v.detach().cpu().contiguous() for k, v in best[2].items()}
+    state = opt.state_dict()
+    for pid, st in state["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
+    tensors["memory"] = memory.detach().cpu().contiguous()
+    save_file(tensors, ckpt / f"mole-{step}.safetensors")
+    # state.json last and atomically: it is what makes this checkpoint the current one
+    atomic_write_json(ckpt / _STATE, {**meta, "step": step, "elapsed": elapsed, "curve": curve,
+                                      "best": [best[0], best[1]], "param_groups": state["param_groups"]})
+    for old in ckpt.glob("mole-*.safetensors"):
+        if old.stem != f"mole-{step}":
+            old.unlink()
+
+
+def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.Optimizer):
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / _STATE).read_text())
+    if {k: state.get(k) for k in meta} != meta:
+        diff = sorted(k for k in meta if state.get(k) != meta[k])
+        raise LoramuxError(f"cannot resume MoLE training from {str(ckpt)!r}: its {diff} differ from this run's; "
+                           f"rerun with the same settings, adapters and tasks, or without resume")
+    flat = load_file(ckpt / f"mole-{state['step']}.safetensors")
+    device = gates.log_tau.device
+    gates.load_state_dict({k[6:]: v.to(device) for k, v in flat.items() if k.startswith("gates.")})
+    best_state = {k[5:]: v.to(device) for k, v in flat.items() if k.startswith("best.")}
+    moments: dict[int, dict] = {}
+    for key, v in flat.items():
+        if key.startswith("opt."):
+            pid, name = key[4:].split(".", 1)
+            moments.setdefault(int(pid), {})[name] = v.to(device) if v.dim() else v
+    opt.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
+    best = (state["best"][0], state["best"][1], best_state)
+    return state["step"], state["elapsed"], state["curve"], best, flat["memory"].to(device)
