@@ -110,22 +110,6 @@ def adapter_gguf(cache: Path, model_dir: Path, name: str, peft_dir: Path) -> Pat
     return out
 
 
-def wait_http(url: str, path: str, proc: subprocess.Popen, timeout: float = 900) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url}{path} answered")
-        try:
-            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url}{path} not ready after {timeout} s")
-
-
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -200,6 +184,7 @@ def main() -> None:
 
     from loramux import Library, load_base, load_tasks
     from loramux._home import default_library_path
+    from loramux.bench.load import wait_ready
     from loramux.bench.machine import machine
     from loramux.bench.speed import random_adapter
     from loramux.data import PromptFormatter
@@ -279,7 +264,7 @@ def main() -> None:
                                                         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}), \
                         "/ready", {"loramux": {"ignore_eos": True}}
                 try:
-                    wait_http(url, ready, proc)
+                    wait_ready(url, 900, path=ready, process=proc)
                     ids = adapter_ids(url)
                     for row in todo:
                         prompts, mixes, tokens, concurrency, _ = work[row]

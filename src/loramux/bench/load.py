@@ -7,14 +7,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-def wait_ready(root_url: str, timeout: float = 600) -> None:
-    """Poll a server's /ready until it answers 200 (a server process still loading its model)."""
+def wait_ready(root_url: str, timeout: float = 600, *, path: str = "/ready", process=None) -> None:
+    """Poll a server's `path` (/ready) until it answers 200 (a server process still loading its
+    model); with `process` (a Popen), fail as soon as that process has exited."""
     import httpx
 
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before {root_url}{path} answered")
         try:
-            if httpx.get(f"{root_url}/ready", timeout=5).status_code == 200:
+            if httpx.get(f"{root_url}{path}", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

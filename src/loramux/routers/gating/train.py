@@ -151,26 +151,25 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             opt.step()
             window.append((task.item(), bal.item()))
             bar.set_postfix(task=f"{window[-1][0]:.3f}", balance=f"{window[-1][1]:.3f}")
-            last = step + 1 == config.steps
-            if val_features and ((step + 1) % config.eval_every == 0 or last):
-                val = _validation_loss(router, fused, mixture, val_features, config.batch_size, device)
-                curve.append({"step": step + 1, "train_task_loss": round(sum(t for t, _ in window) / len(window), 4),
-                              "balance_loss": round(sum(b for _, b in window) / len(window), 4),
-                              "val_task_loss": round(val, 4)})
-                window = []
-                if best is None or val < best[0] * (1 - config.min_delta):
-                    best = (val, step + 1, copy.deepcopy(gates.state_dict()))
-                log(f"mole step {step + 1}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
-                if ckpt:
-                    _save_checkpoint(ckpt, meta, step + 1, elapsed + time.perf_counter() - started, curve, best,
-                                     memory, gates, opt)
-                if (step + 1 - best[1]) // config.eval_every >= config.patience:
-                    stopped = "flat"
-                    break
-            elif not val_features and ((step + 1) % config.eval_every == 0 or last):
-                curve.append({"step": step + 1, "train_task_loss": round(sum(t for t, _ in window) / len(window), 4),
-                              "balance_loss": round(sum(b for _, b in window) / len(window), 4)})
-                window = []
+            if (step + 1) % config.eval_every and step + 1 != config.steps:
+                continue
+            point = {"step": step + 1, "train_task_loss": round(sum(t for t, _ in window) / len(window), 4),
+                     "balance_loss": round(sum(b for _, b in window) / len(window), 4)}
+            curve.append(point)
+            window = []
+            if not val_features:
+                continue
+            val = _validation_loss(router, fused, mixture, val_features, config.batch_size, device)
+            point["val_task_loss"] = round(val, 4)
+            if best is None or val < best[0] * (1 - config.min_delta):
+                best = (val, step + 1, copy.deepcopy(gates.state_dict()))
+            log(f"mole step {step + 1}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
+            if ckpt:
+                _save_checkpoint(ckpt, meta, step + 1, elapsed + time.perf_counter() - started, curve, best,
+                                 memory, gates, opt)
+            if (step + 1 - best[1]) // config.eval_every >= config.patience:
+                stopped = "flat"
+                break
     finally:
         router.collected = None
         for p, f in zip(base.model.parameters(), frozen):
