@@ -90,11 +90,12 @@ def ensure_dlp(lib: Library, data_dir: str, timings: dict) -> None:
     timings["dlp"] = round(time.perf_counter() - started, 1)
 
 
-def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict) -> None:
+def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, names=tuple(MOLE)) -> None:
     from loramux.routers.gating import MoleTrainConfig, train_mole
 
     tasks = None
-    for name, (granularity, alpha) in MOLE.items():
+    for name in names:
+        granularity, alpha = MOLE[name]
         config = MoleTrainConfig(granularity=granularity, balance_alpha=alpha, steps=steps)
         try:  # reuse stored gates only when they were trained with this recipe (and so have a curve)
             stored = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})

@@ -7,7 +7,7 @@ Reuses composite.py's builders (library, gates cached in the library under mole_
 mole_block, mole_layer_no_balance).
 
     python benchmarks/mole.py --data-dir ../shared/data/bigbench [--limit-per-task 40] [--mole-steps 400]
-        [--profile-per-task 8]
+        [--profile-per-task 8] [--gates mole_layer,mole_block,mole_layer_no_balance]
 
 Writes benchmarks/results/mole.json, mole_curves.png and mole_gates_<name>.png.
 """
@@ -37,8 +37,13 @@ def main() -> None:
     ap = common_args(__doc__)
     ap.add_argument("--mole-steps", type=int, default=MoleTrainConfig().steps, help="at most (validation stops it)")
     ap.add_argument("--profile-per-task", type=int, default=8, help="test prompts per task for the gate profiles")
+    ap.add_argument("--gates", default=",".join(MOLE), help="which gate sets to train and score (masking needs "
+                    "mole_layer); one 14-adapter set takes up to ~90 min on 2 cores")
     ap.add_argument("--output", default=str(RESULTS / "mole.json"))
     args = ap.parse_args()
+    gates = tuple(args.gates.split(","))
+    if unknown := set(gates) - set(MOLE):
+        ap.error(f"--gates: unknown {sorted(unknown)}; accepted: {', '.join(MOLE)}")
 
     from loramux._home import prediction_cache_path
     from loramux.routers import load_router
@@ -46,15 +51,15 @@ def main() -> None:
     started = time.perf_counter()
     base, lib, tasks = setup(args)
     timings: dict = {}
-    ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
+    ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, gates)
     training = {}
-    for name in MOLE:  # training time and curve as recorded when the gates were trained
+    for name in gates:  # training time and curve as recorded when the gates were trained
         info = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
         timings.setdefault(name, info.get("seconds"))
         training[name] = {k: info.get(k) for k in ("steps_run", "stopped", "best_step", "best_val_task_loss",
                                                    "gate_params", "curve")}
     test = load_tasks(args.data_dir, tasks, "test")
-    strategies = ("oracle", "uniform", *(f"mole:{m}" for m in MOLE))
+    strategies = ("oracle", "uniform", *(f"mole:{m}" for m in gates))
     fused = FusedModel(base)
     result = evaluate(fused, lib, test, EvalConfig(strategies, args.limit_per_task, args.seed, cache_dir=str(prediction_cache_path())), log=log)
     averages = {k.removeprefix("mole:"): v["average"] for k, v in result["strategies"].items()}
@@ -63,23 +68,25 @@ def main() -> None:
     idx = sample_indices(test, args.limit_per_task, args.seed)
     scorer = MixtureScorer(fused, cache_dir=str(prediction_cache_path()))
     masked = {}
-    for t in test:
+    for t in test if "mole_layer" in gates else ():
         router = load_router(lib, "mole", name="mole_layer", fused=fused, mask=(owner[t.name],))
         preds = scorer.score(t, [router] * len(idx[t.name]), idx[t.name])
         masked[t.name] = round(result_of(t, preds).score, 4)
-    averages["mole_layer_mask_true_task"] = round(sum(masked.values()) / len(masked), 4)
+    if masked:
+        averages["mole_layer_mask_true_task"] = round(sum(masked.values()) / len(masked), 4)
     profiles = {name: gate_profile(load_router(lib, "mole", name=name, fused=fused), test, owner,
-                                   args.profile_per_task) for name in MOLE}
+                                   args.profile_per_task) for name in gates}
     fused.unfuse()
-    costs = cost_ratios(base, lib, ["uniform", "mole_layer"])
+    costs = cost_ratios(base, lib, ["uniform", gates[0]])
     out = {
         "command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps,
+        "machine": machine(), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps, "gates": list(gates),
         "average_accuracy": averages,
         "per_task": {k.removeprefix("mole:"): v["per_task"] for k, v in result["strategies"].items()}
         | {"mole_layer_mask_true_task": masked},
         "gate_cost_ratio": costs.get("_gate_cost_ratio"), "train_seconds": timings,
-        "mask_true_task_cost_points": round(100 * (averages["mole_layer"] - averages["mole_layer_mask_true_task"]), 2),
+        "mask_true_task_cost_points": (round(100 * (averages["mole_layer"] - averages["mole_layer_mask_true_task"]), 2)
+                                       if masked else None),
         "training": training,
         "gate_profiles": profiles,
         "gate_profiles_how": (f"per task, the mean over {args.profile_per_task} of its test prompts of each unit's gate "
