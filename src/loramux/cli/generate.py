@@ -5,7 +5,7 @@ from typing import List, Optional
 import typer
 
 from ..models import DEFAULT_MODEL
-from .options import DEVICE, DTYPE
+from .options import COMPILE, DEVICE, DTYPE
 
 
 def parse_mix(mix: str) -> dict[str, float]:
@@ -41,6 +41,7 @@ def generate(
     stream: bool = typer.Option(True, help="Print text as it is generated."),
     device: str = DEVICE,
     dtype: str = DTYPE,
+    compile: bool = COMPILE,
 ) -> None:
     """Generate from the base model, one adapter, or a weighted mixture of adapters (fused engine)."""
     from ..engine import Engine, GenerationRequest, SamplingParams
@@ -55,7 +56,7 @@ def generate(
                               stop=tuple(stop or ()))
     base = load_base(model, device=device, dtype=dtype)
     lib = open_library(library) if (mixture or router) else None
-    engine = Engine(base, lib)
+    engine = Engine(base, lib, compile=compile)
     for name in mixture or {}:
         engine.load(name)
     request = GenerationRequest(prompt, mixture, sampling)

@@ -7,3 +7,7 @@ from ..models import DEVICE_HELP, DTYPE_HELP
 
 DEVICE = typer.Option("auto", "--device", help=DEVICE_HELP)
 DTYPE = typer.Option("auto", "--dtype", help=DTYPE_HELP)
+COMPILE = typer.Option(False, "--compile/--no-compile",
+                       help="Decode through the compiled step (Llama, Mistral, Qwen2 families): the first batch "
+                            "of each size compiles for a few minutes, later runs load the compiled code from "
+                            "Inductor's cache. Arrow/MoLE routing decodes eagerly either way.")

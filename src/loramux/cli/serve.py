@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
-from .options import DEVICE, DTYPE
+from .options import COMPILE, DEVICE, DTYPE
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -28,6 +28,7 @@ def serve(
     dtype: str = DTYPE,
     pack: bool = typer.Option(True, "--pack/--no-pack", help="CPU fp32: serve from oneDNN-prepacked base weights "
                                                              "(faster batched decode, one more copy of the weights)."),
+    compile: bool = COMPILE,
     ray: bool = typer.Option(False, "--ray", help="Serve as a Ray Serve deployment (a local Ray unless --ray-address)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --ray)."),
     replicas: int = typer.Option(1, help="--ray: number of replicas, each with its own engine."),
@@ -81,7 +82,7 @@ def serve(
         ray_serve.run(model, str(lib.path), config, address=ray_address, host=host, port=port, replicas=replicas,
                       autoscaling=scaling, ray_actor_options=actor, device=device, dtype=dtype)
         return
-    engine = Engine(load_base(model, device=device, dtype=dtype), lib)
+    engine = Engine(load_base(model, device=device, dtype=dtype), lib, compile=compile)
     for name in lib.names():
         engine.load(name)
     app = create_app(engine, lib, config)

@@ -105,8 +105,10 @@ class Engine:
 
     def __init__(self, base: "BaseModel", library: "Library | None" = None, *,
                  target_modules: tuple[str, ...] | None = None, fold: bool = True,
-                 fused: FusedModel | None = None):
-        """`fused`: an existing FusedModel over `base` to generate with (its loaded adapters included)."""
+                 fused: FusedModel | None = None, compile: bool = False):
+        """`fused`: an existing FusedModel over `base` to generate with (its loaded adapters included).
+        `compile`: decode through the compiled step (`compiled.py`; the first step of each batch
+        shape compiles, or loads the compiled code from Inductor's on-disk cache)."""
         self.base = base
         # Fold a mixture that the whole batch shares into a copy of the adapted weights for the
         # length of one generate call: every decode step then costs exactly a base step. On the
@@ -121,6 +123,11 @@ class Engine:
         self.formatter = PromptFormatter(base.tokenizer)
         self.stop_ids = set(self.formatter.stop_token_ids())
         self.max_context = getattr(base.model.config, "max_position_embeddings", None)
+        self.compiled = None
+        if compile:
+            from .compiled import CompiledDecoder
+
+            self.compiled = CompiledDecoder(self.fused)
 
     # ------------------------------------------------------------------ adapters
     @property

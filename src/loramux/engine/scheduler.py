@@ -18,6 +18,11 @@ row can be blamed for, fails the running batch. Every future is resolved on ever
 
 Requests for in-forward routers (Arrow, MoLE), whose gate serves a whole forward, run as a batch
 of their own once the running one drains (`submit(..., router=...)`).
+
+With an engine built with `compile=True`, a batch that starts without an in-forward router
+decodes through the compiled step (`compiled.py`): prompts are prefilled as above, then each row
+moves into a slot of its static cache, and (4) is one compiled call over the slots. Everything
+else, admission, sampling, retirement and the fault paths, is this loop's either way.
 """
 
 from __future__ import annotations
@@ -82,6 +87,9 @@ class _State:
     mix: object | None = None
     mix_stale: bool = True  # set whenever rows join or leave
     router: object | None = None  # the in-forward router of this batch (then nobody else joins)
+    # Each row's slot in the engine's compiled decoder (`compiled.py`), which then holds the KV
+    # cache and the mixtures; None: this batch decodes eagerly with `cache`.
+    slots: list[int] | None = None
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -230,9 +238,11 @@ class Scheduler:
 
     def _end_batch(self) -> list[_Job]:
         """Forget the running batch and free what its forwards cached; returns its jobs."""
-        jobs, router = self.state.jobs, self.state.router
+        jobs, router, slots = self.state.jobs, self.state.router, self.state.slots
         self.state = _State()
         self._release(router)
+        if slots is not None:
+            self.engine.compiled.reset()
         return jobs
 
     def _release(self, router) -> None:
@@ -364,7 +374,16 @@ class Scheduler:
             for row, routing in zip(rows, router.routings(recorder)):
                 row.request = dataclasses.replace(row.request, routing=routing)
         st = self.state
-        if st.rows:
+        compiled = self.engine.compiled
+        if st.slots is not None or (not st.rows and router is None and compiled is not None and compiled.usable()):
+            # the compiled decoder takes the rows: their cache and mixtures move into its slots
+            slots = compiled.admit(out.cache, mask, [j.request.mixture for j in jobs])
+            if st.rows:
+                st.slots += slots
+                st.logits = torch.cat([st.logits, out.logits[:, -1]])
+            else:
+                st.slots, st.logits, st.mix, st.mix_stale = slots, out.logits[:, -1], None, False
+        elif st.rows:
             st.cache, st.mask = merge_caches(st.cache, st.mask, out.cache, mask)
             st.next_pos = torch.cat([st.next_pos, mask.sum(-1)])
             st.logits = torch.cat([st.logits, out.logits[:, -1]])
@@ -407,9 +426,14 @@ class Scheduler:
             if not keep:
                 self._end_batch()
                 return
-            index = torch.tensor(keep, device=st.mask.device)
-            st.cache.batch_select_indices(index)
-            st.mask, st.next_pos = st.mask[index], st.next_pos[index]
+            if st.slots is not None:
+                kept = set(keep)
+                self.engine.compiled.free([s for b, s in enumerate(st.slots) if b not in kept])
+                st.slots = [st.slots[b] for b in keep]
+            else:
+                index = torch.tensor(keep, device=st.mask.device)
+                st.cache.batch_select_indices(index)
+                st.mask, st.next_pos = st.mask[index], st.next_pos[index]
             st.rows = [st.rows[b] for b in keep]
             st.jobs = [st.jobs[b] for b in keep]
             if st.router is not None:
@@ -436,6 +460,10 @@ class Scheduler:
 
     def _decode(self) -> None:
         st = self.state
+        if st.slots is not None:
+            st.logits = self.engine.compiled.step(st.slots, st.pending)
+            self._stepped()
+            return
         model = self.engine.base.model
         device = st.mask.device
         st.mask = torch.cat([st.mask, st.mask.new_ones(len(st.rows), 1)], dim=-1)
@@ -448,6 +476,10 @@ class Scheduler:
                         position_ids=st.next_pos[:, None], cache=st.cache, use_cache=True)
         st.cache, st.logits = out.cache, out.logits[:, -1]
         st.next_pos = st.next_pos + 1
+        self._stepped()
+
+    def _stepped(self) -> None:
+        st = self.state
         self.stats["steps"] += 1
         self.stats["batch_rows"] += len(st.rows)
         self._notify("step", {"rows": len(st.rows)})

@@ -1,0 +1,152 @@
+"""A compiled decode step: base model plus each row's LoRA mixture over a static KV cache.
+
+The eager decode step goes through transformers' modules, the fused layers' Python and one ATen
+dispatch per op; with one row that overhead is about half of a step of the default model
+(`benchmarks/results/serve.json`, `decode_step_profile`), while the step's floor is reading the
+weights once. Here one decode step of a Llama-family model is written as a plain function of
+tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RMSNorm, RoPE,
+attention over the cache and each row's LoRA update (`fusion/layer.py`'s gathered form,
+y += ((x·Aᵀ)·c)·Bᵀ, with c folded into A once per row) become one generated program per
+shape, with no Python between ops.
+
+The state it runs over (row slots, the static cache, each slot's LoRA factors) is kept by
+`compiled.py`. Position p of a row is written at index p of its slot: no left padding, and the
+mask is `index <= position`.
+
+The reference is transformers' own forward (with the fused layers); `tests/engine/test_compiled.py`
+checks the two agree to fp32 rounding, with and without mixtures, and that a row's logits do not
+depend on its slot-mates. Families whose blocks differ from Llama's (Gemma's norms, Qwen3's
+q/k norms, sliding windows, Phi-3's fused projections) are refused by `unsupported`, with the
+reason, when the compiled path is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import LoramuxError
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    """The base linear under a fused layer (MultiLoraLinear.base) or a prepacked one."""
+    return getattr(module, "base", module)
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the compiled step cannot run this model (None: it can)."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    if kind not in _FAMILIES:
+        return f"model family {kind!r} (compiled decode covers {', '.join(_FAMILIES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", kind == "mistral"):
+        return "sliding-window attention"
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope not in ("default", "linear", "llama3"):  # those whose frequencies do not depend on length
+        return f"RoPE type {rope!r}"
+    layer = model.model.layers[0]
+    for name in PROJECTIONS:
+        owner = layer.self_attn if name in PROJECTIONS[:4] else layer.mlp
+        if not isinstance(_linear(getattr(owner, name, None)), nn.Linear):
+            return f"no {name} linear"
+    return None
+
+
+class DecodeGraph(nn.Module):
+    """One decode step as a function of tensors; the model's weights are read from its modules
+    (through fused and prepacked wrappers), never copied."""
+
+    def __init__(self, model: nn.Module, gemv_rows: int = 4):
+        super().__init__()
+        self.gemv_rows = gemv_rows
+        reason = unsupported(model)
+        if reason:
+            raise LoramuxError(f"compiled decode does not support this model: {reason}")
+        config = model.config
+        self.model = model
+        self.layers = list(model.model.layers)
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.eps = config.rms_norm_eps
+        rotary = model.model.rotary_emb
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+
+    def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """RMSNorm in fp32, rounded back before the weight (as transformers' Llama)."""
+        xf = x.float()
+        return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[0] <= self.gemv_rows:
+            # A few rows: a multiply and a sum, which Inductor turns into one vectorised pass over
+            # the weight. BLAS's GEMM with one row read the weights at about a third of the
+            # bandwidth this pass reaches (benchmarks/results/compiled_decode.json).
+            y = (x[:, None, :] * weight).sum(-1)
+            return y if bias is None else y + bias
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def _proj(self, x: torch.Tensor, module: nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        base = _linear(module)
+        y = self._matmul(x, base.weight, base.bias)
+        if lora is not None:  # At (S, d_in, R) with each row's weights folded in, Bt (S, R, d_out)
+            # fp32 factors whatever the base's dtype; the update is added in fp32 before one
+            # rounding, PEFT's order (fusion/layer.py)
+            delta = torch.bmm(torch.bmm(x.float()[:, None], lora[0]), lora[1])[:, 0]
+            y = (y.float() + delta).to(x.dtype)
+        return y
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """tokens, positions (S,); keys/values: per layer (L, S, n_kv, head_dim), written in place at
+        each row's position (one tensor per layer: Inductor then updates it in place, where a
+        slice of one stacked tensor was copied whole at every write; positions first, so that the
+        first L of a longer cache is a contiguous view); lora: projection -> (At (layers, S, d_in, R),
+        Bt (layers, S, R, d_out)). Returns the next-token logits (S, vocab)."""
+        S, L = tokens.shape[0], keys[0].shape[0]
+        H, G, D = self.n_heads, self.n_kv, self.head_dim
+        x = self.model.model.embed_tokens.weight[tokens]  # (S, d)
+        freqs = positions[:, None].float() * self.inv_freq  # (S, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(x.dtype)  # (S, D)
+        sin = (emb.sin() * self.rope_scale).to(x.dtype)
+        visible = torch.arange(L, device=tokens.device)[None, :] <= positions[:, None]  # (S, L)
+        bias = torch.zeros(S, L, device=tokens.device, dtype=x.dtype).masked_fill(~visible, float("-inf"))
+        rows = torch.arange(S, device=tokens.device)
+
+        def rope(t: torch.Tensor) -> torch.Tensor:  # (S, heads, D)
+            half = t.shape[-1] // 2
+            rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+            return t * cos[:, None] + rotated * sin[:, None]
+
+        for i, layer in enumerate(self.layers):
+            def lo(name: str):
+                return None if lora is None else (lora[name][0][i], lora[name][1][i])
+
+            attn, mlp = layer.self_attn, layer.mlp
+            h = self._norm(x, layer.input_layernorm)
+            q = rope(self._proj(h, attn.q_proj, lo("q_proj")).view(S, H, D))
+            k = rope(self._proj(h, attn.k_proj, lo("k_proj")).view(S, G, D))
+            v = self._proj(h, attn.v_proj, lo("v_proj")).view(S, G, D)
+            keys[i].index_put_((positions, rows), k)
+            values[i].index_put_((positions, rows), v)
+            # grouped-query attention of one query token per row over its slot's cache
+            qg = q.view(S, G, H // G, D)
+            scores = torch.einsum("sgqd,lsgd->sgql", qg, keys[i]) / math.sqrt(D)
+            probs = torch.softmax(scores + bias[:, None, None, :], dim=-1)
+            out = torch.einsum("sgql,lsgd->sgqd", probs, values[i]).reshape(S, H * D)
+            x = x + self._proj(out, attn.o_proj, lo("o_proj"))
+            h = self._norm(x, layer.post_attention_layernorm)
+            gate = self._proj(h, mlp.gate_proj, lo("gate_proj"))
+            up = self._proj(h, mlp.up_proj, lo("up_proj"))
+            x = x + self._proj(torch.nn.functional.silu(gate) * up, mlp.down_proj, lo("down_proj"))
+        x = self._norm(x, self.model.model.norm)
+        return self._matmul(x, self.model.lm_head.weight)
