@@ -453,3 +453,32 @@ def test_routing_and_scoring_run_on_the_scheduler_thread(served, monkeypatch):
                                             "logprobs": 1})
         assert r.status_code == 200 and r.json()["loramux"]["mixture"] == {"a": 1.0}
     assert threads == ["loramux-scheduler", "loramux-scheduler"]  # routed once, then scored
+
+
+def test_a_compiled_engine_serves_what_the_eager_one_does(served, where):
+    """--compile: the server's scheduler decodes through the compiled step (the graph run
+    uncompiled here; tests/engine/test_compiled.py compiles it), on prepacked weights."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loramux.engine.compiled import CompiledDecoder
+
+    if where.dtype != "float32":
+        pytest.skip("token-for-token equality is an fp32 claim")
+    engine, lib = served
+    asks = [("a", None, "one two"), ("base", {"b": 0.7, "c": 0.3}, "The quick brown"), ("base", None, "x"),
+            ("c", None, "one two three")]
+    expected = [greedy_alone(engine, p, {m: 1.0} if m != "base" else mix, 6).text for m, mix, p in asks]
+    engine.compiled = CompiledDecoder(engine.fused, backend="eager")
+
+    def ask(c, model, mix, prompt):
+        body = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+        if mix:
+            body["loramux"] = {"mix": mix}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with client_for(engine, lib) as c, ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda a: ask(c, *a), asks))
+    assert got == expected
+    assert engine.compiled.compile_seconds  # its step ran (a first call per shape is recorded)

@@ -70,6 +70,9 @@ def serve(
     if ray or ray_address:
         import json
 
+        if compile:
+            raise LoramuxError("--compile is not supported with --ray yet; drop one of them")
+
         from ..server import ray_serve
 
         try:

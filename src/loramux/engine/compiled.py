@@ -1,21 +1,25 @@
 """The compiled decode path: row slots over a static KV cache, stepped by one compiled graph.
 
-`CompiledDecoder` is what the scheduler (the one decode loop, `scheduler.py`) calls instead of
-the eager decode forward when it was built with `compile=True`. Prompts are still prefilled
-eagerly through the fused layers; each admitted row's keys and values are then copied into a
-slot of a static cache, and its mixture into that slot's LoRA factors (its weights and scalings
-folded into A once, so a step does no per-row bookkeeping). Every decode step runs `DecodeGraph`
+`CompiledDecoder` (one per engine) holds the compiled step; `Slots` (one per running batch, kept
+in the scheduler's batch state, so two schedulers over one engine never share one) holds the
+rows. The scheduler (the one decode loop, `scheduler.py`) uses them instead of the eager decode
+forward when the engine was built with `compile=True`. Prompts are still prefilled eagerly
+through the fused layers; each admitted row's keys and values are then copied into a slot of the
+static cache, and its mixture into that slot's LoRA factors (its weights and scalings folded
+into A once, so a step does no per-row bookkeeping). Every decode step runs `DecodeGraph`
 (`graph.py`) over all slots at once; free slots are computed and ignored.
 
-Shapes, and so compiles: the slot count S is a power of two (grown as rows join, one compile each);
-the cache length L and the LoRA width R are dynamic dimensions, so a longer context or another
-mixture width reuses the graph. The views passed each step cover the first L positions, L the
-longest row rounded up to `_LENGTH_STEP`, so attention reads what rows use, not the whole
-allocation. Compiled graphs land in Inductor's on-disk cache: a second process with the same
-shapes loads them instead of compiling (`compile_seconds` records what each first call cost).
+Shapes, and so compiles: the slot count S is a power of two (grown as rows join, one compile each,
+with and without LoRA); the cache length L and the LoRA width R are dynamic dimensions, so a
+longer context or another mixture width reuses the graph. The views passed each step cover the
+first L positions, L the longest row rounded up to `_LENGTH_STEP`, so attention reads what rows
+use, not the whole allocation. Compiled graphs land in Inductor's on-disk cache: a second process
+with the same shapes loads them instead of compiling (`compile_seconds` records what each first
+call cost).
 
-Not covered, decoded eagerly instead (`usable`): in-forward routers (Arrow, MoLE) and adapters with
-Dynamic LoRA input gates, whose weights depend on each token's input.
+Not covered, decoded eagerly instead (`usable`): in-forward routers (Arrow, MoLE), adapters with
+Dynamic LoRA input gates (their weights depend on each token's input), and fused modules other
+than the seven projections of a Llama block.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 import torch.fx.experimental._config  # noqa: F401  (use_duck_shape, patched around the compiled call)
 
 from ..errors import LoramuxError
-from .graph import PROJECTIONS, DecodeGraph, unsupported
+from .graph import PROJECTIONS, DecodeGraph, _linear
 
 if TYPE_CHECKING:
     from ..fusion import FusedModel
@@ -37,6 +41,9 @@ log = logging.getLogger("loramux.compiled")
 
 _LENGTH_STEP = 64  # the cache view grows in steps of this many positions
 _RANK_STEP = 8  # the LoRA width grows in steps of this many ranks
+# One graph per (slot count, with or without LoRA): 1..64 slots is 14, above Dynamo's default of 8,
+# and with fullgraph=True hitting the limit raises rather than running uncompiled.
+_RECOMPILE_LIMIT = 32
 
 
 def _round_up(n: int, step: int) -> int:
@@ -48,93 +55,106 @@ def _pow2(n: int) -> int:
 
 
 class CompiledDecoder:
-    """Slots of the running batch and the compiled step over them."""
+    """The compiled step of one engine, and what building a slot's factors needs."""
 
     def __init__(self, fused: "FusedModel", *, backend: str = "inductor", gemv_rows: int = 4):
         """`backend`: torch.compile's ("eager" runs the same graph without compiling: tests)."""
-        model = fused.base.model
-        reason = unsupported(model)
-        if reason:
-            raise LoramuxError(f"compiled decode does not support this model: {reason}")
         self.fused = fused
-        self.graph = DecodeGraph(model, gemv_rows)
+        self.graph = DecodeGraph(fused.base.model, gemv_rows)  # refuses other families, with the reason
+        model = fused.base.model
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         by_module = {id(m): name for name, m in fused.layers.items()}
         # (layer index, projection) -> the fused layer's name, for building a slot's factors
-        self._fused_at = {}
+        self.fused_at: dict[tuple[int, str], str] = {}
         for i, layer in enumerate(self.graph.layers):
             for proj in PROJECTIONS:
-                owner = layer.self_attn if proj in PROJECTIONS[:4] else layer.mlp
-                name = by_module.get(id(getattr(owner, proj)))
+                name = by_module.get(id(self.graph.module(layer, proj)))
                 if name is not None:
-                    self._fused_at[(i, proj)] = name
+                    self.fused_at[(i, proj)] = name
         self._step = torch.compile(self.graph, backend=backend, fullgraph=True, dynamic=False)
         self.compile_seconds: dict[str, float] = {}
-        self._seen: set[tuple] = set()
-        self.reset()
 
-    # ------------------------------------------------------------------ state
-    def reset(self) -> None:
-        """Forget every slot and free the cache (the running batch ended)."""
+    def usable(self) -> bool:
+        """Whether rows can decode here: no loaded adapter has input gates, and every fused layer is
+        one the graph applies. Adapters load and unload only between batches, so this holds for a
+        whole batch."""
+        return (len(self.fused_at) == len(self.fused.layers)
+                and not any(layer.any_gated for layer in self.fused.layers.values()))
+
+    def slots(self) -> "Slots":
+        """Empty slots for a new batch."""
+        return Slots(self)
+
+    def dims(self, proj: str) -> tuple[int, int]:
+        linear = _linear(self.graph.module(self.graph.layers[0], proj))
+        return linear.in_features, linear.out_features
+
+    def run(self, key: tuple[int, bool], *args) -> torch.Tensor:
+        """The compiled step; the first call of each `key` (slot count, LoRA) is timed."""
+        started = time.perf_counter()
+        # No duck sizing: L and R are separate dynamic sizes even when equal at the first call.
+        with torch.fx.experimental._config.patch(use_duck_shape=False), \
+                torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            logits = self._step(*args)
+        name = f"rows{key[0]}{'_lora' if key[1] else ''}"
+        if name not in self.compile_seconds:  # the first call compiles (or loads from Inductor's cache)
+            self.compile_seconds[name] = round(time.perf_counter() - started, 1)
+            log.info("compiled decode step %s in %.1f s", name, self.compile_seconds[name])
+        return logits
+
+
+class Slots:
+    """The rows of one running batch: a static KV cache and LoRA factors, slot by slot."""
+
+    def __init__(self, decoder: CompiledDecoder):
+        self.decoder = decoder
         self.capacity = 0
-        self.keys: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []  # per layer (L, S, n_kv, head_dim)
         self.values: list[torch.Tensor] = []
-        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.lengths: list[int] = []  # tokens in each slot's cache (the next position)
         self.used: list[bool] = []
         self.mixtures: list[dict[str, float] | None] = []
         self.rank = 0
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def usable(self) -> bool:
-        """Whether rows can decode here: no loaded adapter has input gates. Adapters load and
-        unload only between batches, so this holds for a whole batch."""
-        return not any(layer.any_gated for layer in self.fused.layers.values())
-
     def _grow(self, slots: int, length: int, rank: int) -> None:
-        """Reallocate for at least `slots` slots, `length` positions and LoRA width `rank`,
-        keeping what the used slots hold."""
-        cfg = self.graph
-        n_layers = len(cfg.layers)
+        """Reallocate for at least `slots` slots, `length` positions and LoRA width `rank`, keeping
+        what the slots hold. Every new tensor is made before any is swapped in: running out of
+        memory half-way leaves the batch as it was."""
+        dec, g = self.decoder, self.decoder.graph
+        n_layers = len(g.layers)
         S = max(self.capacity, _pow2(slots))
         L = max(self.keys[0].shape[0] if self.keys else 0, length)
+        R = max(self.rank, rank)
+        keys, values = self.keys, self.values
         if S != self.capacity or not self.keys or L != self.keys[0].shape[0]:
-            old_k, old_v, old_S = self.keys, self.values, self.capacity
-            self.keys = [torch.zeros(L, S, cfg.n_kv, cfg.head_dim, dtype=self.dtype, device=self.device)
-                         for _ in range(n_layers)]
-            self.values = [torch.zeros_like(k) for k in self.keys]
-            for new, old in zip(self.keys + self.values, old_k + old_v):
-                new[: old.shape[0], :old_S] = old
-            self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(S - old_S)])
-            self.used += [False] * (S - old_S)
-            self.mixtures += [None] * (S - old_S)
-        if S != self.capacity or rank > self.rank:
-            R = max(self.rank, rank)
-            old, old_S = self.lora, self.capacity
-            self.lora = None
-            if R:
-                self.lora = {}
-                for proj in PROJECTIONS:
-                    d_in, d_out = self._dims(proj)
-                    At = torch.zeros(n_layers, S, d_in, R, dtype=torch.float32, device=self.device)
-                    Bt = torch.zeros(n_layers, S, R, d_out, dtype=torch.float32, device=self.device)
-                    if old is not None:
-                        At[:, :old_S, :, : self.rank] = old[proj][0]
-                        Bt[:, :old_S, : self.rank] = old[proj][1]
-                    self.lora[proj] = (At, Bt)
-            self.rank = R
-        self.capacity = S
-
-    def _dims(self, proj: str) -> tuple[int, int]:
-        layer = self.graph.layers[0]
-        owner = layer.self_attn if proj in PROJECTIONS[:4] else layer.mlp
-        linear = getattr(getattr(owner, proj), "base", getattr(owner, proj))
-        return linear.in_features, linear.out_features
+            keys = [torch.zeros(L, S, g.n_kv, g.head_dim, dtype=dec.dtype, device=dec.device) for _ in range(n_layers)]
+            values = [torch.zeros_like(k) for k in keys]
+            for new, old in zip(keys + values, self.keys + self.values):
+                new[: old.shape[0], : self.capacity] = old
+        lora = self.lora
+        if R and (S != self.capacity or R != self.rank):
+            lora = {}
+            for proj in PROJECTIONS:
+                d_in, d_out = dec.dims(proj)
+                At = torch.zeros(n_layers, S, d_in, R, dtype=torch.float32, device=dec.device)
+                Bt = torch.zeros(n_layers, S, R, d_out, dtype=torch.float32, device=dec.device)
+                if self.lora is not None:
+                    At[:, : self.capacity, :, : self.rank] = self.lora[proj][0]
+                    Bt[:, : self.capacity, : self.rank] = self.lora[proj][1]
+                lora[proj] = (At, Bt)
+        extra = S - self.capacity
+        self.keys, self.values, self.lora, self.rank, self.capacity = keys, values, lora, R, S
+        self.lengths += [0] * extra
+        self.used += [False] * extra
+        self.mixtures += [None] * extra
 
     def _width(self, mixture: dict[str, float] | None) -> int:
         if not mixture:
             return 0
-        r = max((self.fused.layers[name].max_rank for name in self._fused_at.values()), default=0)
+        dec = self.decoder
+        r = max((dec.fused.layers[name].max_rank for name in dec.fused_at.values()), default=0)
         return _round_up(len(mixture) * r, _RANK_STEP)
 
     def _write_mixture(self, slot: int, mixture: dict[str, float] | None) -> None:
@@ -148,12 +168,12 @@ class CompiledDecoder:
             Bt[:, slot].zero_()
         if not mixture:
             return
-        idx = torch.tensor([self.fused.slot(n) for n in mixture], device=self.device)
-        weights = torch.tensor(list(mixture.values()), dtype=torch.float32, device=self.device)
-        for (i, proj), name in self._fused_at.items():
-            layer = self.fused.layers[name]
-            r = layer.max_rank
-            if r == 0:
+        dec = self.decoder
+        idx = torch.tensor([dec.fused.slot(n) for n in mixture], device=dec.device)
+        weights = torch.tensor(list(mixture.values()), dtype=torch.float32, device=dec.device)
+        for (i, proj), name in dec.fused_at.items():
+            layer = dec.fused.layers[name]
+            if layer.max_rank == 0:  # no loaded adapter adapts this module
                 continue
             coef = weights * layer.scaling[idx]
             A = (layer.lora_A[idx] * coef[:, None, None]).reshape(-1, layer.lora_A.shape[-1])  # (m·r, d_in)
@@ -162,27 +182,27 @@ class CompiledDecoder:
             At[i, slot, :, : A.shape[0]] = A.T
             Bt[i, slot, : B.shape[0]] = B
 
-    # ------------------------------------------------------------------ rows
     def admit(self, cache, mask: torch.Tensor, mixtures: list[dict[str, float] | None]) -> list[int]:
         """Take the rows of an eager prefill: `cache` its KV cache (left-padded, `mask` (B, W)),
-        `mixtures` each row's. Returns the slot each row decodes in."""
+        `mixtures` each row's. Returns the slot each row decodes in. On failure the running rows
+        are as they were and none of these rows holds a slot."""
         lengths = mask.sum(-1).tolist()
         free = [s for s, u in enumerate(self.used) if not u]
         need = len(mixtures) - len(free)
-        width = max([self._width(m) for m in mixtures] + [self.rank])
-        longest = max(lengths + [int(self.lengths.max()) if self.capacity else 0])
+        width = max(self._width(m) for m in mixtures)
+        longest = max(lengths + self.lengths)
         self._grow(self.capacity + max(need, 0), _round_up(longest + 1, _LENGTH_STEP), width)
         free = [s for s, u in enumerate(self.used) if not u][: len(mixtures)]
-        W = mask.shape[1]
+        W, dtype = mask.shape[1], self.decoder.dtype
         try:
             for b, (slot, n) in enumerate(zip(free, lengths)):
                 self.used[slot] = True
                 for i, layer in enumerate(cache.layers):  # (B, n_kv, W, D), the row's tokens last
-                    self.keys[i][:n, slot] = layer.keys[b, :, W - n:].transpose(0, 1).to(self.dtype)
-                    self.values[i][:n, slot] = layer.values[b, :, W - n:].transpose(0, 1).to(self.dtype)
+                    self.keys[i][:n, slot] = layer.keys[b, :, W - n:].transpose(0, 1).to(dtype)
+                    self.values[i][:n, slot] = layer.values[b, :, W - n:].transpose(0, 1).to(dtype)
                 self.lengths[slot] = n
                 self._write_mixture(slot, mixtures[b])
-        except BaseException:  # the running rows keep their slots; these rows were never admitted
+        except BaseException:
             self.free([s for s in free if self.used[s]])
             raise
         return free
@@ -200,14 +220,16 @@ class CompiledDecoder:
         """Feed each slot its next token; returns their next-token logits (len(slots), vocab)."""
         if not slots:
             raise LoramuxError("no rows to decode")
-        longest = int(self.lengths[slots].max()) + 1
+        dec = self.decoder
+        longest = max(self.lengths[s] for s in slots) + 1
         if longest > self.keys[0].shape[0]:
             self._grow(self.capacity, _round_up(max(longest, 2 * self.keys[0].shape[0]), _LENGTH_STEP), 0)
         L = _round_up(longest, _LENGTH_STEP)
-        index = torch.tensor(slots, device=self.device)
-        token_row = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
-        token_row[index] = torch.tensor(tokens, device=self.device)
-        positions = self.lengths.to(self.device)
+        row_tokens = [0] * self.capacity
+        for s, t in zip(slots, tokens):
+            row_tokens[s] = t
+        token_row = torch.tensor(row_tokens, device=dec.device)
+        positions = torch.tensor(self.lengths, device=dec.device)
         keys, values = [k[:L] for k in self.keys], [v[:L] for v in self.values]
         for t in keys + values:
             torch._dynamo.mark_dynamic(t, 0)
@@ -217,15 +239,7 @@ class CompiledDecoder:
             for At, Bt in lora.values():
                 torch._dynamo.mark_dynamic(At, 3)
                 torch._dynamo.mark_dynamic(Bt, 2)
-        key = (self.capacity, lora is not None)
-        started = time.perf_counter()
-        # No duck sizing: L and R are separate dynamic sizes even when equal at the first call.
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            logits = self._step(token_row, positions, keys, values, lora)
-        if key not in self._seen:  # the first call of a shape compiles (or loads from the cache)
-            self._seen.add(key)
-            seconds = time.perf_counter() - started
-            self.compile_seconds[f"rows{key[0]}{'_lora' if key[1] else ''}"] = round(seconds, 1)
-            log.info("compiled decode for %d row slot(s)%s in %.1f s", key[0], " with LoRA" if key[1] else "", seconds)
-        self.lengths[index] += 1
-        return logits[index]
+        logits = dec.run((self.capacity, lora is not None), token_row, positions, keys, values, lora)
+        for s in slots:
+            self.lengths[s] += 1
+        return logits[torch.tensor(slots, device=logits.device)]

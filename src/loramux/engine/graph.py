@@ -56,6 +56,8 @@ def unsupported(model: nn.Module) -> str | None:
         owner = layer.self_attn if name in PROJECTIONS[:4] else layer.mlp
         if not isinstance(_linear(getattr(owner, name, None)), nn.Linear):
             return f"no {name} linear"
+    if not isinstance(_linear(model.lm_head), nn.Linear):
+        return "the output head is not a plain linear"
     return None
 
 
@@ -79,6 +81,11 @@ class DecodeGraph(nn.Module):
         rotary = model.model.rotary_emb
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+
+    @staticmethod
+    def module(layer: nn.Module, proj: str) -> nn.Module:
+        """A block's projection module (fused or not)."""
+        return getattr(layer.self_attn if proj in PROJECTIONS[:4] else layer.mlp, proj)
 
     def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """RMSNorm in fp32, rounded back before the weight (as transformers' Llama)."""
@@ -119,7 +126,7 @@ class DecodeGraph(nn.Module):
         cos = (emb.cos() * self.rope_scale).to(x.dtype)  # (S, D)
         sin = (emb.sin() * self.rope_scale).to(x.dtype)
         visible = torch.arange(L, device=tokens.device)[None, :] <= positions[:, None]  # (S, L)
-        bias = torch.zeros(S, L, device=tokens.device, dtype=x.dtype).masked_fill(~visible, float("-inf"))
+        bias = torch.zeros(S, L, device=tokens.device).masked_fill(~visible, float("-inf"))
         rows = torch.arange(S, device=tokens.device)
 
         def rope(t: torch.Tensor) -> torch.Tensor:  # (S, heads, D)
@@ -140,8 +147,8 @@ class DecodeGraph(nn.Module):
             values[i].index_put_((positions, rows), v)
             # grouped-query attention of one query token per row over its slot's cache
             qg = q.view(S, G, H // G, D)
-            scores = torch.einsum("sgqd,lsgd->sgql", qg, keys[i]) / math.sqrt(D)
-            probs = torch.softmax(scores + bias[:, None, None, :], dim=-1)
+            scores = torch.einsum("sgqd,lsgd->sgql", qg, keys[i]).float() / math.sqrt(D)
+            probs = torch.softmax(scores + bias[:, None, None, :], dim=-1).to(x.dtype)  # fp32, as transformers
             out = torch.einsum("sgql,lsgd->sgqd", probs, values[i]).reshape(S, H * D)
             x = x + self._proj(out, attn.o_proj, lo("o_proj"))
             h = self._norm(x, layer.post_attention_layernorm)
@@ -149,4 +156,5 @@ class DecodeGraph(nn.Module):
             up = self._proj(h, mlp.up_proj, lo("up_proj"))
             x = x + self._proj(torch.nn.functional.silu(gate) * up, mlp.down_proj, lo("down_proj"))
         x = self._norm(x, self.model.model.norm)
-        return self._matmul(x, self.model.lm_head.weight)
+        head = _linear(self.model.lm_head)
+        return self._matmul(x, head.weight, head.bias)

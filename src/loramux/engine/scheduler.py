@@ -87,9 +87,10 @@ class _State:
     mix: object | None = None
     mix_stale: bool = True  # set whenever rows join or leave
     router: object | None = None  # the in-forward router of this batch (then nobody else joins)
-    # Each row's slot in the engine's compiled decoder (`compiled.py`), which then holds the KV
-    # cache and the mixtures; None: this batch decodes eagerly with `cache`.
-    slots: list[int] | None = None
+    # A batch on the compiled path (`compiled.py`): its slots, which hold the KV cache and the
+    # mixtures, and each row's slot number; None: this batch decodes eagerly with `cache`.
+    static: object | None = None
+    slots: list[int] = field(default_factory=list)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -238,11 +239,9 @@ class Scheduler:
 
     def _end_batch(self) -> list[_Job]:
         """Forget the running batch and free what its forwards cached; returns its jobs."""
-        jobs, router, slots = self.state.jobs, self.state.router, self.state.slots
-        self.state = _State()
+        jobs, router = self.state.jobs, self.state.router
+        self.state = _State()  # a compiled batch's slots go with it
         self._release(router)
-        if slots is not None:
-            self.engine.compiled.reset()
         return jobs
 
     def _release(self, router) -> None:
@@ -360,11 +359,14 @@ class Scheduler:
         device = next(model.parameters()).device
         rows = [j.row for j in jobs]
         ids, mask = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device)
+        st, compiled = self.state, self.engine.compiled
+        static = st.static is not None or (not st.rows and router is None and compiled is not None
+                                           and compiled.usable())
         if router is not None:
             mix, fold = router.layer_mixture(), False
         else:
             mix = self.engine.sequence_mixture([j.request.mixture for j in jobs])
-            fold = self.fold and _shared(mix)
+            fold = self.fold and _shared(mix) and not static  # the compiled decode never uses a fold
         with contextlib.ExitStack() as stack:
             recorder = stack.enter_context(router.recording(mask)) if router is not None else None
             stack.enter_context(self.engine.fused.mixture(mix, attention_mask=mask, fold=fold))
@@ -373,16 +375,14 @@ class Scheduler:
         if recorder is not None:  # what each row's prompt tokens used, for its result
             for row, routing in zip(rows, router.routings(recorder)):
                 row.request = dataclasses.replace(row.request, routing=routing)
-        st = self.state
-        compiled = self.engine.compiled
-        if st.slots is not None or (not st.rows and router is None and compiled is not None and compiled.usable()):
-            # the compiled decoder takes the rows: their cache and mixtures move into its slots
-            slots = compiled.admit(out.cache, mask, [j.request.mixture for j in jobs])
+        if static:  # the compiled path takes the rows: their cache and mixtures move into slots
+            slots = st.static if st.static is not None else compiled.slots()
+            taken = slots.admit(out.cache, mask, [j.request.mixture for j in jobs])
             if st.rows:
-                st.slots += slots
                 st.logits = torch.cat([st.logits, out.logits[:, -1]])
             else:
-                st.slots, st.logits, st.mix, st.mix_stale = slots, out.logits[:, -1], None, False
+                st.static, st.logits, st.mix, st.mix_stale = slots, out.logits[:, -1], None, False
+            st.slots += taken
         elif st.rows:
             st.cache, st.mask = merge_caches(st.cache, st.mask, out.cache, mask)
             st.next_pos = torch.cat([st.next_pos, mask.sum(-1)])
@@ -426,9 +426,9 @@ class Scheduler:
             if not keep:
                 self._end_batch()
                 return
-            if st.slots is not None:
+            if st.static is not None:
                 kept = set(keep)
-                self.engine.compiled.free([s for b, s in enumerate(st.slots) if b not in kept])
+                st.static.free([s for b, s in enumerate(st.slots) if b not in kept])
                 st.slots = [st.slots[b] for b in keep]
             else:
                 index = torch.tensor(keep, device=st.mask.device)
@@ -460,8 +460,8 @@ class Scheduler:
 
     def _decode(self) -> None:
         st = self.state
-        if st.slots is not None:
-            st.logits = self.engine.compiled.step(st.slots, st.pending)
+        if st.static is not None:
+            st.logits = st.static.step(st.slots, st.pending)
             self._stepped()
             return
         model = self.engine.base.model
