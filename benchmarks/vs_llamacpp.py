@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--long-prompt", type=int, default=1024, help="prefill_heavy: prompt tokens, about")
     ap.add_argument("--build-only", action="store_true", help="build and convert, then stop")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="serve loramux with its eager decode (default: --compile, warmed up before /ready)")
     ap.add_argument("--output", default=str(RESULTS / "vs_llamacpp.json"))
     args = ap.parse_args()
 
@@ -230,7 +232,7 @@ def main() -> None:
     work = plan(rows, pool, long_prompts, names, extra, args.tokens, rng)
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "llama_cpp": f"llama-server from the {SDIST[0]} {SDIST[1]} sdist's vendored source",
-              "threads": args.threads, "tokens": args.tokens, "rows": {}, "ratios": {}}
+              "threads": args.threads, "tokens": args.tokens, "loramux_compile": args.compile, "rows": {}, "ratios": {}}
     for precision, loramux_flags, outtype in precisions:
         prefix = "" if precision == "fp32" else "quantized_"
         for server in ("loramux", "llama.cpp"):
@@ -259,12 +261,12 @@ def main() -> None:
                                 if a not in side:
                                     side.add(a, src.adapter_dir(a), base=base, tasks=src.get(a).tasks)
                     cmd = [sys.executable, "-m", "loramux", "serve", "--library", str(serve_lib), "--port", str(port),
-                           "--max-batch", "16", *loramux_flags]
+                           "--max-batch", "16", *loramux_flags, *(["--compile"] if args.compile else [])]
                     proc, ready, eos = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}), \
                         "/ready", {"loramux": {"ignore_eos": True}}
                 try:
-                    wait_ready(url, 900, path=ready, process=proc)
+                    wait_ready(url, 3600, path=ready, process=proc)  # a first --compile warm-up takes minutes
                     ids = adapter_ids(url)
                     for row in todo:
                         prompts, mixes, tokens, concurrency, _ = work[row]

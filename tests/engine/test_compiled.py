@@ -83,8 +83,10 @@ def test_unsupported_models_are_refused_with_the_reason(engine, monkeypatch):
 
 
 def test_inductor_compiles_once_per_slot_count_across_lengths(where, engine):
-    """Real compilation (Inductor) on the tiny model: equal tokens, and a context that grows past
-    the first cache view (64 positions) reuses the graph (the length is a dynamic dimension)."""
+    """Real compilation (Inductor) on the tiny model: the warm-up compiles every shape up front
+    (1 and 2 slots, with and without LoRA), then generation adds no compile, with equal tokens,
+    although the context grows past the first cache view (64 positions) and the LoRA width is
+    not the warm-up's (both are dynamic dimensions)."""
     if where.dtype != "float32" or where.device != "cpu":
         pytest.skip("one compile is enough")
     requests = [greedy(PROMPTS[1], {"a": 1.0}, n=70, ignore_eos=True),
@@ -93,7 +95,8 @@ def test_inductor_compiles_once_per_slot_count_across_lengths(where, engine):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     dec = compiled(engine, backend="inductor").compiled
+    assert sorted(dec.warmup(2)) == ["rows1", "rows1_lora", "rows2", "rows2_lora"]
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     ours = engine.generate(requests)
     assert [r.token_ids for r in ours] == [r.token_ids for r in eager]
-    assert list(dec.compile_seconds) == ["rows2_lora"]
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles == 4

@@ -90,13 +90,43 @@ class CompiledDecoder:
         linear = _linear(self.graph.module(self.graph.layers[0], proj))
         return linear.in_features, linear.out_features
 
-    def run(self, key: tuple[int, bool], *args) -> torch.Tensor:
-        """The compiled step; the first call of each `key` (slot count, LoRA) is timed."""
+    @torch.no_grad()
+    def warmup(self, max_rows: int, lora: bool = True) -> dict[str, float]:
+        """Compile (or load from Inductor's cache) the step for every slot count up to `max_rows`,
+        without and (if `lora` and adapters are loaded) with LoRA, so that no request waits for a
+        compile. Returns the seconds each took."""
+        g = self.graph
+        S = 1
+        while True:
+            keys = [torch.zeros(_LENGTH_STEP, S, g.n_kv, g.head_dim, dtype=self.dtype, device=self.device)
+                    for _ in g.layers]
+            values = [torch.zeros_like(k) for k in keys]
+            variants = [None]
+            if lora and self.fused.adapters:
+                variants.append({p: (torch.zeros(len(g.layers), S, self.dims(p)[0], _RANK_STEP, device=self.device),
+                                     torch.zeros(len(g.layers), S, _RANK_STEP, self.dims(p)[1], device=self.device))
+                                 for p in PROJECTIONS})
+            for factors in variants:
+                tokens = torch.zeros(S, dtype=torch.long, device=self.device)
+                self.call(S, tokens, tokens.clone(), keys, values, factors)
+            if S >= max_rows:
+                return dict(self.compile_seconds)
+            S *= 2
+
+    def call(self, S: int, tokens, positions, keys, values, lora) -> torch.Tensor:
+        """The compiled step over S slots: the cache length and the LoRA width are marked dynamic
+        (one graph serves all); the first call of each (S, LoRA or not) is timed."""
+        for t in keys + values:
+            torch._dynamo.mark_dynamic(t, 0)
+        for At, Bt in (lora or {}).values():
+            torch._dynamo.mark_dynamic(At, 3)
+            torch._dynamo.mark_dynamic(Bt, 2)
+        key = (S, lora is not None)
         started = time.perf_counter()
         # No duck sizing: L and R are separate dynamic sizes even when equal at the first call.
         with torch.fx.experimental._config.patch(use_duck_shape=False), \
                 torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            logits = self._step(*args)
+            logits = self._step(tokens, positions, keys, values, lora)
         name = f"rows{key[0]}{'_lora' if key[1] else ''}"
         if name not in self.compile_seconds:  # the first call compiles (or loads from Inductor's cache)
             self.compile_seconds[name] = round(time.perf_counter() - started, 1)
@@ -231,15 +261,8 @@ class Slots:
         token_row = torch.tensor(row_tokens, device=dec.device)
         positions = torch.tensor(self.lengths, device=dec.device)
         keys, values = [k[:L] for k in self.keys], [v[:L] for v in self.values]
-        for t in keys + values:
-            torch._dynamo.mark_dynamic(t, 0)
-        lora = None
-        if self.lora is not None and any(self.mixtures[s] for s in slots):
-            lora = self.lora
-            for At, Bt in lora.values():
-                torch._dynamo.mark_dynamic(At, 3)
-                torch._dynamo.mark_dynamic(Bt, 2)
-        logits = dec.run((self.capacity, lora is not None), token_row, positions, keys, values, lora)
+        lora = self.lora if self.lora is not None and any(self.mixtures[s] for s in slots) else None
+        logits = dec.call(self.capacity, token_row, positions, keys, values, lora)
         for s in slots:
             self.lengths[s] += 1
         return logits[torch.tensor(slots, device=logits.device)]

@@ -59,6 +59,13 @@ def create_app(engine, library=None, config: ServerConfig | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app):
+        if engine.compiled is not None:  # compile every batch shape before taking requests
+            import asyncio
+
+            log.info("compiling the decode step for 1..%d rows (minutes on a first run; later runs load "
+                     "Inductor's cache)", server.config.max_batch)
+            seconds = await asyncio.to_thread(engine.compiled.warmup, server.config.max_batch)
+            log.info("decode step compiled: %s", seconds)
         server.scheduler.start()
         try:
             yield
