@@ -10,6 +10,7 @@ first call of each shape cost in this process: a cold compile if Inductor's cach
 ($TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) did not have it, else the load.
 
     python benchmarks/compiled_decode.py [--library DIR] [--tokens 64] [--rows 16] [--rounds 3]
+        [--workloads sequential_base,sequential_mixed,concurrent16_base,concurrent16_distinct]
 
 Writes benchmarks/results/compiled_decode.json.
 """
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-pack", dest="pack", action="store_false")
+    ap.add_argument("--workloads", default=None, help="comma-separated subset of the rows (default: all four)")
     ap.add_argument("--output", default=str(RESULTS / "compiled_decode.json"))
     args = ap.parse_args()
 
@@ -82,6 +84,11 @@ def main() -> None:
         f"concurrent{args.rows}_distinct": ([GenerationRequest(PROMPTS[i % len(PROMPTS)], mixes[i], sampling)
                                              for i in range(args.rows)], args.rows),
     }
+    if args.workloads:
+        unknown = set(args.workloads.split(",")) - set(workloads)
+        if unknown:
+            ap.error(f"--workloads: unknown {sorted(unknown)}; accepted: {', '.join(workloads)}")
+        workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
     out_rows, agree = {}, {}
     for name, (requests, rows) in workloads.items():
         t0 = time.perf_counter()
