@@ -95,8 +95,8 @@ class DecodeGraph(nn.Module):
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] <= self.gemv_rows:
             # A few rows: a multiply and a sum, which Inductor turns into one vectorised pass over
-            # the weight. BLAS's GEMM with one row read the weights at about a third of the
-            # bandwidth this pass reaches (benchmarks/results/compiled_decode.json).
+            # the weight; BLAS's GEMM with one row is not a GEMV and reads the weights well below
+            # the machine's bandwidth (benchmarks/compiled_decode.py measures the whole step).
             y = (x[:, None, :] * weight).sum(-1)
             return y if bias is None else y + bias
         return torch.nn.functional.linear(x, weight, bias)
