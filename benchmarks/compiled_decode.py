@@ -11,6 +11,7 @@ first call of each shape cost in this process: a cold compile if Inductor's cach
 
     python benchmarks/compiled_decode.py [--library DIR] [--tokens 64] [--rows 16] [--rounds 3]
         [--workloads sequential_base,sequential_mixed,concurrent16_base,concurrent16_distinct]
+        [--quantize int8 --output benchmarks/results/compiled_decode_int8.json]
 
 Writes benchmarks/results/compiled_decode.json.
 """
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-pack", dest="pack", action="store_false")
+    ap.add_argument("--quantize", default="none", choices=("none", "int8"), help="the base for both paths")
     ap.add_argument("--workloads", default=None, help="comma-separated subset of the rows (default: all four)")
     ap.add_argument("--output", default=str(RESULTS / "compiled_decode.json"))
     args = ap.parse_args()
@@ -65,7 +67,7 @@ def main() -> None:
     names = lib.names()
     if len(names) < 3:
         sys.exit(f"{lib.path} has {len(names)} adapters; this benchmark mixes 3")
-    base = load_base()
+    base = load_base(quantize=args.quantize)
     eager = Engine(base, lib)
     for n in names:
         eager.load(n)
@@ -109,7 +111,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "library": str(lib.path), "adapters_loaded": len(names), "tokens": args.tokens, "rounds": args.rounds,
-        "eager_packed_linears": args.pack, "rows": out_rows,
+        "eager_packed_linears": args.pack, "quantize": args.quantize, "rows": out_rows,
         "ratios": {k: v["ratio_compiled_vs_eager"] for k, v in out_rows.items()},
         "greedy_tokens_equal_share": agree,
         "greedy_tokens_equal_how": "share of requests whose greedy tokens were identical on both paths (fp32: "

@@ -23,7 +23,7 @@ go in llama.cpp's per-request `lora` field, which loramux accepts too, by each s
   same with 100 adapters loaded), prefill_heavy (prompts of about --long-prompt tokens, 8 new
   tokens, 4 clients);
 each again with a quantized base (`quantized_` prefix) when --quantize is given: loramux's
-`--quantize` against llama.cpp's nearest bit width (int8 -> q8_0, int4 -> the embedded Q4_1).
+`--quantize` against llama.cpp's nearest bit width (int8 -> q8_0; loramux offers no 4-bit base).
 Tokens/s count generated tokens (prefill_heavy: prompt + generated) over the row's wall time.
 """
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 SDIST = ("llama-cpp-python", "0.3.36")
-NEAREST = {"int8": "q8_0", "int4": "q4_1"}
+NEAREST = {"int8": "q8_0"}  # loramux --quantize -> llama.cpp type
 ROWS = ("sequential_base", "sequential_mixed", "concurrent16_base", "concurrent16_distinct", "library100_distinct",
         "prefill_heavy")
 

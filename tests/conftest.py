@@ -99,7 +99,7 @@ def where(request, monkeypatch) -> Where:
     w: Where = request.param
     if w.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine (torch.cuda.is_available() is False)")
-    monkeypatch.setattr(load_base, "__kwdefaults__", {"device": w.device, "dtype": w.dtype})
+    monkeypatch.setattr(load_base, "__kwdefaults__", {**load_base.__kwdefaults__, "device": w.device, "dtype": w.dtype})
     return w
 
 

@@ -46,6 +46,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 DTYPE_HELP = "Base weights: auto (bf16 on a CUDA device that supports it, else fp32), float32, bfloat16 or float16."
+QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_HELP = ("Base weights for inference: none, or int8 (weight-only, per output channel; CPU, fp32 base). "
+                 "Adapters stay fp32. int8 reads a quarter of the bytes per decoded token.")
 _CONVERTED_MARKER = "loramux-converted.json"
 # Config keys that say how a checkpoint was saved, not what the network computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -61,8 +64,9 @@ class BaseModel:
     model: "PreTrainedModel"
     tokenizer: "PreTrainedTokenizerBase"
     model_id: str  # the embedded name, or the resolved directory path
-    fingerprint: str
+    fingerprint: str  # of the weights as loaded, before any quantization: adapters are trained on those
     path: Path
+    quantization: str = "none"  # quantize.QUANTIZE_CHOICES
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Full module name -> (in_features, out_features) for every nn.Linear of the base.
@@ -230,13 +234,18 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def load_base(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> BaseModel:
+def load_base(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
+              quantize: str = "none") -> BaseModel:
     """Load a base model and its tokenizer, ready for adapters.
 
     `name_or_path` is an embedded model name (default: SmolLM2-135M-Instruct) or an HF model dir.
     `device` and `dtype` take 'auto' (see `resolve_device`, `resolve_dtype`); adapters keep fp32
-    factors over any base dtype (fusion/layer.py).
+    factors over any base dtype (fusion/layer.py). `quantize` "int8" rounds the base linears to
+    int8 weights for inference (quantize.py; fp32 bases only); the fingerprint stays the
+    full-precision one, so the library's adapters apply.
     """
+    if quantize not in QUANTIZE_CHOICES:
+        raise LoramuxError(f"quantize: {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model_id, path = _resolve(name_or_path)
@@ -249,10 +258,12 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", devi
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
-    return BaseModel(
-        model=model,
-        tokenizer=tokenizer,
-        model_id=model_id,
-        fingerprint=fingerprint(model, model.config.to_dict()),
-        path=path,
-    )
+    print_ = fingerprint(model, model.config.to_dict())
+    if quantize != "none":
+        if dtype != "float32":
+            raise LoramuxError(f"--quantize {quantize} quantizes an fp32 base; got --dtype {dtype} (use float32)")
+        from .quantize import quantize_linears
+
+        quantize_linears(model, quantize)
+    return BaseModel(model=model, tokenizer=tokenizer, model_id=model_id, fingerprint=print_, path=path,
+                     quantization=quantize)

@@ -121,8 +121,8 @@ def test_mole_generation_scores_through_the_engine(mole_fused):
     assert [p.prediction for p in preds] == alone  # batched scoring = each prompt alone
 
 
-def _scorer(tiny_model_dir, lib, cache_dir, names=("a", "b")):
-    fused = FusedModel(load_base(str(tiny_model_dir)))
+def _scorer(tiny_model_dir, lib, cache_dir, names=("a", "b"), **load):
+    fused = FusedModel(load_base(str(tiny_model_dir), **load))
     for name in names:
         fused.load(lib, name)
     return MixtureScorer(fused, batch_size=2, progress=False, cache_dir=cache_dir)
@@ -157,6 +157,15 @@ def test_disk_cache_misses_when_an_adapter_or_the_task_changes(tiny_model_dir, l
     third = _scorer(tiny_model_dir, lib, tmp_path / "cache")
     third.score(edited, [{"a": 1.0}] * 5)
     assert third.from_disk == 0  # same name, other examples: not the same task
+
+
+def test_disk_cache_misses_when_the_base_numerics_change(tiny_model_dir, lib, tmp_path):
+    """bf16, fp32 and an int8 base share a fingerprint (an adapter applies to all three), not predictions."""
+    for load in ({}, {"dtype": "bfloat16"}, {"quantize": "int8"}):
+        scorer = _scorer(tiny_model_dir, lib, tmp_path / "cache", **load)
+        scorer.score(MC, [{"a": 1.0}] * 5)
+        assert scorer.from_disk == 0
+    assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 3
 
 
 def test_disk_cache_skips_a_line_cut_short_and_adapters_without_identity(tiny_model_dir, lib, tiny_base, tmp_path):

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # click usage errors in non-standalone mode
         import click
 
-        if isinstance(e, click.ClickException):
+        # typer ships its own copy of click, whose usage errors are TyperExceptions, not click's
+        if isinstance(e, click.ClickException) or (isinstance(e, typer.TyperException) and hasattr(e, "show")):
             e.show()
             sys.exit(e.exit_code)
         raise

@@ -5,7 +5,7 @@ from typing import List, Optional
 import typer
 
 from ..models import DEFAULT_MODEL
-from .options import COMPILE, DEVICE, DTYPE
+from .options import COMPILE, DEVICE, DTYPE, QUANTIZE, Quantize
 
 
 def parse_mix(mix: str) -> dict[str, float]:
@@ -42,6 +42,7 @@ def generate(
     device: str = DEVICE,
     dtype: str = DTYPE,
     compile: bool = COMPILE,
+    quantize: Quantize = QUANTIZE,
 ) -> None:
     """Generate from the base model, one adapter, or a weighted mixture of adapters (fused engine)."""
     from ..engine import Engine, GenerationRequest, SamplingParams
@@ -54,7 +55,7 @@ def generate(
     mixture = parse_mix(mix) if mix else ({adapter: 1.0} if adapter else None)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               stop=tuple(stop or ()))
-    base = load_base(model, device=device, dtype=dtype)
+    base = load_base(model, device=device, dtype=dtype, quantize=quantize.value)
     lib = open_library(library) if (mixture or router) else None
     engine = Engine(base, lib, compile=compile)
     for name in mixture or {}:

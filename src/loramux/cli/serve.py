@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
-from .options import COMPILE, DEVICE, DTYPE
+from .options import COMPILE, DEVICE, DTYPE, QUANTIZE, Quantize
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -29,6 +29,7 @@ def serve(
     pack: bool = typer.Option(True, "--pack/--no-pack", help="CPU fp32: serve from oneDNN-prepacked base weights "
                                                              "(faster batched decode, one more copy of the weights)."),
     compile: bool = COMPILE,
+    quantize: Quantize = QUANTIZE,
     ray: bool = typer.Option(False, "--ray", help="Serve as a Ray Serve deployment (a local Ray unless --ray-address)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (implies --ray)."),
     replicas: int = typer.Option(1, help="--ray: number of replicas, each with its own engine."),
@@ -70,8 +71,8 @@ def serve(
     if ray or ray_address:
         import json
 
-        if compile:
-            raise LoramuxError("--compile is not supported with --ray yet; drop one of them")
+        if compile or quantize.value != "none":
+            raise LoramuxError(f"{'--compile' if compile else '--quantize'} is not supported with --ray yet; drop one of them")
 
         from ..server import ray_serve
 
@@ -85,7 +86,7 @@ def serve(
         ray_serve.run(model, str(lib.path), config, address=ray_address, host=host, port=port, replicas=replicas,
                       autoscaling=scaling, ray_actor_options=actor, device=device, dtype=dtype)
         return
-    engine = Engine(load_base(model, device=device, dtype=dtype), lib, compile=compile)
+    engine = Engine(load_base(model, device=device, dtype=dtype, quantize=quantize.value), lib, compile=compile)
     for name in lib.names():
         engine.load(name)
     app = create_app(engine, lib, config)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import LoramuxError
+from ..quantize import Int8Linear
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FAMILIES = ("llama", "mistral", "qwen2")
@@ -101,9 +102,13 @@ class DecodeGraph(nn.Module):
             return y if bias is None else y + bias
         return torch.nn.functional.linear(x, weight, bias)
 
+    def _apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        if isinstance(linear, Int8Linear):  # its kernel is already a pass over the int8 weight
+            return linear(x)
+        return self._matmul(x, linear.weight, linear.bias)
+
     def _proj(self, x: torch.Tensor, module: nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        base = _linear(module)
-        y = self._matmul(x, base.weight, base.bias)
+        y = self._apply(x, _linear(module))
         if lora is not None:  # At (S, d_in, R) with each row's weights folded in, Bt (S, R, d_out)
             # fp32 factors whatever the base's dtype; the update is added in fp32 before one
             # rounding, PEFT's order (fusion/layer.py)
@@ -156,5 +161,4 @@ class DecodeGraph(nn.Module):
             up = self._proj(h, mlp.up_proj, lo("up_proj"))
             x = x + self._proj(torch.nn.functional.silu(gate) * up, mlp.down_proj, lo("down_proj"))
         x = self._norm(x, self.model.model.norm)
-        head = _linear(self.model.lm_head)
-        return self._matmul(x, head.weight, head.bias)
+        return self._apply(x, _linear(self.model.lm_head))

@@ -58,7 +58,8 @@ class MixtureScorer:
         """The cache file for the current model and adapters, or None when any part has no identity."""
         if self.cache_dir is None or any(self.fused.identities.get(a) is None for a in self.fused.adapters):
             return None
-        context = json.dumps({"base": self.fused.base.fingerprint, "batch_size": self.batch_size, "code": _code_digest(),
+        context = json.dumps({"base": self.fused.base.fingerprint, "numerics": _numerics(self.fused.base),
+                              "batch_size": self.batch_size, "code": _code_digest(),
                               "adapters": [[a, self.fused.identities[a]] for a in self.fused.adapters]})
         return self.cache_dir / f"{hashlib.sha256(context.encode()).hexdigest()[:32]}.jsonl"
 
@@ -169,6 +170,16 @@ class MixtureScorer:
 
 
 _CODE_DIGEST: str | None = None
+
+
+def _numerics(base) -> str:
+    """The base's dtype and quantization: the fingerprint is the same for all of them (an adapter
+    applies to each), their predictions are not."""
+    import torch
+
+    dtype = next((p.dtype for p in base.model.parameters() if p.is_floating_point()), torch.float32)
+    quant = getattr(base, "quantization", "none")
+    return str(dtype).removeprefix("torch.") + ("" if quant == "none" else f"+{quant}")
 
 
 def _code_digest() -> str:

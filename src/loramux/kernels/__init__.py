@@ -1,0 +1,87 @@
+"""C++ kernels that PyTorch lacks on this class of CPU, built on first use.
+
+`int8_linear` (int8_linear.cpp) is weight-only int8 matrix-vector work for decode on AVX2 CPUs,
+where PyTorch's own int8/int4 weight-only kernels are slower than fp32
+(`benchmarks/results/int8_linear.json`). It is compiled once per machine with the C++ compiler
+that TorchInductor needs anyway (`--compile`), and kept where PyTorch keeps built extensions
+(`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), named by a digest of its source,
+the torch version and the CPU's instruction sets. It is registered as the
+operator `torch.ops.loramux.int8_linear`, with a shape-only implementation, so that
+`torch.compile` keeps it inside a compiled graph as one call.
+
+Where it cannot be built (no compiler, say), `int8_linear_op()` returns None with the reason in
+`build_error()`, and callers use the dequantising reference instead (quantize.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import threading
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("int8_linear.cpp")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ninja_on_path() -> None:
+    """torch builds extensions with ninja, found on PATH; the `ninja` wheel (a dependency) puts it
+    in the environment's bin directory, which is not on PATH when that environment is not active."""
+    import os
+    import shutil
+
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
+def _build() -> None:
+    import torch
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    source = _SOURCE.read_text()
+    # -march=native: the build is for this CPU, so the cache key names its instruction sets
+    key = hashlib.sha256("|".join((source, torch.__version__, _cpu_flags())).encode()).hexdigest()[:12]
+    name = f"loramux_int8_{key}"
+    cpp_extension.load(name=name, sources=[str(_SOURCE)],
+                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=False)
+
+    @torch.library.register_fake("loramux::int8_linear")
+    def _(x, q, scale):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+
+def int8_linear_op():
+    """The compiled `torch.ops.loramux.int8_linear`, built on first call; None if it cannot be."""
+    with _lock:
+        if "op" not in _state:
+            try:
+                _build()
+                import torch
+
+                _state["op"] = torch.ops.loramux.int8_linear
+            except Exception as e:  # no compiler, no ninja, an unsupported platform: the reference path serves
+                _state["op"], _state["error"] = None, f"{type(e).__name__}: {e}"
+        return _state["op"]
+
+
+def build_error() -> str | None:
+    """Why `int8_linear_op()` returned None (None when it built, or was not tried)."""
+    return _state.get("error")

@@ -1,0 +1,107 @@
+"""A quantized base under full-precision adapters: int8 weight-only base linears.
+
+Decoding one token reads every base weight once, so on a CPU a batch-1 step costs about the
+weights' bytes over the memory bandwidth; int8 weights are a quarter of fp32's. `quantize_linears`
+replaces each linear of the decoder blocks and the output head by an `Int8Linear`: the weight
+rounded per output channel (symmetric, scale = max|w| / 127, as torchao's int8 weight-only);
+activations and the LoRA factors stay fp32 — the fused
+layer adds each row's update on top of the quantized base's output (fusion/layer.py), so an
+adapter is applied exactly as trained, over a slightly different W0.
+
+The fast path is the C++ kernel in kernels/ (up to `KERNEL_ROWS` rows: decode and short
+prefills); more rows (long prefills) dequantise to the input's dtype and run one GEMM, where
+converting the weight is amortised over the rows. `Int8Linear.reference` is the readable definition both are tested
+against (tests/test_quantize.py). The embedding table stays fp32: a token reads one row of it.
+
+4-bit is not offered: PyTorch's CPU int4 weight-only kernel runs well below fp32 on AVX2-only
+CPUs (benchmarks/results/int8_linear.json), so 4 bits would save memory but cost speed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LoramuxError
+from .models import QUANTIZE_CHOICES
+# Rows up to which the kernel runs: it beat dequantise + GEMM at every measured count up to 64
+# (benchmarks/results/int8_linear.json: dequantising allocates and converts the whole weight per call)
+KERNEL_ROWS = 64
+
+
+class Int8Linear(nn.Linear):
+    """y = x · (q · diag(scale))ᵀ + bias, with q int8 (out, in) and one fp32 scale per output.
+
+    It stays an `nn.Linear` (in/out features, bias), so the fused layer wraps it and the library's
+    shape checks see the projection they know (as cpu_linear.PackedLinear). `weight` is the int8
+    tensor, a buffer: code that asks a base linear for its device or dtype gets an honest answer,
+    and the fused layer's fold (a float weight plus BA) does not apply to it."""
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            w = linear.weight.detach().float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+            q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight", q.contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.scale[:, None]).to(dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition: the dequantised weight, one linear in fp32, rounded to x's dtype."""
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.dequantized(), bias).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if 0 < rows <= KERNEL_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+            op = _KERNEL["op"]  # looked up when quantizing (a plain read: torch.compile traces through it)
+            if op is not None:
+                y = op(x.reshape(rows, x.shape[-1]), self.weight, self.scale).view(*x.shape[:-1], self.out_features)
+                return y if self.bias is None else y + self.bias
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+_KERNEL: dict = {"op": None}
+
+
+def _load_kernel() -> None:
+    from .kernels import build_error, int8_linear_op
+
+    if _KERNEL["op"] is None:
+        _KERNEL["op"] = int8_linear_op()
+        if _KERNEL["op"] is None:
+            warnings.warn(f"the int8 kernel could not be built ({build_error()}); quantized linears dequantise "
+                          "per call instead, which is correct but slower than fp32", RuntimeWarning, stacklevel=3)
+
+
+def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
+    """Replace the decoder's linears and the output head by `Int8Linear`s (in place); returns how
+    many. The embedding stays fp32 (tied to the head in many small models: the head gets its own
+    int8 copy). Call on a plain model, before fusing adapters or packing weights."""
+    if mode == "none":
+        return 0
+    if mode != "int8":
+        raise LoramuxError(f"quantize: {mode!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    if any(type(m) is nn.Linear and m.weight.device.type == "cpu" for m in model.modules()):
+        _load_kernel()
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                if child.weight.dtype != torch.float32:
+                    raise LoramuxError(f"quantize int8 takes an fp32 base (got {child.weight.dtype}); load it with dtype float32")
+                setattr(parent, name, Int8Linear(child))
+                count += 1
+    return count

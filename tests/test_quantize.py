@@ -1,0 +1,102 @@
+"""The int8 base (quantize.py and its kernel, kernels/int8_linear.cpp) against the reference:
+the dequantised weight in one fp32 linear."""
+
+import pytest
+import torch
+from torch import nn
+
+from loramux.engine import Engine
+from loramux.engine.compiled import CompiledDecoder
+from loramux.errors import LoramuxError
+from loramux.kernels import build_error, int8_linear_op
+from loramux.models import load_base
+from loramux.quantize import _KERNEL, KERNEL_ROWS, Int8Linear, quantize_linears
+
+from .engine.test_engine import PROMPTS, greedy, lib  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    op = int8_linear_op()
+    assert op is not None, f"the int8 kernel did not build here: {build_error()}"
+    return op
+
+
+def quantized(d_in: int, d_out: int, bias: bool, seed: int = 0) -> tuple[nn.Linear, Int8Linear]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(d_in, d_out, bias=bias)
+    holder = nn.Sequential(linear)
+    quantize_linears(holder)
+    return linear, holder[0]
+
+
+@pytest.mark.parametrize("d_in,d_out,bias", [(32, 64, False), (300, 77, True), (7, 3, True), (576, 1536, False)])
+def test_the_kernel_equals_the_reference_at_every_row_count(kernel, d_in, d_out, bias):
+    """Sizes that are and are not multiples of the kernel's 8-wide chunks and 8-channel groups,
+    every row count up to KERNEL_ROWS (its 4-row blocks and their remainders) and past it (the
+    dequantising GEMM), and a 3-D input."""
+    _, q = quantized(d_in, d_out, bias)
+    assert _KERNEL["op"] is kernel
+    for rows in range(1, KERNEL_ROWS + 3):
+        x = torch.randn(rows, d_in)
+        torch.testing.assert_close(q(x), q.reference(x), atol=1e-5 * d_in ** 0.5, rtol=1e-5)
+    x = torch.randn(2, 3, d_in)
+    torch.testing.assert_close(q(x), q.reference(x), atol=1e-5 * d_in ** 0.5, rtol=1e-5)
+
+
+def test_rounding_is_per_channel_and_within_half_a_step():
+    linear, q = quantized(64, 48, bias=True)
+    linear.weight.data[5] = 0  # an all-zero channel stays zero (no division by a zero scale)
+    q = Int8Linear(linear)
+    err = (q.dequantized() - linear.weight).abs()
+    assert bool((err <= q.scale[:, None] / 2 + 1e-7).all())
+    assert q.weight.dtype == torch.int8 and int(q.weight.abs().max()) == 127
+    assert bool((q.dequantized()[5] == 0).all())
+    assert torch.equal(q.bias, linear.bias.detach())
+
+
+def test_the_kernel_compiles_inside_a_graph(kernel):
+    """torch.compile keeps the operator as one call (its shape-only implementation)."""
+    _, q = quantized(40, 24, bias=True)
+    fn = torch.compile(lambda x: torch.relu(q(x)) * 2, fullgraph=True, backend="inductor")
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(fn(x), torch.relu(q.reference(x)) * 2, atol=1e-5, rtol=1e-5)
+
+
+def reference_base(tiny_model_dir):
+    """The fp32 base with every linear's weight replaced by its dequantised int8 one (a new
+    tensor: the head's weight is tied to the embedding, which stays fp32)."""
+    base = load_base(str(tiny_model_dir))
+    for m in base.model.modules():
+        if type(m) is nn.Linear:
+            m.weight = nn.Parameter(Int8Linear(m).dequantized(), requires_grad=False)
+    return base
+
+
+def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_model_dir, lib):
+    """Same fingerprint (the library's adapters apply), every linear int8, and generation with
+    adapters, a mixture and the base model token for token equal to the reference base's,
+    eagerly and through the compiled decode step."""
+    base = load_base(str(tiny_model_dir), quantize="int8")
+    assert base.fingerprint == load_base(str(tiny_model_dir)).fingerprint and base.quantization == "int8"
+    linears = [m for m in base.model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, Int8Linear) for m in linears)
+    requests = [greedy(PROMPTS[0], {"a": 1.0}, n=10), greedy(PROMPTS[1], None, n=10),
+                greedy(PROMPTS[2], {"b": 0.7, "c": 0.3}, n=10)]
+    want = []
+    for b in (reference_base(tiny_model_dir), base):
+        engine = Engine(b, lib)
+        for name in ("a", "b", "c"):
+            engine.load(name)
+        want.append([r.token_ids for r in engine.generate(requests)])
+        if b is base:
+            engine.compiled = CompiledDecoder(engine.fused, backend="eager")
+            want.append([r.token_ids for r in engine.generate(requests)])
+    assert want[0] == want[1] == want[2]
+
+
+def test_quantize_refuses_what_it_cannot_do(tiny_model_dir):
+    with pytest.raises(LoramuxError, match="int4.*none, int8"):
+        load_base(str(tiny_model_dir), quantize="int4")
+    with pytest.raises(LoramuxError, match="fp32 base.*bfloat16"):
+        load_base(str(tiny_model_dir), dtype="bfloat16", quantize="int8")
