@@ -75,7 +75,14 @@ def main() -> None:
     ap.add_argument("--limit-per-task", type=int, default=40, help="with --library: composite prompts per task, "
                                                                     "and prompts per task for Arrow/MoLE scores")
     ap.add_argument("--output", default=str(RESULTS / "routing_real.json"))
+    ap.add_argument("--only", choices=("in_forward",), default=None,
+                    help="in_forward: (re)measure only the Arrow/MoLE section (needs --library) and keep the rest "
+                         "of --output as it is; the routers measured record this command and date")
+    ap.add_argument("--routers", default="arrow,mole", help="with --only in_forward: which of arrow,mole to measure "
+                                                           "(the others keep their rows)")
     args = ap.parse_args()
+    if args.only and not args.library:
+        ap.error("--only in_forward needs --library (a trained library with gates)")
 
     from loramux._home import loramux_home
 
@@ -88,6 +95,16 @@ def main() -> None:
     train, test = load_tasks(args.data_dir, names, "train"), load_tasks(args.data_dir, names, "test")
     unseen = load_tasks(str(unseen_dir), list(UNSEEN), "test")
     base = load_base()
+    if args.only == "in_forward":  # read-only on the library: no copy needed
+        wanted = tuple(r for r in args.routers.split(",") if r)
+        section = in_forward_scores(Library(Path(args.library)), base, test, unseen, args.limit_per_task, wanted)
+        stamp = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        result = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
+        kept = result.get("in_forward_routers", {})
+        result["in_forward_routers"] = {**kept, **section, **{r: {**section[r], **stamp} for r in wanted}}
+        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+        log(f"wrote the in_forward_routers section of {args.output}")
+        return
     work = Path(tempfile.mkdtemp(prefix="routing_real-"))
     if args.library:  # a copy: the growth step adds an adapter and a router to it
         import shutil
@@ -274,7 +291,7 @@ def mole_confidence(router, prompts: list[str], batch: int = 8) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def in_forward_scores(lib: Library, base, test, unseen, limit: int) -> dict:
+def in_forward_scores(lib: Library, base, test, unseen, limit: int, routers=("arrow", "mole")) -> dict:
     """AUROC of Arrow's and MoLE's own out-of-library scores (low confidence = outside)."""
     from loramux.fusion import FusedModel
     from loramux.routers import load_router
@@ -287,6 +304,8 @@ def in_forward_scores(lib: Library, base, test, unseen, limit: int) -> dict:
                "mole": ("mole", {"name": "mole_layer"}, mole_confidence,
                         "mean over the layer gates of the largest gate weight")}
     for key, (method, options, score, what) in scorers.items():
+        if key not in routers:
+            continue
         fused = FusedModel(base)
         try:
             router = load_router(lib, method, fused=fused, **options)

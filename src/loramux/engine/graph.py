@@ -54,8 +54,7 @@ def unsupported(model: nn.Module) -> str | None:
         return f"RoPE type {rope!r}"
     layer = model.model.layers[0]
     for name in PROJECTIONS:
-        owner = layer.self_attn if name in PROJECTIONS[:4] else layer.mlp
-        if not isinstance(_linear(getattr(owner, name, None)), nn.Linear):
+        if not isinstance(_linear(DecodeGraph.module(layer, name)), nn.Linear):
             return f"no {name} linear"
     if not isinstance(_linear(model.lm_head), nn.Linear):
         return "the output head is not a plain linear"
@@ -84,9 +83,9 @@ class DecodeGraph(nn.Module):
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
 
     @staticmethod
-    def module(layer: nn.Module, proj: str) -> nn.Module:
-        """A block's projection module (fused or not)."""
-        return getattr(layer.self_attn if proj in PROJECTIONS[:4] else layer.mlp, proj)
+    def module(layer: nn.Module, proj: str) -> nn.Module | None:
+        """A block's projection module (fused or not); None where the block has none by that name."""
+        return getattr(layer.self_attn if proj in PROJECTIONS[:4] else layer.mlp, proj, None)
 
     def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """RMSNorm in fp32, rounded back before the weight (as transformers' Llama)."""

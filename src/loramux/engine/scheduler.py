@@ -375,22 +375,21 @@ class Scheduler:
         if recorder is not None:  # what each row's prompt tokens used, for its result
             for row, routing in zip(rows, router.routings(recorder)):
                 row.request = dataclasses.replace(row.request, routing=routing)
+        joining = bool(st.rows)
         if static:  # the compiled path takes the rows: their cache and mixtures move into slots
             slots = st.static if st.static is not None else compiled.slots()
             taken = slots.admit(out.cache, mask, [j.request.mixture for j in jobs])
-            if st.rows:
-                st.logits = torch.cat([st.logits, out.logits[:, -1]])
-            else:
-                st.static, st.logits, st.mix, st.mix_stale = slots, out.logits[:, -1], None, False
+            if not joining:
+                st.static, st.mix, st.mix_stale = slots, None, False
             st.slots += taken
-        elif st.rows:
+        elif joining:
             st.cache, st.mask = merge_caches(st.cache, st.mask, out.cache, mask)
             st.next_pos = torch.cat([st.next_pos, mask.sum(-1)])
-            st.logits = torch.cat([st.logits, out.logits[:, -1]])
             st.mix_stale = True
         else:
-            st.cache, st.mask, st.next_pos, st.logits = out.cache, mask, mask.sum(-1), out.logits[:, -1]
+            st.cache, st.mask, st.next_pos = out.cache, mask, mask.sum(-1)
             st.mix, st.mix_stale, st.router = mix, False, router  # keep the prefill's mixture (and its fold)
+        st.logits = torch.cat([st.logits, out.logits[:, -1]]) if joining else out.logits[:, -1]  # once the rows are in
         st.rows += rows
         st.jobs += jobs
         for job, row in zip(jobs, rows):
