@@ -55,6 +55,17 @@ def test_rounding_is_per_channel_and_within_half_a_step():
     assert torch.equal(q.bias, linear.bias.detach())
 
 
+def test_a_gradient_flows_to_the_input():
+    """No backward in the kernel: an input that needs a gradient (a LoRA trained over an int8
+    base) takes the dequantising path, whose gradient is the reference's."""
+    _, q = quantized(40, 24, bias=True)
+    x = torch.randn(3, 40, requires_grad=True)
+    q(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    q.reference(x2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
 def test_the_kernel_compiles_inside_a_graph(kernel):
     """torch.compile keeps the operator as one call (its shape-only implementation)."""
     _, q = quantized(40, 24, bias=True)

@@ -4,14 +4,15 @@ Decoding one token reads every base weight once, so on a CPU a batch-1 step cost
 weights' bytes over the memory bandwidth; int8 weights are a quarter of fp32's. `quantize_linears`
 replaces each linear of the decoder blocks and the output head by an `Int8Linear`: the weight
 rounded per output channel (symmetric, scale = max|w| / 127, as torchao's int8 weight-only);
-activations and the LoRA factors stay fp32 — the fused
-layer adds each row's update on top of the quantized base's output (fusion/layer.py), so an
-adapter is applied exactly as trained, over a slightly different W0.
+activations and the LoRA factors stay fp32. The fused layer adds each row's update on top of the
+quantized base's output (fusion/layer.py), so an adapter is applied exactly as trained, over a
+slightly different W0.
 
 The fast path is the C++ kernel in kernels/ (up to `KERNEL_ROWS` rows: decode and short
 prefills); more rows (long prefills) dequantise to the input's dtype and run one GEMM, where
-converting the weight is amortised over the rows. `Int8Linear.reference` is the readable definition both are tested
-against (tests/test_quantize.py). The embedding table stays fp32: a token reads one row of it.
+converting the weight is amortised over the rows. `Int8Linear.reference` is the readable
+definition both are tested against (tests/test_quantize.py). The embedding table stays fp32: a
+token reads one row of it.
 
 4-bit is not offered: PyTorch's CPU int4 weight-only kernel runs well below fp32 on AVX2-only
 CPUs (benchmarks/results/int8_linear.json), so 4 bits would save memory but cost speed.
@@ -27,6 +28,7 @@ from torch import nn
 
 from .errors import LoramuxError
 from .models import QUANTIZE_CHOICES
+
 # Rows up to which the kernel runs: it beat dequantise + GEMM at every measured count up to 64
 # (benchmarks/results/int8_linear.json: dequantising allocates and converts the whole weight per call)
 KERNEL_ROWS = 64
@@ -61,7 +63,10 @@ class Int8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if 0 < rows <= KERNEL_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+        # the kernel has no backward: an input that needs a gradient (a LoRA trained over this base) takes
+        # the differentiable dequantising path
+        if (0 < rows <= KERNEL_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (x.requires_grad and torch.is_grad_enabled())):
             op = _KERNEL["op"]  # looked up when quantizing (a plain read: torch.compile traces through it)
             if op is not None:
                 y = op(x.reshape(rows, x.shape[-1]), self.weight, self.scale).view(*x.shape[:-1], self.out_features)
@@ -94,14 +99,16 @@ def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
         return 0
     if mode != "int8":
         raise LoramuxError(f"quantize: {mode!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
-    if any(type(m) is nn.Linear and m.weight.device.type == "cpu" for m in model.modules()):
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    other = {str(m.weight.dtype) for m in linears if m.weight.dtype != torch.float32}
+    if other:  # checked before any change: a refused model is left as it was
+        raise LoramuxError(f"quantize int8 takes an fp32 base (got {', '.join(sorted(other))}); load it with dtype float32")
+    if any(m.weight.device.type == "cpu" for m in linears):
         _load_kernel()
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                if child.weight.dtype != torch.float32:
-                    raise LoramuxError(f"quantize int8 takes an fp32 base (got {child.weight.dtype}); load it with dtype float32")
                 setattr(parent, name, Int8Linear(child))
                 count += 1
     return count
