@@ -85,12 +85,7 @@ def _convert_env(src: Path) -> dict:
 
 
 def base_gguf(cache: Path, model_dir: Path, outtype: str) -> Path:
-    """The served base model as GGUF, converted by llama.cpp's own script (q4_1: the embedded GGUF
-    loramux's weights were de-quantized from)."""
-    if outtype == "q4_1":
-        from loramux.models import DEFAULT_MODEL, _gguf_path
-
-        return _gguf_path(DEFAULT_MODEL)
+    """The served base model as GGUF, converted by llama.cpp's own script."""
     out = cache / "gguf" / f"base-{outtype}.gguf"
     if not out.is_file():
         src = llama_source(cache)

@@ -106,8 +106,20 @@ def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_m
     assert want[0] == want[1] == want[2]
 
 
-def test_quantize_refuses_what_it_cannot_do(tiny_model_dir):
+def test_quantize_refuses_what_it_cannot_do(tiny_model_dir, monkeypatch):
     with pytest.raises(LoramuxError, match="int4.*none, int8"):
         load_base(str(tiny_model_dir), quantize="int4")
-    with pytest.raises(LoramuxError, match="fp32 base.*bfloat16"):
+    with pytest.raises(LoramuxError, match="CPU fp32 option.*--dtype bfloat16"):
         load_base(str(tiny_model_dir), dtype="bfloat16", quantize="int8")
+    bf16 = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16))
+    with pytest.raises(LoramuxError, match="fp32 base"):
+        quantize_linears(bf16)
+    assert type(bf16[0]) is nn.Linear  # refused before any change
+    with pytest.raises(LoramuxError, match="not nn.Linear"):
+        quantize_linears(nn.Sequential(nn.Conv1d(4, 4, 1)))
+    import loramux.kernels as kernels
+
+    monkeypatch.setitem(_KERNEL, "op", None)
+    monkeypatch.setattr(kernels, "_state", {"op": None, "error": "RuntimeError: no compiler"})
+    with pytest.raises(LoramuxError, match="could not be built here: RuntimeError: no compiler"):
+        quantize_linears(nn.Sequential(nn.Linear(8, 8)))

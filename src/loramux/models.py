@@ -248,6 +248,9 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", devi
         raise LoramuxError(f"quantize: {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if quantize != "none" and (device != "cpu" or dtype != "float32"):
+        raise LoramuxError(f"--quantize {quantize} is a CPU fp32 option (its kernel is for CPUs); this load resolved to "
+                           f"--device {device} --dtype {dtype}: pass --device cpu, or drop --quantize")
     model_id, path = _resolve(name_or_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -260,8 +263,6 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", devi
     model.eval()
     print_ = fingerprint(model, model.config.to_dict())
     if quantize != "none":
-        if dtype != "float32":
-            raise LoramuxError(f"--quantize {quantize} quantizes an fp32 base; got --dtype {dtype} (use float32)")
         from .quantize import quantize_linears
 
         quantize_linears(model, quantize)

@@ -9,8 +9,10 @@ quantized base's output (fusion/layer.py), so an adapter is applied exactly as t
 slightly different W0.
 
 The fast path is the C++ kernel in kernels/ (up to `KERNEL_ROWS` rows: decode and short
-prefills); more rows (long prefills) dequantise to the input's dtype and run one GEMM, where
-converting the weight is amortised over the rows. `Int8Linear.reference` is the readable
+prefills); more rows (long prefills, or a decode batch wider than 64) dequantise to the input's
+dtype and run one GEMM, where converting the weight is amortised over the rows. Quantizing
+refuses a machine where the kernel cannot be built: dequantising at every call would be slower
+than fp32 and save no memory. `Int8Linear.reference` is the readable
 definition both are tested against (tests/test_quantize.py). The embedding table stays fp32: a
 token reads one row of it.
 
@@ -19,8 +21,6 @@ CPUs (benchmarks/results/int8_linear.json), so 4 bits would save memory but cost
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +86,9 @@ def _load_kernel() -> None:
 
     if _KERNEL["op"] is None:
         _KERNEL["op"] = int8_linear_op()
-        if _KERNEL["op"] is None:
-            warnings.warn(f"the int8 kernel could not be built ({build_error()}); quantized linears dequantise "
-                          "per call instead, which is correct but slower than fp32", RuntimeWarning, stacklevel=3)
+        if _KERNEL["op"] is None:  # dequantising every call would be slower than fp32 and save no memory
+            raise LoramuxError(f"--quantize int8 needs its CPU kernel, which could not be built here: {build_error()} "
+                               "(it needs a C++ compiler, as torch.compile does)")
 
 
 def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
@@ -103,6 +103,8 @@ def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
     other = {str(m.weight.dtype) for m in linears if m.weight.dtype != torch.float32}
     if other:  # checked before any change: a refused model is left as it was
         raise LoramuxError(f"quantize int8 takes an fp32 base (got {', '.join(sorted(other))}); load it with dtype float32")
+    if sum(1 for m in linears if m is not getattr(model, "lm_head", None)) == 0:
+        raise LoramuxError("quantize int8: this model's projections are not nn.Linear modules; only those are quantized")
     if any(m.weight.device.type == "cpu" for m in linears):
         _load_kernel()
     count = 0

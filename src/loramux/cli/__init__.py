@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         import click
 
         # typer ships its own copy of click, whose usage errors are TyperExceptions, not click's
-        if isinstance(e, click.ClickException) or (isinstance(e, typer.TyperException) and hasattr(e, "show")):
+        vendored = getattr(typer, "TyperException", ())  # absent from typers that use click itself
+        if isinstance(e, click.ClickException) or (isinstance(e, vendored) and hasattr(e, "show")):
             e.show()
             sys.exit(e.exit_code)
         raise
