@@ -115,9 +115,11 @@ def arrow(d: dict) -> list[tuple[str, str]]:
 
 def mole(d: dict) -> list[tuple[str, str]]:
     a = d["average_accuracy"]
-    return [(f"MoLE gates, 14 test sets mixed ({d['limit_per_task']} prompts each, {d['mole_steps']} gate steps)",
-             f"average layer {a['mole_layer']:.3f}, block {a['mole_block']:.3f}, layer without balance loss "
-             f"{a['mole_layer_no_balance']:.3f}; uniform {a['uniform']:.3f}, oracle {a['oracle']:.3f}; true task's "
+    names = {"mole_layer": "layer", "mole_block": "block", "mole_layer_no_balance": "layer without balance loss"}
+    gates = ", ".join(f"{label} {a[k]:.3f}" for k, label in names.items() if k in a)  # the gate sets this run scored
+    steps = "; ".join(f"{k} {v['steps_run']} steps, stopped on {v['stopped']}" for k, v in d.get("training", {}).items())
+    return [(f"MoLE gates, 14 test sets mixed ({d['limit_per_task']} prompts each; {steps or str(d['mole_steps']) + ' gate steps'})",
+             f"average {gates}; uniform {a['uniform']:.3f}, oracle {a['oracle']:.3f}; true task's "
              f"adapter masked {a['mole_layer_mask_true_task']:.3f}; gating {_x(d['gate_cost_ratio'])} a fixed mixture")]
 
 
