@@ -176,6 +176,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs for the llama.cpp build")
     ap.add_argument("--quantize", default=None, choices=sorted(NEAREST), help="also the quantized rows")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--max-batch", type=int, default=16,
+                    help="loramux serve --max-batch (with --compile its warm-up compiles every power of two up to "
+                         "it; rows of one request at a time use a batch of 1 whatever it is)")
     ap.add_argument("--long-prompt", type=int, default=1024, help="prefill_heavy: prompt tokens, about")
     ap.add_argument("--build-only", action="store_true", help="build and convert, then stop")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
@@ -232,7 +235,8 @@ def main() -> None:
     work = plan(rows, pool, long_prompts, names, extra, args.tokens, rng)
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "llama_cpp": f"llama-server from the {SDIST[0]} {SDIST[1]} sdist's vendored source",
-              "threads": args.threads, "tokens": args.tokens, "loramux_compile": args.compile, "rows": {}, "ratios": {}}
+              "threads": args.threads, "tokens": args.tokens, "loramux_compile": args.compile, "loramux_max_batch": args.max_batch, "rows": {}, "ratios": {},
+              "complete": False}
     for precision, loramux_flags, outtype in precisions:
         prefix = "" if precision == "fp32" else "quantized_"
         for server in ("loramux", "llama.cpp"):
@@ -261,7 +265,7 @@ def main() -> None:
                                 if a not in side:
                                     side.add(a, src.adapter_dir(a), base=base, tasks=src.get(a).tasks)
                     cmd = [sys.executable, "-m", "loramux", "serve", "--library", str(serve_lib), "--port", str(port),
-                           "--max-batch", "16", *loramux_flags, *(["--compile"] if args.compile else [])]
+                           "--max-batch", str(args.max_batch), *loramux_flags, *(["--compile"] if args.compile else [])]
                     proc, ready, eos = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}), \
                         "/ready", {"loramux": {"ignore_eos": True}}
@@ -275,15 +279,22 @@ def main() -> None:
                         result["rows"].setdefault(prefix + row, {})[server] = {**r, "precision": (
                             precision if server == "loramux" else outtype)}
                         log(f"{prefix}{row} {server}: {r['tokens_per_s']} tokens/s")
+                        save(result, args.output)  # row by row: a run cut short keeps what it measured
                 finally:
                     stop(proc)
+    result["complete"] = True
+    save(result, args.output)
+    print(json.dumps(result["ratios"], indent=1))
+
+
+def save(result: dict, output: str) -> None:
+    """Write the rows so far, with the ratio of every row both servers have run."""
     for row, by in result["rows"].items():
         if {"loramux", "llama.cpp"} <= set(by):
             key = "all_tokens_per_s" if row.endswith("prefill_heavy") else "tokens_per_s"
             result["ratios"][row] = round(by["loramux"][key] / by["llama.cpp"][key], 3)
             by["same_prompt_tokens"] = by["loramux"]["prompt_tokens"] == by["llama.cpp"]["prompt_tokens"]
-    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result["ratios"], indent=1))
+    Path(output).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
