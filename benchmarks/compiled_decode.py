@@ -35,6 +35,7 @@ from loramux.cpu_linear import pack_linears
 from loramux.engine import Engine, GenerationRequest, SamplingParams
 from loramux.engine.compiled import CompiledDecoder
 from loramux.engine.scheduler import Scheduler, generate_all
+from loramux.models import QUANTIZE_CHOICES
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = ["Explain why the sky is blue.", "Write a short poem about the sea.", "List three uses of a brick.",
@@ -58,7 +59,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-pack", dest="pack", action="store_false")
-    ap.add_argument("--quantize", default="none", choices=("none", "int8"), help="the base for both paths")
+    ap.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help="the base for both paths")
     ap.add_argument("--workloads", default=None, help="comma-separated subset of the rows (default: all four)")
     ap.add_argument("--output", default=str(RESULTS / "compiled_decode.json"))
     args = ap.parse_args()

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 from loramux import load_base, load_task
 from loramux.bench.machine import machine
+from loramux.bench.speed import _median_times
 from loramux.data import PromptFormatter
 from loramux.training.batching import answer_loss, collate, collate_left, encode_for_training
 
@@ -36,13 +35,7 @@ print(json.dumps({"imports_s": t1 - t0, "first_load_base_s": t2 - t1, "second_lo
 
 
 def timed(fn, reps: int) -> float:
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    return _median_times({"fn": fn}, reps)["fn"]
 
 
 def train_step_seconds(base, feats, *, dropout: float, answer_window: bool) -> float:

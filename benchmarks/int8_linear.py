@@ -4,7 +4,7 @@ benchmarks/results/int8_linear.json.
 
     python benchmarks/int8_linear.py [--rows 1,2,4,8,16,32,64] [--repeats 50]
 
-Per (shape, rows), the median microseconds of a call of:
+Per (shape, rows), the median microseconds of a call of (variants interleaved, as bench.speed does):
 - fp32: `F.linear` on the fp32 weight; fp32_packed: the oneDNN-prepacked weight the server uses
   (cpu_linear.PackedLinear);
 - int8_loramux: quantize.Int8Linear (its kernel up to KERNEL_ROWS rows, dequantise + GEMM above);
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loramux.bench.machine import machine
+from loramux.bench.speed import _median_times
 from loramux.cpu_linear import PackedLinear, packing_available
 from loramux.kernels import build_error, int8_linear_op
 from loramux.quantize import KERNEL_ROWS, quantize_linears
@@ -38,17 +37,7 @@ RESULTS = Path(__file__).parent / "results"
 # SmolLM2-135M: q/o, k/v, gate/up, down, the tied output head (out, in)
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "gate_proj": (1536, 576), "down_proj": (576, 1536),
           "lm_head": (49152, 576)}
-
-
-def median_us(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return round(statistics.median(times) * 1e6, 1)
+FAST = ("fp32", "fp32_packed", "int8_kernel", "int8_loramux")
 
 
 def int4_call(weight: torch.Tensor, group: int = 32):
@@ -94,9 +83,10 @@ def main() -> None:
                 if packed is not None:
                     calls["fp32_packed"] = lambda: packed(x)
                 # the slow kernels get fewer repeats on the head (seconds per call otherwise)
-                cell = {k: median_us(f, args.repeats if name != "lm_head" or k in ("fp32", "fp32_packed", "int8_kernel",
-                                                                                    "int8_loramux") else 5)
-                        for k, f in calls.items()}
+                slow = {k: f for k, f in calls.items() if name == "lm_head" and k not in FAST}
+                fast = {k: f for k, f in calls.items() if k not in slow}
+                seconds = _median_times(fast, args.repeats, warmup=3) | (_median_times(slow, 5) if slow else {})
+                cell = {k: round(seconds[k] * 1e6, 1) for k in calls}
                 best_fp32 = min(cell["fp32"], cell.get("fp32_packed", cell["fp32"]))
                 cell["int8_loramux_speedup_vs_best_fp32"] = round(best_fp32 / cell["int8_loramux"], 2)
                 result.setdefault(name, {})[str(m)] = cell

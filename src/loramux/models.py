@@ -261,10 +261,10 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", devi
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
-    print_ = fingerprint(model, model.config.to_dict())
+    full_precision = fingerprint(model, model.config.to_dict())  # what adapters are checked against
     if quantize != "none":
         from .quantize import quantize_linears
 
         quantize_linears(model, quantize)
-    return BaseModel(model=model, tokenizer=tokenizer, model_id=model_id, fingerprint=print_, path=path,
+    return BaseModel(model=model, tokenizer=tokenizer, model_id=model_id, fingerprint=full_precision, path=path,
                      quantization=quantize)
