@@ -49,7 +49,10 @@ from loramux.fusion import FusedModel
 from loramux.training import train_adapters, train_lora
 
 RESULTS = Path(__file__).parent / "results"
-MOLE = {"mole_layer": ("layer", 0.5), "mole_block": ("block", 0.5), "mole_layer_no_balance": ("layer", 0.0)}
+# name -> (granularity, balance α, balance over): units is loramux's default, pooled the paper's
+# (routers/gating/train.py says why they differ)
+MOLE = {"mole_layer": ("layer", 0.5, "units"), "mole_block": ("block", 0.5, "units"),
+        "mole_layer_no_balance": ("layer", 0.0, "units"), "mole_layer_pooled": ("layer", 0.5, "pooled")}
 
 
 def log(msg: str) -> None:
@@ -95,8 +98,8 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, na
 
     tasks = None
     for name in names:
-        granularity, alpha = MOLE[name]
-        config = MoleTrainConfig(granularity=granularity, balance_alpha=alpha, steps=steps)
+        granularity, alpha, over = MOLE[name]
+        config = MoleTrainConfig(granularity=granularity, balance_alpha=alpha, balance_over=over, steps=steps)
         try:  # reuse stored gates only when they were trained with this recipe (and so have a curve)
             stored = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
             if stored.get("train_config") == dataclasses.asdict(config):

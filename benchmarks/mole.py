@@ -4,10 +4,10 @@ adapter; gate training time and gating cost; each gate set's validation curve (t
 when it flattens) and, per task, the weight the gates give each adapter in every layer or block.
 
 Reuses composite.py's builders (library, gates cached in the library under mole_layer,
-mole_block, mole_layer_no_balance).
+mole_block, mole_layer_no_balance, mole_layer_pooled).
 
     python benchmarks/mole.py --data-dir ../shared/data/bigbench [--limit-per-task 40] [--mole-steps 400]
-        [--profile-per-task 8] [--gates mole_layer,mole_block,mole_layer_no_balance]
+        [--profile-per-task 8] [--gates mole_layer,mole_block,mole_layer_no_balance,mole_layer_pooled]
 
 Writes benchmarks/results/mole.json, mole_curves.png and mole_gates_<name>.png.
 """
@@ -92,7 +92,10 @@ def main() -> None:
         "gate_profiles_how": (f"per task, the mean over {args.profile_per_task} of its test prompts of each unit's gate "
                               f"weights: own_by_unit is the weight on the task's own adapter in each layer or block "
                               f"(forward order), mean the weights averaged over units, top the adapter with the "
-                              f"largest mean"),
+                              f"largest mean; same_pick_share the share of units whose top adapter is the same for "
+                              f"all those prompts, mean_top_weight a unit's largest weight on average; "
+                              f"_across_tasks: for two tasks' first prompts, the share of units with the same top "
+                              f"adapter, averaged over task pairs (1.0 everywhere: gates that ignore the input)"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
@@ -111,8 +114,21 @@ def gate_profile(router, test, owner: dict, per_task: int) -> dict:
         mean_by_unit = {u: {a: sum(r.layers[u][a] for r in routings) / len(routings) for a in router.adapters}
                         for u in units}
         mean = {a: round(sum(mean_by_unit[u][a] for u in units) / len(units), 4) for a in router.adapters}
+        picks = [[max(r.layers[u], key=r.layers[u].get) for u in units] for r in routings]  # prompt -> unit -> top
         out[t.name] = {"own": owner[t.name], "own_by_unit": [round(mean_by_unit[u][owner[t.name]], 4) for u in units],
-                       "mean": mean, "top": max(mean, key=mean.get)}
+                       "mean": mean, "top": max(mean, key=mean.get),
+                       # gates that ignore the input pick the same adapter for every prompt
+                       "same_pick_share": round(sum(len({p[i] for p in picks}) == 1 for i in range(len(units)))
+                                                / len(units), 4),
+                       "mean_top_weight": round(sum(max(r.layers[u].values()) for r in routings for u in units)
+                                                / (len(routings) * len(units)), 4),
+                       "_picks": picks[0]}
+    # the first prompt of two tasks: the share of units that pick the same adapter for both
+    firsts = {t: out[t].pop("_picks") for t in out}
+    names = sorted(firsts)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    agree = [sum(x == y for x, y in zip(firsts[a], firsts[b])) / len(firsts[a]) for a, b in pairs]
+    out["_across_tasks"] = {"same_pick_share_mean": round(sum(agree) / max(1, len(agree)), 4)}
     return out
 
 
@@ -136,7 +152,7 @@ def plot(out: dict, results: Path) -> None:
     fig.savefig(results / "mole_curves.png", dpi=120)
     plt.close(fig)
     for name, profile in out["gate_profiles"].items():
-        tasks = sorted(profile)
+        tasks = sorted(t for t in profile if not t.startswith("_"))
         grid = [profile[t]["own_by_unit"] for t in tasks]
         fig, ax = plt.subplots(figsize=(10, 0.35 * len(tasks) + 1.5))
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(max(r) for r in grid))

@@ -115,7 +115,8 @@ def arrow(d: dict) -> list[tuple[str, str]]:
 
 def mole(d: dict) -> list[tuple[str, str]]:
     a = d["average_accuracy"]
-    names = {"mole_layer": "layer", "mole_block": "block", "mole_layer_no_balance": "layer without balance loss"}
+    names = {"mole_layer": "layer", "mole_block": "block", "mole_layer_no_balance": "layer without balance loss",
+             "mole_layer_pooled": "layer, balance pooled over layers (paper)"}
     gates = ", ".join(f"{label} {a[k]:.3f}" for k, label in names.items() if k in a)  # the gate sets this run scored
     steps = "; ".join(f"{k} {v['steps_run']} steps, stopped on {v['stopped']}" for k, v in d.get("training", {}).items())
     return [(f"MoLE gates, 14 test sets mixed ({d['limit_per_task']} prompts each; {steps or str(d['mole_steps']) + ' gate steps'})",

@@ -25,6 +25,10 @@ go in llama.cpp's per-request `lora` field, which loramux accepts too, by each s
 each again with a quantized base (`quantized_` prefix) when --quantize is given: loramux's
 `--quantize` against llama.cpp's nearest bit width (int8 -> q8_0; loramux offers no 4-bit base).
 Tokens/s count generated tokens (prefill_heavy: prompt + generated) over the row's wall time.
+Every row has its own prompts (no server answers one row from the prompt cache of another) and
+a warm-up at its own concurrency first. Each row also records where its time went by the server's
+own clock (`split`): llama-server's per-reply `timings` (prefill ms, ms per generated token) and
+loramux's /metrics (time to first token, time per later token), so a ratio's cause is visible.
 """
 
 from __future__ import annotations
@@ -138,17 +142,57 @@ def workload(url: str, ids: dict[str, int], prompts: list[str], mixes: list, tok
             body["lora"] = [{"id": ids[a], "scale": w} for a, w in mixes[i].items()]
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=3600)
         r.raise_for_status()
-        return r.json()["usage"]
+        return r.json()
 
+    before = server_split(url)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        usage = list(pool.map(one, range(len(prompts))))
+        replies = list(pool.map(one, range(len(prompts))))
     wall = time.perf_counter() - started
-    out_tokens = sum(u["completion_tokens"] for u in usage)
-    in_tokens = sum(u["prompt_tokens"] for u in usage)
+    out_tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+    in_tokens = sum(r["usage"]["prompt_tokens"] for r in replies)
     return {"requests": len(prompts), "concurrency": concurrency, "wall_seconds": round(wall, 2),
             "completion_tokens": out_tokens, "prompt_tokens": in_tokens,
-            "tokens_per_s": round(out_tokens / wall, 3), "all_tokens_per_s": round((in_tokens + out_tokens) / wall, 3)}
+            "tokens_per_s": round(out_tokens / wall, 3), "all_tokens_per_s": round((in_tokens + out_tokens) / wall, 3),
+            "split": split_of(replies, before, server_split(url))}
+
+
+def server_split(url: str) -> dict[str, float]:
+    """loramux's own counters (GET /metrics): time-to-first-token and time-per-output-token sums and
+    counts. Empty for llama-server, which reports its timings in each reply instead."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    wanted = {f"loramux_{m}_seconds_{s}" for m in ("time_to_first_token", "time_per_output_token")
+              for s in ("sum", "count")}
+    return {k: float(v) for k, v in (line.split()[:2] for line in text.splitlines()
+                                     if line and not line.startswith("#")) if k in wanted}
+
+
+def split_of(replies: list[dict], before: dict, after: dict) -> dict:
+    """Where a row's time went, by each server's own clock. llama-server: mean prompt (prefill) ms
+    and mean ms per generated token, from every reply's `timings`. loramux: mean time to first token
+    (queueing + prefill + the first token) and mean time per later token, from /metrics."""
+    timings = [r["timings"] for r in replies if "timings" in r]
+    if timings:
+        n = len(timings)
+        return {"clock": "llama-server timings", "mean_prompt_ms": round(sum(t["prompt_ms"] for t in timings) / n, 1),
+                "mean_prompt_tokens_computed": round(sum(t["prompt_n"] for t in timings) / n, 1),
+                "ms_per_output_token": round(sum(t["predicted_ms"] for t in timings)
+                                             / max(1, sum(t["predicted_n"] for t in timings)), 2)}
+    if after and before:
+        def delta(m: str) -> float:
+            return after.get(f"loramux_{m}_seconds_sum", 0) - before.get(f"loramux_{m}_seconds_sum", 0)
+
+        def count(m: str) -> float:
+            return max(1.0, after.get(f"loramux_{m}_seconds_count", 0) - before.get(f"loramux_{m}_seconds_count", 0))
+        return {"clock": "loramux /metrics",
+                "mean_time_to_first_token_ms": round(1000 * delta("time_to_first_token") / count("time_to_first_token"), 1),
+                "ms_per_output_token": round(1000 * delta("time_per_output_token") / count("time_per_output_token"), 2)}
+    return {}
 
 
 def plan(rows: list[str], prompts: list[str], long_prompts: list[str], names: list[str], extra: list[str],
@@ -157,11 +201,12 @@ def plan(rows: list[str], prompts: list[str], long_prompts: list[str], names: li
     def mixes(n: int, pool: list[str]) -> list[dict]:
         return [dict(zip(rng.sample(pool, 3), (0.5, 0.3, 0.2))) for _ in range(n)]
 
-    table = {"sequential_base": (prompts[:8], [None] * 8, tokens, 1, names),
-             "sequential_mixed": (prompts[:8], mixes(8, names), tokens, 1, names),
-             "concurrent16_base": (prompts[:32], [None] * 32, tokens, 16, names),
-             "concurrent16_distinct": (prompts[:32], mixes(16, names) * 2, tokens, 16, names),
-             "library100_distinct": (prompts[:32], mixes(16, names + extra) * 2, tokens, 16, names + extra),
+    # every row its own prompts, so that no server answers a row from the prompt cache of another
+    table = {"sequential_base": (prompts[0:8], [None] * 8, tokens, 1, names),
+             "sequential_mixed": (prompts[8:16], mixes(8, names), tokens, 1, names),
+             "concurrent16_base": (prompts[16:48], [None] * 32, tokens, 16, names),
+             "concurrent16_distinct": (prompts[48:80], mixes(16, names) * 2, tokens, 16, names),
+             "library100_distinct": (prompts[80:112], mixes(16, names + extra) * 2, tokens, 16, names + extra),
              "prefill_heavy": (long_prompts, [None] * len(long_prompts), 8, 4, names)}
     return {r: table[r] for r in rows}
 
@@ -227,7 +272,7 @@ def main() -> None:
     long_prompts = []
     for k in range(8):  # test prompts joined until about --long-prompt tokens
         text, n = "", 0
-        for p in pool[100 + 40 * k:]:
+        for p in pool[200 + 40 * k:]:  # after the other rows' prompts
             text, n = text + p, n + len(base.tokenizer(p)["input_ids"])
             if n >= args.long_prompt:
                 break
@@ -274,7 +319,8 @@ def main() -> None:
                     ids = adapter_ids(url)
                     for row in todo:
                         prompts, mixes, tokens, concurrency, _ = work[row]
-                        workload(url, ids, prompts[:2], mixes[:2], 4, 1, eos)  # warm-up
+                        # warm-up at the row's concurrency, on prompts no row uses
+                        workload(url, ids, pool[-concurrency:], mixes[:concurrency], 4, concurrency, eos)
                         r = workload(url, ids, prompts, mixes, tokens, concurrency, eos)
                         result["rows"].setdefault(prefix + row, {})[server] = {**r, "precision": (
                             precision if server == "loramux" else outtype)}

@@ -54,6 +54,8 @@ def train(
     top_p: float = typer.Option(0.6, help="dlp: default selection threshold stored with the router."),
     granularity: str = typer.Option("layer", help="mole: layer | block | network."),
     balance_alpha: float = typer.Option(0.5, help="mole: weight of the balance loss (0 = off)."),
+    balance_over: str = typer.Option(_M.balance_over, help="mole: units (each gate balanced over the prompts it "
+                                                           "sees) or pooled (one balance over all gates: the paper's)."),
     steps: int = typer.Option(_M.steps, help="mole: optimizer steps at most (training stops earlier when the "
                                               "validation loss flattens)."),
     gate_input: str = typer.Option(_M.gate_input, help="mole: what a gate reads: outputs (the adapters' outputs, "
@@ -79,7 +81,8 @@ def train(
         from ..models import load_base
         from ..routers.gating import MoleTrainConfig, train_mole
 
-        config = MoleTrainConfig(granularity=granularity, gate_input=gate_input, balance_alpha=balance_alpha, lr=lr or _M.lr,
+        config = MoleTrainConfig(granularity=granularity, gate_input=gate_input, balance_alpha=balance_alpha,
+                                 balance_over=balance_over, lr=lr or _M.lr,
                                  steps=steps, batch_size=batch_size or _M.batch_size, seed=seed,
                                  val_per_task=val_per_task)
         fused = FusedModel(load_base(model, device=device, dtype=dtype))

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -292,3 +294,22 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_gates(tiny_m
         train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=5, batch_size=4, val_per_task=2,
                                                  eval_every=2), progress=False, log=lambda s: None,
                    checkpoint_dir=ckpt, resume=True)
+
+
+def test_balance_per_unit_penalises_gates_that_ignore_the_input():
+    """Two units, each one-hot on its own adapter whatever the row: pooled over units, q is
+    uniform and the loss is at its minimum; per unit, each unit uses one adapter of two and the
+    loss is high. Gates that route (each unit's pick following the row) are at the minimum both ways."""
+    fixed = [torch.tensor([[1.0, 0], [1.0, 0]]), torch.tensor([[0, 1.0], [0, 1.0]])]  # unit -> (rows, K)
+    routed = [torch.tensor([[1.0, 0], [0, 1.0]]), torch.tensor([[0, 1.0], [1.0, 0]])]
+    floor = -2 * math.log(0.5)
+    assert float(balance_loss(fixed, over="pooled")) == pytest.approx(floor)
+    assert float(balance_loss(fixed, over="units")) > 10
+    for over in ("pooled", "units"):
+        assert float(balance_loss(routed, over=over)) == pytest.approx(floor)
+    memory = torch.full((2,), 0.5)  # the (K,) start broadcasts to one running q per unit
+    loss, new = balance_loss(fixed, memory, 0.5, over="units")
+    assert new.shape == (2, 2) and torch.allclose(new, torch.tensor([[0.75, 0.25], [0.25, 0.75]]))
+    assert float(loss) == pytest.approx(-(math.log(0.75) + math.log(0.25)))
+    with pytest.raises(LoramuxError, match="balance_over"):
+        MoleTrainConfig(balance_over="layers")

@@ -12,6 +12,15 @@ and holds them near the uniform mixture. q is therefore a running mean over rece
 (`balance_memory`; 0 = this batch alone, the paper's form), whose current batch carries the
 gradient: the balance is asked of the traffic, not of every batch.
 
+Over what q is taken matters too (`balance_over`). The paper pools every gated unit: q_i is one
+mean over all layers. Pooled, the loss is met by gates that ignore the input: each layer near
+one-hot on its own fixed adapter, layer 1 on adapter A whatever the prompt, layer 2 on B, and so
+on; the pooled q is then near uniform. That is what 400 steps learned on the 14-task library
+(docs/routing.md, MoLE): the balance loss sat at its uniform value while no layer routed. With
+"units" (the default) the loss is the mean over units of each unit's own −Σ_i log q_i, so a
+unit that always picks one adapter is penalised and balance can only come from routing
+different inputs to different adapters (or from mixing evenly). "pooled" is the paper's form.
+
 Training runs until a validation curve flattens: a few held-out examples per task
 (`val_per_task`) are scored every `eval_every` steps; after `patience` evaluations without a
 relative improvement of `min_delta`, or at `steps`, training stops and the gates of the best
@@ -50,6 +59,7 @@ class MoleTrainConfig:
     gate_input: str = "outputs"  # the paper's gating (gates.py)
     balance_alpha: float = 0.5  # α; 0 turns the balance loss off (the paper's ablation)
     balance_memory: float = 0.9  # q_i as a running mean over batches; 0: this batch alone
+    balance_over: str = "units"  # "units": each gated unit balanced on its own; "pooled": the paper's
     # The paper's gate projects K·d normalised features: an early Adam step moves each weight by
     # about lr, a logit by about lr·K·d·E|h| (≈ 0.6 at 1e-4 for 14 adapters of width 576), so
     # 1e-3 flips gates from uniform to one-hot within two steps.
@@ -67,6 +77,8 @@ class MoleTrainConfig:
         MoleConfig(self.granularity, gate_input=self.gate_input)  # validates both
         if self.balance_alpha < 0:
             raise LoramuxError(f"balance_alpha must be >= 0; got {self.balance_alpha!r}")
+        if self.balance_over not in BALANCE_OVER:
+            raise LoramuxError(f"balance_over must be one of {', '.join(BALANCE_OVER)}; got {self.balance_over!r}")
         if not 0 <= self.balance_memory < 1:
             raise LoramuxError(f"balance_memory must be in [0, 1); got {self.balance_memory!r}")
         if self.steps < 1 or self.batch_size < 1:
@@ -75,16 +87,23 @@ class MoleTrainConfig:
             raise LoramuxError("val_per_task >= 0, eval_every >= 1, patience >= 1 and min_delta >= 0 are required")
 
 
+BALANCE_OVER = ("units", "pooled")
+
+
 def balance_loss(collected: list[torch.Tensor], memory: torch.Tensor | None = None,
-                 keep: float = 0.0) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-    """−Σ_i log q_i, q_i = mean weight of adapter i over every gated unit and batch row; with
-    `memory` (the running q of earlier batches), q = keep·memory + (1 − keep)·q_batch and the new
-    running q (detached) is returned too."""
-    q = torch.cat(collected, dim=0).mean(0)  # (K,)
+                 keep: float = 0.0, over: str = "pooled") -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """−Σ_i log q_i. `over` "pooled": q_i = mean weight of adapter i over every gated unit and
+    batch row (K,); "units": q is taken per unit over its batch rows (U, K) and the loss is the
+    mean of the units' losses. With `memory` (the running q of earlier batches, either shape),
+    q = keep·memory + (1 − keep)·q_batch and the new running q (detached) is returned too."""
+    if over == "units":
+        q = torch.stack([w.mean(0) for w in collected])  # (U, K)
+    else:
+        q = torch.cat(collected, dim=0).mean(0)  # (K,)
     if memory is None:
-        return -torch.log(q.clamp(min=1e-9)).sum()
+        return -torch.log(q.clamp(min=1e-9)).sum(-1).mean()
     q = keep * memory + (1 - keep) * q
-    return -torch.log(q.clamp(min=1e-9)).sum(), q.detach()
+    return -torch.log(q.clamp(min=1e-9)).sum(-1).mean(), q.detach()
 
 
 def split_validation(tasks: list["Task"], per_task: int, seed: int):
@@ -128,6 +147,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
         p.requires_grad_(False)
     opt = torch.optim.AdamW(gates.parameters(), lr=config.lr)
     mixture = router.layer_mixture()
+    # (K,); per unit it broadcasts to (U, K) at the first step
     memory = torch.full((len(fused.adapters),), 1.0 / len(fused.adapters), device=device)
     curve, window, best = [], [], None
     stopped = "steps"
@@ -144,7 +164,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
         for step in bar:
             idx = micro_batch_indices(len(features), config.batch_size, step, config.seed)
             task, bal = _forward(router, fused, mixture, [features[i] for i in idx], device, grad=True)
-            bal, memory = balance_loss(bal, memory, config.balance_memory)
+            bal, memory = balance_loss(bal, memory, config.balance_memory, config.balance_over)
             loss = task + config.balance_alpha * bal if config.balance_alpha else task
             opt.zero_grad(set_to_none=True)
             loss.backward()
