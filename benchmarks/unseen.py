@@ -15,7 +15,8 @@ the same cache. Strategies:
   per-adapter thresholds); dlp_soft (top-p 0.9 over related adapters, never abstaining); arrow;
   arrow_gks (Arrow over ΔW_i − mean ΔW: general knowledge subtraction, PEFT's `use_gks`, with the
   library's own mean as the general knowledge, since a task library has no general adapters);
-  mbc_arrow; mole (layer gates); ties; multitask.
+  mbc_arrow; mole (layer gates, balanced per gate); mole_pooled (layer gates with the paper's
+  balance pooled over gates); ties; multitask.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from loramux.fusion import FusedModel
 STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("dlp", "lib"),
               "dlp_soft": ("dlp_p0.9_open", "lib"), "arrow": ("arrow", "lib"),
               "arrow_gks": ("arrow_gks", "lib"), "mole": ("mole:mole_layer", "lib"),
+              "mole_pooled": ("mole:mole_layer_pooled", "lib"),
               "ties": ("oracle", "ties"), "multitask": ("oracle", "multitask"), "mbc_arrow": ("arrow", "mbc")}
 
 
@@ -88,8 +90,8 @@ def main() -> None:
         harness, where = STRATEGIES[s]
         if s.startswith("dlp"):
             ensure_dlp(lib, args.data_dir, timings)
-        if s == "mole":
-            ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
+        if s.startswith("mole"):  # these gates only (composite.py's MOLE names them)
+            ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, names=(harness.split(":")[1],))
         if where == "lib":
             side = lib
         elif where == "mbc":

@@ -86,3 +86,30 @@ def test_engine_on_packed_model_generates_the_same_tokens(tiny_model_dir, tmp_pa
     assert pack_linears(base.model, min_rows=1) > 0
     assert isinstance(next(iter(engine.fused.layers.values())).base, PackedLinear)  # packed under the fused layers
     assert [r.token_ids for r in engine.generate(requests)] == plain
+
+
+def test_packed_linear_op_uses_its_owners_packed_weight_and_falls_back_otherwise(monkeypatch):
+    """loramux::packed_linear (what compiled graphs call) finds the PackedLinear holding the weight;
+    a weight no PackedLinear holds goes through plain F.linear."""
+    plain = nn.Linear(32, 24)
+    packed = PackedLinear(plain, min_rows=1)
+    calls = []
+    real = PackedLinear._packed_weight
+    monkeypatch.setattr(PackedLinear, "_packed_weight", lambda self: calls.append(1) or real(self))
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.ops.loramux.packed_linear(x, plain.weight, plain.bias), plain(x),
+                                   rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        other = torch.randn(24, 32)
+        torch.testing.assert_close(torch.ops.loramux.packed_linear(x, other, None), x @ other.T, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1 and packed.weight is plain.weight
+
+
+def test_packed_linear_op_compiles_inside_a_graph():
+    packed = PackedLinear(nn.Linear(32, 24), min_rows=1)
+    fn = torch.compile(lambda x: torch.relu(torch.ops.loramux.packed_linear(x, packed.weight, packed.bias)) * 2,
+                       fullgraph=True, backend="inductor")
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), torch.relu(packed(x)) * 2, rtol=1e-5, atol=1e-5)

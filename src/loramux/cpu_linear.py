@@ -13,9 +13,16 @@ smaller projections, so `PackedLinear` picks per call by the number of rows
 Packing is for inference only: a call with autograd recording falls back to `F.linear`, and a
 weight changed in place since it was packed is packed again (its version counter is checked).
 The packed copy costs one extra copy of each packed weight in memory.
+
+A compiled graph cannot hold oneDNN's packed tensor (it is opaque to torch.compile's tracing), so
+`packed_linear` (the custom op `loramux::packed_linear`) takes the plain weight and finds the
+PackedLinear that owns it: the compiled decode step (`engine/graph.py`) calls it for batches of
+rows where the packed kernel wins, instead of re-laying out every weight at every step.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +47,7 @@ class PackedLinear(nn.Linear):
         numel = self.weight.numel()
         self.min_rows = min_rows or (1 if numel >= 4_000_000 else 2 if numel >= 500_000 else 8)
         self._packed: tuple[int, torch.Tensor] | None = None
+        _OWNERS[_key(self.weight)] = weakref.ref(self)
 
     def _packed_weight(self) -> torch.Tensor:
         version = self.weight._version
@@ -58,6 +66,31 @@ class PackedLinear(nn.Linear):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear
+
+
+def _key(weight: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    return weight.data_ptr(), tuple(weight.shape)
+
+
+# weight (address, shape) -> the PackedLinear holding it; weak, so unpacking or dropping a model
+# frees them, and a dead or re-used address is checked against the owner's weight before use
+_OWNERS: dict[tuple[int, tuple[int, ...]], "weakref.ref[PackedLinear]"] = {}
+
+
+@torch.library.custom_op("loramux::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through the packed copy of the PackedLinear that owns `weight`;
+    plain `F.linear` for a weight no PackedLinear holds."""
+    ref = _OWNERS.get(_key(weight))
+    owner = ref() if ref is not None else None
+    if owner is None or _key(owner.weight) != _key(weight):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, owner._packed_weight(), bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def pack_linears(model: nn.Module, min_rows: int | None = None) -> int:

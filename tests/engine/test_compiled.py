@@ -52,7 +52,35 @@ def test_rows_joining_leaving_and_reusing_slots_match_each_request_alone(where, 
 def test_the_graph_step_equals_the_model_step(where, engine):
     """One decode step of three rows (two mixtures and the base model): DecodeGraph's logits
     against transformers' forward through the fused layers."""
-    dec = compiled(engine).compiled
+    got, ref = _one_step(compiled(engine).compiled, engine)
+    tol = where.tol(1e-4)
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_the_graph_step_on_packed_weights_equals_the_model_step(where, engine):
+    """Rows above the GEMV threshold go through the oneDNN-packed weights (loramux::packed_linear),
+    as a server that packed its linears does."""
+    from loramux.cpu_linear import pack_linears, packing_available, unpack_linears
+
+    if where.device != "cpu" or where.dtype != "float32" or not packing_available():
+        pytest.skip("packing covers fp32 CPU linears with oneDNN")
+    assert pack_linears(engine.base.model, min_rows=1) > 0
+    try:
+        dec = compiled(engine).compiled
+        dec.graph.gemv_rows = 0  # every slot count takes the packed kernel
+        calls = []
+        real = torch.ops.loramux.packed_linear
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.ops.loramux, "packed_linear", lambda *a: calls.append(1) or real(*a), raising=False)
+            got, ref = _one_step(dec, engine)
+        assert calls  # the graph ran through the packed op
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    finally:
+        unpack_linears(engine.base.model)
+
+
+def _one_step(dec, engine):
+    """(the compiled step's logits, the model's) for one decode step of three rows."""
     tok = engine.base.tokenizer
     model = engine.base.model
     device = next(model.parameters()).device
@@ -72,8 +100,7 @@ def test_the_graph_step_equals_the_model_step(where, engine):
                     cache=out.cache, use_cache=True).logits[:, -1]
     got = slots.step(taken, nxt.tolist())
     assert slots.capacity == 4 and taken == [0, 1, 2]
-    tol = where.tol(1e-4)
-    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+    return got, ref
 
 
 def test_unsupported_models_are_refused_with_the_reason(engine, monkeypatch):

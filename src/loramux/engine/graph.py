@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 
+from ..cpu_linear import PackedLinear
 from ..errors import LoramuxError
 from ..quantize import Int8Linear
 
@@ -104,6 +105,10 @@ class DecodeGraph(nn.Module):
     def _apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         if isinstance(linear, Int8Linear):  # its kernel is already a pass over the int8 weight
             return linear(x)
+        if isinstance(linear, PackedLinear) and x.shape[0] > self.gemv_rows and x.shape[0] >= linear.min_rows:
+            # a batch of rows on the weight oneDNN laid out once: a plain GEMM lays it out again at
+            # every call, which costs more than the multiply at these row counts (cpu_linear.py)
+            return torch.ops.loramux.packed_linear(x, linear.weight, linear.bias)
         return self._matmul(x, linear.weight, linear.bias)
 
     def _proj(self, x: torch.Tensor, module: nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
