@@ -8,7 +8,8 @@ JSON even on a machine whose cache is gone (the extras then need no private libr
 the committed results/mbc_k<k>/clustering.json). Rows record the digest of the weights they used
 (`library_sha`), and cost ratios per kind of mixture are kept from the run that measured them.
   - the private library: one LoRA per task with loramux's defaults (`loramux train`);
-  - the DLP router; MoLE gates at layer and block granularity, and layer without the balance loss;
+  - the DLP router; MoLE gates at layer and block granularity, layer without the balance loss, and
+    layer with the paper's balance pooled over all gates (loramux balances each gate on its own);
   - static merges of all adapters with PEFT's `add_weighted_adapter` (TIES and DARE-TIES on each
     adapter's dW, density 0.5, weight 1, back to rank 8 x K);
   - a multi-task LoRA on the union of the tasks with the library's parameter count (rank 8 x K);
@@ -16,7 +17,7 @@ the committed results/mbc_k<k>/clustering.json). Rows record the digest of the w
     Dynamic LoRA per task used as the oracle (dynamic_oracle). Each trains a whole library's worth
     of steps (about 70 minutes of this CPU each), cached beside the library.
 then scores base, oracle, uniform, ties, dare, multitask, dlp_p{0.3,0.6,0.9,1.0}, mole_layer,
-mole_block, mole_layer_no_balance, arrow (and mbc_arrow, dynamic_oracle) with
+mole_block, mole_layer_no_balance, mole_layer_pooled, arrow (and mbc_arrow, dynamic_oracle) with
 `loramux.evaluation.harness`, on a seeded sample of each test set (--limit-per-task), and writes
 benchmarks/results/composite.{json,md} plus PNGs (heatmap, DLP router confusion, top-p sweep,
 accuracy vs cost).
@@ -93,16 +94,33 @@ def ensure_dlp(lib: Library, data_dir: str, timings: dict) -> None:
     timings["dlp"] = round(time.perf_counter() - started, 1)
 
 
+def mole_config(name: str, steps: int) -> dict:
+    """The training recipe of the gate set `name` (MOLE), as stored with trained gates."""
+    from loramux.routers.gating import MoleTrainConfig
+
+    granularity, alpha, over = MOLE[name]
+    return dataclasses.asdict(MoleTrainConfig(granularity=granularity, balance_alpha=alpha, balance_over=over,
+                                              steps=steps))
+
+
+def same_gate_recipe(stored: dict, wanted: dict) -> bool:
+    """Gates stored before `balance_over` existed were trained pooled (the paper's form); without a
+    balance loss (α = 0) where it is taken does not matter."""
+    stored = {"balance_over": "pooled", **stored}
+    if wanted["balance_alpha"] == 0:
+        stored, wanted = {**stored, "balance_over": None}, {**wanted, "balance_over": None}
+    return stored == wanted
+
+
 def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, names=tuple(MOLE)) -> None:
     from loramux.routers.gating import MoleTrainConfig, train_mole
 
     tasks = None
     for name in names:
-        granularity, alpha, over = MOLE[name]
-        config = MoleTrainConfig(granularity=granularity, balance_alpha=alpha, balance_over=over, steps=steps)
+        config = MoleTrainConfig(**mole_config(name, steps))
         try:  # reuse stored gates only when they were trained with this recipe (and so have a curve)
             stored = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
-            if stored.get("train_config") == dataclasses.asdict(config):
+            if same_gate_recipe(stored.get("train_config") or {}, dataclasses.asdict(config)):
                 continue
         except Exception:
             pass
@@ -368,7 +386,7 @@ def recipes(args, base, train: list) -> dict[str, dict]:
               "limit_per_task": args.limit_per_task, "seed": args.seed}
     out = {s: common for s in ROUTED}
     out.update({m: {**common, "merge": {**MERGE, "rank": "library total"}} for m in ("ties", "dare")})
-    out.update({m: {**common, "mole_steps": args.mole_steps} for m in MOLE})
+    out.update({m: {**common, "mole_steps": args.mole_steps, "gates": mole_config(m, args.mole_steps)} for m in MOLE})
     out["multitask"] = {**common, "multitask_steps": args.multitask_steps}
     out["mbc_arrow"] = {**common, "mbc_k": args.mbc_k}
     out["dynamic_oracle"] = {**common, "dynamic": dataclasses.asdict(DynamicConfig())}
@@ -436,7 +454,7 @@ def main() -> None:
         if any(s.startswith("dlp") for s in todo):
             ensure_dlp(lib, args.data_dir, timings)
         if any(s in MOLE for s in todo):
-            ensure_mole(base, lib, args.data_dir, args.mole_steps, timings)
+            ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, tuple(s for s in todo if s in MOLE))
         work = Library(lib.path.with_name(lib.path.name + "-baselines"), create=True)
         if {"ties", "dare"} & set(todo):
             ensure_merges(base, lib, work, timings)

@@ -56,8 +56,8 @@ def main() -> None:
     for name in gates:  # training time and curve as recorded when the gates were trained
         info = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
         timings.setdefault(name, info.get("seconds"))
-        training[name] = {k: info.get(k) for k in ("steps_run", "stopped", "best_step", "best_val_task_loss",
-                                                   "gate_params", "curve")}
+        training[name] = {k: info.get(k) for k in ("train_config", "steps_run", "stopped", "best_step",
+                                                   "best_val_task_loss", "gate_params", "curve")}
     test = load_tasks(args.data_dir, tasks, "test")
     strategies = ("oracle", "uniform", *(f"mole:{m}" for m in gates))
     fused = FusedModel(base)
@@ -105,8 +105,11 @@ def main() -> None:
 
 def gate_profile(router, test, owner: dict, per_task: int) -> dict:
     """Task -> what the gates give its prompts: the own adapter's weight per unit, the mean
-    weights over units, and the adapter with the largest mean."""
-    out = {}
+    weights over units, the adapter with the largest mean, the share of units whose top adapter
+    is the same for all the task's prompts (same_pick_share) and a unit's largest weight on average
+    (mean_top_weight); under "_across_tasks", the share of units whose top adapter agrees between
+    two tasks' first prompts, averaged over task pairs (None with one task)."""
+    out, firsts = {}, {}
     for t in test:
         prompts = [e.prompt for e in t.examples[:per_task]]
         routings = [r for b in range(0, len(prompts), 8) for r in router.route(prompts[b:b + 8])]
@@ -115,20 +118,19 @@ def gate_profile(router, test, owner: dict, per_task: int) -> dict:
                         for u in units}
         mean = {a: round(sum(mean_by_unit[u][a] for u in units) / len(units), 4) for a in router.adapters}
         picks = [[max(r.layers[u], key=r.layers[u].get) for u in units] for r in routings]  # prompt -> unit -> top
+        firsts[t.name] = picks[0]
         out[t.name] = {"own": owner[t.name], "own_by_unit": [round(mean_by_unit[u][owner[t.name]], 4) for u in units],
                        "mean": mean, "top": max(mean, key=mean.get),
                        # gates that ignore the input pick the same adapter for every prompt
                        "same_pick_share": round(sum(len({p[i] for p in picks}) == 1 for i in range(len(units)))
                                                 / len(units), 4),
                        "mean_top_weight": round(sum(max(r.layers[u].values()) for r in routings for u in units)
-                                                / (len(routings) * len(units)), 4),
-                       "_picks": picks[0]}
+                                                / (len(routings) * len(units)), 4)}
     # the first prompt of two tasks: the share of units that pick the same adapter for both
-    firsts = {t: out[t].pop("_picks") for t in out}
     names = sorted(firsts)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     agree = [sum(x == y for x, y in zip(firsts[a], firsts[b])) / len(firsts[a]) for a, b in pairs]
-    out["_across_tasks"] = {"same_pick_share_mean": round(sum(agree) / max(1, len(agree)), 4)}
+    out["_across_tasks"] = {"same_pick_share_mean": round(sum(agree) / len(agree), 4) if agree else None}
     return out
 
 

@@ -86,9 +86,15 @@ def test_route_and_generate_with_arrow(capsys, task_lib, tiny_model_dir):
 def test_mole_train_route_mask_plot_generate(capsys, task_lib, task_dir, tiny_model_dir, tmp_path):
     lib, model = str(task_lib.path), str(tiny_model_dir)
     code, out, err = run(capsys, "router", "train", "--method", "mole", "-l", lib, "--data", str(task_dir),
-                         "--model", model, "--granularity", "block", "--steps", "2", "--batch-size", "4")
+                         "--model", model, "--granularity", "block", "--steps", "2", "--batch-size", "4",
+                         "--balance-over", "pooled")
     assert code == 0, err
     assert "router 'mole' saved to" in out
+    assert json.loads((task_lib.router_dir("mole") / "router.json").read_text())["info"]["train_config"][
+        "balance_over"] == "pooled"
+    code, _, err = run(capsys, "router", "train", "--method", "mole", "-l", lib, "--data", str(task_dir),
+                       "--model", model, "--balance-over", "layers")
+    assert code == 2 and "balance_over must be one of units, pooled; got 'layers'" in err
     png = tmp_path / "gates.png"
     code, out, err = run(capsys, "route", "one two", "--router", "mole", "-l", lib, "--model", model, "--mask", "colors",
                          "--plot", str(png), "--json")

@@ -1,7 +1,8 @@
 """Train MoLE gates: base and LoRAs frozen, only gates and τ learn, on the library's tasks mixed.
 
 Loss = task loss (answer tokens) + α · L_balance, with L_balance = −Σ_i log q_i and q_i the mean
-gate weight of adapter i over all gated units and prompts (ALGORITHMS.md §2). It is computed on
+gate weight of adapter i over the prompts (MoLE, arXiv 2404.13628, takes it over all gated units
+together; loramux by default per gated unit, see `balance_over` below). It is computed on
 the live gate outputs, so its gradient reaches the gates; the public MoLE code detaches it, which
 makes it a constant.
 
@@ -15,8 +16,7 @@ gradient: the balance is asked of the traffic, not of every batch.
 Over what q is taken matters too (`balance_over`). The paper pools every gated unit: q_i is one
 mean over all layers. Pooled, the loss is met by gates that ignore the input: each layer near
 one-hot on its own fixed adapter, layer 1 on adapter A whatever the prompt, layer 2 on B, and so
-on; the pooled q is then near uniform. That is what 400 steps learned on the 14-task library
-(docs/routing.md, MoLE): the balance loss sat at its uniform value while no layer routed. With
+on; the pooled q is then near uniform (docs/routing.md, MoLE, shows gates trained this way). With
 "units" (the default) the loss is the mean over units of each unit's own −Σ_i log q_i, so a
 unit that always picks one adapter is penalised and balance can only come from routing
 different inputs to different adapters (or from mixing evenly). "pooled" is the paper's form.
@@ -91,11 +91,13 @@ BALANCE_OVER = ("units", "pooled")
 
 
 def balance_loss(collected: list[torch.Tensor], memory: torch.Tensor | None = None,
-                 keep: float = 0.0, over: str = "pooled") -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+                 keep: float = 0.0, over: str = "units") -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """−Σ_i log q_i. `over` "pooled": q_i = mean weight of adapter i over every gated unit and
     batch row (K,); "units": q is taken per unit over its batch rows (U, K) and the loss is the
     mean of the units' losses. With `memory` (the running q of earlier batches, either shape),
     q = keep·memory + (1 − keep)·q_batch and the new running q (detached) is returned too."""
+    if over not in BALANCE_OVER:
+        raise LoramuxError(f"balance_over must be one of {', '.join(BALANCE_OVER)}; got {over!r}")
     if over == "units":
         q = torch.stack([w.mean(0) for w in collected])  # (U, K)
     else:
@@ -262,8 +264,11 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
     from safetensors.torch import load_file
 
     state = json.loads((ckpt / _STATE).read_text())
+    if isinstance(state.get("config"), dict):  # written before balance_over existed: trained pooled
+        state["config"] = {"balance_over": "pooled", **state["config"]}
     if {k: state.get(k) for k in meta} != meta:
-        diff = sorted(k for k in meta if state.get(k) != meta[k])
+        diff = sorted(k for k in meta if k != "config" and state.get(k) != meta[k])
+        diff += sorted(f"config.{k}" for k in meta["config"] if (state.get("config") or {}).get(k) != meta["config"][k])
         raise LoramuxError(f"cannot resume MoLE training from {str(ckpt)!r}: its {diff} differ from this run's; "
                            f"rerun with the same settings, adapters and tasks, or without resume")
     flat = load_file(ckpt / f"mole-{state['step']}.safetensors")
