@@ -1,8 +1,8 @@
 """Compiled decode vs eager decode, side by side in one process (issue 28, part 1).
 
-Both paths run through the scheduler as the server does (no fold; the eager path on oneDNN-
-prepacked weights, `--pack`), on the same prompts, greedy, every request asking for exactly
---tokens new tokens. Rows: one request with the base model, one with a 3-adapter mixture,
+Both paths run through the scheduler as the server does (no fold; both on oneDNN-prepacked
+weights unless --no-pack: the eager path's linears, and the compiled step above 4 rows), on the
+same prompts, greedy, every request asking for exactly --tokens new tokens. Rows: one request with the base model, one with a 3-adapter mixture,
 --rows concurrent requests on the base model, and --rows requests each with its own 3-adapter
 mixture. Each row alternates eager and compiled --rounds times and reports the median tokens/s
 (generated tokens over wall time, prefill included) and their ratio. Compile time is what the

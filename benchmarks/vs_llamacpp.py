@@ -2,7 +2,7 @@
 server at a time, on this machine. Writes benchmarks/results/vs_llamacpp.json.
 
     python benchmarks/vs_llamacpp.py [--data-dir ../shared/data/bigbench] [--cache ~/.cache/loramux-bench]
-        [--tokens 64] [--threads 2] [--quantize int8] [--rows sequential_base,...]
+        [--tokens 64] [--threads 2] [--quantize int8] [--rows sequential_base,...] [--rounds 3]
 
 What it builds, all cached outside the repository (--cache), each step skipped when its output is
 there:
@@ -25,10 +25,17 @@ go in llama.cpp's per-request `lora` field, which loramux accepts too, by each s
 each again with a quantized base (`quantized_` prefix) when --quantize is given: loramux's
 `--quantize` against llama.cpp's nearest bit width (int8 -> q8_0; loramux offers no 4-bit base).
 Tokens/s count generated tokens (prefill_heavy: prompt + generated) over the row's wall time.
-Every row has its own prompts (no server answers one row from the prompt cache of another) and
-a warm-up at its own concurrency first. Each row also records where its time went by the server's
-own clock (`split`): llama-server's per-reply `timings` (prefill ms, ms per generated token) and
-loramux's /metrics (time to first token, time per later token), so a ratio's cause is visible.
+Both servers run at once, each idle while the other is measured, and every row runs --rounds
+times, alternating which server goes first, so that a slow spell of this shared machine lands on
+both; a row reports its median round and keeps every round's figure. Every row and round has
+its own prompts, so nothing is answered from the prompt cache another row or round filled
+(llama-server still reuses the chat template's shared system preamble, about 20 tokens, as its
+default `cache_prompt` does for any user: `mean_prompt_tokens_computed` shows it), and a warm-up
+at its own concurrency first. Each row also records where its time went by the server's own clock
+(`split`): llama-server's per-reply `timings` (prefill ms, which excludes queueing, and ms per
+generated token) and loramux's /metrics (time to first token, which includes queueing and
+prefill, and time per later token). The per-token decode times compare directly; the first-token
+times do so only for rows of one request at a time.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+ROUND_PROMPTS = 600  # test prompts each round takes (its rows, its long prompts), disjoint from other rounds
 SDIST = ("llama-cpp-python", "0.3.36")
 NEAREST = {"int8": "q8_0"}  # loramux --quantize -> llama.cpp type
 ROWS = ("sequential_base", "sequential_mixed", "concurrent16_base", "concurrent16_distinct", "library100_distinct",
@@ -168,15 +176,16 @@ def server_split(url: str) -> dict[str, float]:
         return {}
     wanted = {f"loramux_{m}_seconds_{s}" for m in ("time_to_first_token", "time_per_output_token")
               for s in ("sum", "count")}
-    return {k: float(v) for k, v in (line.split()[:2] for line in text.splitlines()
-                                     if line and not line.startswith("#")) if k in wanted}
+    fields = (line.split() for line in text.splitlines() if line and not line.startswith("#"))
+    return {f[0]: float(f[1]) for f in fields if len(f) >= 2 and f[0] in wanted}
 
 
 def split_of(replies: list[dict], before: dict, after: dict) -> dict:
     """Where a row's time went, by each server's own clock. llama-server: mean prompt (prefill) ms
     and mean ms per generated token, from every reply's `timings`. loramux: mean time to first token
     (queueing + prefill + the first token) and mean time per later token, from /metrics."""
-    timings = [r["timings"] for r in replies if "timings" in r]
+    keys = ("prompt_ms", "prompt_n", "predicted_ms", "predicted_n")
+    timings = [r["timings"] for r in replies if all(k in r.get("timings", {}) for k in keys)]
     if timings:
         n = len(timings)
         return {"clock": "llama-server timings", "mean_prompt_ms": round(sum(t["prompt_ms"] for t in timings) / n, 1),
@@ -225,6 +234,7 @@ def main() -> None:
                     help="loramux serve --max-batch (with --compile its warm-up compiles every power of two up to "
                          "it; rows of one request at a time use a batch of 1 whatever it is)")
     ap.add_argument("--long-prompt", type=int, default=1024, help="prefill_heavy: prompt tokens, about")
+    ap.add_argument("--rounds", type=int, default=3, help="times each row runs on each server (median reported)")
     ap.add_argument("--build-only", action="store_true", help="build and convert, then stop")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="serve loramux with its eager decode (default: --compile, warmed up before /ready)")
@@ -269,65 +279,88 @@ def main() -> None:
     rng = random.Random(0)
     pool = [fmt.prompt_text(e.prompt) for t in tasks for e in t.examples]
     rng.shuffle(pool)
-    long_prompts = []
-    for k in range(8):  # test prompts joined until about --long-prompt tokens
-        text, n = "", 0
-        for p in pool[200 + 40 * k:]:  # after the other rows' prompts
-            text, n = text + p, n + len(base.tokenizer(p)["input_ids"])
-            if n >= args.long_prompt:
-                break
-        long_prompts.append(text)
-    work = plan(rows, pool, long_prompts, names, extra, args.tokens, rng)
+    if len(pool) < args.rounds * ROUND_PROMPTS + 16:
+        raise SystemExit(f"--rounds {args.rounds} needs {args.rounds * ROUND_PROMPTS + 16} test prompts; the library's "
+                         f"tasks have {len(pool)}")
+    def long_prompts(part: list[str]) -> list[str]:
+        out = []
+        for k in range(8):  # test prompts joined until about --long-prompt tokens
+            text, n = "", 0
+            for p in part[200 + 40 * k:]:  # after the other rows' prompts
+                text, n = text + p, n + len(base.tokenizer(p)["input_ids"])
+                if n >= args.long_prompt:
+                    break
+            out.append(text)
+        return out
+
+    # every round its own prompts and mixtures (no server answers a round from its prompt cache);
+    # within a round both servers get the same ones
+    rounds = [plan(rows, pool[r * ROUND_PROMPTS:], long_prompts(pool[r * ROUND_PROMPTS:]), names, extra, args.tokens,
+                   random.Random(r)) for r in range(args.rounds)]
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "llama_cpp": f"llama-server from the {SDIST[0]} {SDIST[1]} sdist's vendored source",
-              "threads": args.threads, "tokens": args.tokens, "loramux_compile": args.compile, "loramux_max_batch": args.max_batch, "rows": {}, "ratios": {},
-              "complete": False}
+              "threads": args.threads, "tokens": args.tokens, "loramux_compile": args.compile,
+              "loramux_max_batch": args.max_batch, "rounds": args.rounds,
+              "how": "both servers up at once, each idle while the other runs; every row runs --rounds times, "
+                     "alternating which server goes first; a row's figures are its median round's",
+              "rows": {}, "ratios": {}, "complete": False}
     for precision, loramux_flags, outtype in precisions:
         prefix = "" if precision == "fp32" else "quantized_"
-        for server in ("loramux", "llama.cpp"):
-            for library_size in ("library", "library100"):
-                todo = [r for r in work if (r == "library100_distinct") == (library_size == "library100")]
-                if not todo:
-                    continue
-                loaded = names + (extra if library_size == "library100" else [])
-                port = 8431
-                url = f"http://127.0.0.1:{port}"
-                if server == "llama.cpp":
-                    cmd = [str(binary), "-m", str(bases[precision]), "--port", str(port), "--host", "127.0.0.1",
-                           "-t", str(args.threads), "-tb", str(args.threads), "-np", "16", "-c", str(16 * 2048),
-                           "--lora-init-without-apply", "--no-webui"]
-                    for a in loaded:
-                        cmd += ["--lora", str(gguf[a])]
-                    proc, ready, eos = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), \
-                        "/health", {"ignore_eos": True}
-                else:
-                    serve_lib = lib.path
-                    if library_size == "library100":  # the library plus the stand-ins, in a side library
-                        serve_lib = cache / "library100"
-                        side = Library(serve_lib, create=True)
-                        for src, group in ((lib, names), (stand_ins, extra)):
-                            for a in group:
-                                if a not in side:
-                                    side.add(a, src.adapter_dir(a), base=base, tasks=src.get(a).tasks)
-                    cmd = [sys.executable, "-m", "loramux", "serve", "--library", str(serve_lib), "--port", str(port),
-                           "--max-batch", str(args.max_batch), *loramux_flags, *(["--compile"] if args.compile else [])]
-                    proc, ready, eos = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}), \
-                        "/ready", {"loramux": {"ignore_eos": True}}
-                try:
-                    wait_ready(url, 3600, path=ready, process=proc)  # a first --compile warm-up takes minutes
-                    ids = adapter_ids(url)
-                    for row in todo:
+        for library_size in ("library", "library100"):
+            todo = [r for r in rows if (r == "library100_distinct") == (library_size == "library100")]
+            if not todo:
+                continue
+            loaded = names + (extra if library_size == "library100" else [])
+            servers: dict[str, dict] = {}
+            try:
+                cmd = [str(binary), "-m", str(bases[precision]), "--port", "8432", "--host", "127.0.0.1",
+                       "-t", str(args.threads), "-tb", str(args.threads), "-np", "16", "-c", str(16 * 2048),
+                       "--lora-init-without-apply", "--no-webui"]
+                for a in loaded:
+                    cmd += ["--lora", str(gguf[a])]
+                servers["llama.cpp"] = {"proc": subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                                        "url": "http://127.0.0.1:8432", "ready": "/health", "eos": {"ignore_eos": True},
+                                        "precision": outtype}
+                serve_lib = lib.path
+                if library_size == "library100":  # the library plus the stand-ins, in a side library
+                    serve_lib = cache / "library100"
+                    side = Library(serve_lib, create=True)
+                    for src, group in ((lib, names), (stand_ins, extra)):
+                        for a in group:
+                            if a not in side:
+                                side.add(a, src.adapter_dir(a), base=base, tasks=src.get(a).tasks)
+                cmd = [sys.executable, "-m", "loramux", "serve", "--library", str(serve_lib), "--port", "8431",
+                       "--max-batch", str(args.max_batch), *loramux_flags, *(["--compile"] if args.compile else [])]
+                servers["loramux"] = {"proc": subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}),
+                                      "url": "http://127.0.0.1:8431", "ready": "/ready",
+                                      "eos": {"loramux": {"ignore_eos": True}}, "precision": precision}
+                for sv in servers.values():
+                    wait_ready(sv["url"], 3600, path=sv["ready"], process=sv["proc"])  # a first compile takes minutes
+                    sv["ids"] = adapter_ids(sv["url"])
+                for row in todo:
+                    runs: dict[str, list[dict]] = {name: [] for name in servers}
+                    for r, work in enumerate(rounds):
                         prompts, mixes, tokens, concurrency, _ = work[row]
-                        # warm-up at the row's concurrency, on prompts no row uses
-                        workload(url, ids, pool[-concurrency:], mixes[:concurrency], 4, concurrency, eos)
-                        r = workload(url, ids, prompts, mixes, tokens, concurrency, eos)
-                        result["rows"].setdefault(prefix + row, {})[server] = {**r, "precision": (
-                            precision if server == "loramux" else outtype)}
-                        log(f"{prefix}{row} {server}: {r['tokens_per_s']} tokens/s")
-                        save(result, args.output)  # row by row: a run cut short keeps what it measured
-                finally:
-                    stop(proc)
+                        for name in (("loramux", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "loramux")):
+                            sv = servers[name]
+                            if r == 0:  # warm-up at the row's concurrency, on prompts no row uses
+                                workload(sv["url"], sv["ids"], pool[-concurrency:], mixes[:concurrency], 4, concurrency,
+                                         sv["eos"])
+                            runs[name].append(workload(sv["url"], sv["ids"], prompts, mixes, tokens, concurrency,
+                                                       sv["eos"]))
+                    key = "all_tokens_per_s" if row == "prefill_heavy" else "tokens_per_s"
+                    for name, got in runs.items():
+                        median = sorted(got, key=lambda x: x[key])[(len(got) - 1) // 2]
+                        result["rows"].setdefault(prefix + row, {})[name] = {
+                            **median, "rounds_" + key: [x[key] for x in got],
+                            "rounds_prompt_tokens": [x["prompt_tokens"] for x in got],
+                            "precision": servers[name]["precision"]}
+                        log(f"{prefix}{row} {name}: {[x[key] for x in got]} {key} (median {median[key]})")
+                    save(result, args.output)  # row by row: a run cut short keeps what it measured
+            finally:
+                for sv in servers.values():
+                    stop(sv["proc"])
     result["complete"] = True
     save(result, args.output)
     print(json.dumps(result["ratios"], indent=1))
@@ -339,7 +372,7 @@ def save(result: dict, output: str) -> None:
         if {"loramux", "llama.cpp"} <= set(by):
             key = "all_tokens_per_s" if row.endswith("prefill_heavy") else "tokens_per_s"
             result["ratios"][row] = round(by["loramux"][key] / by["llama.cpp"][key], 3)
-            by["same_prompt_tokens"] = by["loramux"]["prompt_tokens"] == by["llama.cpp"]["prompt_tokens"]
+            by["same_prompt_tokens"] = by["loramux"]["rounds_prompt_tokens"] == by["llama.cpp"]["rounds_prompt_tokens"]
     Path(output).write_text(json.dumps(result, indent=1) + "\n")
 
 

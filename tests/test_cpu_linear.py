@@ -106,10 +106,23 @@ def test_packed_linear_op_uses_its_owners_packed_weight_and_falls_back_otherwise
     assert len(calls) == 1 and packed.weight is plain.weight
 
 
-def test_packed_linear_op_compiles_inside_a_graph():
+def test_packed_linear_op_compiles_inside_a_graph(monkeypatch):
     packed = PackedLinear(nn.Linear(32, 24), min_rows=1)
     fn = torch.compile(lambda x: torch.relu(torch.ops.loramux.packed_linear(x, packed.weight, packed.bias)) * 2,
                        fullgraph=True, backend="inductor")
+    calls = []
+    real = PackedLinear._packed_weight
+    monkeypatch.setattr(PackedLinear, "_packed_weight", lambda self: calls.append(1) or real(self))
     x = torch.randn(5, 32)
     with torch.no_grad():
         torch.testing.assert_close(fn(x), torch.relu(packed(x)) * 2, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # the compiled call found its owner's packed weight, as the module's own did
+
+
+def test_packed_linear_op_tells_a_transposed_view_from_its_weight():
+    plain = nn.Linear(16, 16)
+    packed = PackedLinear(plain, min_rows=1)  # noqa: F841 (holds the registry entry)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.ops.loramux.packed_linear(x, plain.weight.T, None), x @ plain.weight,
+                                   rtol=1e-5, atol=1e-5)

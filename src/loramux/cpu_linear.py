@@ -47,7 +47,7 @@ class PackedLinear(nn.Linear):
         numel = self.weight.numel()
         self.min_rows = min_rows or (1 if numel >= 4_000_000 else 2 if numel >= 500_000 else 8)
         self._packed: tuple[int, torch.Tensor] | None = None
-        _OWNERS[_key(self.weight)] = weakref.ref(self)
+        _OWNERS[_key(self.weight)] = self
 
     def _packed_weight(self) -> torch.Tensor:
         version = self.weight._version
@@ -68,21 +68,23 @@ class PackedLinear(nn.Linear):
         return linear
 
 
-def _key(weight: torch.Tensor) -> tuple[int, tuple[int, ...]]:
-    return weight.data_ptr(), tuple(weight.shape)
+def _key(weight: torch.Tensor) -> tuple:
+    """What identifies a weight's memory as one matrix: a transposed view of a square weight has
+    the same address and shape, not the same strides."""
+    return weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype
 
 
-# weight (address, shape) -> the PackedLinear holding it; weak, so unpacking or dropping a model
-# frees them, and a dead or re-used address is checked against the owner's weight before use
-_OWNERS: dict[tuple[int, tuple[int, ...]], "weakref.ref[PackedLinear]"] = {}
+# weight -> the PackedLinear holding it; weak, so unpacking or dropping a model frees the entry, and
+# an address used again by another tensor is checked against the owner's weight before use
+_OWNERS: "weakref.WeakValueDictionary[tuple, PackedLinear]" = weakref.WeakValueDictionary()
 
 
 @torch.library.custom_op("loramux::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` through the packed copy of the PackedLinear that owns `weight`;
-    plain `F.linear` for a weight no PackedLinear holds."""
-    ref = _OWNERS.get(_key(weight))
-    owner = ref() if ref is not None else None
+    plain `F.linear` for a weight no PackedLinear holds. Inference only: it has no gradient
+    (graph.py calls it under no_grad)."""
+    owner = _OWNERS.get(_key(weight))
     if owner is None or _key(owner.weight) != _key(weight):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, owner._packed_weight(), bias, "none", [], "")

@@ -60,7 +60,7 @@ def test_the_graph_step_equals_the_model_step(where, engine):
 def test_the_graph_step_on_packed_weights_equals_the_model_step(where, engine):
     """Rows above the GEMV threshold go through the oneDNN-packed weights (loramux::packed_linear),
     as a server that packed its linears does."""
-    from loramux.cpu_linear import pack_linears, packing_available, unpack_linears
+    from loramux.cpu_linear import PackedLinear, pack_linears, packing_available, unpack_linears
 
     if where.device != "cpu" or where.dtype != "float32" or not packing_available():
         pytest.skip("packing covers fp32 CPU linears with oneDNN")
@@ -69,11 +69,11 @@ def test_the_graph_step_on_packed_weights_equals_the_model_step(where, engine):
         dec = compiled(engine).compiled
         dec.graph.gemv_rows = 0  # every slot count takes the packed kernel
         calls = []
-        real = torch.ops.loramux.packed_linear
+        real = PackedLinear._packed_weight
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(torch.ops.loramux, "packed_linear", lambda *a: calls.append(1) or real(*a), raising=False)
+            mp.setattr(PackedLinear, "_packed_weight", lambda self: calls.append(1) or real(self))
             got, ref = _one_step(dec, engine)
-        assert calls  # the graph ran through the packed op
+        assert calls  # the graph's linears ran on their owners' packed weights
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     finally:
         unpack_linears(engine.base.model)

@@ -7,7 +7,8 @@ weights once. Here one decode step of a Llama-family model is written as a plain
 tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RMSNorm, RoPE,
 attention over the cache and each row's LoRA update (`fusion/layer.py`'s gathered form,
 y += ((x·Aᵀ)·c)·Bᵀ, with c folded into A once per row) become one generated program per
-shape, with no Python between ops.
+shape, with no Python between ops up to 4 rows; above that each base linear is one call of
+`loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight.
 
 The state it runs over (row slots, the static cache, each slot's LoRA factors) is kept by
 `compiled.py`. Position p of a row is written at index p of its slot: no left padding, and the
@@ -105,7 +106,8 @@ class DecodeGraph(nn.Module):
     def _apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         if isinstance(linear, Int8Linear):  # its kernel is already a pass over the int8 weight
             return linear(x)
-        if isinstance(linear, PackedLinear) and x.shape[0] > self.gemv_rows and x.shape[0] >= linear.min_rows:
+        if (isinstance(linear, PackedLinear) and x.shape[0] > self.gemv_rows and x.shape[0] >= linear.min_rows
+                and not torch.is_grad_enabled()):
             # a batch of rows on the weight oneDNN laid out once: a plain GEMM lays it out again at
             # every call, which costs more than the multiply at these row counts (cpu_linear.py)
             return torch.ops.loramux.packed_linear(x, linear.weight, linear.bias)
