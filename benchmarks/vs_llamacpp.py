@@ -73,7 +73,10 @@ def llama_source(cache: Path) -> Path:
     name, version = SDIST
     src = cache / f"{name.replace('-', '_')}-{version}" / "vendor" / "llama.cpp"
     if not src.is_dir():
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"{name}=={version}",
+        # --no-binary for this package only: with ":all:" pip also builds each of its build
+        # dependencies from source to read its metadata (CMake among them), which on a bare machine
+        # ran for many minutes before the sdist was saved
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", name, f"{name}=={version}",
              "-d", str(cache)])
         with tarfile.open(next(cache.glob(f"{name.replace('-', '_')}-{version}.tar.gz"))) as tar:
             tar.extractall(cache, filter="data")

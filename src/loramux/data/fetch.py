@@ -29,7 +29,9 @@ def _download_sdist(cache: Path) -> Path:
     found = sorted(cache.glob("bigbench-1.0.0.tar.gz"))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_SDIST, "-d", str(cache)]
+    # --no-binary names this package alone: ":all:" would also build its build dependencies from
+    # source just to read its metadata
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "bigbench", BIGBENCH_SDIST, "-d", str(cache)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(cache.glob("bigbench-1.0.0.tar.gz"))
     if result.returncode != 0 or not found:
