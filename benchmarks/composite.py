@@ -174,18 +174,28 @@ def ensure_merges(base, lib: Library, work: Library, timings: dict) -> None:
         timings[kind] = round(time.perf_counter() - started, 1)
 
 
-def ensure_multitask(base, lib: Library, work: Library, data_dir: str, steps: int) -> int:
+def ensure_multitask(base, lib: Library, work: Library, data_dir: str, steps: int,
+                     tasks: list[str] | None = None) -> int:
     """One LoRA on the union of the tasks with the library's parameter count (the sum of its ranks);
     steps 0 = the library's total steps (matched compute). Checkpointed, so a killed run resumes.
+    With `tasks` and a library not (yet) built, the same counts come from the recipe the library is
+    trained with (one LoraTrainConfig() adapter per task), so this LoRA needs no library.
     Returns the steps it was trained with."""
     from loramux.training.build import default_checkpoint_dir
 
-    steps = steps or sum(s.training.steps if s.training else LoraTrainConfig.steps for s in lib.list())
+    specs = lib.list()
+    names = sorted({t for s in specs for t in s.tasks})
+    if tasks is not None and set(tasks) - set(names):  # the library's recipe, not its adapters
+        names, default = sorted(tasks), LoraTrainConfig()
+        total_steps, rank = default.steps * len(names), default.rank * len(names)
+    else:
+        total_steps = sum(s.training.steps if s.training else LoraTrainConfig.steps for s in specs)
+        rank = sum(s.rank for s in specs)  # the library's parameter count in one LoRA
+    steps = steps or total_steps
     if "multitask" in work and work.get("multitask").training.steps == steps:
         return steps
-    rank = sum(s.rank for s in lib.list())  # the library's parameter count in one LoRA
     log(f"training the multi-task LoRA (rank {rank}, {steps} steps)")
-    tasks = load_tasks(data_dir, sorted({t for s in lib.list() for t in s.tasks}), "train")
+    tasks = load_tasks(data_dir, names, "train")
     config = LoraTrainConfig(rank=rank, alpha=2.0 * rank, steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps))
     result = train_lora(base, tasks, config, checkpoint_dir=default_checkpoint_dir(work, f"multitask-{steps}"), resume=True)
     work.add("multitask", result.model, base=base, tasks=(), training=result.summary, replace="multitask" in work)

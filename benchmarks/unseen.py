@@ -80,7 +80,8 @@ def main() -> None:
         result = {"recipe": recipe, "per_task": {}, "average": {}, "library_sha": {}}
     timings: dict = result.setdefault("train_seconds", {})
     lib = Library(Path(args.library or default_library_path()), create=True)
-    ensure_library(base, lib, args.data_dir, tasks)
+    if any(STRATEGIES[s][1] != "multitask" for s in wanted if s not in result["average"]):
+        ensure_library(base, lib, args.data_dir, tasks)  # the multi-task LoRA alone needs none (a session's worth less)
     work = Library(lib.path.with_name(lib.path.name + "-baselines"), create=True)
     config = EvalConfig((), args.limit_per_task, args.seed, cache_dir=str(prediction_cache_path()))
     started = time.perf_counter()
@@ -102,7 +103,8 @@ def main() -> None:
                                  clustering=Clustering.load(committed) if committed.is_file() else None)
         else:  # a merge or the multi-task LoRA, alone, from the side library
             if where == "multitask":
-                result["multitask_steps_used"] = ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps)
+                result["multitask_steps_used"] = ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps,
+                                                                      tasks=tasks)
             else:
                 ensure_merges(base, lib, work, timings)
             side = Library(Path(tempfile.mkdtemp()) / "one", create=True)
