@@ -17,7 +17,10 @@ tokens (end of sequence ignored), prompts from the shared tasks' test sets rende
 model's chat template (loramux's /v1/completions applies it; llama-server gets the rendered text,
 so both prefill the same tokens: the usage's prompt_tokens are compared and reported). Mixtures
 go in llama.cpp's per-request `lora` field, which loramux accepts too, by each server's own ids
-(GET /lora-adapters). Rows:
+(GET /lora-adapters); a base request names every adapter at scale 0 to llama-server, which
+serves a request without a `lora` field with every loaded adapter at scale 1.0, even when started
+with --lora-init-without-apply (benchmarks/llamacpp_probe.py). Each row reports how often both
+servers' greedy completions agree (`agreement`), which shows they ran the same model. Rows:
   sequential_base, sequential_mixed (a 3-adapter mixture per request), concurrent16_base,
   concurrent16_distinct (16 clients, 16 distinct 3-adapter mixtures), library100_distinct (the
   same with 100 adapters loaded), prefill_heavy (prompts of about --long-prompt tokens, 8 new
@@ -144,13 +147,18 @@ def adapter_ids(url: str) -> dict[str, int]:
 
 
 def workload(url: str, ids: dict[str, int], prompts: list[str], mixes: list, tokens: int, concurrency: int,
-             ignore_eos: dict) -> dict:
+             ignore_eos: dict, zero_lora: bool = False) -> dict:
+    """`zero_lora`: a request without a mixture names every adapter at scale 0 (llama-server: a
+    request without a `lora` field runs with every adapter loaded at its startup scale, 1.0 even
+    under --lora-init-without-apply; benchmarks/results/llamacpp_probe.json)."""
     import httpx
 
     def one(i: int) -> dict:
         body = {"model": "base", "prompt": prompts[i], "max_tokens": tokens, "temperature": 0, **ignore_eos}
         if mixes[i]:
             body["lora"] = [{"id": ids[a], "scale": w} for a, w in mixes[i].items()]
+        elif zero_lora and ids:
+            body["lora"] = [{"id": j, "scale": 0.0} for j in ids.values()]
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=3600)
         r.raise_for_status()
         return r.json()
@@ -163,6 +171,7 @@ def workload(url: str, ids: dict[str, int], prompts: list[str], mixes: list, tok
     out_tokens = sum(r["usage"]["completion_tokens"] for r in replies)
     in_tokens = sum(r["usage"]["prompt_tokens"] for r in replies)
     return {"requests": len(prompts), "concurrency": concurrency, "wall_seconds": round(wall, 2),
+            "texts": [r["choices"][0]["text"] for r in replies],
             "completion_tokens": out_tokens, "prompt_tokens": in_tokens,
             "tokens_per_s": round(out_tokens / wall, 3), "all_tokens_per_s": round((in_tokens + out_tokens) / wall, 3),
             "split": split_of(replies, before, server_split(url))}
@@ -322,7 +331,7 @@ def main() -> None:
                 for a in loaded:
                     cmd += ["--lora", str(gguf[a])]
                 servers["llama.cpp"] = {"proc": subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-                                        "url": "http://127.0.0.1:8432", "ready": "/health", "eos": {"ignore_eos": True},
+                                        "url": "http://127.0.0.1:8432", "ready": "/health", "eos": {"ignore_eos": True}, "zero_lora": True,
                                         "precision": outtype}
                 serve_lib = lib.path
                 if library_size == "library100":  # the library plus the stand-ins, in a side library
@@ -337,7 +346,8 @@ def main() -> None:
                 servers["loramux"] = {"proc": subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}),
                                       "url": "http://127.0.0.1:8431", "ready": "/ready",
-                                      "eos": {"loramux": {"ignore_eos": True}}, "precision": precision}
+                                      "eos": {"loramux": {"ignore_eos": True}}, "zero_lora": False,
+                                      "precision": precision}
                 for sv in servers.values():
                     wait_ready(sv["url"], 3600, path=sv["ready"], process=sv["proc"])  # a first compile takes minutes
                     sv["ids"] = adapter_ids(sv["url"])
@@ -349,10 +359,20 @@ def main() -> None:
                             sv = servers[name]
                             if r == 0:  # warm-up at the row's concurrency, on prompts no row uses
                                 workload(sv["url"], sv["ids"], pool[-concurrency:], mixes[:concurrency], 4, concurrency,
-                                         sv["eos"])
+                                         sv["eos"], sv["zero_lora"])
                             runs[name].append(workload(sv["url"], sv["ids"], prompts, mixes, tokens, concurrency,
-                                                       sv["eos"]))
+                                                       sv["eos"], sv["zero_lora"]))
                     key = "all_tokens_per_s" if row == "prefill_heavy" else "tokens_per_s"
+                    # the same greedy text from both servers says they ran the same model and mixture
+                    # (fp32 rounding differs between them, so a long completion may part late)
+                    pairs = [(a, b) for x, y in zip(runs["loramux"], runs["llama.cpp"])
+                             for a, b in zip(x["texts"], y["texts"])]
+                    agree = {"same_text": round(sum(a == b for a, b in pairs) / max(1, len(pairs)), 3),
+                             "same_first_8_chars": round(sum(a[:8] == b[:8] for a, b in pairs) / max(1, len(pairs)), 3)}
+                    for got in runs.values():
+                        for x in got:
+                            x.pop("texts")
+                    result["rows"].setdefault(prefix + row, {})["agreement"] = agree
                     for name, got in runs.items():
                         median = sorted(got, key=lambda x: x[key])[(len(got) - 1) // 2]
                         result["rows"].setdefault(prefix + row, {})[name] = {
