@@ -3,6 +3,11 @@ server at a time, on this machine. Writes benchmarks/results/vs_llamacpp.json.
 
     python benchmarks/vs_llamacpp.py [--data-dir ../shared/data/bigbench] [--cache ~/.cache/loramux-bench]
         [--tokens 64] [--threads 2] [--quantize int8] [--rows sequential_base,...] [--rounds 3]
+        [--library PATH | --stand-ins 14]
+
+`--stand-ins K` serves K random r=8 adapters with the library's shapes in place of a trained
+library: what these rows time does not depend on the adapters' values, and a bare machine then
+needs no hour of training first (the agreement check below still compares both servers' texts).
 
 What it builds, all cached outside the repository (--cache), each step skipped when its output is
 there:
@@ -242,6 +247,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs for the llama.cpp build")
     ap.add_argument("--quantize", default=None, choices=sorted(NEAREST), help="also the quantized rows")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--stand-ins", type=int, default=0, metavar="K",
+                    help="serve K random r=8 adapters of the library's shapes instead of a trained library (speed "
+                         "does not depend on the adapters' values; a bare machine then trains nothing); prompts "
+                         "then come from every task under --data-dir")
     ap.add_argument("--max-batch", type=int, default=16,
                     help="loramux serve --max-batch (with --compile its warm-up compiles every power of two up to "
                          "it; rows of one request at a time use a batch of 1 whatever it is)")
@@ -269,7 +278,13 @@ def main() -> None:
     binary = build_llama_server(cache, args.jobs)
     base = load_base()
     model_dir = converted_model_dir(DEFAULT_MODEL)
-    lib = Library(args.library or default_library_path())
+    if args.stand_ins:
+        lib = Library(cache / f"stand-ins-{args.stand_ins}", create=True)
+        for i in range(args.stand_ins):
+            if f"standin{i:02d}" not in lib:
+                lib.add(f"standin{i:02d}", random_adapter(base, 8, 2000 + i), base=base, tasks=())
+    else:
+        lib = Library(args.library or default_library_path())
     names = lib.names()
     stand_ins = Library(cache / "stand-ins", create=True)  # random r=8 adapters up to 100, for library100
     if "library100_distinct" in rows:  # each conversion takes seconds: only when the row runs
@@ -287,7 +302,9 @@ def main() -> None:
         return
 
     fmt = PromptFormatter(base.tokenizer)
-    tasks = load_tasks(args.data_dir, sorted(t for s in lib.list() for t in s.tasks), "test")
+    task_names = sorted(t for s in lib.list() for t in s.tasks) or sorted(
+        p.name for p in Path(args.data_dir).iterdir() if (p / "test.json").is_file())
+    tasks = load_tasks(args.data_dir, task_names, "test")
     rng = random.Random(0)
     pool = [fmt.prompt_text(e.prompt) for t in tasks for e in t.examples]
     rng.shuffle(pool)
@@ -313,6 +330,7 @@ def main() -> None:
               "machine": machine(), "llama_cpp": f"llama-server from the {SDIST[0]} {SDIST[1]} sdist's vendored source",
               "threads": args.threads, "tokens": args.tokens, "loramux_compile": args.compile,
               "loramux_max_batch": args.max_batch, "rounds": args.rounds,
+              "adapters": (f"{args.stand_ins} random r=8 stand-ins" if args.stand_ins else f"the library at {lib.path}"),
               "how": "both servers up at once, each idle while the other runs; every row runs --rounds times, "
                      "alternating which server goes first; a row's figures are its median round's",
               "rows": {}, "ratios": {}, "complete": False}
