@@ -1,4 +1,6 @@
 import json
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -479,6 +481,54 @@ def test_a_compiled_engine_serves_what_the_eager_one_does(served, where):
         return r.json()["choices"][0]["text"]
 
     with client_for(engine, lib) as c, ThreadPoolExecutor(4) as pool:
+        deadline = time.monotonic() + 900  # dynamo traces each batch shape (minutes on a busy CPU)
+        while c.get("/ready").status_code != 200:  # the warm-up runs beside the server
+            assert time.monotonic() < deadline, "the warm-up did not end"
+            time.sleep(0.05)
         got = list(pool.map(lambda a: ask(c, *a), asks))
     assert got == expected
     assert engine.compiled.compile_seconds  # its step ran (a first call per shape is recorded)
+
+
+class _SlowCompile:
+    """A compiled decoder whose warm-up waits for the test (or fails when told to)."""
+
+    def __init__(self, fail: bool = False):
+        self.go, self.fail = threading.Event(), fail
+
+    def warmup(self, max_rows: int) -> dict:
+        assert self.go.wait(60)
+        if self.fail:
+            raise RuntimeError("no compiler here")
+        return {}
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["compiles", "compile-fails"])
+def test_the_server_answers_while_its_decode_step_compiles(served, fail):
+    """--compile's warm-up runs beside the server: /health answers, /ready and generation say
+    503 (warming, with Retry-After) until it ends; a failed compile serves with the eager step."""
+    engine, lib = served
+    slow = engine.compiled = _SlowCompile(fail)
+    body = {"model": "a", "prompt": "one two", "max_tokens": 3, "temperature": 0}
+    try:
+        with client_for(engine, lib) as c:
+            assert c.get("/health").status_code == 200
+            r = c.get("/ready")
+            assert r.status_code == 503 and r.json()["warming"] is True
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "warming_up", r.text
+            assert r.headers["retry-after"] == "5" and "GET /ready" in r.json()["error"]["message"]
+            slow.go.set()
+            deadline = time.monotonic() + 30
+            while c.get("/ready").status_code != 200:
+                assert time.monotonic() < deadline, "the warm-up did not end"
+                time.sleep(0.02)
+            assert c.get("/ready").json()["warming"] is False
+            if fail:
+                assert engine.compiled is None  # serving eagerly
+            engine.compiled = None  # the stand-in cannot decode
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == greedy_alone(engine, "one two", {"a": 1.0}, 3).text
+    finally:
+        engine.compiled = None

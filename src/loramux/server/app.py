@@ -10,6 +10,7 @@ forwards, and an error in one request ends that request alone (see `engine/sched
 """
 
 import logging
+import threading
 import uuid
 
 from fastapi import FastAPI, Request
@@ -57,19 +58,36 @@ def create_app(engine, library=None, config: ServerConfig | None = None) -> Fast
 
     server = Server(engine, library, config or ServerConfig())
 
-    @asynccontextmanager
-    async def lifespan(app):
-        if engine.compiled is not None:  # compile every batch shape before taking requests
-            import asyncio
-
+    def warm_up() -> None:
+        """Compile every batch shape before the scheduler takes requests. It runs beside the
+        event loop, on a daemon thread: the server answers /health and /ready (503, warming) at
+        once, generation gets a 503 with Retry-After until it is done, and a SIGTERM or Ctrl-C
+        during a first compile (minutes) ends the process instead of waiting for the compile."""
+        try:
             log.info("compiling the decode step for 1..%d rows (minutes on a first run; later runs load "
                      "Inductor's cache)", server.config.max_batch)
-            seconds = await asyncio.to_thread(engine.compiled.warmup, server.config.max_batch)
-            log.info("decode step compiled: %s", seconds)
-        server.scheduler.start()
+            log.info("decode step compiled: %s", engine.compiled.warmup(server.config.max_batch))
+        except Exception:  # serve eagerly rather than not at all; the log says why
+            log.exception("compiling the decode step failed; serving with the eager decode step")
+            engine.compiled = None
+        finally:
+            with server.lifecycle:
+                if not server.stopping.is_set():
+                    server.scheduler.start()
+            server.warming.clear()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if engine.compiled is not None:
+            server.warming.set()
+            threading.Thread(target=warm_up, name="loramux-warmup", daemon=True).start()
+        else:
+            server.scheduler.start()
         try:
             yield
         finally:
+            with server.lifecycle:
+                server.stopping.set()
             server.scheduler.stop()
 
     app = FastAPI(title="loramux", lifespan=lifespan,
@@ -115,8 +133,8 @@ def create_app(engine, library=None, config: ServerConfig | None = None) -> Fast
     @app.get("/ready")
     async def ready():
         alive = server.scheduler.alive
-        return JSONResponse({"ready": alive, "adapters": len(engine.adapters), "queue": server.scheduler.queue_depth},
-                            status_code=200 if alive else 503)
+        return JSONResponse({"ready": alive, "warming": server.warming.is_set(), "adapters": len(engine.adapters),
+                             "queue": server.scheduler.queue_depth}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics():

@@ -9,6 +9,7 @@ second thread using the model would race with the running batch.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -100,6 +101,14 @@ class Server:
         self._models: dict[int, str] = {}  # request object id -> the model name it asked for
         self._unloadable: set = set()  # stored router versions that failed to load (not retried)
         self.scheduler.observers.append(self._remember)
+        self.warming = threading.Event()  # set while --compile's warm-up runs (app.py)
+        self.stopping = threading.Event()
+        self.lifecycle = threading.Lock()  # the warm-up's scheduler start against the shutdown's stop
+
+    def _refuse_while_warming(self) -> None:
+        if self.warming.is_set():
+            raise ApiError(503, "the server is compiling its decode step (--compile warm-up, minutes on a first run); "
+                                "retry once GET /ready answers 200", code="warming_up", headers={"Retry-After": "5"})
 
     # ------------------------------------------------------------------ the web view's book-keeping
     @staticmethod
@@ -133,6 +142,7 @@ class Server:
     # ------------------------------------------------------------------ the model's thread
     async def on_model_thread(self, fn: Callable[[], Any], *, exclusive: bool = False) -> Any:
         """Run `fn` on the scheduler's thread and wait for it (ApiErrors it raises pass through)."""
+        self._refuse_while_warming()
         try:
             return await asyncio.wrap_future(self.scheduler.call(fn, exclusive=exclusive))
         except asyncio.CancelledError:
@@ -302,6 +312,7 @@ class Server:
     def submit(self, request: GenerationRequest, router, on_delta=None, *, ids: list[int] | None = None,
                model: str = "", tag: str = ""):
         """Queue one generation (`ids`: its prompt's tokens, when already known)."""
+        self._refuse_while_warming()
         self._models[id(request)] = model
         try:
             return self.scheduler.submit(request, on_delta, router=router, prompt_ids=ids, tag=tag)
