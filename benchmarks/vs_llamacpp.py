@@ -291,7 +291,7 @@ def main() -> None:
         for i in range(100 - len(names)):
             if f"extra{i:02d}" not in stand_ins:
                 stand_ins.add(f"extra{i:02d}", random_adapter(base, 8, 1000 + i), base=base, tasks=())
-    extra = stand_ins.names() if "library100_distinct" in rows else []
+    extra = [f"extra{i:02d}" for i in range(100 - len(names))] if "library100_distinct" in rows else []
     precisions = [("fp32", [], "f32")] + ([(args.quantize, ["--quantize", args.quantize], NEAREST[args.quantize])]
                                           if args.quantize else [])
     gguf = {a: adapter_gguf(cache, model_dir, a, lib.adapter_dir(a)) for a in names}
@@ -353,7 +353,7 @@ def main() -> None:
                                         "precision": outtype}
                 serve_lib = lib.path
                 if library_size == "library100":  # the library plus the stand-ins, in a side library
-                    serve_lib = cache / "library100"
+                    serve_lib = cache / f"library100-{lib.path.name}"  # exactly `loaded`, per source library
                     side = Library(serve_lib, create=True)
                     for src, group in ((lib, names), (stand_ins, extra)):
                         for a in group:

@@ -74,10 +74,11 @@ def create_app(engine, library=None, config: ServerConfig | None = None) -> Fast
             with server.lifecycle:
                 if not server.stopping.is_set():
                     server.scheduler.start()
-            server.warming.clear()
+                server.warming.clear()
 
     @asynccontextmanager
     async def lifespan(app):
+        server.stopping.clear()
         if engine.compiled is not None:
             server.warming.set()
             threading.Thread(target=warm_up, name="loramux-warmup", daemon=True).start()
@@ -132,7 +133,7 @@ def create_app(engine, library=None, config: ServerConfig | None = None) -> Fast
 
     @app.get("/ready")
     async def ready():
-        alive = server.scheduler.alive
+        alive = server.scheduler.alive and not server.warming.is_set()
         return JSONResponse({"ready": alive, "warming": server.warming.is_set(), "adapters": len(engine.adapters),
                              "queue": server.scheduler.queue_depth}, status_code=200 if alive else 503)
 
