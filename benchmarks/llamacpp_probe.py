@@ -31,7 +31,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vs_llamacpp import RESULTS, SDIST, adapter_gguf, base_gguf, build_llama_server, stop
+from vs_llamacpp import RESULTS, SDIST, adapter_gguf, base_gguf, build_llama_server, ensure_stand_ins, stop
 
 CASES = ("loaded_no_field", "loaded_zero_scales", "loaded_mixture", "loaded_no_field_2", "bare_no_field")
 
@@ -51,7 +51,6 @@ def main() -> None:
     from loramux import Library, load_base
     from loramux.bench.load import wait_ready
     from loramux.bench.machine import machine
-    from loramux.bench.speed import random_adapter
     from loramux.models import DEFAULT_MODEL, converted_model_dir
 
     cache = Path(args.cache).expanduser()
@@ -59,10 +58,7 @@ def main() -> None:
     base = load_base()
     model_dir = converted_model_dir(DEFAULT_MODEL)
     stand_ins = Library(cache / "stand-ins", create=True)  # vs_llamacpp.py's, for library100
-    names = [f"extra{i:02d}" for i in range(3)]
-    for i, a in enumerate(names):
-        if a not in stand_ins:
-            stand_ins.add(a, random_adapter(base, 8, 1000 + i), base=base, tasks=())
+    names = ensure_stand_ins(stand_ins, base, "extra", 3, 1000)
     gguf = [adapter_gguf(cache, model_dir, a, stand_ins.adapter_dir(a)) for a in names]
     model = base_gguf(cache, model_dir, args.outtype)
     prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

@@ -132,6 +132,17 @@ def adapter_gguf(cache: Path, model_dir: Path, name: str, peft_dir: Path) -> Pat
     return out
 
 
+def ensure_stand_ins(lib, base, prefix: str, count: int, seed: int) -> list[str]:
+    """`count` random r=8 adapters named prefix00.. (seeds seed, seed+1, ..) in `lib`, made once."""
+    from loramux.bench.speed import random_adapter
+
+    names = [f"{prefix}{i:02d}" for i in range(count)]
+    for i, name in enumerate(names):
+        if name not in lib:
+            lib.add(name, random_adapter(base, 8, seed + i), base=base, tasks=())
+    return names
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -266,7 +277,6 @@ def main() -> None:
     from loramux._home import default_library_path
     from loramux.bench.load import wait_ready
     from loramux.bench.machine import machine
-    from loramux.bench.speed import random_adapter
     from loramux.data import PromptFormatter
     from loramux.models import DEFAULT_MODEL, converted_model_dir
 
@@ -280,18 +290,13 @@ def main() -> None:
     model_dir = converted_model_dir(DEFAULT_MODEL)
     if args.stand_ins:
         lib = Library(cache / f"stand-ins-{args.stand_ins}", create=True)
-        for i in range(args.stand_ins):
-            if f"standin{i:02d}" not in lib:
-                lib.add(f"standin{i:02d}", random_adapter(base, 8, 2000 + i), base=base, tasks=())
+        ensure_stand_ins(lib, base, "standin", args.stand_ins, 2000)
     else:
         lib = Library(args.library or default_library_path())
     names = lib.names()
     stand_ins = Library(cache / "stand-ins", create=True)  # random r=8 adapters up to 100, for library100
-    if "library100_distinct" in rows:  # each conversion takes seconds: only when the row runs
-        for i in range(100 - len(names)):
-            if f"extra{i:02d}" not in stand_ins:
-                stand_ins.add(f"extra{i:02d}", random_adapter(base, 8, 1000 + i), base=base, tasks=())
-    extra = [f"extra{i:02d}" for i in range(100 - len(names))] if "library100_distinct" in rows else []
+    # each conversion takes seconds: only when the row runs
+    extra = ensure_stand_ins(stand_ins, base, "extra", 100 - len(names), 1000) if "library100_distinct" in rows else []
     precisions = [("fp32", [], "f32")] + ([(args.quantize, ["--quantize", args.quantize], NEAREST[args.quantize])]
                                           if args.quantize else [])
     gguf = {a: adapter_gguf(cache, model_dir, a, lib.adapter_dir(a)) for a in names}
