@@ -64,8 +64,12 @@ def test_routing_confusion_counts_the_top_adapter_per_prompt():
     assert r["abstained"] == 2  # every prompt sent to the base model, a task outside the library's too
     # the tie in t2 goes to the first adapter in library order; base (None) and unowned tasks are not counted
     assert r["confusion"] == [[1, 1, 0], [1, 0, 0], [0, 0, 1]] and r["top1_accuracy"] == 0.5
-    # mixture sizes 2, 2, 2, 1 and the true adapter's share 0.7, 0.4, 0.5, 1.0 over the 4 counted prompts
-    assert r["mean_adapters"] == 1.75 and r["mean_true_weight"] == 0.65
+    # mixture sizes 2, 2, 2, 1 and 1 (the unowned task's too: it costs what it holds); the true
+    # adapter's share 0.7, 0.4, 0.5, 1.0 over the 4 prompts that have a true adapter
+    assert r["mean_adapters"] == 1.6 and r["mean_true_weight"] == 0.65
+    # tasks outside the library alone (benchmarks/unseen.py): sizes still counted, no confusion
+    r = routing_confusion({("x", 0): {"a": 0.5, "b": 0.5}, ("x", 1): {"c": 1.0}, ("x", 2): None}, owner, ["a", "b", "c"])
+    assert r["mean_adapters"] == 1.5 and r["abstained"] == 1 and r["top1_accuracy"] == 0.0
 
 
 def test_bad_strategies():

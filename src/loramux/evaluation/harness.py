@@ -135,17 +135,19 @@ def routing_confusion(plan: dict, owner: dict[str, str], adapters: list[str]) ->
     sizes, true_weight = [], []
     abstained = sum(1 for mixture in plan.values() if not mixture)  # any prompt's, in the library's tasks or not
     for (task, _), mixture in plan.items():
-        if task in owner and mixture:
+        if not mixture:
+            continue
+        # how much the top-p cut keeps: adapters per routed mixture, on any prompt (a task outside
+        # the library has no right adapter, but its mixtures still cost what they hold)
+        sizes.append(sum(1 for w in mixture.values() if w > 0))
+        if task in owner:  # and the share the right adapter gets
             top = max(mixture, key=lambda a: (mixture[a], -index[a]))
             counts[index[owner[task]]][index[top]] += 1
-            # how much the top-p cut keeps: adapters per mixture, and the share the right one gets
-            sizes.append(sum(1 for w in mixture.values() if w > 0))
             true_weight.append(mixture.get(owner[task], 0.0) / (sum(mixture.values()) or 1.0))
     hits = sum(counts[i][i] for i in range(len(adapters)))
-    n = max(1, len(sizes))
     return {"labels": adapters, "confusion": counts, "top1_accuracy": round(hits / max(1, sum(map(sum, counts))), 4),
-            "mean_adapters": round(sum(sizes) / n, 3), "mean_true_weight": round(sum(true_weight) / n, 4),
-            "abstained": abstained}
+            "mean_adapters": round(sum(sizes) / max(1, len(sizes)), 3),
+            "mean_true_weight": round(sum(true_weight) / max(1, len(true_weight)), 4), "abstained": abstained}
 
 
 def to_markdown(result: dict) -> str:
