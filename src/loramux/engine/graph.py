@@ -118,17 +118,7 @@ class DecodeGraph(nn.Module):
         if lora is not None:  # At (S, d_in, R) with each row's weights folded in, Bt (S, R, d_out)
             # fp32 factors whatever the base's dtype; the update is added in fp32 before one
             # rounding, PEFT's order (fusion/layer.py)
-            At, Bt = lora
-            xf = x.float()
-            if x.shape[0] <= self.gemv_rows:
-                # A few rows: multiplies and sums, as the base linears above, which Inductor fuses
-                # into its own loops; two batched-matmul library calls per projection, each on a
-                # (1, d_in) x (d_in, R) problem, cost more in call overhead than in arithmetic
-                # (benchmarks/compiled_decode.py, sequential_mixed).
-                z = (xf[:, :, None] * At).sum(1)  # (S, R)
-                delta = (z[:, :, None] * Bt).sum(1)  # (S, d_out)
-            else:
-                delta = torch.bmm(torch.bmm(xf[:, None], At), Bt)[:, 0]
+            delta = torch.bmm(torch.bmm(x.float()[:, None], lora[0]), lora[1])[:, 0]
             y = (y.float() + delta).to(x.dtype)
         return y
 
