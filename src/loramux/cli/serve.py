@@ -42,6 +42,7 @@ def serve(
     import os
     from pathlib import Path
 
+    from ..cpu_threads import on_passing_thread
     from ..engine import Engine
     from ..errors import LoramuxError
     from ..models import load_base
@@ -86,10 +87,15 @@ def serve(
         ray_serve.run(model, str(lib.path), config, address=ray_address, host=host, port=port, replicas=replicas,
                       autoscaling=scaling, ray_actor_options=actor, device=device, dtype=dtype)
         return
-    engine = Engine(load_base(model, device=device, dtype=dtype, quantize=quantize.value), lib, compile=compile)
-    for name in lib.names():
-        engine.load(name)
-    app = create_app(engine, lib, config)
+    def build():
+        engine = Engine(load_base(model, device=device, dtype=dtype, quantize=quantize.value), lib, compile=compile)
+        for name in lib.names():
+            engine.load(name)
+        return create_app(engine, lib, config)
+
+    # the weights are loaded and packed on a thread that ends, so that the scheduler's OpenMP team
+    # is the process's only one (cpu_threads.py: a second team halves the decode speed)
+    app = on_passing_thread(build)
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="info")
