@@ -16,7 +16,7 @@ pool (libgomp's thread destructor), so the scheduler's team is the only one left
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -24,18 +24,7 @@ T = TypeVar("T")
 
 def on_passing_thread(fn: Callable[[], T], name: str = "loramux-build") -> T:
     """Run `fn` on a new thread, wait for it, and return its result (or raise its exception).
-    Whatever OpenMP pool its torch work created ends with the thread."""
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # re-raised on the caller's thread
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
+    The executor's shutdown joins the thread, so whatever OpenMP pool its torch work created has
+    ended when this returns."""
+    with ThreadPoolExecutor(1, thread_name_prefix=name) as pool:
+        return pool.submit(fn).result()
