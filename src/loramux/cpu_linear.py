@@ -79,18 +79,27 @@ def _key(weight: torch.Tensor) -> tuple:
 _OWNERS: "weakref.WeakValueDictionary[tuple, PackedLinear]" = weakref.WeakValueDictionary()
 
 
-@torch.library.custom_op("loramux::packed_linear", mutates_args=())
+# Defined on the dispatcher directly rather than with `torch.library.custom_op`: a compiled 16-row
+# step makes 211 of these calls, and custom_op's Python wrapper (its autograd and checks layers)
+# cost more per call than the remaining Python of the kernel below (benchmarks/compiled_decode.py
+# times the step). Inference only: no autograd kernel is registered (graph.py calls it under no_grad).
+_LIB = torch.library.Library("loramux", "FRAGMENT")
+_LIB.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` through the packed copy of the PackedLinear that owns `weight`;
-    plain `F.linear` for a weight no PackedLinear holds. Inference only: it has no gradient
-    (graph.py calls it under no_grad)."""
+    plain `F.linear` for a weight no PackedLinear holds (`torch.ops.loramux.packed_linear`)."""
     owner = _OWNERS.get(_key(weight))
     if owner is None or _key(owner.weight) != _key(weight):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, owner._packed_weight(), bias, "none", [], "")
 
 
-@packed_linear.register_fake
+_LIB.impl("packed_linear", packed_linear, "CPU")
+
+
+@torch.library.register_fake("loramux::packed_linear", lib=_LIB)
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
