@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -121,14 +122,20 @@ class CompiledDecoder:
         for At, Bt in (lora or {}).values():
             torch._dynamo.mark_dynamic(At, 3)
             torch._dynamo.mark_dynamic(Bt, 2)
-        key = (S, lora is not None)
+        name = f"rows{S}{'_lora' if lora is not None else ''}"
+        warm = name in self.compile_seconds
         started = time.perf_counter()
+        # Once a shape is compiled, only the guards that tell the graphs apart are checked: the
+        # rest (every weight and cache tensor of the call, ~340 inputs) cost about as much as a
+        # tenth of a one-row step. Safe here because this class makes every input itself: the
+        # dtypes, devices, strides and nesting are the ones the graph was compiled for, and the
+        # only sizes that vary (L, R) are dynamic; a shape not compiled yet takes the full check.
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if warm else nullcontext()
         # No duck sizing: L and R are separate dynamic sizes even when equal at the first call.
         with torch.fx.experimental._config.patch(use_duck_shape=False), \
-                torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), stance:
             logits = self._step(tokens, positions, keys, values, lora)
-        name = f"rows{key[0]}{'_lora' if key[1] else ''}"
-        if name not in self.compile_seconds:  # the first call compiles (or loads from Inductor's cache)
+        if not warm:  # the first call compiles (or loads from Inductor's cache)
             self.compile_seconds[name] = round(time.perf_counter() - started, 1)
             log.info("compiled decode step %s in %.1f s", name, self.compile_seconds[name])
         return logits
