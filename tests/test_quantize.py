@@ -87,7 +87,7 @@ def reference_base(tiny_model_dir):
 def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_model_dir, lib):
     """Same fingerprint (the library's adapters apply), every linear int8, and generation with
     adapters, a mixture and the base model token for token equal to the reference base's,
-    eagerly and through the compiled decode step."""
+    eagerly and through the compiled decode step (both of its int8 forms)."""
     base = load_base(str(tiny_model_dir), quantize="int8")
     assert base.fingerprint == load_base(str(tiny_model_dir)).fingerprint and base.quantization == "int8"
     linears = [m for m in base.model.modules() if isinstance(m, nn.Linear)]
@@ -100,10 +100,11 @@ def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_m
         for name in ("a", "b", "c"):
             engine.load(name)
         want.append([r.token_ids for r in engine.generate(requests)])
-        if b is base:
-            engine.compiled = CompiledDecoder(engine.fused, backend="eager")
-            want.append([r.token_ids for r in engine.generate(requests)])
-    assert want[0] == want[1] == want[2]
+        if b is base:  # the compiled step's two int8 forms: a multiply and sum up to gemv_rows, the kernel above
+            for gemv_rows in (4, 0):
+                engine.compiled = CompiledDecoder(engine.fused, backend="eager", gemv_rows=gemv_rows)
+                want.append([r.token_ids for r in engine.generate(requests)])
+    assert want[0] == want[1] == want[2] == want[3]
 
 
 def test_quantize_refuses_what_it_cannot_do(tiny_model_dir, monkeypatch):

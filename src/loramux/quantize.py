@@ -9,7 +9,8 @@ quantized base's output (fusion/layer.py), so an adapter is applied exactly as t
 slightly different W0.
 
 The fast path is the C++ kernel in kernels/ (up to `KERNEL_ROWS` rows: decode and short
-prefills); more rows (long prefills, or a decode batch wider than 64) dequantise to the input's
+prefills; the compiled decode step, engine/graph.py, folds one to four rows into its own program
+instead); more rows (long prefills, or a decode batch wider than 64) dequantise to the input's
 dtype and run one GEMM, where converting the weight is amortised over the rows. Quantizing
 refuses a machine where the kernel cannot be built: dequantising at every call would be slower
 than fp32 and save no memory. `Int8Linear.reference` is the readable

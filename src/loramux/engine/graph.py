@@ -7,8 +7,10 @@ weights once. Here one decode step of a Llama-family model is written as a plain
 tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RMSNorm, RoPE,
 attention over the cache and each row's LoRA update (`fusion/layer.py`'s gathered form,
 y += ((x·Aᵀ)·c)·Bᵀ, with c folded into A once per row) become one generated program per
-shape, with no Python between ops up to 4 rows; above that each base linear is one call of
-`loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight.
+shape, with no Python between ops up to 4 rows (an int8 base, quantize.py, the same way: its
+weight converted as it is read); above that each base linear is one call of
+`loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight, or of the int8
+kernel.
 
 The state it runs over (row slots, the static cache, each slot's LoRA factors) is kept by
 `compiled.py`. Position p of a row is written at index p of its slot: no left padding, and the
@@ -104,8 +106,14 @@ class DecodeGraph(nn.Module):
         return torch.nn.functional.linear(x, weight, bias)
 
     def _apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-        if isinstance(linear, Int8Linear):  # its kernel is already a pass over the int8 weight
-            return linear(x)
+        if isinstance(linear, Int8Linear):
+            if x.shape[0] <= self.gemv_rows:
+                # the same multiply and sum over the int8 weight, converted as it is read, then each
+                # output's scale (Int8Linear's order): Inductor fuses it into the step's program, where
+                # calling the kernel as an operator costs more per call than a one-row pass over the weight
+                y = (x[:, None, :] * linear.weight.to(x.dtype)).sum(-1) * linear.scale.to(x.dtype)
+                return y if linear.bias is None else y + linear.bias
+            return linear(x)  # its C++ kernel: one pass over the int8 weight for all rows
         if (isinstance(linear, PackedLinear) and x.shape[0] > self.gemv_rows and x.shape[0] >= linear.min_rows
                 and not torch.is_grad_enabled()):
             # a batch of rows on the weight oneDNN laid out once: a plain GEMM lays it out again at
