@@ -16,15 +16,30 @@ pool (libgomp's thread destructor), so the scheduler's team is the only one left
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
 
 def on_passing_thread(fn: Callable[[], T], name: str = "loramux-build") -> T:
-    """Run `fn` on a new thread, wait for it, and return its result (or raise its exception).
-    The executor's shutdown joins the thread, so whatever OpenMP pool its torch work created has
-    ended when this returns."""
-    with ThreadPoolExecutor(1, thread_name_prefix=name) as pool:
-        return pool.submit(fn).result()
+    """Run `fn` on a new thread, wait for it to end, and return its result (or raise its
+    exception): whatever OpenMP pool its torch work created has ended when this returns.
+
+    A daemon thread joined here rather than an executor: Ctrl-C during a long build (training in
+    `loramux demo`, a cold compile in `loramux serve --compile`) interrupts the join and ends the
+    process, where an executor's shutdown would wait for the build to finish first."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller, raised there
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

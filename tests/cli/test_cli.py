@@ -121,7 +121,16 @@ def test_data_show(capsys, tmp_path):
     assert code == 0 and "generative, 1 examples" in out and "2+2=" in out and "['4']" in out
 
 
-def test_demo_builds_the_library_and_router_then_routes_prompts_through_the_server(capsys, tmp_path, tiny_model_dir):
+def test_demo_builds_the_library_and_router_then_routes_prompts_through_the_server(capsys, tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    import threading
+
+    import loramux.engine
+
+    built_on = []  # the engine is built on a thread that ends (cpu_threads.py), not on the main thread
+    real = loramux.engine.Engine
+    monkeypatch.setattr(loramux.engine, "Engine",
+                        lambda *a, **k: built_on.append(threading.current_thread()) or real(*a, **k))
     data = tmp_path / "data"
     for split, n in (("train", 24), ("test", 4)):
         toy_mc_task(data / "words" / f"{split}.json", n=n)
@@ -139,5 +148,6 @@ def test_demo_builds_the_library_and_router_then_routes_prompts_through_the_serv
     records = json.loads((tmp_path / "demo.json").read_text())["prompts"]
     assert [r["task"] for r in records] == ["words", "words", "colours", "colours"]
     assert all(r["routing"]["router"] == "dlp" and r["routing"]["adapters"][0] == r["task"] for r in records)
+    assert built_on and all(t is not threading.main_thread() and not t.is_alive() for t in built_on)
     code, out, err = run(capsys, *args)  # the second run trains nothing
     assert code == 0 and "reusing the stored DLP router" in out and "train " not in out

@@ -34,6 +34,7 @@ def demo(
 
     import openai
 
+    from ..cpu_threads import on_passing_thread
     from ..data import load_tasks
     from ..data.fetch import ensure_bigbench, missing_tasks
     from ..engine import Engine
@@ -50,51 +51,59 @@ def demo(
     from .common import open_library
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    # 0. the tasks: a given --data-dir that holds them, else $LORAMUX_HOME/data (fetched when missing)
-    #    A download waits on the network and the model's first load converts its GGUF on the CPU:
-    #    the two overlap (on a fresh 2-core machine, ~45 s and ~40 s).
-    given = Path(data_dir).expanduser() if data_dir else None
     lib = open_library(library, create=True)
-    with ThreadPoolExecutor(1) as pool:
-        fetched = None if given and not missing_tasks(given, names) else pool.submit(ensure_bigbench, names,
-                                                                                    log=typer.echo)
-        base = load_base(model, device=device, dtype=dtype)
-        root = fetched.result() if fetched else given
 
-    # 1. the library: train only what it lacks, after saying how long that will take
-    missing = [n for n in names if n not in lib]
-    if missing:
-        config = LoraTrainConfig(steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps // 10),
-                                 target_modules=("auto",))  # every projection, whatever the family calls them
-        train = load_tasks(root, missing, "train")
-        typer.echo(f"[loramux] training {len(train)} adapter(s), {steps} steps of {config.batch_size} examples each; "
-                   f"timing one step of each first ...")
-        guess = estimate_seconds(base, train, config)
-        typer.echo("[loramux] estimate on this machine: " + ", ".join(f"{n} ~{s:.0f}s" for n, s in guess.items())
-                   + f"; about {sum(guess.values()) / 60:.1f} min in all (one measured step of each; errs high)")
-        train_adapters(base, train, lib, config, log=typer.echo)
-    typer.echo(f"[loramux] library {lib.path}: {len(lib.names())} adapters ({', '.join(lib.names())})")
+    def prepare():
+        """Steps 0-3, up to a built app: all the torch work before serving."""
+        # 0. the tasks: a given --data-dir that holds them, else $LORAMUX_HOME/data (fetched when missing)
+        #    A download waits on the network and the model's first load converts its GGUF on the CPU:
+        #    the two overlap (on a fresh 2-core machine, ~45 s and ~40 s).
+        given = Path(data_dir).expanduser() if data_dir else None
+        with ThreadPoolExecutor(1) as pool:
+            fetched = None if given and not missing_tasks(given, names) else pool.submit(ensure_bigbench, names,
+                                                                                        log=typer.echo)
+            base = load_base(model, device=device, dtype=dtype)
+            root = fetched.result() if fetched else given
 
-    # 2. the DLP router over every adapter of the library (trained again when the library changed)
-    try:
-        load_router(lib, "dlp", base=base)
-        typer.echo("[loramux] reusing the stored DLP router")
-    except LoramuxError as e:
-        covered = sorted({t for spec in lib.list() for t in spec.tasks})
-        config = DlpTrainConfig(max_per_task=router_prompts)
-        typer.echo(f"[loramux] training the DLP router on up to {router_prompts} prompts per task ({e})")
-        if not given:  # a library from earlier runs may cover tasks this run did not fetch
-            ensure_bigbench(covered, root, log=typer.echo)
-        train_dlp(lib, load_tasks(root, covered, "train"), config, log=typer.echo,
-                  device=str(base.model.device)).save(lib, "dlp")
+        # 1. the library: train only what it lacks, after saying how long that will take
+        missing = [n for n in names if n not in lib]
+        if missing:
+            config = LoraTrainConfig(steps=steps, warmup_steps=min(LoraTrainConfig.warmup_steps, steps // 10),
+                                     target_modules=("auto",))  # every projection, whatever the family calls them
+            train = load_tasks(root, missing, "train")
+            typer.echo(f"[loramux] training {len(train)} adapter(s), {steps} steps of {config.batch_size} examples each; "
+                       f"timing one step of each first ...")
+            guess = estimate_seconds(base, train, config)
+            typer.echo("[loramux] estimate on this machine: " + ", ".join(f"{n} ~{s:.0f}s" for n, s in guess.items())
+                       + f"; about {sum(guess.values()) / 60:.1f} min in all (one measured step of each; errs high)")
+            train_adapters(base, train, lib, config, log=typer.echo)
+        typer.echo(f"[loramux] library {lib.path}: {len(lib.names())} adapters ({', '.join(lib.names())})")
 
-    test_tasks = load_tasks(root, names, "test")  # read once: the conversation and the closing scores
+        # 2. the DLP router over every adapter of the library (trained again when the library changed)
+        try:
+            load_router(lib, "dlp", base=base)
+            typer.echo("[loramux] reusing the stored DLP router")
+        except LoramuxError as e:
+            covered = sorted({t for spec in lib.list() for t in spec.tasks})
+            config = DlpTrainConfig(max_per_task=router_prompts)
+            typer.echo(f"[loramux] training the DLP router on up to {router_prompts} prompts per task ({e})")
+            if not given:  # a library from earlier runs may cover tasks this run did not fetch
+                ensure_bigbench(covered, root, log=typer.echo)
+            train_dlp(lib, load_tasks(root, covered, "train"), config, log=typer.echo,
+                      device=str(base.model.device)).save(lib, "dlp")
 
-    # 3. the server, on loopback, in this process
-    engine = Engine(base, lib)
-    for name in lib.names():
-        engine.load(name)
-    server, thread, root_url = serve_in_background(create_app(engine, lib, ServerConfig()))
+        test_tasks = load_tasks(root, names, "test")  # read once: the conversation and the closing scores
+
+        # 3. the server, on loopback, in this process
+        engine = Engine(base, lib)
+        for name in lib.names():
+            engine.load(name)
+        return base, engine, test_tasks, create_app(engine, lib, ServerConfig())
+
+    # on a thread that ends, so that the server's scheduler thread runs the process's only OpenMP
+    # team (cpu_threads.py: a second one, left by loading and training here, halves the decode)
+    base, engine, test_tasks, app = on_passing_thread(prepare, name="loramux-demo-build")
+    server, thread, root_url = serve_in_background(app)
     url = f"{root_url}/v1"
     typer.echo(f"[loramux] serving on {url}; sending {show} test prompts per task with the openai client\n")
 
