@@ -1,8 +1,8 @@
-"""Why llama-server's base rows in vs_llamacpp.json decode slower than its mixture rows.
+"""Why llama-server's base rows in a first vs_llamacpp.py run decoded slower than its mixture rows.
 
-In `vs_llamacpp.json`, requests without a `lora` field took 48 ms per generated token (f32) on a
-llama-server started with the library's adapters (`--lora ... --lora-init-without-apply`), against
-28 ms for requests that name a 3-adapter mixture: applying adapters cannot make a step cheaper, so
+In that first run of `vs_llamacpp.py` (since fixed; docs/serving_cpu.md), requests without a
+`lora` field took 48 ms per generated token (f32) on a llama-server started with the library's
+adapters (`--lora ... --lora-init-without-apply`), against 28 ms for requests that name a 3-adapter mixture: applying adapters cannot make a step cheaper, so
 something else differs. This probe times one request at a time (greedy, --tokens new tokens,
 llama-server's own per-reply `timings`, the request vs_llamacpp.py sends) in each of these cases, and writes
 benchmarks/results/llamacpp_probe.json:
