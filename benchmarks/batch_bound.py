@@ -53,7 +53,6 @@ def main() -> None:
         return engine
 
     engine = on_passing_thread(build)  # as `loramux serve` does (cpu_threads.py)
-    tok = engine.base.tokenizer
     sampling = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
     sched = Scheduler(engine, max_batch=16, max_queue=64)
     spent = {"prefill": [], "decode": []}
@@ -100,7 +99,8 @@ def main() -> None:
             wall = time.perf_counter() - started
             steps = sched.stats["steps"] - steps0["steps"]
             rows[f"{length}_{pattern}"] = {
-                "prompt_tokens_mean": round(sum(len(tok(p)["input_ids"]) for p in prompts) / len(prompts), 1),
+                # as prefilled: the request's chat template applied (GenerationRequest's default)
+                "prompt_tokens_mean": round(sum(len(engine.formatter.encode_prompt(p)) for p in prompts) / len(prompts), 1),
                 "tokens_per_s": round(32 * args.tokens / wall, 1), "wall_s": round(wall, 2),
                 "prefill_s": round(sum(spent["prefill"]), 2), "prefills": len(spent["prefill"]),
                 "decode_s": round(sum(spent["decode"]), 2), "decode_steps": steps,

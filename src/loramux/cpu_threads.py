@@ -27,8 +27,8 @@ def on_passing_thread(fn: Callable[[], T], name: str = "loramux-build") -> T:
     exception): whatever OpenMP pool its torch work created has ended when this returns.
 
     A daemon thread joined here rather than an executor: Ctrl-C during a long build (training in
-    `loramux demo`, a cold compile in `loramux serve --compile`) interrupts the join and ends the
-    process, where an executor's shutdown would wait for the build to finish first."""
+    `loramux demo`) interrupts the join and ends the process, where an executor's shutdown would
+    wait for the build to finish first."""
     box: dict = {}
 
     def run() -> None:
