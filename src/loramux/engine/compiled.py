@@ -25,7 +25,9 @@ than the seven projections of a Llama block.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,6 +46,7 @@ _RANK_STEP = 8  # the LoRA width grows in steps of this many ranks
 # One graph per (slot count, with or without LoRA): 1..64 slots is 14, above Dynamo's default of 8,
 # and with fullgraph=True hitting the limit raises rather than running uncompiled.
 _RECOMPILE_LIMIT = 32
+_STANCE_LOCK = threading.Lock()
 
 
 def _round_up(n: int, step: int) -> int:
@@ -72,13 +75,7 @@ class CompiledDecoder:
                 name = by_module.get(id(self.graph.module(layer, proj)))
                 if name is not None:
                     self.fused_at[(i, proj)] = name
-        # No guards on the model's modules and weights: checking the ~270 parameters and their
-        # modules at every call cost about a tenth of a one-row step. The inputs' guards (tokens,
-        # cache, LoRA factors, None or not) stay. The assumption this makes, that the model is not
-        # changed in place once compiled (packed, unpacked, cast), holds in the engine: adapters
-        # load into the fused layers' buffers, which the step does not read.
-        self._step = torch.compile(self.graph, backend=backend, fullgraph=True, dynamic=False,
-                                   options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self._step = torch.compile(self.graph, backend=backend, fullgraph=True, dynamic=False)
         self.compile_seconds: dict[str, float] = {}
 
     def usable(self) -> bool:
@@ -128,12 +125,25 @@ class CompiledDecoder:
             torch._dynamo.mark_dynamic(At, 3)
             torch._dynamo.mark_dynamic(Bt, 2)
         name = f"rows{S}{'_lora' if lora is not None else ''}"
+        warm = name in self.compile_seconds
         started = time.perf_counter()
+        # Once a shape is compiled, only the guards that tell the graphs apart are checked: the
+        # rest (every weight and cache tensor of the call, ~340 inputs) cost about as much as a
+        # tenth of a one-row step. The inputs' tensor guards are still checked; what is assumed is
+        # that the model is not changed in place once compiled (packed, unpacked, cast): adapters
+        # load into the fused layers' buffers, which the step does not read. A shape not compiled
+        # yet takes the full check. (A compile-time guard filter on the modules would be
+        # per-function, but Dynamo's filter fails on Int8Linear's int8 `weight` buffer.)
+        # The stance is process-wide: the lock keeps two threads stepping compiled code from
+        # interleaving its set and restore (which could leave it on for a cold call). Not covered:
+        # `torch._dynamo.reset()` under a decoder already warm (its next calls would skip the checks
+        # of graphs compiled afresh); the engine never resets Dynamo.
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if warm else nullcontext()
         # No duck sizing: L and R are separate dynamic sizes even when equal at the first call.
-        with torch.fx.experimental._config.patch(use_duck_shape=False), \
-                torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        with _STANCE_LOCK, torch.fx.experimental._config.patch(use_duck_shape=False), \
+                torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), stance:
             logits = self._step(tokens, positions, keys, values, lora)
-        if name not in self.compile_seconds:  # the first call compiles (or loads from Inductor's cache)
+        if not warm:  # the first call compiles (or loads from Inductor's cache)
             self.compile_seconds[name] = round(time.perf_counter() - started, 1)
             log.info("compiled decode step %s in %.1f s", name, self.compile_seconds[name])
         return logits
