@@ -111,7 +111,7 @@ class DecodeGraph(nn.Module):
                 # the same multiply and sum over the int8 weight, converted as it is read, then each
                 # output's scale (Int8Linear's order): Inductor fuses it into the step's program, where
                 # calling the kernel as an operator costs more per call than a one-row pass over the weight
-                y = (x[:, None, :] * linear.weight.to(x.dtype)).sum(-1) * linear.scale.to(x.dtype)
+                y = self._matmul(x, linear.weight.to(x.dtype)) * linear.scale.to(x.dtype)
                 return y if linear.bias is None else y + linear.bias.to(x.dtype)
             return linear(x)  # its C++ kernel: one pass over the int8 weight for all rows
         if (isinstance(linear, PackedLinear) and x.shape[0] > self.gemv_rows and x.shape[0] >= linear.min_rows
