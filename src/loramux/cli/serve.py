@@ -24,6 +24,10 @@ def serve(
     max_batch: int = typer.Option(16, help="Rows in the running batch."),
     max_queue: int = typer.Option(64, help="Waiting requests before 429."),
     max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
+    prefix_cache_tokens: int = typer.Option(4096, min=0, help="Keep the keys and values of this many recent prompt "
+                                                              "tokens; a prompt that starts like a recent one (the "
+                                                              "chat template, a shared instruction) prefills only "
+                                                              "the rest. 0: off."),
     device: str = DEVICE,
     dtype: str = DTYPE,
     pack: bool = typer.Option(True, "--pack/--no-pack", help="CPU fp32: serve from oneDNN-prepacked base weights "
@@ -68,7 +72,7 @@ def serve(
     lib = open_library(library, create=True)  # no flags: the default library, made empty if new
     config = ServerConfig(api_keys=frozenset(keys), admin_keys=frozenset(admin), adapter_root=adapter_root,
                           max_batch=max_batch, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
-                          pack_linears=pack)
+                          pack_linears=pack, prefix_cache_tokens=prefix_cache_tokens)
     if ray or ray_address:
         import json
 

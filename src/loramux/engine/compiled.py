@@ -228,7 +228,8 @@ class Slots:
             Bt[i, slot, : B.shape[0]] = B
 
     def admit(self, cache, mask: torch.Tensor, mixtures: list[dict[str, float] | None]) -> list[int]:
-        """Take the rows of an eager prefill: `cache` its KV cache (left-padded, `mask` (B, W)),
+        """Take the rows of an eager prefill: `cache` its KV cache (`mask` (B, W): a row's tokens
+        are where it is 1, in order; left padding, and a gap after a reused prompt start),
         `mixtures` each row's. Returns the slot each row decodes in. On failure the running rows
         are as they were and none of these rows holds a slot."""
         lengths = mask.sum(-1).tolist()
@@ -238,13 +239,14 @@ class Slots:
         longest = max(lengths + self.lengths)
         self._grow(self.capacity + max(need, 0), _round_up(longest + 1, _LENGTH_STEP), width)
         free = [s for s, u in enumerate(self.used) if not u][: len(mixtures)]
-        W, dtype = mask.shape[1], self.decoder.dtype
+        dtype = self.decoder.dtype
         try:
             for b, (slot, n) in enumerate(zip(free, lengths)):
                 self.used[slot] = True
-                for i, layer in enumerate(cache.layers):  # (B, n_kv, W, D), the row's tokens last
-                    self.keys[i][:n, slot] = layer.keys[b, :, W - n:].transpose(0, 1).to(dtype)
-                    self.values[i][:n, slot] = layer.values[b, :, W - n:].transpose(0, 1).to(dtype)
+                where = mask[b].nonzero().squeeze(-1)
+                for i, layer in enumerate(cache.layers):  # (B, n_kv, W, D)
+                    self.keys[i][:n, slot] = layer.keys[b][:, where].transpose(0, 1).to(dtype)
+                    self.values[i][:n, slot] = layer.values[b][:, where].transpose(0, 1).to(dtype)
                 self.lengths[slot] = n
                 self._write_mixture(slot, mixtures[b])
         except BaseException:

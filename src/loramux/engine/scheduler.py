@@ -44,6 +44,7 @@ from ..fusion import SequenceMixture
 from ..padding import length_groups
 from ..training.batching import left_pad
 from .engine import Engine, _Row
+from .prefix_cache import PrefixCache
 from .sampling import pick
 from .request import GenerationRequest, GenerationResult
 
@@ -133,11 +134,16 @@ def _resolve(future: Future, result=None, error: BaseException | None = None) ->
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64, fold: bool = False):
-        """`fold`: fold a mixture that every running row shares into the weights (Engine.fold)."""
-        if max_batch < 1 or max_queue < 1:
-            raise LoramuxError(f"max_batch and max_queue must be positive; got {max_batch}, {max_queue}")
+    def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64, fold: bool = False,
+                 prefix_cache_tokens: int = 0):
+        """`fold`: fold a mixture that every running row shares into the weights (Engine.fold).
+        `prefix_cache_tokens`: hold the keys and values of up to this many recent prompt tokens, so
+        that a prompt starting like a recent one prefills only the rest (`prefix_cache.py`); 0: off."""
+        if max_batch < 1 or max_queue < 1 or prefix_cache_tokens < 0:
+            raise LoramuxError(f"max_batch and max_queue must be positive and prefix_cache_tokens not negative; "
+                               f"got {max_batch}, {max_queue}, {prefix_cache_tokens}")
         self.engine, self.max_batch, self.fold = engine, max_batch, fold
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.waiting: queue.Queue[_Job] = queue.Queue(maxsize=max_queue)
         self.calls: queue.Queue[_Job] = queue.Queue(maxsize=max_queue)  # run between steps
         self.state = _State()
@@ -358,7 +364,13 @@ class Scheduler:
         model, tok = self.engine.base.model, self.engine.base.tokenizer
         device = next(model.parameters()).device
         rows = [j.row for j in jobs]
-        ids, mask = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device)
+        cached = router is None and self.prefix_cache is not None
+        keys = [self._prefix_key(j.request.mixture) for j in jobs] if cached else None
+        hits = [self.prefix_cache.lookup(k, r.prompt_ids) for k, r in zip(keys, rows)] if keys else []
+        if any(n for n, _ in hits):
+            ids, mask, past = self._after_prefixes(rows, hits, device)
+        else:
+            (ids, mask), past = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device), None
         st, compiled = self.state, self.engine.compiled
         static = st.static is not None or (not st.rows and router is None and compiled is not None
                                            and compiled.usable())
@@ -370,8 +382,11 @@ class Scheduler:
         with contextlib.ExitStack() as stack:
             recorder = stack.enter_context(router.recording(mask)) if router is not None else None
             stack.enter_context(self.engine.fused.mixture(mix, attention_mask=mask, fold=fold))
-            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        use_cache=True, logits_to_keep=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=past, use_cache=True,
+                        logits_to_keep=1)
+        if keys:
+            self._keep_prefixes(keys, rows, out.cache, mask)
         if recorder is not None:  # what each row's prompt tokens used, for its result
             for row, routing in zip(rows, router.routings(recorder)):
                 row.request = dataclasses.replace(row.request, routing=routing)
@@ -392,8 +407,53 @@ class Scheduler:
         st.logits = torch.cat([st.logits, out.logits[:, -1]]) if joining else out.logits[:, -1]  # once the rows are in
         st.rows += rows
         st.jobs += jobs
-        for job, row in zip(jobs, rows):
-            self._notify("admitted", {"wait_s": time.perf_counter() - job.enqueued, "request": job.request, "row": row})
+        reused = [n for n, _ in hits] or [0] * len(jobs)
+        for job, row, n in zip(jobs, rows, reused):
+            self._notify("admitted", {"wait_s": time.perf_counter() - job.enqueued, "request": job.request, "row": row,
+                                      "prefix_tokens_reused": n})
+
+    def _prefix_key(self, mixture: dict[str, float] | None) -> tuple:
+        """What a prompt's keys and values depend on besides its tokens: the base alone, or the
+        mixture over the adapters as loaded now (a reload bumps the version)."""
+        if not mixture:
+            return ("base",)
+        return (self.engine.fused.version, tuple(sorted(mixture.items())))
+
+    def _after_prefixes(self, rows: list[_Row], hits: list, device) -> tuple:
+        """Inputs for prefilling only what follows each row's cached start: the rows' cached keys
+        and values as a past cache (left-padded to the longest), then the rest of each prompt
+        (left-padded too); one mask over both, so a row's tokens are [pad, start, pad, rest]
+        and its positions count only its own."""
+        from transformers import DynamicCache
+
+        tok = self.engine.base.tokenizer
+
+        ids, rest_mask = left_pad([r.prompt_ids[n:] for r, (n, _) in zip(rows, hits)], tok.pad_token_id, device=device)
+        H = max(n for n, _ in hits)
+        start_mask = torch.zeros(len(rows), H, dtype=rest_mask.dtype, device=device)
+        layers = []
+        some = next(e for _, e in hits if e is not None)
+        for i in range(len(some.keys)):
+            n_kv, _, D = some.keys[i].shape
+            k = some.keys[i].new_zeros(len(rows), n_kv, H, D)
+            v = torch.zeros_like(k)
+            for b, (n, entry) in enumerate(hits):
+                if n:
+                    k[b, :, H - n:] = entry.keys[i][:, :n]
+                    v[b, :, H - n:] = entry.values[i][:, :n]
+            layers.append((k, v))
+        for b, (n, _) in enumerate(hits):
+            start_mask[b, H - n:] = 1
+        return ids, torch.cat([start_mask, rest_mask], dim=1), DynamicCache(layers)
+
+    def _keep_prefixes(self, keys: list[tuple], rows: list[_Row], cache, mask: torch.Tensor) -> None:
+        """Hold each row's prompt keys and values (copies: the running cache moves on)."""
+        if not all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+            return  # sliding-window layers keep only their window: a start may be gone
+        for b, (key, row) in enumerate(zip(keys, rows)):
+            where = mask[b].nonzero().squeeze(-1)
+            self.prefix_cache.store(key, row.prompt_ids, [layer.keys[b][:, where] for layer in cache.layers],
+                                    [layer.values[b][:, where] for layer in cache.layers])
 
     def _sample_and_retire(self) -> None:
         st, tok = self.state, self.engine.base.tokenizer

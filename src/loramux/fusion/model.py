@@ -57,6 +57,8 @@ class FusedModel:
         self.adapters: list[str] = []  # slot k holds adapters[k]
         # what each loaded adapter is, for caches that outlive this process (None: unknown)
         self.identities: dict[str, str | None] = {}
+        # bumped whenever the loaded adapters change: caches of what a mixture computed key on it
+        self.version = 0
         for name, module in list(base.model.named_modules()):
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
@@ -75,6 +77,7 @@ class FusedModel:
             parent, _, child = name.rpartition(".")
             setattr(self.base.model.get_submodule(parent) if parent else self.base.model, child, layer.base)
         self.layers, self.adapters, self.identities = {}, [], {}
+        self.version += 1
 
     # ------------------------------------------------------------------ adapters
     def slot(self, name: str) -> int:
@@ -103,6 +106,7 @@ class FusedModel:
             layer.add_slot(ab["A"], ab["B"], module_scaling(files.config, module, ab["A"].shape[0]), gate)
         self.adapters.append(name)
         self.identities[name] = identity
+        self.version += 1
         _return_freed_memory()
         return len(self.adapters) - 1
 
@@ -143,6 +147,7 @@ class FusedModel:
         self.adapters = names
         self.identities.pop(staging, None)
         self.identities[name] = identity
+        self.version += 1
         _return_freed_memory()
 
     def remove_adapter(self, name: str) -> None:
@@ -151,6 +156,7 @@ class FusedModel:
             layer.remove_slot(k)
         self.adapters.pop(k)
         self.identities.pop(name, None)
+        self.version += 1
         _return_freed_memory()
 
     # ------------------------------------------------------------------ mixtures

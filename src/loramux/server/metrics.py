@@ -10,6 +10,8 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("loramux_requests", "Requests by endpoint and status", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("loramux_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.reused_tokens = Counter("loramux_prompt_tokens_reused", "Prompt tokens whose keys and values came "
+                                     "from the prefix cache instead of the prefill", registry=r)
         self.output_tokens = Counter("loramux_output_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("loramux_queue_depth", "Requests waiting for a batch row", registry=r)
         self.running = Gauge("loramux_running_rows", "Rows in the running batch", registry=r)
@@ -27,6 +29,8 @@ class ServerMetrics:
         """Scheduler hook."""
         if event == "step":
             self.batch_size.observe(data["rows"])
+        elif event == "admitted":
+            self.reused_tokens.inc(data.get("prefix_tokens_reused", 0))
         elif event == "finished":
             result = data["result"]
             self.output_tokens.inc(len(result.token_ids))
