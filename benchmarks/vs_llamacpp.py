@@ -37,8 +37,9 @@ Both servers run at once, each idle while the other is measured, and every row r
 times, alternating which server goes first, so that a slow spell of this shared machine lands on
 both; a row reports its median round and keeps every round's figure. Every row and round has
 its own prompts, so nothing is answered from the prompt cache another row or round filled
-(llama-server still reuses the chat template's shared system preamble, about 20 tokens, as its
-default `cache_prompt` does for any user: `mean_prompt_tokens_computed` shows it), and a warm-up
+(both servers still reuse the chat template's shared system preamble, about 20 tokens, and any
+longer shared start: llama-server's default `cache_prompt`, loramux's prefix cache
+(`--prefix-cache-tokens`); `mean_prompt_tokens_computed` shows it for each), and a warm-up
 at its own concurrency first. Each row also records where its time went by the server's own clock
 (`split`): llama-server's per-reply `timings` (prefill ms, which excludes queueing, and ms per
 generated token) and loramux's /metrics (time to first token, which includes queueing and
@@ -203,7 +204,7 @@ def server_split(url: str) -> dict[str, float]:
     except httpx.HTTPError:
         return {}
     wanted = {f"loramux_{m}_seconds_{s}" for m in ("time_to_first_token", "time_per_output_token")
-              for s in ("sum", "count")}
+              for s in ("sum", "count")} | {"loramux_prompt_tokens_total", "loramux_prompt_tokens_reused_total"}
     fields = (line.split() for line in text.splitlines() if line and not line.startswith("#"))
     return {f[0]: float(f[1]) for f in fields if len(f) >= 2 and f[0] in wanted}
 
@@ -226,8 +227,12 @@ def split_of(replies: list[dict], before: dict, after: dict) -> dict:
 
         def count(m: str) -> float:
             return max(1.0, after.get(f"loramux_{m}_seconds_count", 0) - before.get(f"loramux_{m}_seconds_count", 0))
+        def tokens(m: str) -> float:
+            return after.get(f"loramux_{m}_total", 0) - before.get(f"loramux_{m}_total", 0)
+        n = count("time_to_first_token")
         return {"clock": "loramux /metrics",
-                "mean_time_to_first_token_ms": round(1000 * delta("time_to_first_token") / count("time_to_first_token"), 1),
+                "mean_prompt_tokens_computed": round((tokens("prompt_tokens") - tokens("prompt_tokens_reused")) / n, 1),
+                "mean_time_to_first_token_ms": round(1000 * delta("time_to_first_token") / n, 1),
                 "ms_per_output_token": round(1000 * delta("time_per_output_token") / count("time_per_output_token"), 2)}
     return {}
 
