@@ -63,8 +63,9 @@ def run(engine, requests, prefix_cache_tokens, *, together=False):
 
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 def test_reused_starts_give_the_tokens_of_a_full_prefill(where, engine, path):
-    """Greedy tokens with reused starts (later prompts, and a batch that mixes rows with and
-    without a hit) equal those of prompts prefilled whole; only same-mixture starts are reused."""
+    """Greedy tokens with reused starts (later prompts reusing earlier ones' starts, then a batch
+    admitted together, every row with a hit) equal those of prompts prefilled whole; only
+    same-mixture starts are reused."""
     if where.dtype != "float32":
         pytest.skip("token-for-token equality is an fp32 claim")
     if path == "compiled":
@@ -97,7 +98,8 @@ def test_a_reloaded_adapter_does_not_reuse_its_old_keys(engine):
     assert sched.prefix_cache.stats["hits"] == 1
 
 
-def test_a_reused_start_gives_the_first_logits_of_a_full_prefill(where, engine):
+def test_a_reused_start_gives_the_logits_of_a_full_prefill(where, engine):
+    """After the prefill and one decode step (eager path), the logits equal those without reuse."""
     def first_logits(tokens, earlier):
         sched = Scheduler(engine, max_batch=8, prefix_cache_tokens=tokens)
         for prompt in earlier:
@@ -112,3 +114,20 @@ def test_a_reused_start_gives_the_first_logits_of_a_full_prefill(where, engine):
     assert cache.stats["tokens_reused"] > 10
     tol = where.tol(1e-5)
     torch.testing.assert_close(reused, whole, atol=tol, rtol=tol)
+
+
+def test_a_failing_cache_ends_no_request(engine, monkeypatch):
+    """The cache is best-effort: a lookup or a store that raises leaves the requests to a whole prefill."""
+    requests = [greedy(PROMPTS[0], None, n=4), greedy(PROMPTS[3], None, n=4)]
+    reference, _ = run(engine, requests, 0)
+    sched = Scheduler(engine, max_batch=8, prefix_cache_tokens=4096)
+
+    def boom(*a, **k):
+        raise RuntimeError("cache broke")
+
+    for method in ("store", "lookup"):
+        with monkeypatch.context() as m:
+            m.setattr(sched.prefix_cache, method, boom)
+            futures = [sched.submit(r) for r in requests]
+            sched.run_until_idle()
+        assert [f.result().token_ids for f in futures] == reference

@@ -133,7 +133,7 @@ class CompiledDecoder:
         # that the model is not changed in place once compiled (packed, unpacked, cast): adapters
         # load into the fused layers' buffers, which the step does not read. A shape not compiled
         # yet takes the full check. (A compile-time guard filter on the modules would be
-        # per-function, but Dynamo's filter fails on Int8Linear's int8 `weight` buffer.)
+        # per-function, but Dynamo's filter failed on Int8Linear's int8 `weight` when it was a buffer.)
         # The stance is process-wide: the lock keeps two threads stepping compiled code from
         # interleaving its set and restore (which could leave it on for a cold call). Not covered:
         # `torch._dynamo.reset()` under a decoder already warm (its next calls would skip the checks

@@ -366,11 +366,18 @@ class Scheduler:
         rows = [j.row for j in jobs]
         cached = router is None and self.prefix_cache is not None
         keys = [self._prefix_key(j.request.mixture) for j in jobs] if cached else None
-        hits = [self.prefix_cache.lookup(k, r.prompt_ids) for k, r in zip(keys, rows)] if keys else []
-        if any(n for n, _ in hits):
-            ids, mask, past = self._after_prefixes(rows, hits, device)
-        else:
-            (ids, mask), past = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device), None
+        hits, past = [], None
+        try:  # the cache is best-effort: whatever goes wrong in it, the prompts are prefilled whole
+            hits = [self.prefix_cache.lookup(k, r.prompt_ids) for k, r in zip(keys, rows)] if keys else []
+            if any(n for n, _ in hits):
+                ids, mask, past = self._after_prefixes(rows, hits, device)
+        except Exception:
+            log.exception("prefix cache lookup failed; cleared, prefilling whole prompts")
+            self.prefix_cache.clear()
+            hits, past = [], None
+        if past is None:
+            hits = []
+            ids, mask = left_pad([r.prompt_ids for r in rows], tok.pad_token_id, device=device)
         st, compiled = self.state, self.engine.compiled
         static = st.static is not None or (not st.rows and router is None and compiled is not None
                                            and compiled.usable())
@@ -386,7 +393,11 @@ class Scheduler:
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=past, use_cache=True,
                         logits_to_keep=1)
         if keys:
-            self._keep_prefixes(keys, rows, out.cache, mask)
+            try:
+                self._keep_prefixes(keys, rows, out.cache, mask)
+            except Exception:  # not the rows' fault: they go on, the cache starts over
+                log.exception("prefix cache store failed; cleared")
+                self.prefix_cache.clear()
         if recorder is not None:  # what each row's prompt tokens used, for its result
             for row, routing in zip(rows, router.routings(recorder)):
                 row.request = dataclasses.replace(row.request, routing=routing)
