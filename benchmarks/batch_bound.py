@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--library", default=None, help="default: $LORAMUX_HOME/library")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES)
+    ap.add_argument("--prefix-cache-tokens", type=int, default=0,
+                    help="the scheduler's prefix cache (serve's default is 4096; 0, the committed runs: off)")
     ap.add_argument("--output", default=str(RESULTS / "batch_bound.json"))
     args = ap.parse_args()
 
@@ -54,7 +56,7 @@ def main() -> None:
 
     engine = on_passing_thread(build)  # as `loramux serve` does (cpu_threads.py)
     sampling = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
-    sched = Scheduler(engine, max_batch=16, max_queue=64)
+    sched = Scheduler(engine, max_batch=16, max_queue=64, prefix_cache_tokens=args.prefix_cache_tokens)
     spent = {"prefill": [], "decode": []}
 
     def timed(kind, fn):

@@ -131,3 +131,30 @@ def test_a_failing_cache_ends_no_request(engine, monkeypatch):
             futures = [sched.submit(r) for r in requests]
             sched.run_until_idle()
         assert [f.result().token_ids for f in futures] == reference
+
+
+def test_rows_are_grouped_by_what_is_left_to_prefill(engine):
+    """A long prompt whose start is cached and a long one without a hit, admitted together, prefill
+    apart: the first computes only its short rest, not padded to the other's whole length."""
+    sched = Scheduler(engine, max_batch=8, prefix_cache_tokens=4096)
+    long_start = START * 3
+    sched.submit(greedy(long_start + "first", None, n=2))
+    sched.run_until_idle()
+    widths = []
+    forward = engine.base.model.forward
+
+    def recording(*a, **k):
+        widths.append(k["input_ids"].shape[1])
+        return forward(*a, **k)
+
+    other = "Something else entirely, said at length. " * 8
+    engine.base.model.forward = recording
+    try:
+        sched.submit(greedy(long_start + "second", None, n=2))
+        sched.submit(greedy(other, None, n=2))
+        sched.run_until_idle()
+    finally:
+        del engine.base.model.forward
+    prefills = sorted(w for w in widths if w > 1)
+    assert sched.prefix_cache.stats["hits"] == 1
+    assert len(prefills) == 2 and prefills[0] < 32 and prefills[1] == len(engine._row(greedy(other)).prompt_ids)

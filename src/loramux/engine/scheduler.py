@@ -69,6 +69,7 @@ class _Job:
     prompt_ids: list[int] | None = None  # the prompt's tokens when the caller has them already
     tag: str = ""  # the caller's request id, for the log
     row: _Row | None = None  # set on admission
+    hit: tuple = (0, None)  # (tokens, PrefixEntry): its prompt's cached start, looked up on admission
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -310,7 +311,11 @@ class Scheduler:
                 continue
             new.append(job)
         # Engine.generate folds a shared mixture: one prefill folds once (the server never folds)
-        groups = [list(range(len(new)))] if self.fold and new else length_groups([len(j.row.prompt_ids) for j in new])
+        for job in new:
+            job.hit = self._lookup(job)
+        # grouped by what is left to prefill: a row whose start is cached joins rows of its remaining length
+        left = [len(j.row.prompt_ids) - j.hit[0] for j in new]
+        groups = [list(range(len(new)))] if self.fold and new else length_groups(left)
         try:
             for group in groups:
                 self._prefill_isolated([new[i] for i in group])
@@ -350,6 +355,11 @@ class Scheduler:
             self._prefill(jobs)
         except Exception as e:
             self.engine.fused.release()
+            if any(j.hit[0] for j in jobs):  # a reused start may be at fault: once more, prompts whole
+                for job in jobs:
+                    job.hit = (0, None)
+                self._prefill_isolated(jobs)
+                return
             if len(jobs) > 1:  # find the row at fault: each alone, so the others still run
                 for job in jobs:
                     self._prefill_isolated([job])
@@ -366,13 +376,12 @@ class Scheduler:
         rows = [j.row for j in jobs]
         cached = router is None and self.prefix_cache is not None
         keys = [self._prefix_key(j.request.mixture) for j in jobs] if cached else None
-        hits, past = [], None
+        hits, past = ([j.hit for j in jobs] if cached else []), None
         try:  # the cache is best-effort: whatever goes wrong in it, the prompts are prefilled whole
-            hits = [self.prefix_cache.lookup(k, r.prompt_ids) for k, r in zip(keys, rows)] if keys else []
             if any(n for n, _ in hits):
                 ids, mask, past = self._after_prefixes(rows, hits, device)
         except Exception:
-            log.exception("prefix cache lookup failed; cleared, prefilling whole prompts")
+            log.exception("prefix cache: reusing a start failed; cleared, prefilling whole prompts")
             self.prefix_cache.clear()
             hits, past = [], None
         if past is None:
@@ -422,6 +431,17 @@ class Scheduler:
         for job, row, n in zip(jobs, rows, reused):
             self._notify("admitted", {"wait_s": time.perf_counter() - job.enqueued, "request": job.request, "row": row,
                                       "prefix_tokens_reused": n})
+
+    def _lookup(self, job: _Job) -> tuple:
+        """The job's longest cached prompt start (tokens, entry), or (0, None); best-effort."""
+        if self.prefix_cache is None:
+            return 0, None
+        try:
+            return self.prefix_cache.lookup(self._prefix_key(job.request.mixture), job.row.prompt_ids)
+        except Exception:
+            log.exception("prefix cache lookup failed; cleared")
+            self.prefix_cache.clear()
+            return 0, None
 
     def _prefix_key(self, mixture: dict[str, float] | None) -> tuple:
         """What a prompt's keys and values depend on besides its tokens: the base alone, or the
