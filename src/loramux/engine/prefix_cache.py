@@ -11,7 +11,10 @@ takes the longest common prefix with any of them.
 
 What a key means: a hit reuses tensors computed in another batch, so a row's floating-point values
 can differ from its own prefill in the last bits (as they do between batch sizes); the mixture key
-names the fused model's adapter version, so a reloaded adapter never serves keys of its old weights.
+names the fused model's adapter version, so a reloaded adapter never serves keys of its old weights
+(entries of an old version are never hit again and leave as the least recently used). Not
+thread-safe: the scheduler's thread is its only user. Models whose caches keep only a window
+(sliding-window attention) store nothing here.
 """
 
 from __future__ import annotations
