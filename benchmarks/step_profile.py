@@ -1,18 +1,19 @@
-"""Where one request's decode time goes on the compiled path: the step alone, and the scheduler.
+"""Where decode time goes on the compiled path: the step alone, and the scheduler.
 
 For each precision (fp32 with the server's packed linears, and `--quantize int8`), the model is
 built as `loramux serve --compile` builds it (on a thread that ends, then the scheduler's thread
-steps it), the one-row step is warmed up, and then:
-  - `scheduler_ms_per_token`: one 64-token base request at a time through the scheduler, time per
-    token after the first (sampling, retiring and the scheduler's own work included), 5 requests;
-  - `step_ms`: `Slots.step` alone on the scheduler thread, 60 steps at a time, 3 times;
+steps it), the step for --rows rows is warmed up, and then:
+  - `scheduler_ms_per_token`: --rows 64-token base requests at a time through the scheduler, time
+    per token of a row after its first (sampling, retiring and the scheduler's own work included),
+    5 times;
+  - `step_ms`: `Slots.step` alone over --rows rows on the scheduler thread, 60 steps at a time, 3 times;
   - `profile`: torch.profiler over 20 steps, the operators with the most self time per step
     (the generated program's calls, library calls it makes, Dynamo's cache lookup).
 
-    python benchmarks/step_profile.py [--precisions none,int8]
+    python benchmarks/step_profile.py [--precisions none,int8] [--rows 1]
 
 The model alone (no adapters: a base row's step runs the graph without LoRA). Writes
-benchmarks/results/step_profile.json.
+benchmarks/results/step_profile.json (--rows 1) or step_profile_rows<N>.json.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "Explain why the sky is blue."
 
 
-def child(quantize: str) -> dict:
+def child(quantize: str, rows: int) -> dict:
     import torch
     from transformers import DynamicCache
 
@@ -43,18 +44,20 @@ def child(quantize: str) -> dict:
         base = load_base(quantize=quantize)
         engine = Engine(base, None, compile=True)
         pack_linears(engine.fused.base.model)  # as the server does (a no-op for int8 linears)
-        engine.compiled.warmup(1, lora=False)
+        engine.compiled.warmup(rows, lora=False)
         return engine
 
     engine = on_passing_thread(build)
-    sched = Scheduler(engine, max_batch=1, max_queue=4)
+    sched = Scheduler(engine, max_batch=rows, max_queue=rows)
     sched.start()
     sampling = SamplingParams(max_new_tokens=64, ignore_eos=True)
 
     def one() -> float:
         started = time.perf_counter()
-        r = sched.submit(GenerationRequest(PROMPT, None, sampling)).result()
-        return 1000 * (time.perf_counter() - started - r.seconds_to_first_token) / (len(r.token_ids) - 1)
+        futures = [sched.submit(GenerationRequest(f"{PROMPT} ({i})", None, sampling)) for i in range(rows)]
+        results = [f.result() for f in futures]
+        wall = time.perf_counter() - started
+        return 1000 * (wall - max(r.seconds_to_first_token for r in results)) / (len(results[0].token_ids) - 1)
 
     one()
     per_token = [round(one(), 2) for _ in range(5)]
@@ -63,18 +66,20 @@ def child(quantize: str) -> dict:
         g = engine.compiled.graph
         slots = engine.compiled.slots()
         kv = [torch.zeros(1, g.n_kv, 20, g.head_dim) for _ in g.layers]
-        slots.admit(DynamicCache([(k, k.clone()) for k in kv]), torch.ones(1, 20, dtype=torch.long), [None])
+        for _ in range(rows):
+            slots.admit(DynamicCache([(k, k.clone()) for k in kv]), torch.ones(1, 20, dtype=torch.long), [None])
+        every = list(range(rows))
         times = []
         for _ in range(3):
             started = time.perf_counter()
             for _ in range(60):
-                slots.step([0], [5])
+                slots.step(every, [5] * rows)
             times.append(round(1000 * (time.perf_counter() - started) / 60, 2))
         from torch.profiler import profile
 
         with profile() as prof:
             for _ in range(20):
-                slots.step([0], [5])
+                slots.step(every, [5] * rows)
         top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
         return times, [{"op": e.key[:60], "self_ms_per_step": round(e.self_cpu_time_total / 1000 / 20, 3),
                         "calls_per_step": e.count / 20} for e in top]
@@ -87,25 +92,28 @@ def child(quantize: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precisions", default="none,int8")
+    ap.add_argument("--rows", type=int, default=1, help="rows decoding together")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--output", default=str(RESULTS / "step_profile.json"))
+    ap.add_argument("--output", default=None, help="default: results/step_profile.json, or step_profile_rows<N>.json")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(child(args.child, args.rows)))
         return
     from loramux.bench.machine import machine
 
     rows = {}
     for q in args.precisions.split(","):  # each in its own process: one OpenMP team, one Dynamo cache
-        out = subprocess.run([sys.executable, __file__, "--child", q], check=True, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--child", q, "--rows", str(args.rows)], check=True,
+                             capture_output=True, text=True)
         rows["fp32" if q == "none" else q] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"[step_profile] {q}: {rows['fp32' if q == 'none' else q]}", file=sys.stderr, flush=True)
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "rows": rows,
+              "machine": machine(), "decode_rows": args.rows, "rows": rows,
               "how": "one base row on the compiled path, model built as `loramux serve --compile` builds it; profile "
                      "self times are under torch.profiler, which slows the step (compare its shares, not its sum, "
                      "with step_ms)"}
-    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    output = args.output or str(RESULTS / ("step_profile.json" if args.rows == 1 else f"step_profile_rows{args.rows}.json"))
+    Path(output).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
