@@ -72,14 +72,22 @@ class PrefixCache:
         self.stats["tokens_reused"] += n
         return n, best
 
+    def wants(self, key: tuple, ids: list[int] | tuple[int, ...]) -> bool:
+        """Whether `store` would take this prompt: within the length bounds and not held already
+        (a prompt held already counts as just used). Callers check before copying its tensors."""
+        ids = tuple(ids)
+        if len(ids) < self.min_tokens or len(ids) > self.max_tokens:
+            return False
+        if (key, ids) in self._entries:
+            self._entries.move_to_end((key, ids))
+            return False
+        return True
+
     def store(self, key: tuple, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Hold a prompt's keys and values (tensors of its own, not views of a running cache).
         Entries that are a start of this prompt go: this one covers them."""
         ids = tuple(ids)
-        if len(ids) < self.min_tokens or len(ids) > self.max_tokens:
-            return
-        if (key, ids) in self._entries:
-            self._entries.move_to_end((key, ids))
+        if not self.wants(key, ids):
             return
         for k, entry in list(self._entries.items()):
             if k[0] == key and len(entry.ids) <= len(ids) and ids[: len(entry.ids)] == entry.ids:

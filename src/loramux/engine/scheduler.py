@@ -458,7 +458,6 @@ class Scheduler:
         from transformers import DynamicCache
 
         tok = self.engine.base.tokenizer
-
         ids, rest_mask = left_pad([r.prompt_ids[n:] for r, (n, _) in zip(rows, hits)], tok.pad_token_id, device=device)
         H = max(n for n, _ in hits)
         start_mask = torch.zeros(len(rows), H, dtype=rest_mask.dtype, device=device)
@@ -478,10 +477,15 @@ class Scheduler:
         return ids, torch.cat([start_mask, rest_mask], dim=1), DynamicCache(layers)
 
     def _keep_prefixes(self, keys: list[tuple], rows: list[_Row], cache, mask: torch.Tensor) -> None:
-        """Hold each row's prompt keys and values (copies: the running cache moves on)."""
-        if not all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+        """Hold each row's prompt keys and values (copies: the running cache moves on), copied
+        only for prompts the cache takes."""
+        from transformers.cache_utils import DynamicLayer
+
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
             return  # sliding-window layers keep only their window: a start may be gone
         for b, (key, row) in enumerate(zip(keys, rows)):
+            if not self.prefix_cache.wants(key, row.prompt_ids):
+                continue
             where = mask[b].nonzero().squeeze(-1)
             self.prefix_cache.store(key, row.prompt_ids, [layer.keys[b][:, where] for layer in cache.layers],
                                     [layer.values[b][:, where] for layer in cache.layers])
