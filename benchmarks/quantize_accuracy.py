@@ -1,13 +1,13 @@
-"""What `--quantize int8` costs in accuracy: the composite (the evaluation harness on the
-library's tasks) with the fp32 base and with the int8 base, side by side in one run, same
+"""What `--quantize` costs in accuracy: the composite (the evaluation harness on the library's
+tasks) with the fp32 base and with each quantized base (int8, w8a8), side by side in one run, same
 prompts, same adapters. Writes benchmarks/results/quantize_accuracy.json.
 
     python benchmarks/quantize_accuracy.py [--data-dir ../shared/data/bigbench] [--library L]
-        [--strategies base,oracle] [--limit-per-task 40]
+        [--strategies base,oracle] [--limit-per-task 40] [--quantize int8,w8a8]
 
 `base` measures the quantized base alone; `oracle` (each prompt with its own task's adapter)
-measures fp32 adapters over the int8 base, what a served adapter sees. Per task and average, in
-the harness's metric per task (the composite's), and the change in points.
+measures fp32 adapters over the quantized base, what a served adapter sees. Per task and average,
+in the harness's metric per task (the composite's), and each mode's change in points.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from loramux.fusion import FusedModel
 def main() -> None:
     ap = common_args(__doc__)
     ap.add_argument("--strategies", default="base,oracle")
+    ap.add_argument("--quantize", default="int8,w8a8", help="the quantized bases, each against fp32")
     ap.add_argument("--output", default=str(RESULTS / "quantize_accuracy.json"))
     args = ap.parse_args()
     from loramux._home import default_library_path
@@ -37,7 +38,8 @@ def main() -> None:
     test = load_tasks(args.data_dir, tasks, "test")
     config = EvalConfig(tuple(args.strategies.split(",")), args.limit_per_task, args.seed)
     runs = {}
-    for quantize in ("none", "int8"):
+    modes = [m for m in args.quantize.split(",") if m]
+    for quantize in ["none", *modes]:
         fused = FusedModel(load_base(args.model, quantize=quantize) if args.model else load_base(quantize=quantize))
         runs[quantize] = evaluate(fused, lib, test, config, log=log)
         fused.unfuse()
@@ -45,12 +47,12 @@ def main() -> None:
                  "machine": machine(), "library": str(lib.path), "limit_per_task": args.limit_per_task, "seed": args.seed,
                  "n_per_task": runs["none"]["n_per_task"], "strategies": {}}
     for s in config.strategies:
-        fp32, int8 = runs["none"]["strategies"][s], runs["int8"]["strategies"][s]
-        out["strategies"][s] = {
-            "fp32": fp32["average"], "int8": int8["average"], "change_points": round(100 * (int8["average"] - fp32["average"]), 2),
-            "per_task": {t: {"fp32": fp32["per_task"][t], "int8": int8["per_task"][t]} for t in fp32["per_task"]},
-            "metric": fp32["metric"]}
-        log(f"{s}: fp32 {fp32['average']:.4f}, int8 {int8['average']:.4f}")
+        got = {"fp32": runs["none"]["strategies"][s]} | {m: runs[m]["strategies"][s] for m in modes}
+        out["strategies"][s] = {m: r["average"] for m, r in got.items()} | {
+            "change_points": {m: round(100 * (got[m]["average"] - got["fp32"]["average"]), 2) for m in modes},
+            "per_task": {t: {m: r["per_task"][t] for m, r in got.items()} for t in got["fp32"]["per_task"]},
+            "metric": got["fp32"]["metric"]}
+        log(f"{s}: " + ", ".join(f"{m} {r['average']:.4f}" for m, r in got.items()))
     Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
 
 

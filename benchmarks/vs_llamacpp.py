@@ -31,7 +31,8 @@ servers' greedy completions agree (`agreement`), which shows they ran the same m
   same with 100 adapters loaded), prefill_heavy (prompts of about --long-prompt tokens, 8 new
   tokens, 4 clients);
 each again with a quantized base (`quantized_` prefix) when --quantize is given: loramux's
-`--quantize` against llama.cpp's nearest bit width (int8 -> q8_0; loramux offers no 4-bit base).
+`--quantize` against llama.cpp's nearest bit width (int8 and w8a8 -> q8_0; loramux offers no 4-bit
+base), and only those with --quantized-only.
 Tokens/s count generated tokens (prefill_heavy: prompt + generated) over the row's wall time.
 Both servers run at once, each idle while the other is measured, and every row runs --rounds
 times, alternating which server goes first, so that a slow spell of this shared machine lands on
@@ -64,7 +65,9 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 ROUND_PROMPTS = 600  # test prompts each round takes (its rows, its long prompts), disjoint from other rounds
 SDIST = ("llama-cpp-python", "0.3.36")
-NEAREST = {"int8": "q8_0"}  # loramux --quantize -> llama.cpp type
+# loramux --quantize -> llama.cpp type; q8_0's matmuls round activations to 8 bits too (per 32
+# values), as w8a8 does per row
+NEAREST = {"int8": "q8_0", "w8a8": "q8_0"}
 ROWS = ("sequential_base", "sequential_mixed", "concurrent16_base", "concurrent16_distinct", "library100_distinct",
         "prefill_heavy")
 
@@ -262,6 +265,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs for the llama.cpp build")
     ap.add_argument("--quantize", default=None, choices=sorted(NEAREST), help="also the quantized rows")
+    ap.add_argument("--quantized-only", action="store_true", help="with --quantize: only the quantized rows")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--stand-ins", type=int, default=0, metavar="K",
                     help="serve K random r=8 adapters of the library's shapes instead of a trained library (speed "
@@ -302,7 +306,9 @@ def main() -> None:
     stand_ins = Library(cache / "stand-ins", create=True)  # random r=8 adapters up to 100, for library100
     # each conversion takes seconds: only when the row runs
     extra = ensure_stand_ins(stand_ins, base, "extra", 100 - len(names), 1000) if "library100_distinct" in rows else []
-    precisions = [("fp32", [], "f32")] + ([(args.quantize, ["--quantize", args.quantize], NEAREST[args.quantize])]
+    if args.quantized_only and not args.quantize:
+        raise SystemExit("--quantized-only needs --quantize")
+    precisions = ([] if args.quantized_only else [("fp32", [], "f32")]) + ([(args.quantize, ["--quantize", args.quantize], NEAREST[args.quantize])]
                                           if args.quantize else [])
     gguf = {a: adapter_gguf(cache, model_dir, a, lib.adapter_dir(a)) for a in names}
     gguf |= {a: adapter_gguf(cache, model_dir, a, stand_ins.adapter_dir(a)) for a in extra}

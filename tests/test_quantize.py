@@ -1,5 +1,5 @@
 """The int8 base (quantize.py and its kernel, kernels/int8_linear.cpp) against the reference:
-the dequantised weight in one fp32 linear."""
+the dequantised weight in one fp32 linear; the w8a8 base against its own (the rows rounded too)."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from loramux.engine.compiled import CompiledDecoder
 from loramux.errors import LoramuxError
 from loramux.kernels import build_error, int8_linear_op
 from loramux.models import load_base
-from loramux.quantize import _KERNEL, KERNEL_ROWS, Int8Linear, quantize_linears
+from loramux.quantize import _KERNEL, KERNEL_ROWS, Int8Linear, W8A8Linear, quantize_linears, quantize_rows
 
 from .engine.test_engine import PROMPTS, greedy, lib  # noqa: F401 (fixtures)
 
@@ -22,11 +22,11 @@ def kernel():
     return op
 
 
-def quantized(d_in: int, d_out: int, bias: bool, seed: int = 0) -> tuple[nn.Linear, Int8Linear]:
+def quantized(d_in: int, d_out: int, bias: bool, seed: int = 0, mode: str = "int8") -> tuple[nn.Linear, Int8Linear]:
     torch.manual_seed(seed)
     linear = nn.Linear(d_in, d_out, bias=bias)
     holder = nn.Sequential(linear)
-    quantize_linears(holder)
+    quantize_linears(holder, mode)
     return linear, holder[0]
 
 
@@ -42,6 +42,43 @@ def test_the_kernel_equals_the_reference_at_every_row_count(kernel, d_in, d_out,
         torch.testing.assert_close(q(x), q.reference(x), atol=1e-5 * d_in ** 0.5, rtol=1e-5)
     x = torch.randn(2, 3, d_in)
     torch.testing.assert_close(q(x), q.reference(x), atol=1e-5 * d_in ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d_in,d_out,bias", [(32, 64, False), (300, 77, True), (7, 3, True), (576, 1536, False)])
+def test_w8a8_equals_its_reference_and_a_row_does_not_depend_on_its_batch(d_in, d_out, bias):
+    """Row counts below and above the integer GEMM's padding, and a 3-D input; a row's output is
+    bit for bit the same alone and in any batch (integer sums are exact)."""
+    _, q = quantized(d_in, d_out, bias, mode="w8a8")
+    assert isinstance(q, W8A8Linear)
+    x = torch.randn(20, d_in)
+    for rows in range(1, 21):
+        torch.testing.assert_close(q(x[:rows]), q.reference(x[:rows]), atol=1e-5 * d_in ** 0.5, rtol=1e-5)
+    alone = torch.cat([q(x[i:i + 1]) for i in range(20)])
+    assert torch.equal(q(x), alone) and torch.equal(q(x[3:9]), alone[3:9])
+    x = torch.randn(2, 3, d_in)
+    torch.testing.assert_close(q(x), q.reference(x), atol=1e-5 * d_in ** 0.5, rtol=1e-5)
+
+
+def test_rows_are_rounded_each_with_its_own_scale():
+    x = torch.randn(4, 50) * torch.tensor([[1.0], [100.0], [0.0], [1e-3]])
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and scale.shape == (4, 1)
+    assert bool((q[2] == 0).all())  # a zero row stays zero (no division by a zero scale)
+    assert [int(r.abs().max()) for r in q[[0, 1, 3]]] == [127, 127, 127]
+    assert bool(((q.float() * scale - x).abs() <= scale / 2 + 1e-9).all())
+
+
+def test_a_gradient_flows_through_the_w8a8_rounding():
+    """Rounding has no gradient: the input's gradient is the dequantised weight's (straight through)."""
+    _, q = quantized(40, 24, bias=True, mode="w8a8")
+    x = torch.randn(3, 40, requires_grad=True)
+    y = q(x)
+    torch.testing.assert_close(y, q.reference(x.detach()))
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, q.dequantized(), q.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=0.05, rtol=0.05)  # same gradient, at the rounded point
+    assert x.grad.abs().sum() > 0
 
 
 def test_rounding_is_per_channel_and_within_half_a_step():
@@ -66,12 +103,15 @@ def test_a_gradient_flows_to_the_input():
     torch.testing.assert_close(x.grad, x2.grad)
 
 
-def test_the_kernel_compiles_inside_a_graph(kernel):
-    """torch.compile keeps the operator as one call (its shape-only implementation)."""
-    _, q = quantized(40, 24, bias=True)
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_the_kernel_compiles_inside_a_graph(kernel, mode):
+    """torch.compile keeps the operator as one call (its shape-only implementation); w8a8's
+    rounding compiles around the integer GEMM, with one row (padded) and more."""
+    _, q = quantized(40, 24, bias=True, mode=mode)
     fn = torch.compile(lambda x: torch.relu(q(x)) * 2, fullgraph=True, backend="inductor")
-    x = torch.randn(3, 40)
-    torch.testing.assert_close(fn(x), torch.relu(q.reference(x)) * 2, atol=1e-5, rtol=1e-5)
+    for rows in (1, 3, 6):
+        x = torch.randn(rows, 40)
+        torch.testing.assert_close(fn(x), torch.relu(q.reference(x)) * 2, atol=1e-5, rtol=1e-5)
 
 
 def reference_base(tiny_model_dir):
@@ -84,18 +124,28 @@ def reference_base(tiny_model_dir):
     return base
 
 
-def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_model_dir, lib):
-    """Same fingerprint (the library's adapters apply), every linear int8, and generation with
-    adapters, a mixture and the base model token for token equal to the reference base's,
+def w8a8_reference_base(tiny_model_dir):
+    """The w8a8 base with every linear running its readable reference."""
+    base = load_base(str(tiny_model_dir), quantize="w8a8")
+    for m in base.model.modules():
+        if isinstance(m, W8A8Linear):
+            m.forward = m.reference
+    return base
+
+
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_model_dir, lib, mode):
+    """Same fingerprint (the library's adapters apply), every linear int8 (w8a8), and generation
+    with adapters, a mixture and the base model token for token equal to the reference base's,
     eagerly and through the compiled decode step (both of its int8 forms)."""
-    base = load_base(str(tiny_model_dir), quantize="int8")
-    assert base.fingerprint == load_base(str(tiny_model_dir)).fingerprint and base.quantization == "int8"
+    base = load_base(str(tiny_model_dir), quantize=mode)
+    assert base.fingerprint == load_base(str(tiny_model_dir)).fingerprint and base.quantization == mode
     linears = [m for m in base.model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(isinstance(m, Int8Linear) for m in linears)
+    assert linears and all(type(m) is (Int8Linear if mode == "int8" else W8A8Linear) for m in linears)
     requests = [greedy(PROMPTS[0], {"a": 1.0}, n=10), greedy(PROMPTS[1], None, n=10),
                 greedy(PROMPTS[2], {"b": 0.7, "c": 0.3}, n=10)]
     want = []
-    for b in (reference_base(tiny_model_dir), base):
+    for b in ((reference_base if mode == "int8" else w8a8_reference_base)(tiny_model_dir), base):
         engine = Engine(b, lib)
         for name in ("a", "b", "c"):
             engine.load(name)
@@ -108,7 +158,7 @@ def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_m
 
 
 def test_quantize_refuses_what_it_cannot_do(tiny_model_dir, monkeypatch):
-    with pytest.raises(LoramuxError, match="int4.*none, int8"):
+    with pytest.raises(LoramuxError, match="int4.*none, int8, w8a8"):
         load_base(str(tiny_model_dir), quantize="int4")
     with pytest.raises(LoramuxError, match="CPU fp32 option.*--dtype bfloat16"):
         load_base(str(tiny_model_dir), dtype="bfloat16", quantize="int8")

@@ -46,8 +46,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 DTYPE_HELP = "Base weights: auto (bf16 on a CUDA device that supports it, else fp32), float32, bfloat16 or float16."
-QUANTIZE_CHOICES = ("none", "int8")
-QUANTIZE_HELP = ("Base weights for inference: none, or int8 (weight-only, per output channel; CPU, fp32 base). "
+QUANTIZE_CHOICES = ("none", "int8", "w8a8")
+QUANTIZE_HELP = ("Base weights for inference: none, int8 (weight-only, per output channel; CPU, fp32 base) or w8a8 "
+                 "(int8 weights and each row of activations rounded to int8: integer products, fastest for batches). "
                  "Adapters stay fp32. int8 reads a quarter of the bytes per decoded token.")
 _CONVERTED_MARKER = "loramux-converted.json"
 # Config keys that say how a checkpoint was saved, not what the network computes.
@@ -241,7 +242,7 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", devi
     `name_or_path` is an embedded model name (default: SmolLM2-135M-Instruct) or an HF model dir.
     `device` and `dtype` take 'auto' (see `resolve_device`, `resolve_dtype`); adapters keep fp32
     factors over any base dtype (fusion/layer.py). `quantize` "int8" rounds the base linears to
-    int8 weights for inference (quantize.py; fp32 bases only); the fingerprint stays the
+    int8 weights for inference, "w8a8" their inputs too (quantize.py; fp32 bases only); the fingerprint stays the
     full-precision one, so the library's adapters apply.
     """
     if quantize not in QUANTIZE_CHOICES:

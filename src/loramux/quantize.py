@@ -17,6 +17,14 @@ than fp32 and save no memory. `Int8Linear.reference` is the readable
 definition both are tested against (tests/test_quantize.py). The embedding table stays fp32: a
 token reads one row of it.
 
+`w8a8` (`W8A8Linear`) also rounds each row of activations to int8 at run time (symmetric, one
+scale per row: torchao's int8 dynamic-activation/int8-weight recipe; llama.cpp's q8_0 matmuls do
+the same with a scale per 32 values) and multiplies integers with PyTorch's `_int_mm` (oneDNN's
+s8s8s32 GEMM, which uses the CPU's integer dot-product instructions). With a batch of rows a step is
+bound by multiply throughput, not by reading weights, and integer dot products do several times
+the multiplies per instruction of fp32 FMAs; the integer sums are exact, so a row's result does not
+depend on its batch. The price is the activation rounding (benchmarks/quantize_accuracy.py).
+
 4-bit is not offered: PyTorch's CPU int4 weight-only kernel runs well below fp32 on AVX2-only
 CPUs (benchmarks/results/int8_linear.json), so 4 bits would save memory but cost speed.
 """
@@ -82,7 +90,52 @@ class Int8Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-_KERNEL: dict = {"op": None}
+# oneDNN's integer GEMM takes a slow path below this many rows (about 40x slower at one row for the
+# default model's MLP): fewer rows are padded with zeros, whose products are not read
+_INT_MM_MIN_ROWS = 4
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x rounded to int8 with its own scale max|row| / 127 (symmetric): (q, scale (..., 1))."""
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+class W8A8Linear(Int8Linear):
+    """y = s_x · s_w · (q_x · q_wᵀ) + bias: int8 weights as Int8Linear, and each input row rounded
+    to int8 with its own scale (`quantize_rows`) before an exact integer product."""
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition: the rounded rows and the dequantised weight, one linear in fp32."""
+        q, scale = quantize_rows(x.float())
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(q.float() * scale, self.dequantized(), bias).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            # rounding has no gradient: the rounded input passes the gradient straight through
+            # (a LoRA trained over this base still learns through it)
+            q, scale = quantize_rows(x.float())
+            xq = x + (q.float() * scale - x).detach()
+            return F.linear(xq, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        flat = x.float().reshape(rows, x.shape[-1])
+        q, scale = quantize_rows(flat)
+        if rows < _INT_MM_MIN_ROWS:
+            q = F.pad(q, (0, 0, 0, _INT_MM_MIN_ROWS - rows))
+        acc = torch._int_mm(q, self.weight.t())[:rows]
+        y = acc.float() * scale * self.scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace("int8", "w8a8")
+
+
+# looked up when quantizing; plain reads at run time (torch.compile traces through them):
+# "op" the int8 kernel, "quantize_rows" the row rounding the compiled w8a8 step uses (engine/graph.py)
+_KERNEL: dict = {"op": None, "quantize_rows": None}
 
 
 def _load_kernel() -> None:
@@ -96,12 +149,13 @@ def _load_kernel() -> None:
 
 
 def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
-    """Replace the decoder's linears and the output head by `Int8Linear`s (in place); returns how
+    """Replace the decoder's linears and the output head by `Int8Linear`s (`W8A8Linear`s for
+    "w8a8") in place; returns how
     many. The embedding stays fp32 (tied to the head in many small models: the head gets its own
     int8 copy). Call on a plain model, before fusing adapters or packing weights."""
     if mode == "none":
         return 0
-    if mode != "int8":
+    if mode not in ("int8", "w8a8"):
         raise LoramuxError(f"quantize: {mode!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     other = {str(m.weight.dtype) for m in linears if m.weight.dtype != torch.float32}
@@ -109,12 +163,17 @@ def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
         raise LoramuxError(f"quantize int8 takes an fp32 base (got {', '.join(sorted(other))}); load it with dtype float32")
     if sum(1 for m in linears if m is not getattr(model, "lm_head", None)) == 0:
         raise LoramuxError("quantize int8: this model's projections are not nn.Linear modules; only those are quantized")
-    if any(m.weight.device.type == "cpu" for m in linears):
+    if mode == "int8" and any(m.weight.device.type == "cpu" for m in linears):
         _load_kernel()
+    if mode == "w8a8" and _KERNEL["quantize_rows"] is None:  # optional: without it, tensor ops round the rows
+        from .kernels import quantize_rows_op
+
+        _KERNEL["quantize_rows"] = quantize_rows_op()
+    kind = Int8Linear if mode == "int8" else W8A8Linear
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear(child))
+                setattr(parent, name, kind(child))
                 count += 1
     return count

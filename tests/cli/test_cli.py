@@ -98,8 +98,11 @@ def test_train_score_generate(capsys, tmp_path, tiny_model_dir):
     code, out, _ = run(capsys, "generate", "the word is one", "--adapter", "toy", "-l", lib, "--quantize", "int8",
                        "--compile", "--model", str(tiny_model_dir), "--max-new-tokens", "4")
     assert code == 0 and out.strip() == "yes"  # the int8 kernel inside the Inductor-compiled step
+    code, out, _ = run(capsys, "generate", "the word is one", "--adapter", "toy", "-l", lib, "--quantize", "w8a8",
+                       "--model", str(tiny_model_dir), "--max-new-tokens", "4")
+    assert code == 0 and out.strip() == "yes"  # int8 weights and rows, integer products (quantize.py)
     code, _, err = run(capsys, "generate", "hi", "--quantize", "int4", "--model", str(tiny_model_dir))
-    assert code == 2 and "--quantize" in err and "'none'" in err and "'int8'" in err
+    assert code == 2 and "--quantize" in err and "'none'" in err and "'int8'" in err and "'w8a8'" in err
     code, _, err = run(capsys, "generate", "hi", "--mix", "toy=abc", "-l", lib, "--model", str(tiny_model_dir))
     assert code == 2 and "--mix entry 'toy=abc' is not name=weight" in err
     code, _, err = run(capsys, "generate", "hi", "--mix", "nope=1", "-l", lib, "--model", str(tiny_model_dir))

@@ -8,9 +8,9 @@ tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RM
 attention over the cache and each row's LoRA update (`fusion/layer.py`'s gathered form,
 y += ((x·Aᵀ)·c)·Bᵀ, with c folded into A once per row) become one generated program per
 shape, with no Python between ops up to 4 rows (an int8 base, quantize.py, the same way: its
-weight converted as it is read); above that each base linear is one call of
-`loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight, or of the int8
-kernel.
+weight converted as it is read; a w8a8 base multiplies and sums in int32); above that each base linear is one call of
+`loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight, of the int8
+kernel, or of the integer GEMM.
 
 The state it runs over (row slots, the static cache, each slot's LoRA factors) is kept by
 `compiled.py`. Position p of a row is written at index p of its slot: no left padding, and the
@@ -32,10 +32,11 @@ from torch import nn
 
 from ..cpu_linear import PackedLinear
 from ..errors import LoramuxError
-from ..quantize import Int8Linear
+from ..quantize import _KERNEL, Int8Linear, W8A8Linear, quantize_rows
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FAMILIES = ("llama", "mistral", "qwen2")
+_EXACT_TERMS = 1024  # int8 products fp32 sums exactly at a time: 1024 · 127² < 2^24
 
 
 def _linear(module: nn.Module) -> nn.Linear:
@@ -78,6 +79,7 @@ class DecodeGraph(nn.Module):
         config = model.config
         self.model = model
         self.layers = list(model.model.layers)
+        self.w8a8 = isinstance(_linear(model.model.layers[0].self_attn.q_proj), W8A8Linear)
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
@@ -105,7 +107,31 @@ class DecodeGraph(nn.Module):
             return y if bias is None else y + bias
         return torch.nn.functional.linear(x, weight, bias)
 
-    def _apply(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    def _rounded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A w8a8 base's few rows rounded to int8 once for every projection that reads them (q, k
+        and v; gate and up): as tensor ops, Inductor would round them again for every output of
+        every projection, and the operator costs a call each time."""
+        if not (self.w8a8 and x.shape[0] <= self.gemv_rows):
+            return None
+        op = _KERNEL["quantize_rows"]
+        return op(x.float()) if op is not None else quantize_rows(x.float())
+
+    def _apply(self, x: torch.Tensor, linear: nn.Linear,
+               rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if isinstance(linear, W8A8Linear):
+            if x.shape[0] <= self.gemv_rows:
+                # A multiply and sum fused into the step's program like the weight-only form (a
+                # padded GEMM call per linear cost more per step). Products of int8 values are
+                # integers, and fp32 adds integers exactly below 2^24: summed in fp32 over at most
+                # _EXACT_TERMS inputs at a time (127² · 1024 < 2^24), then in int32, these are the
+                # GEMM's exact sums, so a row's output does not depend on how many rows decode with it.
+                q, scale = rounded if rounded is not None else self._rounded(x)
+                qf, wf = q.float(), linear.weight.float()
+                acc = sum(self._matmul(qf[:, i:i + _EXACT_TERMS], wf[:, i:i + _EXACT_TERMS]).to(torch.int32)
+                          for i in range(0, q.shape[1], _EXACT_TERMS))
+                y = acc.float() * scale * linear.scale
+                return (y if linear.bias is None else y + linear.bias).to(x.dtype)
+            return linear(x)  # rounding the rows fuses into the program around one integer GEMM
         if isinstance(linear, Int8Linear):
             if x.shape[0] <= self.gemv_rows:
                 # the same multiply and sum over the int8 weight, converted as it is read, then each
@@ -121,8 +147,9 @@ class DecodeGraph(nn.Module):
             return torch.ops.loramux.packed_linear(x, linear.weight, linear.bias)
         return self._matmul(x, linear.weight, linear.bias)
 
-    def _proj(self, x: torch.Tensor, module: nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        y = self._apply(x, _linear(module))
+    def _proj(self, x: torch.Tensor, module: nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None,
+              rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        y = self._apply(x, _linear(module), rounded)
         if lora is not None:  # At (S, d_in, R) with each row's weights folded in, Bt (S, R, d_out)
             # fp32 factors whatever the base's dtype; the update is added in fp32 before one
             # rounding, PEFT's order (fusion/layer.py)
@@ -159,9 +186,10 @@ class DecodeGraph(nn.Module):
 
             attn, mlp = layer.self_attn, layer.mlp
             h = self._norm(x, layer.input_layernorm)
-            q = rope(self._proj(h, attn.q_proj, lo("q_proj")).view(S, H, D))
-            k = rope(self._proj(h, attn.k_proj, lo("k_proj")).view(S, G, D))
-            v = self._proj(h, attn.v_proj, lo("v_proj")).view(S, G, D)
+            r = self._rounded(h)
+            q = rope(self._proj(h, attn.q_proj, lo("q_proj"), r).view(S, H, D))
+            k = rope(self._proj(h, attn.k_proj, lo("k_proj"), r).view(S, G, D))
+            v = self._proj(h, attn.v_proj, lo("v_proj"), r).view(S, G, D)
             keys[i].index_put_((positions, rows), k)
             values[i].index_put_((positions, rows), v)
             # grouped-query attention of one query token per row over its slot's cache
@@ -171,8 +199,9 @@ class DecodeGraph(nn.Module):
             out = torch.einsum("sgql,lsgd->sgqd", probs, values[i]).reshape(S, H * D)
             x = x + self._proj(out, attn.o_proj, lo("o_proj"))
             h = self._norm(x, layer.post_attention_layernorm)
-            gate = self._proj(h, mlp.gate_proj, lo("gate_proj"))
-            up = self._proj(h, mlp.up_proj, lo("up_proj"))
+            r = self._rounded(h)
+            gate = self._proj(h, mlp.gate_proj, lo("gate_proj"), r)
+            up = self._proj(h, mlp.up_proj, lo("up_proj"), r)
             x = x + self._proj(torch.nn.functional.silu(gate) * up, mlp.down_proj, lo("down_proj"))
         x = self._norm(x, self.model.model.norm)
         return self._apply(x, _linear(self.model.lm_head))

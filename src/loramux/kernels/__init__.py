@@ -2,7 +2,8 @@
 
 `int8_linear` (int8_linear.cpp) is weight-only int8 matrix-vector work for decode on AVX2 CPUs,
 where PyTorch's own int8/int4 weight-only kernels are slower than fp32
-(`benchmarks/results/int8_linear.json`). It is compiled once per machine with the C++ compiler
+(`benchmarks/results/int8_linear.json`); `quantize_rows` rounds rows to int8 for the w8a8 base's
+compiled few-row step (engine/graph.py). It is compiled once per machine with the C++ compiler
 that TorchInductor needs anyway (`--compile`), and kept where PyTorch keeps built extensions
 (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), named by a digest of its source,
 the torch version and the CPU's instruction sets. It is registered as the
@@ -67,6 +68,10 @@ def _build() -> None:
     def _(x, q, scale):
         return x.new_empty(x.shape[0], q.shape[0])
 
+    @torch.library.register_fake("loramux::quantize_rows")
+    def _(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], 1)
+
 
 def int8_linear_op():
     """The compiled `torch.ops.loramux.int8_linear`, built on first call; None if it cannot be."""
@@ -80,6 +85,11 @@ def int8_linear_op():
             except Exception as e:  # no compiler, no ninja, an unsupported platform: the reference path serves
                 _state["op"], _state["error"] = None, f"{type(e).__name__}: {e}"
         return _state["op"]
+
+
+def quantize_rows_op():
+    """`torch.ops.loramux.quantize_rows` (int8_linear.cpp), built with the int8 kernel; None if it cannot be."""
+    return None if int8_linear_op() is None else __import__("torch").ops.loramux.quantize_rows
 
 
 def build_error() -> str | None:

@@ -13,6 +13,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -98,5 +101,36 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return out;
 }
 
-TORCH_LIBRARY(loramux, m) { m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor"); }
-TORCH_LIBRARY_IMPL(loramux, CPU, m) { m.impl("int8_linear", &int8_linear); }
+// Each row of x (M, K) rounded to int8 with its own scale max|row| / 127, exactly as
+// quantize.py's `quantize_rows` (the same fp32 division, rounding half to even): (q (M, K) int8,
+// scale (M, 1)). An operator so that the compiled decode step computes the rounded rows once:
+// written as tensor ops, Inductor recomputes them inside every output channel's sum.
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "quantize_rows: fp32 CPU x (M, K)");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  auto q = at::empty({M, K}, xc.options().dtype(at::kChar));
+  auto scale = at::empty({M, 1}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  for (int64_t i = 0; i < M; i++) {
+    const float* row = xp + i * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(row[k]));
+    const float s = std::max(amax / 127.0f, std::numeric_limits<float>::min());
+    sp[i] = s;
+    for (int64_t k = 0; k < K; k++)
+      qp[i * K + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(row[k] / s))));
+  }
+  return {q, scale};
+}
+
+TORCH_LIBRARY(loramux, m) {
+  m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(loramux, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("quantize_rows", &quantize_rows);
+}
