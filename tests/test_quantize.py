@@ -69,16 +69,69 @@ def test_rows_are_rounded_each_with_its_own_scale():
 
 
 def test_a_gradient_flows_through_the_w8a8_rounding():
-    """Rounding has no gradient: the input's gradient is the dequantised weight's (straight through)."""
+    """Rounding has no gradient: the input's gradient is that of the dequantised weight's linear
+    at the rounded input (straight through)."""
     _, q = quantized(40, 24, bias=True, mode="w8a8")
     x = torch.randn(3, 40, requires_grad=True)
     y = q(x)
     torch.testing.assert_close(y, q.reference(x.detach()))
     y.square().sum().backward()
-    x2 = x.detach().clone().requires_grad_()
+    rows, scale = quantize_rows(x.detach())
+    x2 = (rows.float() * scale).requires_grad_()
     torch.nn.functional.linear(x2, q.dequantized(), q.bias).square().sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad, atol=0.05, rtol=0.05)  # same gradient, at the rounded point
+    torch.testing.assert_close(x.grad, x2.grad)
     assert x.grad.abs().sum() > 0
+
+
+def test_the_rounding_operator_equals_quantize_rows(kernel):
+    """The compiled step's C++ rounding (kernels/int8_linear.cpp) bit for bit against the tensor
+    ops: ties (x/scale at .5), a zero row, tiny values, a non-contiguous input; a NaN row keeps
+    a NaN scale (its outputs are NaN either way)."""
+    from loramux.kernels import quantize_rows_op
+
+    op = quantize_rows_op()
+    x = torch.randn(6, 300)
+    x[1] = 0
+    x[2] *= 1e-30
+    x[3, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: ties round to even
+    x[3, 4:] = 0.25
+    cases = [x, torch.randn(300, 5).t()]
+    for xs in cases:
+        got, want = op(xs), quantize_rows(xs)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert op(x)[0][3, :4].tolist() == [127, 0, 2, -2]
+    nan = torch.randn(2, 16)
+    nan[1, 3] = float("nan")
+    assert torch.isnan(op(nan)[1][1]).all() and torch.isnan(quantize_rows(nan)[1][1]).all()
+
+
+@pytest.mark.parametrize("with_operator", [True, False])
+def test_the_compiled_few_row_w8a8_form_equals_the_gemm(kernel, monkeypatch, with_operator):
+    """DecodeGraph's form for up to 4 rows (rows rounded once, int8 products summed in fp32 chunks,
+    then int32), compiled by Inductor, bit for bit equal to W8A8Linear's integer GEMM, with a
+    K past one chunk; with and without the rounding operator."""
+    from loramux.engine.graph import DecodeGraph
+
+    _, q = quantized(2100, 96, bias=True, mode="w8a8")
+    if not with_operator:
+        monkeypatch.setitem(_KERNEL, "quantize_rows", None)
+    graph = DecodeGraph.__new__(DecodeGraph)
+    nn.Module.__init__(graph)
+    graph.gemv_rows, graph.w8a8 = 4, True
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: graph._apply(x, q), fullgraph=True, backend="inductor")
+    for rows in (1, 2, 4):
+        x = torch.randn(rows, 2100) * 3
+        assert torch.equal(fn(x), q(x))
+
+
+def test_w8a8_is_refused_where_the_integer_gemm_is_not_exact(monkeypatch):
+    import loramux.quantize as quantize
+
+    assert quantize._int_mm_is_exact()
+    monkeypatch.setattr(quantize, "_int_mm_is_exact", lambda: False)
+    with pytest.raises(LoramuxError, match="not return exact sums.*--quantize int8"):
+        quantize_linears(nn.Sequential(nn.Linear(8, 8)), "w8a8")
 
 
 def test_rounding_is_per_channel_and_within_half_a_step():

@@ -47,9 +47,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 DTYPE_HELP = "Base weights: auto (bf16 on a CUDA device that supports it, else fp32), float32, bfloat16 or float16."
 QUANTIZE_CHOICES = ("none", "int8", "w8a8")
-QUANTIZE_HELP = ("Base weights for inference: none, int8 (weight-only, per output channel; CPU, fp32 base) or w8a8 "
-                 "(int8 weights and each row of activations rounded to int8: integer products, fastest for batches). "
-                 "Adapters stay fp32. int8 reads a quarter of the bytes per decoded token.")
+QUANTIZE_HELP = ("Base weights for inference (CPU, fp32 base): none, int8 (weight-only, per output channel) or w8a8 "
+                 "(int8 weights and each row of activations rounded to int8: integer products, faster than int8 "
+                 "for batches of rows). Adapters stay fp32. Both read a quarter of fp32's bytes per decoded token.")
 _CONVERTED_MARKER = "loramux-converted.json"
 # Config keys that say how a checkpoint was saved, not what the network computes.
 _VOLATILE_CONFIG_KEYS = {

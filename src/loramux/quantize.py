@@ -1,4 +1,4 @@
-"""A quantized base under full-precision adapters: int8 weight-only base linears.
+"""A quantized base under full-precision adapters: int8 base linears (weight-only, or w8a8).
 
 Decoding one token reads every base weight once, so on a CPU a batch-1 step costs about the
 weights' bytes over the memory bandwidth; int8 weights are a quarter of fp32's. `quantize_linears`
@@ -12,18 +12,20 @@ The fast path is the C++ kernel in kernels/ (up to `KERNEL_ROWS` rows: decode an
 prefills; the compiled decode step, engine/graph.py, folds one to four rows into its own program
 instead); more rows (long prefills, or a decode batch wider than 64) dequantise to the input's
 dtype and run one GEMM, where converting the weight is amortised over the rows. Quantizing
-refuses a machine where the kernel cannot be built: dequantising at every call would be slower
-than fp32 and save no memory. `Int8Linear.reference` is the readable
+to int8 refuses a machine where the kernel cannot be built: dequantising at every call would be
+slower than fp32 and save no memory. `Int8Linear.reference` is the readable
 definition both are tested against (tests/test_quantize.py). The embedding table stays fp32: a
 token reads one row of it.
 
 `w8a8` (`W8A8Linear`) also rounds each row of activations to int8 at run time (symmetric, one
-scale per row: torchao's int8 dynamic-activation/int8-weight recipe; llama.cpp's q8_0 matmuls do
-the same with a scale per 32 values) and multiplies integers with PyTorch's `_int_mm` (oneDNN's
-s8s8s32 GEMM, which uses the CPU's integer dot-product instructions). With a batch of rows a step is
-bound by multiply throughput, not by reading weights, and integer dot products do several times
-the multiplies per instruction of fp32 FMAs; the integer sums are exact, so a row's result does not
-depend on its batch. The price is the activation rounding (benchmarks/quantize_accuracy.py).
+scale per row: torchao's `int8_dynamic_activation_int8_weight`; llama.cpp's q8_0 matmuls do the
+same with a scale per 32 values) and multiplies integers with PyTorch's `_int_mm` (oneDNN's
+s8s8s32 GEMM). With a batch of rows a step is bound by multiply throughput, not by reading
+weights; on CPUs with VNNI an integer dot-product instruction does four times the multiplies of an
+fp32 FMA of the same width (a 16-row step's linears: benchmarks/results/step_profile_w8a8_rows16.json).
+The integer sums are exact, so a row's result does not depend on its batch; quantizing checks
+that on this CPU (`_int_mm_is_exact`: oneDNN's int8 GEMM can saturate on CPUs without VNNI) and
+refuses w8a8 where it fails. The price is the activation rounding (benchmarks/quantize_accuracy.py).
 
 4-bit is not offered: PyTorch's CPU int4 weight-only kernel runs well below fp32 on AVX2-only
 CPUs (benchmarks/results/int8_linear.json), so 4 bits would save memory but cost speed.
@@ -90,8 +92,8 @@ class Int8Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-# oneDNN's integer GEMM takes a slow path below this many rows (about 40x slower at one row for the
-# default model's MLP): fewer rows are padded with zeros, whose products are not read
+# oneDNN's integer GEMM takes a much slower path below this many rows on this CPU class: fewer rows
+# are padded with zeros, whose products are not read (the compiled step's few rows never come here)
 _INT_MM_MIN_ROWS = 4
 
 
@@ -116,7 +118,7 @@ class W8A8Linear(Int8Linear):
             # rounding has no gradient: the rounded input passes the gradient straight through
             # (a LoRA trained over this base still learns through it)
             q, scale = quantize_rows(x.float())
-            xq = x + (q.float() * scale - x).detach()
+            xq = x + (q.float() * scale).to(x.dtype).sub(x).detach()
             return F.linear(xq, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         flat = x.float().reshape(rows, x.shape[-1])
@@ -148,6 +150,19 @@ def _load_kernel() -> None:
                                "(it needs a C++ compiler, as torch.compile does)")
 
 
+def _int_mm_is_exact() -> bool:
+    """torch._int_mm on inputs at ±127 (where an int16 intermediate would saturate) against int64
+    sums, at a one-row-padded and a many-row shape."""
+    g = torch.Generator().manual_seed(0)
+    for rows in (_INT_MM_MIN_ROWS, 33):
+        a = torch.where(torch.rand(rows, 256, generator=g) < 0.5, 127, -127).to(torch.int8)
+        b = torch.where(torch.rand(48, 256, generator=g) < 0.5, 127, -127).to(torch.int8)
+        a[0], b[0] = 127, 127  # one sum of 256 · 127²
+        if not torch.equal(torch._int_mm(a, b.t()).long(), a.long() @ b.long().t()):
+            return False
+    return True
+
+
 def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
     """Replace the decoder's linears and the output head by `Int8Linear`s (`W8A8Linear`s for
     "w8a8") in place; returns how
@@ -160,15 +175,21 @@ def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     other = {str(m.weight.dtype) for m in linears if m.weight.dtype != torch.float32}
     if other:  # checked before any change: a refused model is left as it was
-        raise LoramuxError(f"quantize int8 takes an fp32 base (got {', '.join(sorted(other))}); load it with dtype float32")
+        raise LoramuxError(f"quantize {mode} takes an fp32 base (got {', '.join(sorted(other))}); load it with dtype float32")
     if sum(1 for m in linears if m is not getattr(model, "lm_head", None)) == 0:
-        raise LoramuxError("quantize int8: this model's projections are not nn.Linear modules; only those are quantized")
+        raise LoramuxError(f"quantize {mode}: this model's projections are not nn.Linear modules; only those are quantized")
     if mode == "int8" and any(m.weight.device.type == "cpu" for m in linears):
         _load_kernel()
-    if mode == "w8a8" and _KERNEL["quantize_rows"] is None:  # optional: without it, tensor ops round the rows
-        from .kernels import quantize_rows_op
+    if mode == "w8a8":
+        if any(m.weight.device.type != "cpu" for m in linears):
+            raise LoramuxError("quantize w8a8 is a CPU option (torch._int_mm's CPU GEMM); load the base on the CPU")
+        if not _int_mm_is_exact():
+            raise LoramuxError("quantize w8a8: this CPU's integer GEMM (oneDNN) does not return exact sums for "
+                               "int8 inputs at the extremes; use --quantize int8")
+        if _KERNEL["quantize_rows"] is None:  # optional: without it, tensor ops round the rows, slower when compiled
+            from .kernels import quantize_rows_op
 
-        _KERNEL["quantize_rows"] = quantize_rows_op()
+            _KERNEL["quantize_rows"] = quantize_rows_op()
     kind = Int8Linear if mode == "int8" else W8A8Linear
     count = 0
     for parent in list(model.modules()):

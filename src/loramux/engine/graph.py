@@ -8,7 +8,7 @@ tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RM
 attention over the cache and each row's LoRA update (`fusion/layer.py`'s gathered form,
 y += ((x·Aᵀ)·c)·Bᵀ, with c folded into A once per row) become one generated program per
 shape, with no Python between ops up to 4 rows (an int8 base, quantize.py, the same way: its
-weight converted as it is read; a w8a8 base multiplies and sums in int32); above that each base linear is one call of
+weight converted as it is read; a w8a8 base sums its integer products exactly in fp32 chunks); above that each base linear is one call of
 `loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight, of the int8
 kernel, or of the integer GEMM.
 
@@ -113,7 +113,7 @@ class DecodeGraph(nn.Module):
         every projection, and the operator costs a call each time."""
         if not (self.w8a8 and x.shape[0] <= self.gemv_rows):
             return None
-        op = _KERNEL["quantize_rows"]
+        op = _KERNEL["quantize_rows"]  # tensor ops where it could not be built: exact, slower
         return op(x.float()) if op is not None else quantize_rows(x.float())
 
     def _apply(self, x: torch.Tensor, linear: nn.Linear,
@@ -125,7 +125,10 @@ class DecodeGraph(nn.Module):
                 # integers, and fp32 adds integers exactly below 2^24: summed in fp32 over at most
                 # _EXACT_TERMS inputs at a time (127² · 1024 < 2^24), then in int32, these are the
                 # GEMM's exact sums, so a row's output does not depend on how many rows decode with it.
-                q, scale = rounded if rounded is not None else self._rounded(x)
+                if rounded is None:
+                    op = _KERNEL["quantize_rows"]
+                    rounded = op(x.float()) if op is not None else quantize_rows(x.float())
+                q, scale = rounded
                 qf, wf = q.float(), linear.weight.float()
                 acc = sum(self._matmul(qf[:, i:i + _EXACT_TERMS], wf[:, i:i + _EXACT_TERMS]).to(torch.int32)
                           for i in range(0, q.shape[1], _EXACT_TERMS))

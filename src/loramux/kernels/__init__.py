@@ -10,8 +10,9 @@ the torch version and the CPU's instruction sets. It is registered as the
 operator `torch.ops.loramux.int8_linear`, with a shape-only implementation, so that
 `torch.compile` keeps it inside a compiled graph as one call.
 
-Where it cannot be built (no compiler, say), `int8_linear_op()` returns None with the reason in
-`build_error()`, and callers use the dequantising reference instead (quantize.py).
+Where it cannot be built (no compiler, say), `int8_linear_op()` and `quantize_rows_op()` return
+None with the reason in `build_error()`: `--quantize int8` is then refused (quantize.py), and the
+w8a8 step rounds rows with tensor ops (exact, slower when compiled).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 // y = x · (q · diag(scale))ᵀ for a few fp32 rows x (M, K), int8 weights q (N, K) and one fp32
-// scale per output channel (N): weight-only int8 decode (loramux/quantize.py).
+// scale per output channel (N): weight-only int8 decode (loramux/quantize.py). Below it,
+// `quantize_rows`, the w8a8 base's row rounding for the compiled few-row step.
 //
 // Decode reads every weight once per token, so int8 reads a quarter of fp32's bytes. The
 // kernel converts each 8-wide int8 chunk of a weight row to fp32 once and multiplies it into up
@@ -117,11 +118,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   for (int64_t i = 0; i < M; i++) {
     const float* row = xp + i * K;
     float amax = 0.0f;
-    for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(row[k]));
-    const float s = std::max(amax / 127.0f, std::numeric_limits<float>::min());
+    for (int64_t k = 0; k < K; k++) {
+      const float a = std::fabs(row[k]);
+      if (std::isnan(a) || a > amax) amax = a;  // a NaN propagates to the scale, as torch's amax
+      if (std::isnan(amax)) break;
+    }
+    const float s = std::isnan(amax) ? amax : std::max(amax / 127.0f, std::numeric_limits<float>::min());
     sp[i] = s;
-    for (int64_t k = 0; k < K; k++)
-      qp[i * K + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(row[k] / s))));
+    for (int64_t k = 0; k < K; k++) {
+      const float r = std::nearbyint(row[k] / s);
+      // a NaN row's outputs are NaN through its scale whatever q holds; casting NaN is undefined
+      qp[i * K + k] = std::isnan(r) ? 0 : static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+    }
   }
   return {q, scale};
 }
