@@ -227,3 +227,17 @@ def test_quantize_refuses_what_it_cannot_do(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(kernels, "_state", {"op": None, "error": "RuntimeError: no compiler"})
     with pytest.raises(LoramuxError, match="could not be built here: RuntimeError: no compiler"):
         quantize_linears(nn.Sequential(nn.Linear(8, 8)))
+
+
+def test_w8a8_without_its_operator_says_so_and_still_quantizes(monkeypatch, caplog):
+    """No compiler: the compiled step's rows are rounded with tensor ops (exact, slower), and the
+    log says why."""
+    import loramux.kernels as kernels
+
+    monkeypatch.setitem(_KERNEL, "quantize_rows", None)
+    monkeypatch.setattr(kernels, "_state", {"op": None, "error": "RuntimeError: no compiler"})
+    holder = nn.Sequential(nn.Linear(8, 8))
+    with caplog.at_level("WARNING", logger="loramux.quantize"):
+        assert quantize_linears(holder, "w8a8") == 1
+    assert type(holder[0]) is W8A8Linear and _KERNEL["quantize_rows"] is None
+    assert "could not be built (RuntimeError: no compiler)" in caplog.text

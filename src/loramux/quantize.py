@@ -33,12 +33,16 @@ CPUs (benchmarks/results/int8_linear.json), so 4 bits would save memory but cost
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import LoramuxError
 from .models import QUANTIZE_CHOICES
+
+log = logging.getLogger("loramux.quantize")
 
 # Rows up to which the kernel runs: it beat dequantise + GEMM at every measured count up to 64
 # (benchmarks/results/int8_linear.json: dequantising allocates and converts the whole weight per call)
@@ -190,6 +194,12 @@ def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
             from .kernels import quantize_rows_op
 
             _KERNEL["quantize_rows"] = quantize_rows_op()
+            if _KERNEL["quantize_rows"] is None:
+                from .kernels import build_error
+
+                log.warning("w8a8: the row-rounding operator could not be built (%s); the compiled decode step "
+                            "rounds rows with tensor ops instead: the same results, several times slower for a few rows",
+                            build_error())
     kind = Int8Linear if mode == "int8" else W8A8Linear
     count = 0
     for parent in list(model.modules()):
