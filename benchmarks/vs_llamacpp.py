@@ -308,8 +308,9 @@ def main() -> None:
     extra = ensure_stand_ins(stand_ins, base, "extra", 100 - len(names), 1000) if "library100_distinct" in rows else []
     if args.quantized_only and not args.quantize:
         raise SystemExit("--quantized-only needs --quantize")
-    precisions = ([] if args.quantized_only else [("fp32", [], "f32")]) + ([(args.quantize, ["--quantize", args.quantize], NEAREST[args.quantize])]
-                                          if args.quantize else [])
+    precisions = [] if args.quantized_only else [("fp32", [], "f32")]
+    if args.quantize:
+        precisions.append((args.quantize, ["--quantize", args.quantize], NEAREST[args.quantize]))
     gguf = {a: adapter_gguf(cache, model_dir, a, lib.adapter_dir(a)) for a in names}
     gguf |= {a: adapter_gguf(cache, model_dir, a, stand_ins.adapter_dir(a)) for a in extra}
     bases = {p: base_gguf(cache, model_dir, outtype) for p, _, outtype in precisions}

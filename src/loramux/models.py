@@ -242,8 +242,8 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", devi
     `name_or_path` is an embedded model name (default: SmolLM2-135M-Instruct) or an HF model dir.
     `device` and `dtype` take 'auto' (see `resolve_device`, `resolve_dtype`); adapters keep fp32
     factors over any base dtype (fusion/layer.py). `quantize` "int8" rounds the base linears to
-    int8 weights for inference, "w8a8" their inputs too (quantize.py; fp32 bases only); the fingerprint stays the
-    full-precision one, so the library's adapters apply.
+    int8 weights for inference, "w8a8" their inputs too (quantize.py; fp32 bases only); the
+    fingerprint stays the full-precision one, so the library's adapters apply.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise LoramuxError(f"quantize: {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")

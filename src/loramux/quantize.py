@@ -169,8 +169,7 @@ def _int_mm_is_exact() -> bool:
 
 def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
     """Replace the decoder's linears and the output head by `Int8Linear`s (`W8A8Linear`s for
-    "w8a8") in place; returns how
-    many. The embedding stays fp32 (tied to the head in many small models: the head gets its own
+    "w8a8") in place; returns how many. The embedding stays fp32 (tied to the head in many small models: the head gets its own
     int8 copy). Call on a plain model, before fusing adapters or packing weights."""
     if mode == "none":
         return 0

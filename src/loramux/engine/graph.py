@@ -8,9 +8,9 @@ tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RM
 attention over the cache and each row's LoRA update (`fusion/layer.py`'s gathered form,
 y += ((x·Aᵀ)·c)·Bᵀ, with c folded into A once per row) become one generated program per
 shape, with no Python between ops up to 4 rows (an int8 base, quantize.py, the same way: its
-weight converted as it is read; a w8a8 base sums its integer products exactly in fp32 chunks); above that each base linear is one call of
-`loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight, of the int8
-kernel, or of the integer GEMM.
+weight converted as it is read; a w8a8 base sums its integer products exactly in fp32 chunks);
+above that each base linear is one call of `loramux::packed_linear` (cpu_linear.py) on the
+server's oneDNN-packed weight, of the int8 kernel, or of the integer GEMM.
 
 The state it runs over (row slots, the static cache, each slot's LoRA factors) is kept by
 `compiled.py`. Position p of a row is written at index p of its slot: no left padding, and the
@@ -37,6 +37,13 @@ from ..quantize import _KERNEL, Int8Linear, W8A8Linear, quantize_rows
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FAMILIES = ("llama", "mistral", "qwen2")
 _EXACT_TERMS = 1024  # int8 products fp32 sums exactly at a time: 1024 · 127² < 2^24
+
+
+def _round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize.quantize_rows by its C++ operator; by the tensor ops where that could not be
+    built (the same values, slower compiled)."""
+    op = _KERNEL["quantize_rows"]
+    return op(x.float()) if op is not None else quantize_rows(x.float())
 
 
 def _linear(module: nn.Module) -> nn.Linear:
@@ -111,10 +118,7 @@ class DecodeGraph(nn.Module):
         """A w8a8 base's few rows rounded to int8 once for every projection that reads them (q, k
         and v; gate and up): as tensor ops, Inductor would round them again for every output of
         every projection, and the operator costs a call each time."""
-        if not (self.w8a8 and x.shape[0] <= self.gemv_rows):
-            return None
-        op = _KERNEL["quantize_rows"]  # tensor ops where it could not be built: exact, slower
-        return op(x.float()) if op is not None else quantize_rows(x.float())
+        return _round_rows(x) if self.w8a8 and x.shape[0] <= self.gemv_rows else None
 
     def _apply(self, x: torch.Tensor, linear: nn.Linear,
                rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -125,10 +129,7 @@ class DecodeGraph(nn.Module):
                 # integers, and fp32 adds integers exactly below 2^24: summed in fp32 over at most
                 # _EXACT_TERMS inputs at a time (127² · 1024 < 2^24), then in int32, these are the
                 # GEMM's exact sums, so a row's output does not depend on how many rows decode with it.
-                if rounded is None:
-                    op = _KERNEL["quantize_rows"]
-                    rounded = op(x.float()) if op is not None else quantize_rows(x.float())
-                q, scale = rounded
+                q, scale = rounded if rounded is not None else _round_rows(x)
                 qf, wf = q.float(), linear.weight.float()
                 acc = sum(self._matmul(qf[:, i:i + _EXACT_TERMS], wf[:, i:i + _EXACT_TERMS]).to(torch.int32)
                           for i in range(0, q.shape[1], _EXACT_TERMS))

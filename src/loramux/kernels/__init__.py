@@ -90,7 +90,11 @@ def int8_linear_op():
 
 def quantize_rows_op():
     """`torch.ops.loramux.quantize_rows` (int8_linear.cpp), built with the int8 kernel; None if it cannot be."""
-    return None if int8_linear_op() is None else __import__("torch").ops.loramux.quantize_rows
+    if int8_linear_op() is None:
+        return None
+    import torch
+
+    return torch.ops.loramux.quantize_rows
 
 
 def build_error() -> str | None:
