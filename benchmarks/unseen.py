@@ -1,7 +1,9 @@
 """Tasks outside the library: the 14-task library scored zero-shot on 8 BIG-bench tasks that no
 adapter was trained on, every strategy through one harness. Writes benchmarks/results/unseen.json
-(`average` {strategy: score}, `per_task`), a row as soon as it is scored; a rerun keeps rows
-whose recipe is unchanged, so the run can span sessions.
+(`average` {strategy: score}, `per_task`, `correct`: each prompt's 1/0, and `versus`: every
+strategy minus base and minus the multi-task LoRA in points, with a paired bootstrap interval over
+the prompts), a row as soon as it is scored; a rerun keeps rows whose recipe is unchanged, so the
+run can span sessions. `--limit-per-task 0` scores every test prompt (533 over the 8 tasks).
 
     python benchmarks/unseen.py [--data-dir ../shared/data/bigbench] [--limit-per-task 40]
         [--strategies base,uniform,...] [--mole-steps 400] [--multitask-steps 0] [--mbc-k 5]
@@ -37,6 +39,7 @@ from loramux import Library, LoraTrainConfig, load_base, load_tasks
 from loramux.bench.machine import machine
 from loramux.data.fetch import fetch_bigbench
 from loramux.evaluation.harness import EvalConfig, evaluate
+from loramux.evaluation.stats import paired_bootstrap
 from loramux.fusion import FusedModel
 
 # strategy -> what the harness runs, and over which library ("lib": the private library; else a side one)
@@ -114,6 +117,8 @@ def main() -> None:
         fused.unfuse()
         row = r["strategies"][harness]
         result["per_task"][s], result["average"][s] = row["per_task"], row["average"]
+        result.setdefault("correct", {})[s] = r["correct"][harness]
+        result["versus"] = versus(result)
         result["library_sha"][s] = library_sha(side) if where != "lib" else library_sha(lib)
         if "routing" in r:
             result.setdefault("routing", {})[s] = {"abstained": r["routing"][harness].get("abstained"),
@@ -125,6 +130,30 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")
     result["wall_seconds_last_run"] = round(time.perf_counter() - started, 1)
     out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled")
+
+
+def versus(result: dict) -> dict:
+    """Each scored strategy against base and against the multi-task LoRA: the difference of the
+    averages in points with its paired, per-task stratified bootstrap interval (stats.py), on the
+    same prompts; and the issue's two goals read off the point estimates."""
+    correct = result.get("correct", {})
+    out: dict = {}
+    for ref in ("base", "multitask"):
+        if ref in correct:
+            out[f"minus_{ref}"] = {s: paired_bootstrap(c, correct[ref]) for s, c in correct.items() if s != ref}
+    if "minus_base" in out:
+        vs = out["minus_base"]
+        routed = {s: vs[s]["difference"] for s in ROUTED if s in vs}
+        best = max(routed, key=routed.get) if routed else None
+        out["goals"] = {"do_no_harm_min_points": -0.5, "best_routed_min_points": 2.0,
+                        "below_base_minus_0.5": sorted(s for s, v in vs.items() if v["difference"] < -0.5),
+                        "best_routed": best, "best_routed_points": routed.get(best),
+                        "how": "point estimates of strategy minus base on the same prompts; each interval in "
+                               "minus_base says how much of the difference the prompts resolve"}
+    return out
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def test_strategies_side_by_side(tiny_model_dir, routed_lib, task_dir):
         assert set(v["per_task"]) == set(WORDS) and all(0 <= x <= 1 for x in v["per_task"].values())
         assert v["average"] == pytest.approx(sum(v["per_task"].values()) / 3, abs=1e-4)
         assert v["metric"] == dict.fromkeys(WORDS, "exact_str_match")
+    for k, v in s.items():  # per-prompt outcomes, whose means are the task scores (exact match)
+        assert {t: sum(c) / len(c) for t, c in result["correct"][k].items()} == pytest.approx(v["per_task"], abs=1e-4)
     assert s["dlp"]["per_task"] == s["oracle"]["per_task"]  # the router picks each task's own adapter
     routing = result["routing"]
     assert set(routing) == {"dlp", "dlp_p1.0", "dlp_p1.0_open"}  # only per-prompt routers have a confusion matrix

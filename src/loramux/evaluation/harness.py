@@ -63,7 +63,8 @@ def sample_indices(tasks: list["Task"], limit: int | None, seed: int) -> dict[st
 
 def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], config: EvalConfig = EvalConfig(), *,
              progress: bool = True, log=print) -> dict:
-    """{"strategies": {name: {"per_task", "average", "metric", "seconds"}}, "n_per_task", ...}."""
+    """{"strategies": {name: {"per_task", "average", "metric", "seconds"}}, "n_per_task",
+    "correct": {name: {task: [1/0 per prompt, in sample order]}}, ...}."""
     owner = {t: s.name for s in library.list() for t in s.tasks}
     missing = [t.name for t in tasks if t.name not in owner]
     if missing and ("oracle" in config.strategies):
@@ -106,18 +107,20 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
                     plans[s][key] = r.mixture
     scorer = MixtureScorer(fused, batch_size=config.batch_size, progress=progress, cache_dir=config.cache_dir)
     result: dict = {"strategies": {}, "n_per_task": {t: len(v) for t, v in indices.items()},
-                    "seed": config.seed, "adapters": adapters}
+                    "seed": config.seed, "adapters": adapters, "correct": {}}
     routed = {s: plan for s, plan in plans.items() if s.startswith("dlp")}
     if routed:
         result["routing"] = {s: routing_confusion(plan, owner, adapters) for s, plan in routed.items()}
     for s, plan in plans.items():
         started = time.perf_counter()
-        per_task, metric = {}, {}
+        per_task, metric, correct = {}, {}, {}
         for t in tasks:
             idx = indices[t.name]
             preds = scorer.score(t, [plan[(t.name, i)] for i in idx], idx)
             r = result_of(t, preds)
             per_task[t.name], metric[t.name] = round(r.score, 4), r.metric
+            correct[t.name] = [int(p.correct) for p in preds]  # per prompt, for paired comparisons (stats.py)
+        result["correct"][s] = correct
         average = round(sum(per_task.values()) / max(1, len(per_task)), 4)
         result["strategies"][s] = {"per_task": per_task, "average": average, "metric": metric,
                                    "seconds": round(time.perf_counter() - started, 1)}
