@@ -127,3 +127,41 @@ def test_inductor_compiles_once_per_slot_count_across_lengths(where, engine):
     ours = engine.generate(requests)
     assert [r.token_ids for r in ours] == [r.token_ids for r in eager]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles == 4
+
+
+def test_the_lora_table_holds_each_adapter_once_and_reuses_positions(engine):
+    """Rows that mix the same adapter share its table position; an adapter no row uses any more
+    keeps its position until a new adapter needs it, but not one that rows admitted with it
+    mix. (That rows step to the model's logits: the tests above.)"""
+    dec = compiled(engine).compiled
+    slots = dec.slots()
+    w = slots.width
+    assert w == 8  # the widest rank of the fixture's adapters
+
+    def admit(mixtures):
+        ids = [engine.base.tokenizer(PROMPTS[0])["input_ids"]] * len(mixtures)
+        input_ids = torch.tensor(ids)
+        mask = torch.ones_like(input_ids)
+        with torch.no_grad(), engine.fused.mixture(engine.sequence_mixture(mixtures)):
+            out = engine.base.model(input_ids=input_ids, attention_mask=mask, use_cache=True)
+        return slots.admit(out.cache, mask, mixtures)
+
+    first = admit([{"a": 1.0}, {"a": 0.5, "b": 0.5}, None])
+    assert slots.table == ["a", "b"] and slots.refs == {"a": 2, "b": 1}
+    assert slots.weights[first[1], :w].eq(0.5).all() and slots.weights[first[2]].eq(0).all()
+    slots.free([first[1]])  # b is unused now, its factors kept
+    assert slots.refs == {"a": 1, "b": 0} and slots.table == ["a", "b"]
+    again = admit([{"b": 1.0}])  # reuses b's position: nothing copied, nothing grown
+    assert slots.table == ["a", "b"] and slots.refs["b"] == 1
+    slots.free(again)
+    admit([{"c": 1.0}])  # takes the unused position of b
+    assert slots.table == ["a", "c"] and "b" not in slots.refs
+    slots.free([first[0]])
+    both = admit([{"b": 1.0}, {"a": 0.2, "b": 0.3}])  # a is unused, but these rows need it: b gets a new position
+    assert slots.table == ["a", "c", "b"] and slots.refs == {"a": 1, "b": 2, "c": 1}
+    mixtures = {s: m for s, m in enumerate(slots.mixtures) if slots.used[s]}
+    # each used row's weights over the table are its mixture's, column by column
+    for s, m in mixtures.items():
+        for p, name in enumerate(slots.table):
+            assert slots.weights[s, p * w:(p + 1) * w].eq((m or {}).get(name, 0.0)).all()
+    assert both and slots.lora["q_proj"][0].shape[1] == len(slots.table) * w

@@ -125,6 +125,13 @@ def test_bad_mixtures_and_adapters(tiny_model_dir, tiny_base, adapters, tmp_path
         only_attention.add_adapter("b", read_peft_dir(adapters["b"]))
     assert only_attention.adapters == []
     only_attention.add_adapter("a", read_peft_dir(adapters["a"]))  # still serves adapters that fit
+    broken = read_peft_dir(adapters["c"])
+    key = next(k for k in broken.tensors if "lora_B" in k)
+    broken.tensors[key] = broken.tensors[key].clone().fill_(float("nan"))
+    fresh = FusedModel(load_base(str(tiny_model_dir)))
+    with pytest.raises(LoramuxError, match="adapter 'c' has non-finite .* weights in module"):
+        fresh.add_adapter("c", broken)
+    assert fresh.adapters == []
 
 
 def test_adapter_memory_is_the_raw_tensor_bytes_for_equal_ranks(tiny_model_dir, tiny_base, tmp_path):

@@ -5,13 +5,14 @@ in the scheduler's batch state, so two schedulers over one engine never share on
 rows. The scheduler (the one decode loop, `scheduler.py`) uses them instead of the eager decode
 forward when the engine was built with `compile=True`. Prompts are still prefilled eagerly
 through the fused layers; each admitted row's keys and values are then copied into a slot of the
-static cache, and its mixture into that slot's LoRA factors (its weights and scalings folded
-into A once, so a step does no per-row bookkeeping). Every decode step runs `DecodeGraph`
+static cache, and its mixture into the slot's row of weights over the batch's table of adapter
+factors (an adapter new to the batch copied into the table once), so a step does no per-row
+bookkeeping. Every decode step runs `DecodeGraph`
 (`graph.py`) over all slots at once; free slots are computed and ignored.
 
 Shapes, and so compiles: the slot count S is a power of two (grown as rows join, one compile each,
-with and without LoRA); the cache length L and the LoRA width R are dynamic dimensions, so a
-longer context or another mixture width reuses the graph. The views passed each step cover the
+with and without LoRA); the cache length L and the LoRA table's width R are dynamic dimensions, so a
+longer context or another set of adapters reuses the graph. The views passed each step cover the
 first L positions, L the longest row rounded up to `_LENGTH_STEP`, so attention reads what rows
 use, not the whole allocation. Compiled graphs land in Inductor's on-disk cache: a second process
 with the same shapes loads them instead of compiling (`compile_seconds` records what each first
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("loramux.compiled")
 
 _LENGTH_STEP = 64  # the cache view grows in steps of this many positions
-_RANK_STEP = 8  # the LoRA width grows in steps of this many ranks
+_RANK_STEP = 8  # the LoRA table's width at warm-up (a dynamic dimension: any width reuses the graph)
 # One graph per (slot count, with or without LoRA): 1..64 slots is 14, above Dynamo's default of 8,
 # and with fullgraph=True hitting the limit raises rather than running uncompiled.
 _RECOMPILE_LIMIT = 32
@@ -104,26 +105,28 @@ class CompiledDecoder:
             keys = [torch.zeros(_LENGTH_STEP, S, g.n_kv, g.head_dim, dtype=self.dtype, device=self.device)
                     for _ in g.layers]
             values = [torch.zeros_like(k) for k in keys]
-            variants = [None]
+            variants = [(None, None)]
             if lora and self.fused.adapters:
-                variants.append({p: (torch.zeros(len(g.layers), S, self.dims(p)[0], _RANK_STEP, device=self.device),
-                                     torch.zeros(len(g.layers), S, _RANK_STEP, self.dims(p)[1], device=self.device))
-                                 for p in PROJECTIONS})
-            for factors in variants:
+                variants.append(({p: (torch.zeros(len(g.layers), _RANK_STEP, self.dims(p)[0], device=self.device),
+                                      torch.zeros(len(g.layers), self.dims(p)[1], _RANK_STEP, device=self.device))
+                                  for p in PROJECTIONS}, torch.zeros(S, _RANK_STEP, device=self.device)))
+            for factors, weights in variants:
                 tokens = torch.zeros(S, dtype=torch.long, device=self.device)
-                self.call(S, tokens, tokens.clone(), keys, values, factors)
+                self.call(S, tokens, tokens.clone(), keys, values, factors, weights)
             if S >= max_rows:
                 return dict(self.compile_seconds)
             S *= 2
 
-    def call(self, S: int, tokens, positions, keys, values, lora) -> torch.Tensor:
-        """The compiled step over S slots: the cache length and the LoRA width are marked dynamic
-        (one graph serves all); the first call of each (S, LoRA or not) is timed."""
+    def call(self, S: int, tokens, positions, keys, values, lora, weights) -> torch.Tensor:
+        """The compiled step over S slots: the cache length and the LoRA table's width are marked
+        dynamic (one graph serves all); the first call of each (S, LoRA or not) is timed."""
         for t in keys + values:
             torch._dynamo.mark_dynamic(t, 0)
-        for At, Bt in (lora or {}).values():
-            torch._dynamo.mark_dynamic(At, 3)
-            torch._dynamo.mark_dynamic(Bt, 2)
+        for A, B in (lora or {}).values():
+            torch._dynamo.mark_dynamic(A, 1)
+            torch._dynamo.mark_dynamic(B, 2)
+        if weights is not None:
+            torch._dynamo.mark_dynamic(weights, 1)
         name = f"rows{S}{'_lora' if lora is not None else ''}"
         warm = name in self.compile_seconds
         started = time.perf_counter()
@@ -142,7 +145,7 @@ class CompiledDecoder:
         # No duck sizing: L and R are separate dynamic sizes even when equal at the first call.
         with _STANCE_LOCK, torch.fx.experimental._config.patch(use_duck_shape=False), \
                 torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), stance:
-            logits = self._step(tokens, positions, keys, values, lora)
+            logits = self._step(tokens, positions, keys, values, lora, weights)
         if not warm:  # the first call compiles (or loads from Inductor's cache)
             self.compile_seconds[name] = round(time.perf_counter() - started, 1)
             log.info("compiled decode step %s in %.1f s", name, self.compile_seconds[name])
@@ -150,7 +153,17 @@ class CompiledDecoder:
 
 
 class Slots:
-    """The rows of one running batch: a static KV cache and LoRA factors, slot by slot."""
+    """The rows of one running batch: a static KV cache, and the LoRA factors of the adapters its
+    rows use, side by side in one table.
+
+    The table holds each adapter the batch's rows mix once, at a position of `width` columns
+    (its A scaled per module, its B), and `weights` (S, columns) gives each row's weight of every
+    column: a row's update is ((x·Aᵀ)·w_row)·Bᵀ over the whole table, the adapters it does not
+    mix weighted 0. Sixteen rows mixing 3 of 14 adapters read the 14 adapters' factors once per
+    step, where factors copied per row (each row's mixture folded into its own A) were read 48
+    times (~3.4x the bytes; at rank 8 on the default model 470 MB a step, about the base's 538).
+    A position whose adapter no row uses any more keeps its factors for a later row that mixes
+    it, until a new adapter needs the position."""
 
     def __init__(self, decoder: CompiledDecoder):
         self.decoder = decoder
@@ -160,72 +173,100 @@ class Slots:
         self.lengths: list[int] = []  # tokens in each slot's cache (the next position)
         self.used: list[bool] = []
         self.mixtures: list[dict[str, float] | None] = []
-        self.rank = 0
-        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.table: list[str | None] = []  # the adapter at each table position
+        self.refs: dict[str, int] = {}  # adapter -> used slots that mix it
+        fused = decoder.fused
+        # columns per position: the widest rank any fused layer holds
+        self.width = max((fused.layers[name].max_rank for name in decoder.fused_at.values()), default=0)
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # proj -> A, B (see _grow)
+        self.weights: torch.Tensor | None = None  # (S, positions · width)
 
-    def _grow(self, slots: int, length: int, rank: int) -> None:
-        """Reallocate for at least `slots` slots, `length` positions and LoRA width `rank`, keeping
-        what the slots hold. Every new tensor is made before any is swapped in: running out of
-        memory half-way leaves the batch as it was."""
+    def _grow(self, slots: int, length: int, positions: int) -> None:
+        """Reallocate for at least `slots` slots, `length` positions of cache and `positions` table
+        positions, keeping what the slots and the table hold. Every new tensor is made before any
+        is swapped in: running out of memory half-way leaves the batch as it was."""
         dec, g = self.decoder, self.decoder.graph
         n_layers = len(g.layers)
         S = max(self.capacity, _pow2(slots))
         L = max(self.keys[0].shape[0] if self.keys else 0, length)
-        R = max(self.rank, rank)
+        P = max(len(self.table), positions)
         keys, values = self.keys, self.values
         if S != self.capacity or not self.keys or L != self.keys[0].shape[0]:
             keys = [torch.zeros(L, S, g.n_kv, g.head_dim, dtype=dec.dtype, device=dec.device) for _ in range(n_layers)]
             values = [torch.zeros_like(k) for k in keys]
             for new, old in zip(keys + values, self.keys + self.values):
                 new[: old.shape[0], : self.capacity] = old
-        lora = self.lora
-        if R and (S != self.capacity or R != self.rank):
+        lora, weights, R, old_R = self.lora, self.weights, P * self.width, len(self.table) * self.width
+        if R and R != old_R:
             lora = {}
             for proj in PROJECTIONS:
                 d_in, d_out = dec.dims(proj)
-                At = torch.zeros(n_layers, S, d_in, R, dtype=torch.float32, device=dec.device)
-                Bt = torch.zeros(n_layers, S, R, d_out, dtype=torch.float32, device=dec.device)
+                A = torch.zeros(n_layers, R, d_in, dtype=torch.float32, device=dec.device)
+                B = torch.zeros(n_layers, d_out, R, dtype=torch.float32, device=dec.device)
                 if self.lora is not None:
-                    At[:, : self.capacity, :, : self.rank] = self.lora[proj][0]
-                    Bt[:, : self.capacity, : self.rank] = self.lora[proj][1]
-                lora[proj] = (At, Bt)
+                    A[:, :old_R] = self.lora[proj][0]
+                    B[:, :, :old_R] = self.lora[proj][1]
+                lora[proj] = (A, B)
+        if R and (R != old_R or S != self.capacity):
+            weights = torch.zeros(S, R, dtype=torch.float32, device=dec.device)
+            if self.weights is not None:
+                weights[: self.capacity, :old_R] = self.weights
         extra = S - self.capacity
-        self.keys, self.values, self.lora, self.rank, self.capacity = keys, values, lora, R, S
+        self.keys, self.values, self.lora, self.weights, self.capacity = keys, values, lora, weights, S
+        self.table += [None] * (P - len(self.table))
         self.lengths += [0] * extra
         self.used += [False] * extra
         self.mixtures += [None] * extra
 
-    def _width(self, mixture: dict[str, float] | None) -> int:
-        if not mixture:
-            return 0
-        dec = self.decoder
-        r = max((dec.fused.layers[name].max_rank for name in dec.fused_at.values()), default=0)
-        return _round_up(len(mixture) * r, _RANK_STEP)
+    def _positions_needed(self, mixtures: list[dict[str, float] | None]) -> int:
+        """Table positions for the adapters these rows mix on top of the batch's."""
+        wanted = {a for m in mixtures if m for a in m}
+        spare = sum(1 for a in self.table if a is None or (not self.refs.get(a) and a not in wanted))
+        return len(self.table) + max(0, len(wanted - set(self.table)) - spare)
 
-    def _write_mixture(self, slot: int, mixture: dict[str, float] | None) -> None:
-        """Slot `slot`'s factors: each adapter's A times its weight and scaling, concatenated along
-        the rank (fusion/layer.py's gathered form), zero beyond; all zero for the base model."""
-        self.mixtures[slot] = mixture
-        if self.lora is None:
-            return
-        for (At, Bt) in self.lora.values():
-            At[:, slot].zero_()
-            Bt[:, slot].zero_()
-        if not mixture:
-            return
-        dec = self.decoder
-        idx = torch.tensor([dec.fused.slot(n) for n in mixture], device=dec.device)
-        weights = torch.tensor(list(mixture.values()), dtype=torch.float32, device=dec.device)
-        for (i, proj), name in dec.fused_at.items():
-            layer = dec.fused.layers[name]
+    def _place(self, name: str, keep: frozenset[str] = frozenset()) -> int:
+        """The table position holding adapter `name`, writing its factors into a free one if the
+        table does not hold it (admit grew the table for it). A position whose adapter is unused
+        is free unless it is in `keep` (wanted by rows being admitted with this one)."""
+        if name in self.table:
+            return self.table.index(name)
+        free = [p for p, a in enumerate(self.table) if a is None] or \
+               [p for p, a in enumerate(self.table) if not self.refs.get(a) and a not in keep]
+        if not free:  # not reached after admit's sizing; kept so a caller that did not size still works
+            self._grow(self.capacity, 0, len(self.table) + 1)
+            free = [len(self.table) - 1]
+        p = free[0]
+        dec, w = self.decoder, self.width
+        k = dec.fused.slot(name)
+        for (i, proj), module in dec.fused_at.items():
+            layer = dec.fused.layers[module]
+            A, B = self.lora[proj]
+            A[i, p * w:(p + 1) * w] = 0
+            B[i, :, p * w:(p + 1) * w] = 0
             if layer.max_rank == 0:  # no loaded adapter adapts this module
                 continue
-            coef = weights * layer.scaling[idx]
-            A = (layer.lora_A[idx] * coef[:, None, None]).reshape(-1, layer.lora_A.shape[-1])  # (m·r, d_in)
-            B = layer.lora_B[idx].transpose(1, 2).reshape(-1, layer.lora_B.shape[1])  # (m·r, d_out)
-            At, Bt = self.lora[proj]
-            At[i, slot, :, : A.shape[0]] = A.T
-            Bt[i, slot, : B.shape[0]] = B
+            r = layer.lora_A.shape[1]
+            A[i, p * w:p * w + r] = layer.lora_A[k] * layer.scaling[k]
+            B[i, :, p * w:p * w + r] = layer.lora_B[k]
+        if self.table[p] is not None:
+            self.refs.pop(self.table[p], None)
+        self.table[p] = name
+        return p
+
+    def _write_mixture(self, slot: int, mixture: dict[str, float] | None, keep: frozenset[str] = frozenset()) -> None:
+        """Slot `slot`'s mixture: its weights over the table's columns (zero elsewhere, all zero for
+        the base model), and the table's reference counts (`keep`: see _place)."""
+        for a in self.mixtures[slot] or {}:
+            self.refs[a] -= 1
+        self.mixtures[slot] = mixture
+        if not self.width:  # no loaded adapter adapts anything: every mixture is the base model
+            return
+        if self.weights is not None:
+            self.weights[slot] = 0
+        for a, weight in (mixture or {}).items():
+            p = self._place(a, keep)
+            self.refs[a] = self.refs.get(a, 0) + 1
+            self.weights[slot, p * self.width:(p + 1) * self.width] = weight
 
     def admit(self, cache, mask: torch.Tensor, mixtures: list[dict[str, float] | None]) -> list[int]:
         """Take the rows of an eager prefill: `cache` its KV cache (`mask` (B, W): a row's tokens
@@ -235,11 +276,12 @@ class Slots:
         lengths = mask.sum(-1).tolist()
         free = [s for s, u in enumerate(self.used) if not u]
         need = len(mixtures) - len(free)
-        width = max(self._width(m) for m in mixtures)
         longest = max(lengths + self.lengths)
-        self._grow(self.capacity + max(need, 0), _round_up(longest + 1, _LENGTH_STEP), width)
+        self._grow(self.capacity + max(need, 0), _round_up(longest + 1, _LENGTH_STEP),
+                   self._positions_needed(mixtures) if self.width else 0)
         free = [s for s, u in enumerate(self.used) if not u][: len(mixtures)]
         dtype = self.decoder.dtype
+        wanted = frozenset(a for m in mixtures if m for a in m)
         try:
             for b, (slot, n) in enumerate(zip(free, lengths)):
                 self.used[slot] = True
@@ -248,7 +290,7 @@ class Slots:
                     self.keys[i][:n, slot] = layer.keys[b][:, where].transpose(0, 1).to(dtype)
                     self.values[i][:n, slot] = layer.values[b][:, where].transpose(0, 1).to(dtype)
                 self.lengths[slot] = n
-                self._write_mixture(slot, mixtures[b])
+                self._write_mixture(slot, mixtures[b], wanted)
         except BaseException:
             self.free([s for s in free if self.used[s]])
             raise
@@ -278,8 +320,9 @@ class Slots:
         token_row = torch.tensor(row_tokens, device=dec.device)
         positions = torch.tensor(self.lengths, device=dec.device)
         keys, values = [k[:L] for k in self.keys], [v[:L] for v in self.values]
-        lora = self.lora if self.lora is not None and any(self.mixtures[s] for s in slots) else None
-        logits = dec.call(self.capacity, token_row, positions, keys, values, lora)
+        mixed = self.lora is not None and any(self.mixtures[s] for s in slots)
+        logits = dec.call(self.capacity, token_row, positions, keys, values, self.lora if mixed else None,
+                          self.weights if mixed else None)
         for s in slots:
             self.lengths[s] += 1
         return logits[torch.tensor(slots, device=logits.device)]

@@ -5,8 +5,8 @@ dispatch per op; with one row that overhead is about half of a step of the defau
 (`benchmarks/results/serve.json`, `decode_step_profile`), while the step's floor is reading the
 weights once. Here one decode step of a Llama-family model is written as a plain function of
 tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RMSNorm, RoPE,
-attention over the cache and each row's LoRA update (`fusion/layer.py`'s gathered form,
-y += ((x·Aᵀ)·c)·Bᵀ, with c folded into A once per row) become one generated program per
+attention over the cache and each row's LoRA update (y += ((x·Aᵀ)·w)·Bᵀ over the factors of
+every adapter the batch mixes, w the row's weight of each, compiled.py's table) become one generated program per
 shape, with no Python between ops up to 4 rows (an int8 base, quantize.py, the same way: its
 weight converted as it is read; a w8a8 base sums its integer products exactly in fp32 chunks);
 above that each base linear is one call of `loramux::packed_linear` (cpu_linear.py) on the
@@ -152,22 +152,25 @@ class DecodeGraph(nn.Module):
         return self._matmul(x, linear.weight, linear.bias)
 
     def _proj(self, x: torch.Tensor, module: nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None,
-              rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              weights: torch.Tensor | None, rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         y = self._apply(x, _linear(module), rounded)
-        if lora is not None:  # At (S, d_in, R) with each row's weights folded in, Bt (S, R, d_out)
-            # fp32 factors whatever the base's dtype; the update is added in fp32 before one
-            # rounding, PEFT's order (fusion/layer.py)
-            delta = torch.bmm(torch.bmm(x.float()[:, None], lora[0]), lora[1])[:, 0]
-            y = (y.float() + delta).to(x.dtype)
+        if lora is not None:  # the batch's adapters side by side: A (R, d_in) scaled, B (d_out, R)
+            # each row's weights (S, R) over the columns; fp32 factors whatever the base's dtype,
+            # the update added in fp32 before one rounding, PEFT's order (fusion/layer.py)
+            z = self._matmul(x.float(), lora[0]) * weights
+            y = (y.float() + self._matmul(z, lora[1])).to(x.dtype)
         return y
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                values: list[torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions (S,); keys/values: per layer (L, S, n_kv, head_dim), written in place at
         each row's position (one tensor per layer: Inductor then updates it in place, where a
         slice of one stacked tensor was copied whole at every write; positions first, so that the
-        first L of a longer cache is a contiguous view); lora: projection -> (At (layers, S, d_in, R),
-        Bt (layers, S, R, d_out)). Returns the next-token logits (S, vocab)."""
+        first L of a longer cache is a contiguous view); lora: projection -> (A (layers, R, d_in),
+        B (layers, d_out, R)), the batch's adapters' factors side by side, A scaled, and weights
+        (S, R) each row's weight of every column (compiled.py's table). Returns the next-token
+        logits (S, vocab)."""
         S, L = tokens.shape[0], keys[0].shape[0]
         H, G, D = self.n_heads, self.n_kv, self.head_dim
         x = self.model.model.embed_tokens.weight[tokens]  # (S, d)
@@ -191,21 +194,26 @@ class DecodeGraph(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._norm(x, layer.input_layernorm)
             r = self._rounded(h)
-            q = rope(self._proj(h, attn.q_proj, lo("q_proj"), r).view(S, H, D))
-            k = rope(self._proj(h, attn.k_proj, lo("k_proj"), r).view(S, G, D))
-            v = self._proj(h, attn.v_proj, lo("v_proj"), r).view(S, G, D)
+            q = rope(self._proj(h, attn.q_proj, lo("q_proj"), weights, r).view(S, H, D))
+            k = rope(self._proj(h, attn.k_proj, lo("k_proj"), weights, r).view(S, G, D))
+            v = self._proj(h, attn.v_proj, lo("v_proj"), weights, r).view(S, G, D)
             keys[i].index_put_((positions, rows), k)
             values[i].index_put_((positions, rows), v)
-            # grouped-query attention of one query token per row over its slot's cache
-            qg = q.view(S, G, H // G, D)
-            scores = torch.einsum("sgqd,lsgd->sgql", qg, keys[i]).float() / math.sqrt(D)
-            probs = torch.softmax(scores + bias[:, None, None, :], dim=-1).to(x.dtype)  # fp32, as transformers
-            out = torch.einsum("sgql,lsgd->sgqd", probs, values[i]).reshape(S, H * D)
-            x = x + self._proj(out, attn.o_proj, lo("o_proj"))
+            # grouped-query attention of one query token per row over its slot's cache, as
+            # multiplies and sums over the cache in its own (L, S, G, D) layout: Inductor fuses
+            # them with the softmax into the step's program, where an einsum became two batched
+            # matmul calls per layer, each on a permuted copy of the cache view (benchmarks/
+            # step_profile.py). Products and sums in fp32, as a matmul accumulates.
+            qg = q.float().view(S, G, H // G, D)
+            scores = (qg[None] * keys[i].float()[:, :, :, None, :]).sum(-1).permute(1, 2, 3, 0) / math.sqrt(D)
+            probs = torch.softmax(scores + bias[:, None, None, :], dim=-1)  # (S, G, H/G, L), fp32 as transformers
+            out = (probs.permute(3, 0, 1, 2)[..., None] * values[i].float()[:, :, :, None, :]).sum(0)
+            out = out.to(x.dtype).reshape(S, H * D)
+            x = x + self._proj(out, attn.o_proj, lo("o_proj"), weights)
             h = self._norm(x, layer.post_attention_layernorm)
             r = self._rounded(h)
-            gate = self._proj(h, mlp.gate_proj, lo("gate_proj"), r)
-            up = self._proj(h, mlp.up_proj, lo("up_proj"), r)
-            x = x + self._proj(torch.nn.functional.silu(gate) * up, mlp.down_proj, lo("down_proj"))
+            gate = self._proj(h, mlp.gate_proj, lo("gate_proj"), weights, r)
+            up = self._proj(h, mlp.up_proj, lo("up_proj"), weights, r)
+            x = x + self._proj(torch.nn.functional.silu(gate) * up, mlp.down_proj, lo("down_proj"), weights)
         x = self._norm(x, self.model.model.norm)
         return self._apply(x, _linear(self.model.lm_head))

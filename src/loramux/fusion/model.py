@@ -91,6 +91,13 @@ class FusedModel:
         if name in self.adapters:
             raise LoramuxError(f"adapter {name!r} is already loaded; unload it first")
         factors = lora_factors(files)
+        # Refused here, not met mid-batch: the compiled step multiplies every row by the factors
+        # of every adapter its batch holds (engine/compiled.py), so a NaN factor would reach rows
+        # that weigh that adapter 0 (0 · NaN = NaN)
+        broken = sorted(m for m, ab in factors.items() if not all(torch.isfinite(t).all() for t in ab.values()))
+        if broken:
+            raise LoramuxError(f"adapter {name!r} has non-finite (NaN or infinite) weights in module(s) "
+                               f"{broken[:3]}{'...' if len(broken) > 3 else ''}; retrain or re-export it")
         outside = sorted(m for m in factors if m not in self.layers)
         if outside:
             raise LoramuxError(
