@@ -12,7 +12,7 @@ weight converted as it is read; a w8a8 base sums its integer products exactly in
 above that each base linear is one call of `loramux::packed_linear` (cpu_linear.py) on the
 server's oneDNN-packed weight, of the int8 kernel, or of the integer GEMM.
 
-The state it runs over (row slots, the static cache, each slot's LoRA factors) is kept by
+The state it runs over (row slots, the static cache, the batch's table of LoRA factors) is kept by
 `compiled.py`. Position p of a row is written at index p of its slot: no left padding, and the
 mask is `index <= position`.
 
