@@ -125,7 +125,8 @@ def main() -> None:
                                                    "mean_adapters": r["routing"][harness].get("mean_adapters")}
         result.update(metric=row["metric"], n_per_task=r["n_per_task"], command="python " + " ".join(sys.argv),
                       date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
-                      missing=[x for x in wanted if x not in result["average"]])
+                      missing=[x for x in wanted if x not in result["average"]],
+                      not_scored=[x for x in STRATEGIES if x not in result["average"]])
         log(f"{s}: average {row['average']:.4f}")
         out.write_text(json.dumps(result, indent=1) + "\n")
     result["wall_seconds_last_run"] = round(time.perf_counter() - started, 1)
