@@ -27,7 +27,7 @@ def alone(engine, request):
 
 def test_rows_joining_leaving_and_reusing_slots_match_each_request_alone(where, engine):
     """fp32: token for token. Rows join a running batch, one retires and a joiner takes its
-    slot, and a later joiner mixes more adapters than anyone before (the LoRA width grows)."""
+    slot, and a later joiner mixes more adapters than anyone before (the adapter table grows)."""
     if where.dtype != "float32":
         pytest.skip("token-for-token equality is an fp32 claim (bf16: the step test below)")
     compiled(engine)
@@ -165,3 +165,51 @@ def test_the_lora_table_holds_each_adapter_once_and_reuses_positions(engine):
         for p, name in enumerate(slots.table):
             assert slots.weights[s, p * w:(p + 1) * w].eq((m or {}).get(name, 0.0)).all()
     assert both and slots.lora["q_proj"][0].shape[1] == len(slots.table) * w
+
+
+def _admit(engine, slots, mixtures):
+    ids = [engine.base.tokenizer(PROMPTS[0])["input_ids"]] * len(mixtures)
+    input_ids = torch.tensor(ids)
+    mask = torch.ones_like(input_ids)
+    with torch.no_grad(), engine.fused.mixture(engine.sequence_mixture(mixtures)):
+        out = engine.base.model(input_ids=input_ids, attention_mask=mask, use_cache=True)
+    return slots.admit(out.cache, mask, mixtures)
+
+
+def test_the_lora_table_sheds_positions_no_row_uses(engine):
+    """Every step reads the whole table: once its unused trailing positions are half of it, they
+    go, and a table no row uses is dropped."""
+    slots = compiled(engine).compiled.slots()
+    rows = _admit(engine, slots, [{"a": 1.0}, {"b": 1.0}, {"c": 1.0}])
+    assert slots.table == ["a", "b", "c"]
+    slots.free([rows[2]])  # one of three unused: kept (c stays cached for a later row)
+    assert slots.table == ["a", "b", "c"]
+    slots.free([rows[1]])  # two of three: the table shrinks to what is used
+    assert slots.table == ["a"] and slots.refs == {"a": 1}
+    assert slots.lora["q_proj"][0].shape[1] == slots.weights.shape[1] == slots.width
+    slots.free([rows[0]])
+    assert slots.table == [] and slots.lora is None and slots.weights is None
+    again = _admit(engine, slots, [{"c": 0.5, "a": 0.5}])  # and grows again from nothing
+    assert slots.table == ["c", "a"] and slots.weights[again[0]].eq(0.5).all()
+
+
+def test_a_failure_while_filling_the_table_leaves_it_consistent(engine, monkeypatch):
+    """An error half-way through a row's adapters (e.g. out of memory) fails that admission
+    alone: no slot held, no adapter counted or named at a half-written position."""
+    slots = compiled(engine).compiled.slots()
+    running = _admit(engine, slots, [{"a": 1.0}])
+    real = slots.decoder.fused.slot
+
+    def failing(name):
+        if name == "c":
+            raise MemoryError("out of memory")
+        return real(name)
+
+    monkeypatch.setattr(slots.decoder.fused, "slot", failing)
+    with pytest.raises(MemoryError):
+        _admit(engine, slots, [{"b": 1.0, "c": 1.0}])
+    assert [s for s, u in enumerate(slots.used) if u] == running
+    assert slots.refs.get("a") == 1 and not slots.refs.get("b") and "c" not in slots.table
+    monkeypatch.undo()
+    ok = _admit(engine, slots, [{"c": 1.0}])  # the table still serves
+    assert "c" in slots.table and slots.refs["c"] == 1 and ok

@@ -129,9 +129,13 @@ def test_bad_mixtures_and_adapters(tiny_model_dir, tiny_base, adapters, tmp_path
     key = next(k for k in broken.tensors if "lora_B" in k)
     broken.tensors[key] = broken.tensors[key].clone().fill_(float("nan"))
     fresh = FusedModel(load_base(str(tiny_model_dir)))
-    with pytest.raises(LoramuxError, match="adapter 'c' has non-finite .* weights in module"):
+    with pytest.raises(LoramuxError, match="adapter 'c' has non-finite .* weights or scale in module"):
         fresh.add_adapter("c", broken)
     assert fresh.adapters == []
+    huge = read_peft_dir(adapters["a"])
+    huge.config["lora_alpha"] = 1e40  # finite in JSON, infinite as the fp32 scale the fused layers hold
+    with pytest.raises(LoramuxError, match="adapter 'a' has non-finite .* scale"):
+        fresh.add_adapter("a", huge)
 
 
 def test_adapter_memory_is_the_raw_tensor_bytes_for_equal_ranks(tiny_model_dir, tiny_base, tmp_path):

@@ -59,7 +59,7 @@ def _pow2(n: int) -> int:
 
 
 class CompiledDecoder:
-    """The compiled step of one engine, and what building a slot's factors needs."""
+    """The compiled step of one engine, and what filling a batch's adapter table needs."""
 
     def __init__(self, fused: "FusedModel", *, backend: str = "inductor", gemv_rows: int = 4):
         """`backend`: torch.compile's ("eager" runs the same graph without compiling: tests)."""
@@ -69,7 +69,7 @@ class CompiledDecoder:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         by_module = {id(m): name for name, m in fused.layers.items()}
-        # (layer index, projection) -> the fused layer's name, for building a slot's factors
+        # (layer index, projection) -> the fused layer's name, for filling the adapter table
         self.fused_at: dict[tuple[int, str], str] = {}
         for i, layer in enumerate(self.graph.layers):
             for proj in PROJECTIONS:
@@ -178,6 +178,8 @@ class Slots:
         fused = decoder.fused
         # columns per position: the widest rank any fused layer holds
         self.width = max((fused.layers[name].max_rank for name in decoder.fused_at.values()), default=0)
+        if self.width == 1:  # rank-1 adapters: a table of one position would be 1 wide, a size Dynamo specialises on
+            self.width = 2
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # proj -> A, B (see _grow)
         self.weights: torch.Tensor | None = None  # (S, positions · width)
 
@@ -238,6 +240,9 @@ class Slots:
         p = free[0]
         dec, w = self.decoder, self.width
         k = dec.fused.slot(name)
+        if self.table[p] is not None:  # free while written: a failure half-way leaves no adapter named here
+            self.refs.pop(self.table[p], None)
+            self.table[p] = None
         for (i, proj), module in dec.fused_at.items():
             layer = dec.fused.layers[module]
             A, B = self.lora[proj]
@@ -248,25 +253,43 @@ class Slots:
             r = layer.lora_A.shape[1]
             A[i, p * w:p * w + r] = layer.lora_A[k] * layer.scaling[k]
             B[i, :, p * w:p * w + r] = layer.lora_B[k]
-        if self.table[p] is not None:
-            self.refs.pop(self.table[p], None)
         self.table[p] = name
         return p
 
     def _write_mixture(self, slot: int, mixture: dict[str, float] | None, keep: frozenset[str] = frozenset()) -> None:
         """Slot `slot`'s mixture: its weights over the table's columns (zero elsewhere, all zero for
         the base model), and the table's reference counts (`keep`: see _place)."""
+        if not self.width:  # no loaded adapter adapts anything: every mixture is the base model
+            self.mixtures[slot] = dict(mixture) if mixture else None
+            return
         for a in self.mixtures[slot] or {}:
             self.refs[a] -= 1
-        self.mixtures[slot] = mixture
-        if not self.width:  # no loaded adapter adapts anything: every mixture is the base model
-            return
+        self.mixtures[slot] = None
         if self.weights is not None:
             self.weights[slot] = 0
-        for a, weight in (mixture or {}).items():
-            p = self._place(a, keep)
+        # every adapter placed first, then counted: a failure half-way leaves the slot on the base
+        # model with nothing counted for it
+        placed = {a: self._place(a, keep) for a in mixture or {}}
+        for a, p in placed.items():
             self.refs[a] = self.refs.get(a, 0) + 1
-            self.weights[slot, p * self.width:(p + 1) * self.width] = weight
+            self.weights[slot, p * self.width:(p + 1) * self.width] = mixture[a]
+        self.mixtures[slot] = dict(mixture) if mixture else None
+
+    def _trim(self) -> None:
+        """Drop the table's trailing positions that no row uses once they are most of it: every
+        step reads every position, so a batch that once mixed many adapters and now mixes few
+        would otherwise keep reading them all (new adapters take the lowest free position)."""
+        live = max((p + 1 for p, a in enumerate(self.table) if a is not None and self.refs.get(a)), default=0)
+        dead = len(self.table) - live
+        if dead == 0 or dead <= len(self.table) // 2:
+            return
+        R = live * self.width
+        lora = {proj: (A[:, :R].clone(), B[:, :, :R].clone()) for proj, (A, B) in self.lora.items()} if R else None
+        weights = self.weights[:, :R].clone() if R else None
+        for a in self.table[live:]:
+            if a is not None:
+                self.refs.pop(a, None)
+        self.lora, self.weights, self.table = lora, weights, self.table[:live]
 
     def admit(self, cache, mask: torch.Tensor, mixtures: list[dict[str, float] | None]) -> list[int]:
         """Take the rows of an eager prefill: `cache` its KV cache (`mask` (B, W): a row's tokens
@@ -303,6 +326,8 @@ class Slots:
             self._write_mixture(s, None)
             for t in self.keys + self.values:  # nothing of this row (a non-finite value included) reaches the next
                 t[:, s].zero_()
+        if self.width:
+            self._trim()
 
     @torch.no_grad()
     def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:

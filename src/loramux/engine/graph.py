@@ -199,16 +199,13 @@ class DecodeGraph(nn.Module):
             v = self._proj(h, attn.v_proj, lo("v_proj"), weights, r).view(S, G, D)
             keys[i].index_put_((positions, rows), k)
             values[i].index_put_((positions, rows), v)
-            # grouped-query attention of one query token per row over its slot's cache, as
-            # multiplies and sums over the cache in its own (L, S, G, D) layout: Inductor fuses
-            # them with the softmax into the step's program, where an einsum became two batched
-            # matmul calls per layer, each on a permuted copy of the cache view (benchmarks/
-            # step_profile.py). Products and sums in fp32, as a matmul accumulates.
-            qg = q.float().view(S, G, H // G, D)
-            scores = (qg[None] * keys[i].float()[:, :, :, None, :]).sum(-1).permute(1, 2, 3, 0) / math.sqrt(D)
-            probs = torch.softmax(scores + bias[:, None, None, :], dim=-1)  # (S, G, H/G, L), fp32 as transformers
-            out = (probs.permute(3, 0, 1, 2)[..., None] * values[i].float()[:, :, :, None, :]).sum(0)
-            out = out.to(x.dtype).reshape(S, H * D)
+            # grouped-query attention of one query token per row over its slot's cache (written as
+            # multiplies and sums instead, Inductor's program ran the served 16-row step slower
+            # than these two batched matmuls per layer: benchmarks/results/vs_llamacpp_table.json)
+            qg = q.view(S, G, H // G, D)
+            scores = torch.einsum("sgqd,lsgd->sgql", qg, keys[i]).float() / math.sqrt(D)
+            probs = torch.softmax(scores + bias[:, None, None, :], dim=-1).to(x.dtype)  # fp32, as transformers
+            out = torch.einsum("sgql,lsgd->sgqd", probs, values[i]).reshape(S, H * D)
             x = x + self._proj(out, attn.o_proj, lo("o_proj"), weights)
             h = self._norm(x, layer.post_attention_layernorm)
             r = self._rounded(h)

@@ -94,9 +94,10 @@ class FusedModel:
         # Refused here, not met mid-batch: the compiled step multiplies every row by the factors
         # of every adapter its batch holds (engine/compiled.py), so a NaN factor would reach rows
         # that weigh that adapter 0 (0 · NaN = NaN)
-        broken = sorted(m for m, ab in factors.items() if not all(torch.isfinite(t).all() for t in ab.values()))
+        broken = sorted(m for m, ab in factors.items() if not _finite(ab, module_scaling(files.config, m, ab["A"].shape[0])))
         if broken:
-            raise LoramuxError(f"adapter {name!r} has non-finite (NaN or infinite) weights in module(s) "
+            shown = name.partition("\x00")[0]  # put_adapter stages a new version as name + "\x00staging"
+            raise LoramuxError(f"adapter {shown!r} has non-finite (NaN or infinite) weights or scale in module(s) "
                                f"{broken[:3]}{'...' if len(broken) > 3 else ''}; retrain or re-export it")
         outside = sorted(m for m in factors if m not in self.layers)
         if outside:
@@ -211,3 +212,13 @@ class FusedModel:
         """Bytes held by the stacked adapter factors of all layers."""
         return sum(t.numel() * t.element_size() for layer in self.layers.values()
                    for t in (layer.lora_A, layer.lora_B, layer.scaling))
+
+
+def _finite(factors: dict[str, torch.Tensor], scaling: float) -> bool:
+    """Whether a module's factors are finite as the fused layers hold them (fp32, A times its
+    scale: a huge lora_alpha overflows there even where A and alpha are finite)."""
+    if not math.isfinite(scaling):
+        return False
+    A = factors["A"].float() * scaling
+    return bool(torch.isfinite(A).all()) and all(bool(torch.isfinite(t.float()).all())
+                                                 for k, t in factors.items() if k != "A")
