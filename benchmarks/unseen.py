@@ -142,6 +142,8 @@ def versus(result: dict) -> dict:
     same prompts; and the issue's two goals read off the point estimates."""
     correct = result.get("correct", {})
     out: dict = {}
+    if set((result.get("metric") or {}).values()) - {"multiple_choice_grade", "exact_str_match"}:
+        return {"skipped": "a task's score is not the share of prompts right (BLEU/ROUGE): no paired comparison"}
     for ref in ("base", "multitask"):
         if ref in correct:
             out[f"minus_{ref}"] = {s: paired_bootstrap(c, correct[ref]) for s, c in correct.items() if s != ref}
@@ -150,7 +152,7 @@ def versus(result: dict) -> dict:
         routed = {s: vs[s]["difference"] for s in ROUTED if s in vs}
         best = max(routed, key=routed.get) if routed else None
         out["goals"] = {"do_no_harm_min_points": -0.5, "best_routed_min_points": 2.0,
-                        "below_base_minus_0.5": sorted(s for s, v in vs.items() if v["difference"] < -0.5),
+                        "routers_below_base_minus_0.5": sorted(s for s in routed if routed[s] < -0.5),
                         "best_routed": best, "best_routed_points": routed.get(best),
                         "how": "point estimates of strategy minus base on the same prompts; each interval in "
                                "minus_base says how much of the difference the prompts resolve"}

@@ -20,7 +20,9 @@ def paired_bootstrap(a: dict[str, list[float]], b: dict[str, list[float]], *, re
                      confidence: float = 0.95, seed: int = 0) -> dict:
     """Task-averaged score of `a` minus that of `b` (per-prompt scores, e.g. 1/0 correct, in the
     same prompt order per task), in points, with its bootstrap interval:
-    {"difference", "low", "high", "confidence", "resamples", "p_not_above_zero"}."""
+    {"difference", "low", "high", "confidence", "resamples", "p_not_above_zero"}
+    (`p_not_above_zero`: the share of resamples whose difference is <= 0, a reading of the
+    bootstrap distribution, not a test's p-value)."""
     if set(a) != set(b) or not a:
         raise LoramuxError(f"paired scores need the same, non-empty tasks; got {sorted(a)} and {sorted(b)}")
     if not 0 < confidence < 1 or resamples < 1:
