@@ -139,12 +139,7 @@ def test_the_lora_table_holds_each_adapter_once_and_reuses_positions(engine):
     assert w == 8  # the widest rank of the fixture's adapters
 
     def admit(mixtures):
-        ids = [engine.base.tokenizer(PROMPTS[0])["input_ids"]] * len(mixtures)
-        input_ids = torch.tensor(ids)
-        mask = torch.ones_like(input_ids)
-        with torch.no_grad(), engine.fused.mixture(engine.sequence_mixture(mixtures)):
-            out = engine.base.model(input_ids=input_ids, attention_mask=mask, use_cache=True)
-        return slots.admit(out.cache, mask, mixtures)
+        return _admit(engine, slots, mixtures)
 
     first = admit([{"a": 1.0}, {"a": 0.5, "b": 0.5}, None])
     assert slots.table == ["a", "b"] and slots.refs == {"a": 2, "b": 1}
