@@ -220,23 +220,19 @@ class Slots:
         self.used += [False] * extra
         self.mixtures += [None] * extra
 
-    def _positions_needed(self, mixtures: list[dict[str, float] | None]) -> int:
-        """Table positions for the adapters these rows mix on top of the batch's."""
-        wanted = {a for m in mixtures if m for a in m}
+    def _positions_needed(self, wanted: frozenset[str]) -> int:
+        """Table positions for the adapters `wanted` by rows being admitted, on top of the batch's."""
         spare = sum(1 for a in self.table if a is None or (not self.refs.get(a) and a not in wanted))
         return len(self.table) + max(0, len(wanted - set(self.table)) - spare)
 
     def _place(self, name: str, keep: frozenset[str] = frozenset()) -> int:
         """The table position holding adapter `name`, writing its factors into a free one if the
-        table does not hold it (admit grew the table for it). A position whose adapter is unused
-        is free unless it is in `keep` (wanted by rows being admitted with this one)."""
+        table does not hold it (admit sized the table for `keep`, the adapters wanted by the rows
+        it admits: a position whose adapter is unused is free unless that adapter is in `keep`)."""
         if name in self.table:
             return self.table.index(name)
         free = [p for p, a in enumerate(self.table) if a is None] or \
                [p for p, a in enumerate(self.table) if not self.refs.get(a) and a not in keep]
-        if not free:  # not reached after admit's sizing; kept so a caller that did not size still works
-            self._grow(self.capacity, 0, len(self.table) + 1)
-            free = [len(self.table) - 1]
         p = free[0]
         dec, w = self.decoder, self.width
         k = dec.fused.slot(name)
@@ -300,11 +296,11 @@ class Slots:
         free = [s for s, u in enumerate(self.used) if not u]
         need = len(mixtures) - len(free)
         longest = max(lengths + self.lengths)
+        wanted = frozenset(a for m in mixtures if m for a in m)
         self._grow(self.capacity + max(need, 0), _round_up(longest + 1, _LENGTH_STEP),
-                   self._positions_needed(mixtures) if self.width else 0)
+                   self._positions_needed(wanted) if self.width else 0)
         free = [s for s, u in enumerate(self.used) if not u][: len(mixtures)]
         dtype = self.decoder.dtype
-        wanted = frozenset(a for m in mixtures if m for a in m)
         try:
             for b, (slot, n) in enumerate(zip(free, lengths)):
                 self.used[slot] = True
@@ -326,8 +322,7 @@ class Slots:
             self._write_mixture(s, None)
             for t in self.keys + self.values:  # nothing of this row (a non-finite value included) reaches the next
                 t[:, s].zero_()
-        if self.width:
-            self._trim()
+        self._trim()
 
     @torch.no_grad()
     def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
