@@ -10,10 +10,15 @@ steps it), the step for --rows rows is warmed up, and then:
   - `profile`: torch.profiler over 20 steps, the operators with the most self time per step
     (the generated program's calls, library calls it makes, Dynamo's cache lookup).
 
-    python benchmarks/step_profile.py [--precisions none,int8] [--rows 1]
+    python benchmarks/step_profile.py [--precisions none,int8] [--rows 1] [--adapters 0]
 
-The model alone (no adapters: a base row's step runs the graph without LoRA). Writes
-benchmarks/results/step_profile.json (--rows 1) or step_profile_rows<N>.json.
+The model alone by default (no adapters: a base row's step runs the graph without LoRA). With
+`--adapters K`, K random r=8 adapters are loaded (as `vs_llamacpp.py --stand-ins K` serves them)
+and each row gets its own 3-adapter mixture (weights 0.5, 0.3, 0.2, as that benchmark's
+`concurrent16_distinct` row): `step_ms` and `profile` are then the mixed step's, and
+`base_step_ms` and `base_profile` the same rows' without mixtures, measured in the same process. Writes
+benchmarks/results/step_profile.json (--rows 1), step_profile_rows<N>.json, or
+step_profile_rows<N>_adapters<K>.json.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "Explain why the sky is blue."
 
 
-def child(quantize: str, rows: int) -> dict:
+def child(quantize: str, rows: int, adapters: int) -> dict:
+    import random
+
     import torch
     from transformers import DynamicCache
 
@@ -38,13 +45,16 @@ def child(quantize: str, rows: int) -> dict:
     from loramux.cpu_linear import pack_linears
     from loramux.cpu_threads import on_passing_thread
     from loramux.engine import Engine, GenerationRequest, SamplingParams
+    from loramux.bench.speed import random_adapter
     from loramux.engine.scheduler import Scheduler
 
     def build() -> Engine:
         base = load_base(quantize=quantize)
         engine = Engine(base, None, compile=True)
+        for i in range(adapters):  # before packing, as the server loads its library before serving
+            engine.fused.add_adapter(f"standin{i:02d}", random_adapter(base, 8, 2000 + i))
         pack_linears(engine.fused.base.model)  # as the server does (a no-op for int8 linears)
-        engine.compiled.warmup(rows, lora=False)
+        engine.compiled.warmup(rows, lora=adapters > 0)
         return engine
 
     engine = on_passing_thread(build)
@@ -62,13 +72,18 @@ def child(quantize: str, rows: int) -> dict:
     one()
     per_token = [round(one(), 2) for _ in range(5)]
 
-    def steps() -> tuple[list[float], list[dict]]:
+    names = list(engine.fused.adapters)
+    rng = random.Random(0)
+    mixtures = [dict(zip(rng.sample(names, 3), (0.5, 0.3, 0.2))) if names else None for _ in range(rows)]
+
+    def steps(mixed: list) -> tuple[list[float], list[dict]]:
         g = engine.compiled.graph
         slots = engine.compiled.slots()
         kv = [torch.zeros(1, g.n_kv, 20, g.head_dim) for _ in g.layers]
-        for _ in range(rows):
-            slots.admit(DynamicCache([(k, k.clone()) for k in kv]), torch.ones(1, 20, dtype=torch.long), [None])
+        for m in mixed:
+            slots.admit(DynamicCache([(k, k.clone()) for k in kv]), torch.ones(1, 20, dtype=torch.long), [m])
         every = list(range(rows))
+        slots.step(every, [5] * rows)
         times = []
         for _ in range(3):
             started = time.perf_counter()
@@ -80,39 +95,47 @@ def child(quantize: str, rows: int) -> dict:
         with profile() as prof:
             for _ in range(20):
                 slots.step(every, [5] * rows)
-        top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+        top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
         return times, [{"op": e.key[:60], "self_ms_per_step": round(e.self_cpu_time_total / 1000 / 20, 3),
                         "calls_per_step": e.count / 20} for e in top]
 
-    times, top = sched.call(steps).result()
+    result = {"scheduler_ms_per_token": per_token}
+    if adapters:
+        result["base_step_ms"], result["base_profile"] = sched.call(lambda: steps([None] * rows)).result()
+        result["mixtures"] = mixtures
+    times, top = sched.call(lambda: steps(mixtures)).result()
     sched.stop()
-    return {"scheduler_ms_per_token": per_token, "step_ms": times, "profile": top}
+    return result | {"step_ms": times, "profile": top}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precisions", default="none,int8")
     ap.add_argument("--rows", type=int, default=1, help="rows decoding together")
+    ap.add_argument("--adapters", type=int, default=0, help="random r=8 adapters; each row mixes 3 of them")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--output", default=None, help="default: results/step_profile.json, or step_profile_rows<N>.json")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.rows)))
+        print(json.dumps(child(args.child, args.rows, args.adapters)))
         return
     from loramux.bench.machine import machine
 
     rows = {}
     for q in args.precisions.split(","):  # each in its own process: one OpenMP team, one Dynamo cache
-        out = subprocess.run([sys.executable, __file__, "--child", q, "--rows", str(args.rows)], check=True,
+        out = subprocess.run([sys.executable, __file__, "--child", q, "--rows", str(args.rows),
+                              "--adapters", str(args.adapters)], check=True,
                              capture_output=True, text=True)
         rows["fp32" if q == "none" else q] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"[step_profile] {q}: {rows['fp32' if q == 'none' else q]}", file=sys.stderr, flush=True)
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "decode_rows": args.rows, "rows": rows,
-              "how": "one base row on the compiled path, model built as `loramux serve --compile` builds it; profile "
+              "machine": machine(), "decode_rows": args.rows, "adapters": args.adapters, "rows": rows,
+              "how": "rows on the compiled path (base rows, or each its own mixture with --adapters), model built as "
+                     "`loramux serve --compile` builds it; profile "
                      "self times are under torch.profiler, which slows the step (compare its shares, not its sum, "
                      "with step_ms)"}
-    output = args.output or str(RESULTS / ("step_profile.json" if args.rows == 1 else f"step_profile_rows{args.rows}.json"))
+    name = "step_profile" + (f"_rows{args.rows}" if args.rows > 1 else "") + (f"_adapters{args.adapters}" if args.adapters else "")
+    output = args.output or str(RESULTS / f"{name}.json")
     Path(output).write_text(json.dumps(result, indent=1) + "\n")
 
 
