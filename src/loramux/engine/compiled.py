@@ -5,14 +5,14 @@ in the scheduler's batch state, so two schedulers over one engine never share on
 rows. The scheduler (the one decode loop, `scheduler.py`) uses them instead of the eager decode
 forward when the engine was built with `compile=True`. Prompts are still prefilled eagerly
 through the fused layers; each admitted row's keys and values are then copied into a slot of the
-static cache, and its mixture into the slot's row of weights over the batch's table of adapter
-factors (an adapter new to the batch copied into the table once), so a step does no per-row
+static cache, and its mixture into the slot's picks of the batch's table of adapter factors
+(an adapter new to the batch copied into the table once), so a step does no per-row
 bookkeeping. Every decode step runs `DecodeGraph`
 (`graph.py`) over all slots at once; free slots are computed and ignored.
 
 Shapes, and so compiles: the slot count S is a power of two (grown as rows join, one compile each,
-with and without LoRA); the cache length L and the LoRA table's width R are dynamic dimensions, so a
-longer context or another set of adapters reuses the graph. The views passed each step cover the
+with and without LoRA); the cache length L, the LoRA table's positions and width and the adapters
+a row mixes are dynamic dimensions, so a longer context or another set of adapters reuses the graph. The views passed each step cover the
 first L positions, L the longest row rounded up to `_LENGTH_STEP`, so attention reads what rows
 use, not the whole allocation. Compiled graphs land in Inductor's on-disk cache: a second process
 with the same shapes loads them instead of compiling (`compile_seconds` records what each first
@@ -44,6 +44,9 @@ log = logging.getLogger("loramux.compiled")
 
 _LENGTH_STEP = 64  # the cache view grows in steps of this many positions
 _RANK_STEP = 8  # the LoRA table's width at warm-up (a dynamic dimension: any width reuses the graph)
+# Dynamo specialises a dimension of size 1, so the table's positions and the adapters per row are
+# padded to at least 2 (an unused position is zeros; a pick past a row's adapters has weight 0).
+_MIN_DYNAMIC = 2
 # One graph per (slot count, with or without LoRA): 1..64 slots is 14, above Dynamo's default of 8,
 # and with fullgraph=True hitting the limit raises rather than running uncompiled.
 _RECOMPILE_LIMIT = 32
@@ -105,28 +108,33 @@ class CompiledDecoder:
             keys = [torch.zeros(_LENGTH_STEP, S, g.n_kv, g.head_dim, dtype=self.dtype, device=self.device)
                     for _ in g.layers]
             values = [torch.zeros_like(k) for k in keys]
-            variants = [(None, None)]
+            variants = [(None, None, None)]
             if lora and self.fused.adapters:
-                variants.append(({p: (torch.zeros(len(g.layers), _RANK_STEP, self.dims(p)[0], device=self.device),
-                                      torch.zeros(len(g.layers), self.dims(p)[1], _RANK_STEP, device=self.device))
-                                  for p in PROJECTIONS}, torch.zeros(S, _RANK_STEP, device=self.device)))
-            for factors, weights in variants:
+                n, P, J = len(g.layers), _MIN_DYNAMIC, _MIN_DYNAMIC
+                variants.append(({p: (torch.zeros(n, P, _RANK_STEP, self.dims(p)[0], device=self.device),
+                                      torch.zeros(n, P, _RANK_STEP, self.dims(p)[1], device=self.device))
+                                  for p in PROJECTIONS}, torch.zeros(S, J, dtype=torch.long, device=self.device),
+                                 torch.zeros(S, J, device=self.device)))
+            for factors, picks, weights in variants:
                 tokens = torch.zeros(S, dtype=torch.long, device=self.device)
-                self.call(S, tokens, tokens.clone(), keys, values, factors, weights)
+                self.call(S, tokens, tokens.clone(), keys, values, factors, picks, weights)
             if S >= max_rows:
                 return dict(self.compile_seconds)
             S *= 2
 
-    def call(self, S: int, tokens, positions, keys, values, lora, weights) -> torch.Tensor:
-        """The compiled step over S slots: the cache length and the LoRA table's width are marked
-        dynamic (one graph serves all); the first call of each (S, LoRA or not) is timed."""
+    def call(self, S: int, tokens, positions, keys, values, lora, picks, weights) -> torch.Tensor:
+        """The compiled step over S slots: the cache length, the LoRA table's positions and width and
+        the adapters per row are marked dynamic (one graph serves all); the first call of each
+        (S, LoRA or not) is timed."""
         for t in keys + values:
             torch._dynamo.mark_dynamic(t, 0)
         for A, B in (lora or {}).values():
-            torch._dynamo.mark_dynamic(A, 1)
-            torch._dynamo.mark_dynamic(B, 2)
-        if weights is not None:
-            torch._dynamo.mark_dynamic(weights, 1)
+            for t in (A, B):
+                torch._dynamo.mark_dynamic(t, 1)
+                torch._dynamo.mark_dynamic(t, 2)
+        for t in (picks, weights):
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, 1)
         name = f"rows{S}{'_lora' if lora is not None else ''}"
         warm = name in self.compile_seconds
         started = time.perf_counter()
@@ -145,7 +153,7 @@ class CompiledDecoder:
         # No duck sizing: L and R are separate dynamic sizes even when equal at the first call.
         with _STANCE_LOCK, torch.fx.experimental._config.patch(use_duck_shape=False), \
                 torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), stance:
-            logits = self._step(tokens, positions, keys, values, lora, weights)
+            logits = self._step(tokens, positions, keys, values, lora, picks, weights)
         if not warm:  # the first call compiles (or loads from Inductor's cache)
             self.compile_seconds[name] = round(time.perf_counter() - started, 1)
             log.info("compiled decode step %s in %.1f s", name, self.compile_seconds[name])
@@ -154,16 +162,16 @@ class CompiledDecoder:
 
 class Slots:
     """The rows of one running batch: a static KV cache, and the LoRA factors of the adapters its
-    rows use, side by side in one table.
+    rows use, in one table.
 
-    The table holds each adapter the batch's rows mix once, at a position of `width` columns
-    (its A scaled per module, its B), and `weights` (S, columns) gives each row's weight of every
-    column: a row's update is ((x·Aᵀ)·w_row)·Bᵀ over the whole table, the adapters it does not
-    mix weighted 0. Sixteen rows mixing 3 of 14 adapters read the 14 adapters' factors once per
-    step, where factors copied per row (each row's mixture folded into its own A) were read 48
-    times (~3.4x the bytes; at rank 8 on the default model 470 MB a step, about the base's 538).
-    A position whose adapter no row uses any more keeps its factors for a later row that mixes
-    it, until a new adapter needs the position."""
+    The table holds each adapter the batch's rows mix once, at a position of `width` ranks (its A
+    scaled per module, its B); each row picks its adapters' positions and weights (`rows`): its
+    update is Σ_j w_j·(x·A_jᵀ)·B_jᵀ over those alone. Sixteen rows mixing 3 of 14 adapters read the
+    14 adapters' factors from memory once per step (a row sharing an adapter with another reads it
+    again from cache), where factors copied per row (each row's mixture folded into its own A)
+    were 48 copies (~3.4x the bytes; at rank 8 on the default model 470 MB a step, about the
+    base's 538). A position whose adapter no row uses any more keeps its factors for a later row
+    that mixes it, until a new adapter needs the position."""
 
     def __init__(self, decoder: CompiledDecoder):
         self.decoder = decoder
@@ -181,7 +189,7 @@ class Slots:
         if self.width == 1:  # rank-1 adapters: a table of one position would be 1 wide, a size Dynamo specialises on
             self.width = 2
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # proj -> A, B (see _grow)
-        self.weights: torch.Tensor | None = None  # (S, positions · width)
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # picks, weights: rows() builds them
 
     def _grow(self, slots: int, length: int, positions: int) -> None:
         """Reallocate for at least `slots` slots, `length` positions of cache and `positions` table
@@ -198,23 +206,22 @@ class Slots:
             values = [torch.zeros_like(k) for k in keys]
             for new, old in zip(keys + values, self.keys + self.values):
                 new[: old.shape[0], : self.capacity] = old
-        lora, weights, R, old_R = self.lora, self.weights, P * self.width, len(self.table) * self.width
-        if R and R != old_R:
+        if P:
+            P = max(P, _MIN_DYNAMIC)
+        lora, old_P = self.lora, len(self.table)
+        if P != old_P:
             lora = {}
             for proj in PROJECTIONS:
                 d_in, d_out = dec.dims(proj)
-                A = torch.zeros(n_layers, R, d_in, dtype=torch.float32, device=dec.device)
-                B = torch.zeros(n_layers, d_out, R, dtype=torch.float32, device=dec.device)
+                A = torch.zeros(n_layers, P, self.width, d_in, dtype=torch.float32, device=dec.device)
+                B = torch.zeros(n_layers, P, self.width, d_out, dtype=torch.float32, device=dec.device)
                 if self.lora is not None:
-                    A[:, :old_R] = self.lora[proj][0]
-                    B[:, :, :old_R] = self.lora[proj][1]
+                    A[:, :old_P] = self.lora[proj][0]
+                    B[:, :old_P] = self.lora[proj][1]
                 lora[proj] = (A, B)
-        if R and (R != old_R or S != self.capacity):
-            weights = torch.zeros(S, R, dtype=torch.float32, device=dec.device)
-            if self.weights is not None:
-                weights[: self.capacity, :old_R] = self.weights
         extra = S - self.capacity
-        self.keys, self.values, self.lora, self.weights, self.capacity = keys, values, lora, weights, S
+        self.keys, self.values, self.lora, self.capacity = keys, values, lora, S
+        self._rows = None
         self.table += [None] * (P - len(self.table))
         self.lengths += [0] * extra
         self.used += [False] * extra
@@ -234,7 +241,7 @@ class Slots:
         free = [p for p, a in enumerate(self.table) if a is None] or \
                [p for p, a in enumerate(self.table) if not self.refs.get(a) and a not in keep]
         p = free[0]
-        dec, w = self.decoder, self.width
+        dec = self.decoder
         k = dec.fused.slot(name)
         if self.table[p] is not None:  # free while written: a failure half-way leaves no adapter named here
             self.refs.pop(self.table[p], None)
@@ -242,50 +249,67 @@ class Slots:
         for (i, proj), module in dec.fused_at.items():
             layer = dec.fused.layers[module]
             A, B = self.lora[proj]
-            A[i, p * w:(p + 1) * w] = 0
-            B[i, :, p * w:(p + 1) * w] = 0
+            A[i, p] = 0
+            B[i, p] = 0
             if layer.max_rank == 0:  # no loaded adapter adapts this module
                 continue
             r = layer.lora_A.shape[1]
-            A[i, p * w:p * w + r] = layer.lora_A[k] * layer.scaling[k]
-            B[i, :, p * w:p * w + r] = layer.lora_B[k]
+            A[i, p, :r] = layer.lora_A[k] * layer.scaling[k]
+            B[i, p, :r] = layer.lora_B[k].T
         self.table[p] = name
         return p
 
     def _write_mixture(self, slot: int, mixture: dict[str, float] | None, keep: frozenset[str] = frozenset()) -> None:
-        """Slot `slot`'s mixture: its weights over the table's columns (zero elsewhere, all zero for
-        the base model), and the table's reference counts (`keep`: see _place)."""
+        """Slot `slot`'s mixture: its adapters placed in the table, and the table's reference counts
+        (`keep`: see _place)."""
         if not self.width:  # no loaded adapter adapts anything: every mixture is the base model
             self.mixtures[slot] = dict(mixture) if mixture else None
             return
         for a in self.mixtures[slot] or {}:
             self.refs[a] -= 1
         self.mixtures[slot] = None
-        if self.weights is not None:
-            self.weights[slot] = 0
+        self._rows = None
         # every adapter placed first, then counted: a failure half-way leaves the slot on the base
         # model with nothing counted for it
         placed = {a: self._place(a, keep) for a in mixture or {}}
-        for a, p in placed.items():
+        for a in placed:
             self.refs[a] = self.refs.get(a, 0) + 1
-            self.weights[slot, p * self.width:(p + 1) * self.width] = mixture[a]
         self.mixtures[slot] = dict(mixture) if mixture else None
 
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each slot's picks (S, J) of table positions and its weight of each (S, J): a slot's
+        adapters in its mixture's order, then position 0 at weight 0 up to the longest mixture
+        (at least 2); a free or base-model slot all weight 0. None without a table."""
+        if self.lora is None:
+            return None
+        if self._rows is None:
+            where = {a: p for p, a in enumerate(self.table) if a is not None}
+            mixes = [list((m or {}).items()) for m in self.mixtures]
+            J = max([_MIN_DYNAMIC] + [len(m) for m in mixes])
+            picks = torch.zeros(self.capacity, J, dtype=torch.long)
+            weights = torch.zeros(self.capacity, J, dtype=torch.float32)
+            for s, m in enumerate(mixes):
+                for j, (a, w) in enumerate(m):
+                    picks[s, j], weights[s, j] = where[a], w
+            device = self.decoder.device
+            self._rows = (picks.to(device), weights.to(device))
+        return self._rows
+
     def _trim(self) -> None:
-        """Drop the table's trailing positions that no row uses once they are most of it: every
-        step reads every position, so a batch that once mixed many adapters and now mixes few
-        would otherwise keep reading them all (new adapters take the lowest free position)."""
+        """Drop the table's trailing positions that no row uses once they are most of it: a batch
+        that once mixed many adapters and now mixes few would otherwise hold them all (new
+        adapters take the lowest free position)."""
         live = max((p + 1 for p, a in enumerate(self.table) if a is not None and self.refs.get(a)), default=0)
+        if live:
+            live = max(live, _MIN_DYNAMIC)
         dead = len(self.table) - live
-        if dead == 0 or dead <= len(self.table) // 2:
+        if dead <= 0 or dead <= len(self.table) // 2:
             return
-        R = live * self.width
-        lora = {proj: (A[:, :R].clone(), B[:, :, :R].clone()) for proj, (A, B) in self.lora.items()} if R else None
-        weights = self.weights[:, :R].clone() if R else None
+        lora = {proj: (A[:, :live].clone(), B[:, :live].clone()) for proj, (A, B) in self.lora.items()} if live else None
         for a in self.table[live:]:
             if a is not None:
                 self.refs.pop(a, None)
-        self.lora, self.weights, self.table = lora, weights, self.table[:live]
+        self.lora, self.table, self._rows = lora, self.table[:live], None
 
     def admit(self, cache, mask: torch.Tensor, mixtures: list[dict[str, float] | None]) -> list[int]:
         """Take the rows of an eager prefill: `cache` its KV cache (`mask` (B, W): a row's tokens
@@ -341,8 +365,9 @@ class Slots:
         positions = torch.tensor(self.lengths, device=dec.device)
         keys, values = [k[:L] for k in self.keys], [v[:L] for v in self.values]
         mixed = self.lora is not None and any(self.mixtures[s] for s in slots)
+        picks, weights = self.rows() if mixed else (None, None)
         logits = dec.call(self.capacity, token_row, positions, keys, values, self.lora if mixed else None,
-                          self.weights if mixed else None)
+                          picks, weights)
         for s in slots:
             self.lengths[s] += 1
         return logits[torch.tensor(slots, device=logits.device)]

@@ -5,9 +5,9 @@ dispatch per op; with one row that overhead is about half of a step of the defau
 (`benchmarks/results/serve.json`, `decode_step_profile`), while the step's floor is reading the
 weights once. Here one decode step of a Llama-family model is written as a plain function of
 tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RMSNorm, RoPE,
-attention over the cache and each row's LoRA update (y += ((x·Aᵀ)·w)·Bᵀ over the factors of
-every adapter the batch mixes, w the row's weight of each, compiled.py's table) become one generated program per
-shape, with no Python between ops up to 4 rows (an int8 base, quantize.py, the same way: its
+attention over the cache and each row's LoRA update (y += Σ_j w_j·(x·A_jᵀ)·B_jᵀ over the adapters j
+the row mixes, gathered from the batch's table of factors, compiled.py) become one generated program
+per shape, with no Python between ops up to 4 rows (an int8 base, quantize.py, the same way: its
 weight converted as it is read; a w8a8 base sums its integer products exactly in fp32 chunks);
 above that each base linear is one call of `loramux::packed_linear` (cpu_linear.py) on the
 server's oneDNN-packed weight, of the int8 kernel, or of the integer GEMM.
@@ -152,25 +152,34 @@ class DecodeGraph(nn.Module):
         return self._matmul(x, linear.weight, linear.bias)
 
     def _proj(self, x: torch.Tensor, module: nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None,
-              weights: torch.Tensor | None, rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              mix: tuple[torch.Tensor, torch.Tensor] | None,
+              rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         y = self._apply(x, _linear(module), rounded)
-        if lora is not None:  # the batch's adapters side by side: A (R, d_in) scaled, B (d_out, R)
-            # each row's weights (S, R) over the columns; fp32 factors whatever the base's dtype,
-            # the update added in fp32 before one rounding, PEFT's order (fusion/layer.py)
-            z = self._matmul(x.float(), lora[0]) * weights
-            y = (y.float() + self._matmul(z, lora[1])).to(x.dtype)
+        if lora is not None:
+            # the table: A (P, W, d_in) scaled, B (P, W, d_out), an adapter per position; mix: each
+            # row's picks (S, J) of positions and its weight of each (S, J), 0 where a row mixes
+            # fewer. Each row multiplies only its own adapters' factors, gathered inside the
+            # generated reductions (never copied out): a GEMM over the whole table would multiply
+            # every row by every adapter, and 16 rows mixing 3 of 14 adapters made 4.7x the
+            # multiplies, in 420 small library calls a step (benchmarks/results/step_profile_rows16_adapters14.json).
+            # fp32 factors whatever the base's dtype, the update added in fp32 before one
+            # rounding, PEFT's order (fusion/layer.py).
+            picks, weights = mix
+            A, B = lora
+            z = (x.float()[:, None, None, :] * A[picks]).sum(-1) * weights[:, :, None]  # (S, J, W)
+            y = (y.float() + (z[..., None] * B[picks]).sum((1, 2))).to(x.dtype)
         return y
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+                picks: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions (S,); keys/values: per layer (L, S, n_kv, head_dim), written in place at
         each row's position (one tensor per layer: Inductor then updates it in place, where a
         slice of one stacked tensor was copied whole at every write; positions first, so that the
-        first L of a longer cache is a contiguous view); lora: projection -> (A (layers, R, d_in),
-        B (layers, d_out, R)), the batch's adapters' factors side by side, A scaled, and weights
-        (S, R) each row's weight of every column (compiled.py's table). Returns the next-token
-        logits (S, vocab)."""
+        first L of a longer cache is a contiguous view); lora: projection -> (A (layers, P, W, d_in),
+        B (layers, P, W, d_out)), the batch's table of adapters' factors (an adapter per position,
+        A scaled), picks (S, J) the positions each row mixes and weights (S, J) its weight of each
+        (compiled.py's table). Returns the next-token logits (S, vocab)."""
         S, L = tokens.shape[0], keys[0].shape[0]
         H, G, D = self.n_heads, self.n_kv, self.head_dim
         x = self.model.model.embed_tokens.weight[tokens]  # (S, d)
@@ -187,6 +196,7 @@ class DecodeGraph(nn.Module):
             rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
             return t * cos[:, None] + rotated * sin[:, None]
 
+        mix = None if lora is None else (picks, weights)
         for i, layer in enumerate(self.layers):
             def lo(name: str):
                 return None if lora is None else (lora[name][0][i], lora[name][1][i])
@@ -194,9 +204,9 @@ class DecodeGraph(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._norm(x, layer.input_layernorm)
             r = self._rounded(h)
-            q = rope(self._proj(h, attn.q_proj, lo("q_proj"), weights, r).view(S, H, D))
-            k = rope(self._proj(h, attn.k_proj, lo("k_proj"), weights, r).view(S, G, D))
-            v = self._proj(h, attn.v_proj, lo("v_proj"), weights, r).view(S, G, D)
+            q = rope(self._proj(h, attn.q_proj, lo("q_proj"), mix, r).view(S, H, D))
+            k = rope(self._proj(h, attn.k_proj, lo("k_proj"), mix, r).view(S, G, D))
+            v = self._proj(h, attn.v_proj, lo("v_proj"), mix, r).view(S, G, D)
             keys[i].index_put_((positions, rows), k)
             values[i].index_put_((positions, rows), v)
             # grouped-query attention of one query token per row over its slot's cache (written as
@@ -206,11 +216,11 @@ class DecodeGraph(nn.Module):
             scores = torch.einsum("sgqd,lsgd->sgql", qg, keys[i]).float() / math.sqrt(D)
             probs = torch.softmax(scores + bias[:, None, None, :], dim=-1).to(x.dtype)  # fp32, as transformers
             out = torch.einsum("sgql,lsgd->sgqd", probs, values[i]).reshape(S, H * D)
-            x = x + self._proj(out, attn.o_proj, lo("o_proj"), weights)
+            x = x + self._proj(out, attn.o_proj, lo("o_proj"), mix)
             h = self._norm(x, layer.post_attention_layernorm)
             r = self._rounded(h)
-            gate = self._proj(h, mlp.gate_proj, lo("gate_proj"), weights, r)
-            up = self._proj(h, mlp.up_proj, lo("up_proj"), weights, r)
-            x = x + self._proj(torch.nn.functional.silu(gate) * up, mlp.down_proj, lo("down_proj"), weights)
+            gate = self._proj(h, mlp.gate_proj, lo("gate_proj"), mix, r)
+            up = self._proj(h, mlp.up_proj, lo("up_proj"), mix, r)
+            x = x + self._proj(torch.nn.functional.silu(gate) * up, mlp.down_proj, lo("down_proj"), mix)
         x = self._norm(x, self.model.model.norm)
         return self._apply(x, _linear(self.model.lm_head))

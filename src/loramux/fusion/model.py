@@ -91,9 +91,9 @@ class FusedModel:
         if name in self.adapters:
             raise LoramuxError(f"adapter {name!r} is already loaded; unload it first")
         factors = lora_factors(files)
-        # Refused here, not met mid-batch: the compiled step multiplies every row by the factors
-        # of every adapter its batch holds (engine/compiled.py), so a NaN factor would reach rows
-        # that weigh that adapter 0 (0 · NaN = NaN)
+        # Refused here, not met mid-batch: the compiled step pads a row's picks of the batch's
+        # adapter table with position 0 at weight 0 (engine/compiled.py), so a NaN factor there
+        # would reach rows that do not mix that adapter (0 · NaN = NaN)
         broken = sorted(m for m, ab in factors.items() if not _finite(ab, module_scaling(files.config, m, ab["A"].shape[0])))
         if broken:
             shown = name.partition("\x00")[0]  # put_adapter stages a new version as name + "\x00staging"
