@@ -7,6 +7,8 @@ steps it), the step for --rows rows is warmed up, and then:
     per token of a row after its first (sampling, retiring and the scheduler's own work included),
     5 times;
   - `step_ms`: `Slots.step` alone over --rows rows on the scheduler thread, 60 steps at a time, 3 times;
+  - `compile_seconds`: the first call of each step shape (a cold compile, or a load from
+    Inductor's on-disk cache);
   - `profile`: torch.profiler over 20 steps, the operators with the most self time per step
     (the generated program's calls, library calls it makes, Dynamo's cache lookup).
 
@@ -105,7 +107,7 @@ def child(quantize: str, rows: int, adapters: int) -> dict:
         result["mixtures"] = mixtures
     times, top = sched.call(lambda: steps(mixtures)).result()
     sched.stop()
-    return result | {"step_ms": times, "profile": top}
+    return result | {"step_ms": times, "profile": top, "compile_seconds": engine.compiled.compile_seconds}
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from loramux.bench.speed import random_adapter
+from loramux.engine import compiled as compiled_module
 from loramux.engine.compiled import CompiledDecoder
 from loramux.engine.scheduler import Scheduler
 from loramux.errors import LoramuxError
@@ -109,18 +111,20 @@ def test_unsupported_models_are_refused_with_the_reason(engine, monkeypatch):
         CompiledDecoder(engine.fused)
 
 
-def test_inductor_compiles_once_per_slot_count_across_lengths(where, engine):
+def test_inductor_compiles_once_per_slot_count_across_lengths(where, engine, monkeypatch):
     """Real compilation (Inductor) on the tiny model: the warm-up compiles every shape up front
     (1 and 2 slots, with and without LoRA), then generation adds no compile, with equal tokens,
-    although the context grows past the first cache view (64 positions) and the LoRA width is
-    not the warm-up's (both are dynamic dimensions)."""
+    although the context grows past the first cache view (64 positions) and the LoRA table's
+    positions (3), width (8) and picks per row (3) are none of the warm-up's (2, 4 and 2: all
+    dynamic dimensions)."""
     if where.dtype != "float32" or where.device != "cpu":
         pytest.skip("one compile is enough")
     requests = [greedy(PROMPTS[1], {"a": 1.0}, n=70, ignore_eos=True),
-                greedy(PROMPTS[0], {"b": 0.7, "c": 0.3}, n=70, ignore_eos=True)]
+                greedy(PROMPTS[0], {"b": 0.6, "c": 0.3, "a": 0.1}, n=70, ignore_eos=True)]
     eager = engine.generate(requests)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(compiled_module, "_RANK_STEP", 4)
     dec = compiled(engine, backend="inductor").compiled
     assert sorted(dec.warmup(2)) == ["rows1", "rows1_lora", "rows2", "rows2_lora"]
     compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -167,23 +171,36 @@ def _picked(slots, slot):
 
 
 def _admit(engine, slots, mixtures):
+    return slots.admit(*_prefill(engine, mixtures), mixtures)
+
+
+def _prefill(engine, mixtures):
+    """The eager prefill of one prompt per mixture: its cache and mask, as admit takes them."""
     ids = [engine.base.tokenizer(PROMPTS[0])["input_ids"]] * len(mixtures)
     input_ids = torch.tensor(ids)
     mask = torch.ones_like(input_ids)
     with torch.no_grad(), engine.fused.mixture(engine.sequence_mixture(mixtures)):
         out = engine.base.model(input_ids=input_ids, attention_mask=mask, use_cache=True)
-    return slots.admit(out.cache, mask, mixtures)
+    return out.cache, mask
 
 
 def test_the_lora_table_sheds_positions_no_row_uses(engine):
     """The table holds every adapter's factors: once its unused trailing positions are more than
     half of it, they go, and a table no row uses is dropped. It keeps 2 positions at least (a
     dimension of 1 would be one more compiled shape)."""
+    for i in range(2):  # five adapters, so that a table can shrink to rows still using it
+        engine.fused.add_adapter(f"x{i}", random_adapter(engine.base, 4, i))
     slots = compiled(engine).compiled.slots()
-    rows = _admit(engine, slots, [{"a": 1.0}, {"b": 1.0}, {"c": 1.0}])
-    assert slots.table == ["a", "b", "c"]
-    slots.free([rows[2], rows[1]])  # one of three positions past the 2 kept: c and b stay cached
-    assert slots.table == ["a", "b", "c"] and _picked(slots, rows[0]) == {"a": 1.0}
+    rows = _admit(engine, slots, [{"a": 1.0}, {"b": 0.5, "a": 0.5}, {"c": 1.0}, {"x0": 1.0}, {"x1": 1.0}])
+    assert slots.table == ["a", "b", "c", "x0", "x1"]
+    slots.free([rows[4], rows[3]])  # two of five unused: kept (x0 and x1 stay cached for a later row)
+    assert slots.table == ["a", "b", "c", "x0", "x1"]
+    slots.free([rows[2]])  # three of five: the table shrinks to what is used
+    assert slots.table == ["a", "b"] and slots.refs == {"a": 2, "b": 1}
+    assert slots.lora["q_proj"][0].shape[1:3] == (2, slots.width)
+    assert _picked(slots, rows[0]) == {"a": 1.0} and _picked(slots, rows[1]) == {"b": 0.5, "a": 0.5}
+    slots.free([rows[1]])  # b unused, but a table keeps 2 positions
+    assert slots.table == ["a", "b"] and _picked(slots, rows[0]) == {"a": 1.0}
     slots.free([rows[0]])
     assert slots.table == [] and slots.lora is None and slots.rows() is None
     again = _admit(engine, slots, [{"c": 0.5}])  # and grows again from nothing, to 2 positions
@@ -195,7 +212,10 @@ def test_the_lora_table_sheds_positions_no_row_uses(engine):
 
 def test_a_failure_while_filling_the_table_leaves_it_consistent(engine, monkeypatch):
     """An error half-way through a row's adapters (e.g. out of memory) fails that admission
-    alone: no slot held, no adapter counted or named at a half-written position."""
+    alone: no slot held, no adapter counted or named at a half-written position, the running
+    rows' picks unchanged. Twice: before any factor is written, and after an unused adapter's
+    position was taken and partly overwritten."""
+    engine.fused.add_adapter("x0", random_adapter(engine.base, 4, 0))
     slots = compiled(engine).compiled.slots()
     running = _admit(engine, slots, [{"a": 1.0}])
     real = slots.decoder.fused.slot
@@ -205,11 +225,29 @@ def test_a_failure_while_filling_the_table_leaves_it_consistent(engine, monkeypa
             raise MemoryError("out of memory")
         return real(name)
 
+    prefilled = _prefill(engine, [{"b": 1.0, "c": 1.0}])  # the prefill succeeds, the table's copy fails
     monkeypatch.setattr(slots.decoder.fused, "slot", failing)
     with pytest.raises(MemoryError):
-        _admit(engine, slots, [{"b": 1.0, "c": 1.0}])
+        slots.admit(*prefilled, [{"b": 1.0, "c": 1.0}])
     assert [s for s, u in enumerate(slots.used) if u] == running
     assert slots.refs.get("a") == 1 and not slots.refs.get("b") and "c" not in slots.table
     monkeypatch.undo()
-    ok = _admit(engine, slots, [{"c": 1.0}])  # the table still serves
-    assert "c" in slots.table and slots.refs["c"] == 1 and ok
+    assert slots.table == ["a", "b", None]  # b placed, its row failed: unused, kept for a later row
+    slots.free(_admit(engine, slots, [{"c": 1.0}]))  # c, unused too: the table has no empty position
+
+    class FailingWrites(dict):  # the factors' copy fails at its 10th (layer, projection)
+        def items(self):
+            for n, item in enumerate(super().items()):
+                if n == 10:
+                    raise MemoryError("out of memory")
+                yield item
+
+    prefilled = _prefill(engine, [{"x0": 1.0}])
+    monkeypatch.setattr(slots.decoder, "fused_at", FailingWrites(slots.decoder.fused_at))
+    with pytest.raises(MemoryError):
+        slots.admit(*prefilled, [{"x0": 1.0}])  # takes b's unused position, fails writing it
+    assert slots.table == ["a", None, "c"] and "b" not in slots.refs and "x0" not in slots.refs
+    assert [s for s, u in enumerate(slots.used) if u] == running and _picked(slots, running[0]) == {"a": 1.0}
+    monkeypatch.undo()
+    ok = _admit(engine, slots, [{"x0": 1.0}])  # the table still serves
+    assert slots.table == ["a", "x0", "c"] and slots.refs["x0"] == 1 and _picked(slots, ok[0]) == {"x0": 1.0}

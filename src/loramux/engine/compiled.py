@@ -11,8 +11,9 @@ bookkeeping. Every decode step runs `DecodeGraph`
 (`graph.py`) over all slots at once; free slots are computed and ignored.
 
 Shapes, and so compiles: the slot count S is a power of two (grown as rows join, one compile each,
-with and without LoRA); the cache length L, the LoRA table's positions and width and the adapters
-a row mixes are dynamic dimensions, so a longer context or another set of adapters reuses the graph. The views passed each step cover the
+with and without LoRA); the cache length L, the LoRA table's positions and width and the
+adapters a row mixes are dynamic dimensions, so a longer context or another set of adapters
+reuses the graph. The views passed each step cover the
 first L positions, L the longest row rounded up to `_LENGTH_STEP`, so attention reads what rows
 use, not the whole allocation. Compiled graphs land in Inductor's on-disk cache: a second process
 with the same shapes loads them instead of compiling (`compile_seconds` records what each first
@@ -45,7 +46,8 @@ log = logging.getLogger("loramux.compiled")
 _LENGTH_STEP = 64  # the cache view grows in steps of this many positions
 _RANK_STEP = 8  # the LoRA table's width at warm-up (a dynamic dimension: any width reuses the graph)
 # Dynamo specialises a dimension of size 1, so the table's positions and the adapters per row are
-# padded to at least 2 (an unused position is zeros; a pick past a row's adapters has weight 0).
+# padded to at least 2: a pick past a row's adapters is position 0 at weight 0, which adds nothing
+# because every factor in the table is finite (FusedModel.add_adapter refuses others).
 _MIN_DYNAMIC = 2
 # One graph per (slot count, with or without LoRA): 1..64 slots is 14, above Dynamo's default of 8,
 # and with fullgraph=True hitting the limit raises rather than running uncompiled.
@@ -150,7 +152,8 @@ class CompiledDecoder:
         # `torch._dynamo.reset()` under a decoder already warm (its next calls would skip the checks
         # of graphs compiled afresh); the engine never resets Dynamo.
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if warm else nullcontext()
-        # No duck sizing: L and R are separate dynamic sizes even when equal at the first call.
+        # No duck sizing: L, the table's positions P and width W and the picks per row J are separate
+        # dynamic sizes even when equal at the first call (the warm-up passes P = J = 2).
         with _STANCE_LOCK, torch.fx.experimental._config.patch(use_duck_shape=False), \
                 torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), stance:
             logits = self._step(tokens, positions, keys, values, lora, picks, weights)
@@ -166,9 +169,9 @@ class Slots:
 
     The table holds each adapter the batch's rows mix once, at a position of `width` ranks (its A
     scaled per module, its B); each row picks its adapters' positions and weights (`rows`): its
-    update is Σ_j w_j·(x·A_jᵀ)·B_jᵀ over those alone. Sixteen rows mixing 3 of 14 adapters read the
-    14 adapters' factors from memory once per step (a row sharing an adapter with another reads it
-    again from cache), where factors copied per row (each row's mixture folded into its own A)
+    update is Σ_j w_j·(x·A_jᵀ)·B_jᵀ over those (every row takes as many picks as the batch's longest
+    mixture, the extra ones at weight 0). Sixteen rows mixing 3 of 14 adapters pick among the 14
+    adapters' factors held once, where factors copied per row (each row's mixture folded into its own A)
     were 48 copies (~3.4x the bytes; at rank 8 on the default model 470 MB a step, about the
     base's 538). A position whose adapter no row uses any more keeps its factors for a later row
     that mixes it, until a new adapter needs the position."""
@@ -184,9 +187,9 @@ class Slots:
         self.table: list[str | None] = []  # the adapter at each table position
         self.refs: dict[str, int] = {}  # adapter -> used slots that mix it
         fused = decoder.fused
-        # columns per position: the widest rank any fused layer holds
+        # ranks per position: the widest rank any fused layer holds
         self.width = max((fused.layers[name].max_rank for name in decoder.fused_at.values()), default=0)
-        if self.width == 1:  # rank-1 adapters: a table of one position would be 1 wide, a size Dynamo specialises on
+        if self.width == 1:  # rank-1 adapters: W, a dynamic dimension, would be 1, a size Dynamo specialises on
             self.width = 2
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # proj -> A, B (see _grow)
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # picks, weights: rows() builds them

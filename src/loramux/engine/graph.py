@@ -157,11 +157,11 @@ class DecodeGraph(nn.Module):
         y = self._apply(x, _linear(module), rounded)
         if lora is not None:
             # the table: A (P, W, d_in) scaled, B (P, W, d_out), an adapter per position; mix: each
-            # row's picks (S, J) of positions and its weight of each (S, J), 0 where a row mixes
-            # fewer. Each row multiplies only its own adapters' factors, gathered inside the
-            # generated reductions (never copied out): a GEMM over the whole table would multiply
-            # every row by every adapter, and 16 rows mixing 3 of 14 adapters made 4.7x the
-            # multiplies, in 420 small library calls a step (benchmarks/results/step_profile_rows16_adapters14.json).
+            # row's picks (S, J) of positions and its weight of each (S, J), 0 past a row's own
+            # adapters. A row multiplies the factors it picks, gathered inside the generated
+            # reductions (never copied out): two GEMMs over the whole table multiplied every row by
+            # every adapter of the batch, most of them weighted 0, in two library calls per
+            # projection (step_profile_rows16_adapters14_table_gemm.json in benchmarks/results).
             # fp32 factors whatever the base's dtype, the update added in fp32 before one
             # rounding, PEFT's order (fusion/layer.py).
             picks, weights = mix
