@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="rows decoding together")
     ap.add_argument("--adapters", type=int, default=0, help="random r=8 adapters; each row mixes 3 of them")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--output", default=None, help="default: results/step_profile.json, or step_profile_rows<N>.json")
+    ap.add_argument("--output", default=None, help="default: results/step_profile.json, step_profile_rows<N>.json, or "
+                                                       "step_profile_rows<N>_adapters<K>.json")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.rows, args.adapters)))

@@ -274,8 +274,9 @@ class Slots:
         self._rows = None
         # every adapter placed first, then counted: a failure half-way leaves the slot on the base
         # model with nothing counted for it
-        placed = {a: self._place(a, keep) for a in mixture or {}}
-        for a in placed:
+        for a in mixture or {}:
+            self._place(a, keep)
+        for a in mixture or {}:
             self.refs[a] = self.refs.get(a, 0) + 1
         self.mixtures[slot] = dict(mixture) if mixture else None
 
@@ -306,7 +307,7 @@ class Slots:
         if live:
             live = max(live, _MIN_DYNAMIC)
         dead = len(self.table) - live
-        if dead <= 0 or dead <= len(self.table) // 2:
+        if dead <= len(self.table) // 2:
             return
         lora = {proj: (A[:, :live].clone(), B[:, :live].clone()) for proj, (A, B) in self.lora.items()} if live else None
         for a in self.table[live:]:
