@@ -46,8 +46,9 @@ def test_the_kernel_equals_the_reference_at_every_row_count(kernel, d_in, d_out,
 
 @pytest.mark.parametrize("d_in,d_out,bias", [(32, 64, False), (300, 77, True), (7, 3, True), (576, 1536, False)])
 def test_w8a8_equals_its_reference_and_a_row_does_not_depend_on_its_batch(d_in, d_out, bias):
-    """Row counts below and above the integer GEMM's padding, and a 3-D input; a row's output is
-    bit for bit the same alone and in any batch (integer sums are exact)."""
+    """Row counts on the few-row kernel, below and above the integer GEMM's padding, and a 3-D
+    input; a row's output is bit for bit the same alone (the kernel) and in any batch (the GEMM):
+    integer sums are exact."""
     _, q = quantized(d_in, d_out, bias, mode="w8a8")
     assert isinstance(q, W8A8Linear)
     x = torch.randn(20, d_in)
@@ -105,15 +106,50 @@ def test_the_rounding_operator_equals_quantize_rows(kernel):
     assert torch.isnan(op(nan)[1][1]).all() and torch.isnan(quantize_rows(nan)[1][1]).all()
 
 
-@pytest.mark.parametrize("with_operator", [True, False])
-def test_the_compiled_few_row_w8a8_form_equals_the_gemm(kernel, monkeypatch, with_operator):
-    """DecodeGraph's form for up to 4 rows (rows rounded once, int8 products summed in fp32 chunks,
-    then int32), compiled by Inductor, bit for bit equal to W8A8Linear's integer GEMM, with a
-    K past one chunk; with and without the rounding operator."""
+def exact_w8a8(q: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
+    """W8A8Linear's definition computed in int64: the rounded rows, exact sums, the two scales."""
+    rows, scale = quantize_rows(x.float())
+    y = (rows.long() @ q.weight.long().t()).float() * scale * q.scale
+    return y if q.bias is None else y + q.bias
+
+
+@pytest.mark.parametrize("d_in,d_out", [(32, 64), (300, 77), (7, 3), (576, 1536), (2100, 96), (1, 1)])
+def test_the_w8a8_kernel_equals_the_exact_integer_product(kernel, d_in, d_out):
+    """The few-row w8a8 kernel (kernels/int8_linear.cpp) bit for bit against the definition, for
+    1 to 4 rows, widths that are and are not multiples of its 32-wide steps and 4-channel blocks,
+    weights at ±127, a non-contiguous input and a NaN row; it refuses a fifth row."""
+    from loramux.kernels import w8a8_linear_op
+
+    op = w8a8_linear_op()
+    _, q = quantized(d_in, d_out, bias=False, mode="w8a8")
+    q.weight.data[0] = 127
+    q.weight.data[-1, ::2] = -127
+    for rows in range(1, 5):
+        x = torch.randn(rows, d_in) * 3
+        x[0] = x[0].abs().max()  # a row at +127 everywhere, against the ±127 weights
+        assert torch.equal(op(x, q.weight, q.scale), exact_w8a8(q, x))
+    xt = torch.randn(d_in, 3).t()
+    assert torch.equal(op(xt, q.weight, q.scale), exact_w8a8(q, xt))
+    nan = torch.randn(2, d_in)
+    nan[1, 0] = float("nan")
+    got = op(nan, q.weight, q.scale)
+    assert torch.equal(got[0], exact_w8a8(q, nan[:1])[0]) and torch.isnan(got[1]).all()
+    with pytest.raises(RuntimeError, match="at most 4 rows"):
+        op(torch.randn(5, d_in), q.weight, q.scale)
+
+
+@pytest.mark.parametrize("path", ["kernel", "rounding operator", "tensor ops"])
+def test_the_compiled_few_row_w8a8_forms_equal_the_definition(kernel, monkeypatch, path):
+    """DecodeGraph's forms for up to 4 rows, compiled by Inductor, bit for bit equal to
+    W8A8Linear's exact integer product, with a K past one fp32 chunk: the kernel; without it,
+    rows rounded once and int8 products summed in fp32 chunks, then int32 (with and without the
+    rounding operator)."""
     from loramux.engine.graph import DecodeGraph
 
     _, q = quantized(2100, 96, bias=True, mode="w8a8")
-    if not with_operator:
+    if path != "kernel":
+        monkeypatch.setitem(_KERNEL, "w8a8", None)
+    if path == "tensor ops":
         monkeypatch.setitem(_KERNEL, "quantize_rows", None)
     graph = DecodeGraph.__new__(DecodeGraph)
     nn.Module.__init__(graph)
@@ -122,7 +158,7 @@ def test_the_compiled_few_row_w8a8_form_equals_the_gemm(kernel, monkeypatch, wit
     fn = torch.compile(lambda x: graph._apply(x, q), fullgraph=True, backend="inductor")
     for rows in (1, 2, 4):
         x = torch.randn(rows, 2100) * 3
-        assert torch.equal(fn(x), q(x))
+        assert torch.equal(fn(x), exact_w8a8(q, x))
 
 
 def test_w8a8_is_refused_where_the_integer_gemm_is_not_exact(monkeypatch):
@@ -190,7 +226,7 @@ def w8a8_reference_base(tiny_model_dir):
 def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_model_dir, lib, mode):
     """Same fingerprint (the library's adapters apply), every linear int8 (w8a8), and generation
     with adapters, a mixture and the base model token for token equal to the reference base's,
-    eagerly and through the compiled decode step (both of its int8 forms)."""
+    eagerly and through the compiled decode step (up to gemv_rows rows and above)."""
     base = load_base(str(tiny_model_dir), quantize=mode)
     assert base.fingerprint == load_base(str(tiny_model_dir)).fingerprint and base.quantization == mode
     linears = [m for m in base.model.modules() if isinstance(m, nn.Linear)]
@@ -203,7 +239,7 @@ def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_m
         for name in ("a", "b", "c"):
             engine.load(name)
         want.append([r.token_ids for r in engine.generate(requests)])
-        if b is base:  # the compiled step's two int8 forms: a multiply and sum up to gemv_rows, the kernel above
+        if b is base:  # the compiled step's few-row kernels up to gemv_rows; above it int8's kernel, w8a8's GEMM
             for gemv_rows in (4, 0):
                 engine.compiled = CompiledDecoder(engine.fused, backend="eager", gemv_rows=gemv_rows)
                 want.append([r.token_ids for r in engine.generate(requests)])
@@ -230,14 +266,17 @@ def test_quantize_refuses_what_it_cannot_do(tiny_model_dir, monkeypatch):
 
 
 def test_w8a8_without_its_operator_says_so_and_still_quantizes(monkeypatch, caplog):
-    """No compiler: the compiled step's rows are rounded with tensor ops (exact, slower), and the
-    log says why."""
+    """No compiler: few rows are rounded with tensor ops and multiplied by the integer GEMM (exact,
+    slower), and the log says why."""
     import loramux.kernels as kernels
 
     monkeypatch.setitem(_KERNEL, "quantize_rows", None)
+    monkeypatch.setitem(_KERNEL, "w8a8", None)
     monkeypatch.setattr(kernels, "_state", {"op": None, "error": "RuntimeError: no compiler"})
     holder = nn.Sequential(nn.Linear(8, 8))
     with caplog.at_level("WARNING", logger="loramux.quantize"):
         assert quantize_linears(holder, "w8a8") == 1
-    assert type(holder[0]) is W8A8Linear and _KERNEL["quantize_rows"] is None
+    assert type(holder[0]) is W8A8Linear and _KERNEL["quantize_rows"] is None and _KERNEL["w8a8"] is None
+    x = torch.randn(2, 8)  # torch._int_mm multiplies the few rows instead
+    assert torch.equal(holder[0](x), exact_w8a8(holder[0], x))
     assert "could not be built (RuntimeError: no compiler)" in caplog.text

@@ -97,8 +97,11 @@ class Int8Linear(nn.Linear):
 
 
 # oneDNN's integer GEMM takes a much slower path below this many rows on this CPU class: fewer rows
-# are padded with zeros, whose products are not read (the compiled step's few rows never come here)
+# are padded with zeros, whose products are not read (up to W8A8_KERNEL_ROWS rows take the kernel)
 _INT_MM_MIN_ROWS = 4
+# rows up to which the w8a8 product runs in the C++ kernel (kernels/int8_linear.cpp): one pass over
+# the weight, prefetched, for decode's few rows, where a GEMM call is mostly overhead
+W8A8_KERNEL_ROWS = 4
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +129,12 @@ class W8A8Linear(Int8Linear):
             return F.linear(xq, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         flat = x.float().reshape(rows, x.shape[-1])
+        op = _KERNEL["w8a8"]
+        if op is not None and 0 < rows <= W8A8_KERNEL_ROWS and x.device.type == "cpu":
+            y = op(flat, self.weight, self.scale)  # the same rounding and exact sums, one pass
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         q, scale = quantize_rows(flat)
         if rows < _INT_MM_MIN_ROWS:
             q = F.pad(q, (0, 0, 0, _INT_MM_MIN_ROWS - rows))
@@ -141,7 +150,8 @@ class W8A8Linear(Int8Linear):
 
 # looked up when quantizing; plain reads at run time (torch.compile traces through them):
 # "op" the int8 kernel, "quantize_rows" the row rounding the compiled w8a8 step uses (engine/graph.py)
-_KERNEL: dict = {"op": None, "quantize_rows": None}
+# above W8A8_KERNEL_ROWS rows, "w8a8" the w8a8 product for up to that many rows
+_KERNEL: dict = {"op": None, "quantize_rows": None, "w8a8": None}
 
 
 def _load_kernel() -> None:
@@ -189,10 +199,12 @@ def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
         if not _int_mm_is_exact():
             raise LoramuxError("quantize w8a8: this CPU's integer GEMM (oneDNN) does not return exact sums for "
                                "int8 inputs at the extremes; use --quantize int8")
-        if _KERNEL["quantize_rows"] is None:  # optional: without it, tensor ops round the rows, slower when compiled
-            from .kernels import quantize_rows_op
+        if _KERNEL["quantize_rows"] is None:  # optional: without them, tensor ops round the rows and
+            # torch._int_mm multiplies few rows (the same values, slower)
+            from .kernels import quantize_rows_op, w8a8_linear_op
 
             _KERNEL["quantize_rows"] = quantize_rows_op()
+            _KERNEL["w8a8"] = w8a8_linear_op()
             if _KERNEL["quantize_rows"] is None:
                 from .kernels import build_error
 

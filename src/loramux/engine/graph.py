@@ -7,10 +7,11 @@ weights once. Here one decode step of a Llama-family model is written as a plain
 tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RMSNorm, RoPE,
 attention over the cache and each row's LoRA update (y += Σ_j w_j·(x·A_jᵀ)·B_jᵀ over the adapters j
 the row mixes, gathered from the batch's table of factors, compiled.py) become one generated program
-per shape, with no Python between ops up to 4 rows (an int8 base, quantize.py, the same way: its
-weight converted as it is read; a w8a8 base sums its integer products exactly in fp32 chunks);
-above that each base linear is one call of `loramux::packed_linear` (cpu_linear.py) on the
-server's oneDNN-packed weight, of the int8 kernel, or of the integer GEMM.
+per shape, with no Python between ops up to 4 rows; above that each base linear is one call of
+`loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight. A quantized base's
+linears (quantize.py) are one call each of its C++ kernels (kernels/int8_linear.cpp: a prefetched
+pass over the int8 weight, which streams it about twice as fast as the generated reduction did),
+or above 4 rows of w8a8 of the integer GEMM.
 
 The state it runs over (row slots, the static cache, the batch's table of LoRA factors) is kept by
 `compiled.py`. Position p of a row is written at index p of its slot: no left padding, and the
@@ -32,7 +33,7 @@ from torch import nn
 
 from ..cpu_linear import PackedLinear
 from ..errors import LoramuxError
-from ..quantize import _KERNEL, Int8Linear, W8A8Linear, quantize_rows
+from ..quantize import _KERNEL, W8A8_KERNEL_ROWS, Int8Linear, W8A8Linear, quantize_rows
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FAMILIES = ("llama", "mistral", "qwen2")
@@ -118,11 +119,20 @@ class DecodeGraph(nn.Module):
         """A w8a8 base's few rows rounded to int8 once for every projection that reads them (q, k
         and v; gate and up): as tensor ops, Inductor would round them again for every output of
         every projection, and the operator costs a call each time."""
+        if _KERNEL["w8a8"] is not None and x.shape[0] <= W8A8_KERNEL_ROWS:
+            return None  # the kernel rounds them itself, in the same pass
         return _round_rows(x) if self.w8a8 and x.shape[0] <= self.gemv_rows else None
 
     def _apply(self, x: torch.Tensor, linear: nn.Linear,
                rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if isinstance(linear, W8A8Linear):
+            op = _KERNEL["w8a8"]
+            if op is not None and x.shape[0] <= min(self.gemv_rows, W8A8_KERNEL_ROWS):
+                # the kernel rounds the rows and sums exactly in one prefetched pass over the weight:
+                # Inductor's generated reduction converts every weight to fp32 and streams it at about
+                # half the rate (benchmarks/results/step_profile_w8a8_generated.json, then step_profile_w8a8.json)
+                y = op(x.float(), linear.weight, linear.scale)
+                return (y if linear.bias is None else y + linear.bias).to(x.dtype)
             if x.shape[0] <= self.gemv_rows:
                 # A multiply and sum fused into the step's program like the weight-only form (a
                 # padded GEMM call per linear cost more per step). Products of int8 values are
@@ -137,13 +147,7 @@ class DecodeGraph(nn.Module):
                 return (y if linear.bias is None else y + linear.bias).to(x.dtype)
             return linear(x)  # rounding the rows fuses into the program around one integer GEMM
         if isinstance(linear, Int8Linear):
-            if x.shape[0] <= self.gemv_rows:
-                # the same multiply and sum over the int8 weight, converted as it is read, then each
-                # output's scale (Int8Linear's order): Inductor fuses it into the step's program, where
-                # calling the kernel as an operator costs more per call than a one-row pass over the weight
-                y = self._matmul(x, linear.weight.to(x.dtype)) * linear.scale.to(x.dtype)
-                return y if linear.bias is None else y + linear.bias.to(x.dtype)
-            return linear(x)  # its C++ kernel: one pass over the int8 weight for all rows
+            return linear(x)  # its C++ kernel: one prefetched pass over the int8 weight for all rows
         if (isinstance(linear, PackedLinear) and x.shape[0] > self.gemv_rows and x.shape[0] >= linear.min_rows
                 and not torch.is_grad_enabled()):
             # a batch of rows on the weight oneDNN laid out once: a plain GEMM lays it out again at

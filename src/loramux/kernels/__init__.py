@@ -2,8 +2,9 @@
 
 `int8_linear` (int8_linear.cpp) is weight-only int8 matrix-vector work for decode on AVX2 CPUs,
 where PyTorch's own int8/int4 weight-only kernels are slower than fp32
-(`benchmarks/results/int8_linear.json`); `quantize_rows` rounds rows to int8 for the w8a8 base's
-compiled few-row step (engine/graph.py). It is compiled once per machine with the C++ compiler
+(`benchmarks/results/int8_linear.json`); `quantize_rows` rounds rows to int8 as the w8a8 base does, and
+`w8a8_linear` is that base's product for up to 4 rows (decode: eager, and inside the compiled step,
+engine/graph.py). It is compiled once per machine with the C++ compiler
 that TorchInductor needs anyway (`--compile`), and kept where PyTorch keeps built extensions
 (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), named by a digest of its source,
 the torch version and the CPU's instruction sets. It is registered as the
@@ -73,6 +74,10 @@ def _build() -> None:
     def _(x):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], 1)
 
+    @torch.library.register_fake("loramux::w8a8_linear")
+    def _(x, q, scale):
+        return x.new_empty(x.shape[0], q.shape[0])
+
 
 def int8_linear_op():
     """The compiled `torch.ops.loramux.int8_linear`, built on first call; None if it cannot be."""
@@ -95,6 +100,16 @@ def quantize_rows_op():
     import torch
 
     return torch.ops.loramux.quantize_rows
+
+
+def w8a8_linear_op():
+    """`torch.ops.loramux.w8a8_linear` (int8_linear.cpp): the w8a8 base's product for up to 4 rows,
+    rounding them itself; None if the kernels cannot be built."""
+    if int8_linear_op() is None:
+        return None
+    import torch
+
+    return torch.ops.loramux.w8a8_linear
 
 
 def build_error() -> str | None:

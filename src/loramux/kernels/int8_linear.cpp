@@ -1,6 +1,6 @@
 // y = x · (q · diag(scale))ᵀ for a few fp32 rows x (M, K), int8 weights q (N, K) and one fp32
 // scale per output channel (N): weight-only int8 decode (loramux/quantize.py). Below it,
-// `quantize_rows`, the w8a8 base's row rounding for the compiled few-row step.
+// `quantize_rows`, the w8a8 base's row rounding, and `w8a8_linear`, its few-row product.
 //
 // Decode reads every weight once per token, so int8 reads a quarter of fp32's bytes. The
 // kernel converts each 8-wide int8 chunk of a weight row to fp32 once and multiplies it into up
@@ -9,6 +9,12 @@
 // (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have no AVX2 path and run slower than fp32
 // on AVX2-only CPUs (benchmarks/results/int8_linear.json). Without AVX2 and FMA a plain loop
 // computes the same sums.
+//
+// A one-row pass over a weight streams it from memory once, and one core's hardware prefetcher
+// alone keeps well under the memory's bandwidth: both kernels ask for the weight two groups of
+// rows ahead of the ones they multiply (`prefetch_ahead`): the one-row step's 211 linears take about
+// half the time Inductor's generated reduction took (benchmarks/results/step_profile_w8a8.json
+// against step_profile_w8a8_generated.json).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,9 +23,23 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
+
+// A group of `rows` consecutive weight rows is multiplied `bytes` columns at a time; the same
+// span of the weight `ahead` rows further on is asked for meanwhile, a cache line at a time, so
+// that it is in cache when its turn comes (the weight is read in order, every row once).
+static inline void prefetch_ahead(const int8_t* group, int64_t K, int64_t ahead, int rows, int64_t k, int bytes) {
+#if defined(__GNUC__)
+  const int8_t* p = group + ahead * K;
+  for (int64_t b = (rows * k + 63) & ~int64_t{63}; b < rows * (k + bytes); b += 64) __builtin_prefetch(p + b, 0, 3);
+#endif
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -39,6 +59,7 @@ static inline void block(const float* x, const int8_t* w, int64_t K, int64_t N, 
   for (int i = 0; i < MB; i++)
     for (int j = 0; j < NB; j++) acc[i][j] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
+    prefetch_ahead(w, K, 2 * NB, NB, k, 8);
     __m256 wf[NB];
     for (int j = 0; j < NB; j++)
       wf[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + j * K + k))));
@@ -102,43 +123,159 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return out;
 }
 
-// Each row of x (M, K) rounded to int8 with its own scale max|row| / 127, exactly as
-// quantize.py's `quantize_rows` (the same fp32 division, rounding half to even): (q (M, K) int8,
-// scale (M, 1)). An operator so that the compiled decode step computes the rounded rows once:
-// written as tensor ops, Inductor recomputes them inside every output channel's sum.
+// One row rounded to int8 with its own scale max|row| / 127, exactly as quantize.py's
+// `quantize_rows` (the same fp32 division, rounding half to even).
+static void round_row(const float* row, int64_t K, int8_t* q, float* scale) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < K; k++) {
+    const float a = std::fabs(row[k]);
+    if (std::isnan(a) || a > amax) amax = a;  // a NaN propagates to the scale, as torch's amax
+    if (std::isnan(amax)) break;
+  }
+  const float s = std::isnan(amax) ? amax : std::max(amax / 127.0f, std::numeric_limits<float>::min());
+  *scale = s;
+  for (int64_t k = 0; k < K; k++) {
+    const float r = std::nearbyint(row[k] / s);
+    // a NaN row's outputs are NaN through its scale whatever q holds; casting NaN is undefined
+    q[k] = std::isnan(r) ? 0 : static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+  }
+}
+
+// Each row of x (M, K) rounded by `round_row`: (q (M, K) int8, scale (M, 1)). An operator so that
+// the compiled decode step computes the rounded rows once: written as tensor ops, Inductor
+// recomputes them inside every output channel's sum.
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "quantize_rows: fp32 CPU x (M, K)");
   auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1);
   auto q = at::empty({M, K}, xc.options().dtype(at::kChar));
   auto scale = at::empty({M, 1}, xc.options());
-  const float* xp = xc.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
-  for (int64_t i = 0; i < M; i++) {
-    const float* row = xp + i * K;
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; k++) {
-      const float a = std::fabs(row[k]);
-      if (std::isnan(a) || a > amax) amax = a;  // a NaN propagates to the scale, as torch's amax
-      if (std::isnan(amax)) break;
-    }
-    const float s = std::isnan(amax) ? amax : std::max(amax / 127.0f, std::numeric_limits<float>::min());
-    sp[i] = s;
-    for (int64_t k = 0; k < K; k++) {
-      const float r = std::nearbyint(row[k] / s);
-      // a NaN row's outputs are NaN through its scale whatever q holds; casting NaN is undefined
-      qp[i * K + k] = std::isnan(r) ? 0 : static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+  for (int64_t i = 0; i < M; i++)
+    round_row(xc.data_ptr<float>() + i * K, K, q.data_ptr<int8_t>() + i * K, scale.data_ptr<float>() + i);
+  return {q, scale};
+}
+
+// Exact integer sums for a few rows already rounded to int8 (q8 (M, K), int16-widened), against
+// NB consecutive weight rows: acc[i][j] = sum_k q8[i][k] * w[j][k]. Products of int8 values fit
+// int16 · int16 pairs summed into int32 (VNNI's vpdpwssd, or AVX2's vpmaddwd then an add), exact
+// for any K below 2^31 / 127², as the integer GEMM's.
+template <int NB, int MB>
+static inline void int_block(const int16_t* x16, const int8_t* q8, const int8_t* w, int64_t K, int32_t (*acc)[NB]) {
+  int64_t k = 0;
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < NB; j++) acc[i][j] = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  __m512i a[MB][NB];
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < NB; j++) a[i][j] = _mm512_setzero_si512();
+  for (; k + 32 <= K; k += 32) {
+    prefetch_ahead(w, K, 2 * NB, NB, k, 32);
+    __m512i wv[NB];
+    for (int j = 0; j < NB; j++)
+      wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k)));
+    for (int i = 0; i < MB; i++) {
+      const __m512i xv = _mm512_loadu_si512(x16 + i * K + k);
+      for (int j = 0; j < NB; j++) a[i][j] = _mm512_dpwssd_epi32(a[i][j], wv[j], xv);
     }
   }
-  return {q, scale};
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < NB; j++) acc[i][j] = _mm512_reduce_add_epi32(a[i][j]);
+#elif defined(__AVX2__)
+  __m256i a[MB][NB];
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < NB; j++) a[i][j] = _mm256_setzero_si256();
+  for (; k + 16 <= K; k += 16) {
+    prefetch_ahead(w, K, 2 * NB, NB, k, 16);
+    __m256i wv[NB];
+    for (int j = 0; j < NB; j++)
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)));
+    for (int i = 0; i < MB; i++) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + i * K + k));
+      for (int j = 0; j < NB; j++) a[i][j] = _mm256_add_epi32(a[i][j], _mm256_madd_epi16(wv[j], xv));
+    }
+  }
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < NB; j++) {
+      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a[i][j]), _mm256_extracti128_si256(a[i][j], 1));
+      h = _mm_hadd_epi32(h, h);
+      h = _mm_hadd_epi32(h, h);
+      acc[i][j] = _mm_cvtsi128_si32(h);
+    }
+#endif
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < NB; j++)
+      for (int64_t kk = k; kk < K; kk++) acc[i][j] += int32_t{q8[i * K + kk]} * int32_t{w[j * K + kk]};
+}
+
+template <int MB>
+static void w8a8_rows(const int16_t* x16, const int8_t* q8, const float* rs, const int8_t* w, const float* scale,
+                      int64_t K, int64_t N, int64_t n, int64_t count, float* out) {
+  // 4 channels at a time (one channel at the end), each sum scaled as quantize.py's W8A8Linear:
+  // (float(sum) · the row's scale) · the channel's scale
+  constexpr int NB = 4;
+  int32_t acc[MB][NB];
+  for (int64_t j = n; j < n + count;) {
+    const int nb = (j + NB <= n + count) ? NB : 1;
+    if (nb == NB) int_block<NB, MB>(x16, q8, w + j * K, K, acc);
+    else int_block<1, MB>(x16, q8, w + j * K, K, reinterpret_cast<int32_t (*)[1]>(acc));
+    for (int i = 0; i < MB; i++)
+      for (int c = 0; c < nb; c++) {
+        const int32_t v = nb == NB ? acc[i][c] : reinterpret_cast<int32_t (*)[1]>(acc)[i][0];
+        out[i * N + j + c] = static_cast<float>(v) * rs[i] * scale[j + c];
+      }
+    j += nb;
+  }
+}
+
+// y = (q_x · q_wᵀ) · s_x · s_w for a few fp32 rows x (M <= 4, K), the w8a8 base's decode product:
+// each row rounded to int8 by `quantize_rows`, then exact integer sums over the int8 weight (N, K)
+// in one pass that reads it once for all rows. Equal, bit for bit, to quantize.py's W8A8Linear
+// (rounding, then torch._int_mm's exact sums, then the same two fp32 multiplies).
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scale.dim() == 1, "w8a8_linear: x (M, K), q (N, K), scale (N,)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
+              "w8a8_linear: x and scale fp32, q int8");
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(), "w8a8_linear: CPU tensors");
+  TORCH_CHECK(x.size(1) == q.size(1) && scale.size(0) == q.size(0), "w8a8_linear: shapes do not match");
+  TORCH_CHECK(x.size(0) <= 4, "w8a8_linear: at most 4 rows (more rows take the integer GEMM)");
+  auto xc = x.contiguous();
+  auto qc = q.contiguous();
+  auto sc = scale.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = qc.size(0);
+  auto out = at::empty({M, N}, xc.options());
+  if (M == 0 || N == 0) return out;
+  // the rows rounded, and widened to int16 for the multiplies: a few rows, on the stack's side
+  std::vector<int8_t> q8v(M * K);
+  std::vector<int16_t> x16v(M * K);
+  float rs[4];
+  for (int64_t i = 0; i < M; i++) round_row(xc.data_ptr<float>() + i * K, K, q8v.data() + i * K, rs + i);
+  for (int64_t j = 0; j < M * K; j++) x16v[j] = q8v[j];
+  const int16_t* x16 = x16v.data();
+  const int8_t* q8 = q8v.data();
+  const int8_t* wp = qc.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // groups of 32 output channels split across threads (a group is 32 · K bytes of the weight)
+  constexpr int64_t G = 32;
+  at::parallel_for(0, (N + G - 1) / G, 1, [&](int64_t begin, int64_t end) {
+    const int64_t n = begin * G, count = std::min(end * G, N) - n;
+    switch (M) {
+      case 1: w8a8_rows<1>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
+      case 2: w8a8_rows<2>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
+      case 3: w8a8_rows<3>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
+      default: w8a8_rows<4>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
+    }
+  });
+  return out;
 }
 
 TORCH_LIBRARY(loramux, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("w8a8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(loramux, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("quantize_rows", &quantize_rows);
+  m.impl("w8a8_linear", &w8a8_linear);
 }
