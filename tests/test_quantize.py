@@ -50,7 +50,7 @@ def test_w8a8_equals_its_reference_and_a_row_does_not_depend_on_its_batch(d_in, 
     input; a row's output is bit for bit the same alone (the kernel) and in any batch (the GEMM):
     integer sums are exact."""
     _, q = quantized(d_in, d_out, bias, mode="w8a8")
-    assert isinstance(q, W8A8Linear)
+    assert isinstance(q, W8A8Linear) and _KERNEL["w8a8"] is not None
     x = torch.randn(20, d_in)
     for rows in range(1, 21):
         torch.testing.assert_close(q(x[:rows]), q.reference(x[:rows]), atol=1e-5 * d_in ** 0.5, rtol=1e-5)
@@ -122,6 +122,7 @@ def test_the_w8a8_kernel_equals_the_exact_integer_product(kernel, d_in, d_out):
 
     op = w8a8_linear_op()
     _, q = quantized(d_in, d_out, bias=False, mode="w8a8")
+    assert _KERNEL["w8a8"] is op is not None
     q.weight.data[0] = 127
     q.weight.data[-1, ::2] = -127
     for rows in range(1, 5):
@@ -138,6 +139,49 @@ def test_the_w8a8_kernel_equals_the_exact_integer_product(kernel, d_in, d_out):
         op(torch.randn(5, d_in), q.weight, q.scale)
 
 
+NARROWER = {"avx2": ["-mno-avx512f"], "plain loop": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
+
+
+@pytest.fixture(scope="module", params=sorted(NARROWER))
+def narrower_ops(request):
+    """kernels/int8_linear.cpp built for fewer instruction sets than this CPU has, under its own
+    operator namespace: the paths a smaller CPU takes (AVX2 integer sums, or plain loops)."""
+    import hashlib
+    import platform
+
+    from torch.utils import cpp_extension
+
+    from loramux.kernels import _SOURCE, _ninja_on_path
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the narrower builds are x86 instruction-set flags")
+    _ninja_on_path()
+    namespace = "loramux_" + request.param.replace(" ", "_")
+    flags = ["-O3", "-march=native", *NARROWER[request.param], "-fopenmp", f"-DLORAMUX_NAMESPACE={namespace}"]
+    key = hashlib.sha256("|".join([_SOURCE.read_text(), torch.__version__, *flags]).encode()).hexdigest()[:12]
+    cpp_extension.load(name=f"{namespace}_{key}", sources=[str(_SOURCE)], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    ops = getattr(torch.ops, namespace)
+    return ops.w8a8_linear, ops.int8_linear
+
+
+@pytest.mark.parametrize("d_in,d_out", [(300, 77), (7, 3), (2100, 96)])
+def test_the_narrower_builds_compute_the_same(kernel, narrower_ops, d_in, d_out):
+    """The AVX2 and plain-loop builds of both kernels: w8a8 bit for bit the exact integer product,
+    int8 within fp32 rounding of the exact product, at 1 to 4 rows and odd widths."""
+    w8a8, int8 = narrower_ops
+    _, q = quantized(d_in, d_out, bias=False, mode="w8a8")
+    q.weight.data[0] = 127
+    for rows in range(1, 5):
+        x = torch.randn(rows, d_in) * 3
+        x[0] = x[0].abs().max()
+        assert torch.equal(w8a8(x, q.weight, q.scale), exact_w8a8(q, x))
+        # fp32 sums in another order than the reference's: bounded by the size of the terms summed
+        w = q.dequantized().double()
+        error = (int8(x, q.weight, q.scale).double() - x.double() @ w.T).abs()
+        assert (error <= 1e-6 * d_in ** 0.5 * (x.double().abs() @ w.abs().T)).all()
+
+
 @pytest.mark.parametrize("path", ["kernel", "rounding operator", "tensor ops"])
 def test_the_compiled_few_row_w8a8_forms_equal_the_definition(kernel, monkeypatch, path):
     """DecodeGraph's forms for up to 4 rows, compiled by Inductor, bit for bit equal to
@@ -147,6 +191,7 @@ def test_the_compiled_few_row_w8a8_forms_equal_the_definition(kernel, monkeypatc
     from loramux.engine.graph import DecodeGraph
 
     _, q = quantized(2100, 96, bias=True, mode="w8a8")
+    assert _KERNEL["w8a8"] is not None
     if path != "kernel":
         monkeypatch.setitem(_KERNEL, "w8a8", None)
     if path == "tensor ops":
@@ -192,11 +237,15 @@ def test_a_gradient_flows_to_the_input():
     torch.testing.assert_close(x.grad, x2.grad)
 
 
-@pytest.mark.parametrize("mode", ["int8", "w8a8"])
-def test_the_kernel_compiles_inside_a_graph(kernel, mode):
-    """torch.compile keeps the operator as one call (its shape-only implementation); w8a8's
-    rounding compiles around the integer GEMM, with one row (padded) and more."""
-    _, q = quantized(40, 24, bias=True, mode=mode)
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "w8a8 without its few-row kernel"])
+def test_the_kernel_compiles_inside_a_graph(kernel, mode, monkeypatch):
+    """torch.compile keeps the operators as one call each (their shape-only implementations) up
+    to 4 rows; above that w8a8's rounding compiles around the integer GEMM, and without the
+    few-row kernel around the padded GEMM for fewer rows too."""
+    _, q = quantized(40, 24, bias=True, mode=mode.split()[0])
+    if mode.endswith("few-row kernel"):
+        monkeypatch.setitem(_KERNEL, "w8a8", None)
+    torch._dynamo.reset()
     fn = torch.compile(lambda x: torch.relu(q(x)) * 2, fullgraph=True, backend="inductor")
     for rows in (1, 3, 6):
         x = torch.randn(rows, 40)
@@ -222,11 +271,16 @@ def w8a8_reference_base(tiny_model_dir):
     return base
 
 
-@pytest.mark.parametrize("mode", ["int8", "w8a8"])
-def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_model_dir, lib, mode):
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "w8a8 without its few-row kernel"])
+def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_model_dir, lib, mode, monkeypatch):
     """Same fingerprint (the library's adapters apply), every linear int8 (w8a8), and generation
     with adapters, a mixture and the base model token for token equal to the reference base's,
-    eagerly and through the compiled decode step (up to gemv_rows rows and above)."""
+    eagerly and through the compiled decode step (up to gemv_rows rows and above); w8a8 also
+    without its few-row kernel (the padded integer GEMM, and the step's generated form)."""
+    if mode.startswith("w8a8 "):
+        mode = "w8a8"
+        load_base(str(tiny_model_dir), quantize=mode)  # loads the kernels, which are then set aside
+        monkeypatch.setitem(_KERNEL, "w8a8", None)
     base = load_base(str(tiny_model_dir), quantize=mode)
     assert base.fingerprint == load_base(str(tiny_model_dir)).fingerprint and base.quantization == mode
     linears = [m for m in base.model.modules() if isinstance(m, nn.Linear)]

@@ -9,8 +9,7 @@ quantized base's output (fusion/layer.py), so an adapter is applied exactly as t
 slightly different W0.
 
 The fast path is the C++ kernel in kernels/ (up to `KERNEL_ROWS` rows: decode and short
-prefills; the compiled decode step, engine/graph.py, folds one to four rows into its own program
-instead); more rows (long prefills, or a decode batch wider than 64) dequantise to the input's
+prefills, eagerly and inside the compiled decode step, engine/graph.py); more rows (long prefills, or a decode batch wider than 64) dequantise to the input's
 dtype and run one GEMM, where converting the weight is amortised over the rows. Quantizing
 to int8 refuses a machine where the kernel cannot be built: dequantising at every call would be
 slower than fp32 and save no memory. `Int8Linear.reference` is the readable
@@ -20,7 +19,8 @@ token reads one row of it.
 `w8a8` (`W8A8Linear`) also rounds each row of activations to int8 at run time (symmetric, one
 scale per row: torchao's `int8_dynamic_activation_int8_weight`; llama.cpp's q8_0 matmuls do the
 same with a scale per 32 values) and multiplies integers with PyTorch's `_int_mm` (oneDNN's
-s8s8s32 GEMM). With a batch of rows a step is bound by multiply throughput, not by reading
+s8s8s32 GEMM); up to `W8A8_KERNEL_ROWS` rows (decode) the C++ kernel `w8a8_linear` rounds them and
+sums the same exact products in one pass over the weight. With a batch of rows a step is bound by multiply throughput, not by reading
 weights; on CPUs with VNNI an integer dot-product instruction does four times the multiplies of an
 fp32 FMA of the same width (a 16-row step's linears: benchmarks/results/step_profile_w8a8_rows16.json).
 The integer sums are exact, so a row's result does not depend on its batch; quantizing checks
@@ -149,8 +149,8 @@ class W8A8Linear(Int8Linear):
 
 
 # looked up when quantizing; plain reads at run time (torch.compile traces through them):
-# "op" the int8 kernel, "quantize_rows" the row rounding the compiled w8a8 step uses (engine/graph.py)
-# above W8A8_KERNEL_ROWS rows, "w8a8" the w8a8 product for up to that many rows
+# "op" the int8 kernel, "w8a8" the w8a8 product for up to W8A8_KERNEL_ROWS rows, "quantize_rows" the
+# row rounding the compiled step's few w8a8 rows use where "w8a8" is None (engine/graph.py)
 _KERNEL: dict = {"op": None, "quantize_rows": None, "w8a8": None}
 
 
@@ -199,17 +199,18 @@ def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
         if not _int_mm_is_exact():
             raise LoramuxError("quantize w8a8: this CPU's integer GEMM (oneDNN) does not return exact sums for "
                                "int8 inputs at the extremes; use --quantize int8")
-        if _KERNEL["quantize_rows"] is None:  # optional: without them, tensor ops round the rows and
-            # torch._int_mm multiplies few rows (the same values, slower)
+        if _KERNEL["quantize_rows"] is None or _KERNEL["w8a8"] is None:
+            # optional: without them, few rows take the padded integer GEMM eagerly and tensor ops in
+            # the compiled step (the same values, slower)
             from .kernels import quantize_rows_op, w8a8_linear_op
 
             _KERNEL["quantize_rows"] = quantize_rows_op()
             _KERNEL["w8a8"] = w8a8_linear_op()
-            if _KERNEL["quantize_rows"] is None:
+            if _KERNEL["w8a8"] is None:
                 from .kernels import build_error
 
-                log.warning("w8a8: the row-rounding operator could not be built (%s); the compiled decode step "
-                            "rounds rows with tensor ops instead: the same results, several times slower for a few rows",
+                log.warning("w8a8: the few-row operators could not be built (%s); decode's few rows take the padded "
+                            "integer GEMM instead, and tensor ops in the compiled step: the same results, slower",
                             build_error())
     kind = Int8Linear if mode == "int8" else W8A8Linear
     count = 0

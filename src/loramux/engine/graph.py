@@ -10,8 +10,7 @@ the row mixes, gathered from the batch's table of factors, compiled.py) become o
 per shape, with no Python between ops up to 4 rows; above that each base linear is one call of
 `loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight. A quantized base's
 linears (quantize.py) are one call each of its C++ kernels (kernels/int8_linear.cpp: a prefetched
-pass over the int8 weight, which streams it about twice as fast as the generated reduction did),
-or above 4 rows of w8a8 of the integer GEMM.
+pass over the int8 weight for decode's few rows), or above 4 rows of w8a8 of the integer GEMM.
 
 The state it runs over (row slots, the static cache, the batch's table of LoRA factors) is kept by
 `compiled.py`. Position p of a row is written at index p of its slot: no left padding, and the
@@ -127,10 +126,11 @@ class DecodeGraph(nn.Module):
                rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if isinstance(linear, W8A8Linear):
             op = _KERNEL["w8a8"]
-            if op is not None and x.shape[0] <= min(self.gemv_rows, W8A8_KERNEL_ROWS):
-                # the kernel rounds the rows and sums exactly in one prefetched pass over the weight:
-                # Inductor's generated reduction converts every weight to fp32 and streams it at about
-                # half the rate (benchmarks/results/step_profile_w8a8_generated.json, then step_profile_w8a8.json)
+            if op is not None and x.shape[0] <= W8A8_KERNEL_ROWS:  # whatever gemv_rows says
+                # the kernel rounds the rows and sums exactly in one prefetched pass over the weight,
+                # faster than the generated reduction below, which converts every weight to fp32 as it
+                # streams it (benchmarks/few_row_linears.py); the generated form serves where the
+                # kernels could not be built
                 y = op(x.float(), linear.weight, linear.scale)
                 return (y if linear.bias is None else y + linear.bias).to(x.dtype)
             if x.shape[0] <= self.gemv_rows:
@@ -145,9 +145,12 @@ class DecodeGraph(nn.Module):
                           for i in range(0, q.shape[1], _EXACT_TERMS))
                 y = acc.float() * scale * linear.scale
                 return (y if linear.bias is None else y + linear.bias).to(x.dtype)
-            return linear(x)  # rounding the rows fuses into the program around one integer GEMM
+            return linear(x)  # more rows: their rounding fuses into the program around one integer GEMM
         if isinstance(linear, Int8Linear):
-            return linear(x)  # its C++ kernel: one prefetched pass over the int8 weight for all rows
+            # its C++ kernel up to KERNEL_ROWS rows (one prefetched pass over the int8 weight for all of
+            # them: Inductor's generated reduction, converting the weight as it read it, streamed it
+            # slower, benchmarks/few_row_linears.py), the dequantised weight's GEMM above
+            return linear(x)
         if (isinstance(linear, PackedLinear) and x.shape[0] > self.gemv_rows and x.shape[0] >= linear.min_rows
                 and not torch.is_grad_enabled()):
             # a batch of rows on the weight oneDNN laid out once: a plain GEMM lays it out again at

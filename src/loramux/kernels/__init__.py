@@ -7,13 +7,14 @@ where PyTorch's own int8/int4 weight-only kernels are slower than fp32
 engine/graph.py). It is compiled once per machine with the C++ compiler
 that TorchInductor needs anyway (`--compile`), and kept where PyTorch keeps built extensions
 (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), named by a digest of its source,
-the torch version and the CPU's instruction sets. It is registered as the
-operator `torch.ops.loramux.int8_linear`, with a shape-only implementation, so that
-`torch.compile` keeps it inside a compiled graph as one call.
+the torch version and the CPU's instruction sets. Its operators are registered as
+`torch.ops.loramux.int8_linear`, `.quantize_rows` and `.w8a8_linear`, each with a shape-only
+implementation, so that `torch.compile` keeps each inside a compiled graph as one call.
 
-Where it cannot be built (no compiler, say), `int8_linear_op()` and `quantize_rows_op()` return
-None with the reason in `build_error()`: `--quantize int8` is then refused (quantize.py), and the
-w8a8 step rounds rows with tensor ops (exact, slower when compiled).
+Where it cannot be built (no compiler, say), `int8_linear_op()`, `quantize_rows_op()` and
+`w8a8_linear_op()` return None with the reason in `build_error()`: `--quantize int8` is then
+refused (quantize.py), and w8a8's few rows take the padded integer GEMM eagerly and tensor ops in
+the compiled step (exact, slower).
 """
 
 from __future__ import annotations

@@ -12,9 +12,8 @@
 //
 // A one-row pass over a weight streams it from memory once, and one core's hardware prefetcher
 // alone keeps well under the memory's bandwidth: both kernels ask for the weight two groups of
-// rows ahead of the ones they multiply (`prefetch_ahead`): the one-row step's 211 linears take about
-// half the time Inductor's generated reduction took (benchmarks/results/step_profile_w8a8.json
-// against step_profile_w8a8_generated.json).
+// rows ahead of the ones they multiply (`prefetch_ahead`; benchmarks/few_row_linears.py measures
+// the one-row step's linears against the compiled step's generated reductions).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,16 +21,21 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <cstdint>
 #include <tuple>
 #include <vector>
 
-// A group of `rows` consecutive weight rows is multiplied `bytes` columns at a time; the same
-// span of the weight `ahead` rows further on is asked for meanwhile, a cache line at a time, so
-// that it is in cache when its turn comes (the weight is read in order, every row once).
+// A group of `rows` consecutive weight rows (rows · K contiguous bytes) is multiplied `bytes`
+// columns at a time; meanwhile the group `ahead` rows further on is asked for at the same pace
+// (rows · bytes of it per step, a cache line at a time), so that it is in cache when its turn
+// comes: the weight is read in order, every row once. The address is computed as an integer: past
+// the weight's end (its last groups) it names memory that is not ours, which a prefetch never
+// faults on and whose pointer we never form.
 static inline void prefetch_ahead(const int8_t* group, int64_t K, int64_t ahead, int rows, int64_t k, int bytes) {
 #if defined(__GNUC__)
-  const int8_t* p = group + ahead * K;
-  for (int64_t b = (rows * k + 63) & ~int64_t{63}; b < rows * (k + bytes); b += 64) __builtin_prefetch(p + b, 0, 3);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(group) + static_cast<uintptr_t>(ahead * K);
+  for (int64_t b = (rows * k + 63) & ~int64_t{63}; b < rows * (k + bytes); b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(p + static_cast<uintptr_t>(b)), 0, 3);
 #endif
 }
 
@@ -214,21 +218,21 @@ static void w8a8_rows(const int16_t* x16, const int8_t* q8, const float* rs, con
   // (float(sum) · the row's scale) · the channel's scale
   constexpr int NB = 4;
   int32_t acc[MB][NB];
-  for (int64_t j = n; j < n + count;) {
-    const int nb = (j + NB <= n + count) ? NB : 1;
-    if (nb == NB) int_block<NB, MB>(x16, q8, w + j * K, K, acc);
-    else int_block<1, MB>(x16, q8, w + j * K, K, reinterpret_cast<int32_t (*)[1]>(acc));
+  int32_t acc1[MB][1];
+  int64_t j = n;
+  for (; j + NB <= n + count; j += NB) {
+    int_block<NB, MB>(x16, q8, w + j * K, K, acc);
     for (int i = 0; i < MB; i++)
-      for (int c = 0; c < nb; c++) {
-        const int32_t v = nb == NB ? acc[i][c] : reinterpret_cast<int32_t (*)[1]>(acc)[i][0];
-        out[i * N + j + c] = static_cast<float>(v) * rs[i] * scale[j + c];
-      }
-    j += nb;
+      for (int c = 0; c < NB; c++) out[i * N + j + c] = static_cast<float>(acc[i][c]) * rs[i] * scale[j + c];
+  }
+  for (; j < n + count; j++) {
+    int_block<1, MB>(x16, q8, w + j * K, K, acc1);
+    for (int i = 0; i < MB; i++) out[i * N + j] = static_cast<float>(acc1[i][0]) * rs[i] * scale[j];
   }
 }
 
 // y = (q_x · q_wᵀ) · s_x · s_w for a few fp32 rows x (M <= 4, K), the w8a8 base's decode product:
-// each row rounded to int8 by `quantize_rows`, then exact integer sums over the int8 weight (N, K)
+// each row rounded to int8 by `round_row`, then exact integer sums over the int8 weight (N, K)
 // in one pass that reads it once for all rows. Equal, bit for bit, to quantize.py's W8A8Linear
 // (rounding, then torch._int_mm's exact sums, then the same two fp32 multiplies).
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
@@ -238,13 +242,15 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(), "w8a8_linear: CPU tensors");
   TORCH_CHECK(x.size(1) == q.size(1) && scale.size(0) == q.size(0), "w8a8_linear: shapes do not match");
   TORCH_CHECK(x.size(0) <= 4, "w8a8_linear: at most 4 rows (more rows take the integer GEMM)");
+  // int32 sums of K products of at most 127 · 128 in magnitude are exact below this
+  TORCH_CHECK(x.size(1) <= (int64_t{1} << 31) / (127 * 128), "w8a8_linear: K too large for exact int32 sums");
   auto xc = x.contiguous();
   auto qc = q.contiguous();
   auto sc = scale.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = qc.size(0);
   auto out = at::empty({M, N}, xc.options());
   if (M == 0 || N == 0) return out;
-  // the rows rounded, and widened to int16 for the multiplies: a few rows, on the stack's side
+  // the rows rounded, and widened to int16 for the multiplies (a few rows: small buffers)
   std::vector<int8_t> q8v(M * K);
   std::vector<int16_t> x16v(M * K);
   float rs[4];
@@ -269,12 +275,21 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return out;
 }
 
-TORCH_LIBRARY(loramux, m) {
+// The operators' namespace: `loramux`; the tests build the same source for fewer instruction sets
+// under other names (-DLORAMUX_NAMESPACE=...), to check the AVX2 and plain-loop paths on a CPU
+// that has more. The indirection lets the name be a macro (TORCH_LIBRARY pastes its argument).
+#ifndef LORAMUX_NAMESPACE
+#define LORAMUX_NAMESPACE loramux
+#endif
+#define LORAMUX_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define LORAMUX_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+LORAMUX_LIBRARY(LORAMUX_NAMESPACE, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("w8a8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(loramux, CPU, m) {
+LORAMUX_LIBRARY_IMPL(LORAMUX_NAMESPACE, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("quantize_rows", &quantize_rows);
   m.impl("w8a8_linear", &w8a8_linear);
