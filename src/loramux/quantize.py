@@ -101,7 +101,9 @@ class Int8Linear(nn.Linear):
 _INT_MM_MIN_ROWS = 4
 # rows up to which the w8a8 product runs in the C++ kernel (kernels/int8_linear.cpp): one pass over
 # the weight, prefetched, for decode's few rows, where a GEMM call is mostly overhead
-W8A8_KERNEL_ROWS = 4
+W8A8_KERNEL_ROWS = 4  # the kernel's own limit (kernels/int8_linear.cpp)
+# its int32 sums of K products of magnitude at most 127 * 128 are exact up to this K (the kernel checks it)
+W8A8_KERNEL_MAX_K = 2**31 // (127 * 128)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +132,7 @@ class W8A8Linear(Int8Linear):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         flat = x.float().reshape(rows, x.shape[-1])
         op = _KERNEL["w8a8"]
-        if op is not None and 0 < rows <= W8A8_KERNEL_ROWS and x.device.type == "cpu":
+        if op is not None and 0 < rows <= W8A8_KERNEL_ROWS and self.in_features <= W8A8_KERNEL_MAX_K and x.device.type == "cpu":
             y = op(flat, self.weight, self.scale)  # the same rounding and exact sums, one pass
             if self.bias is not None:
                 y = y + self.bias

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..cpu_linear import PackedLinear
 from ..errors import LoramuxError
-from ..quantize import _KERNEL, W8A8_KERNEL_ROWS, Int8Linear, W8A8Linear, quantize_rows
+from ..quantize import _KERNEL, W8A8_KERNEL_MAX_K, W8A8_KERNEL_ROWS, Int8Linear, W8A8Linear, quantize_rows
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FAMILIES = ("llama", "mistral", "qwen2")
@@ -118,7 +118,7 @@ class DecodeGraph(nn.Module):
         """A w8a8 base's few rows rounded to int8 once for every projection that reads them (q, k
         and v; gate and up): as tensor ops, Inductor would round them again for every output of
         every projection, and the operator costs a call each time."""
-        if _KERNEL["w8a8"] is not None and x.shape[0] <= W8A8_KERNEL_ROWS:
+        if _KERNEL["w8a8"] is not None and x.shape[0] <= W8A8_KERNEL_ROWS and x.shape[1] <= W8A8_KERNEL_MAX_K:
             return None  # the kernel rounds them itself, in the same pass
         return _round_rows(x) if self.w8a8 and x.shape[0] <= self.gemv_rows else None
 
@@ -126,7 +126,7 @@ class DecodeGraph(nn.Module):
                rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if isinstance(linear, W8A8Linear):
             op = _KERNEL["w8a8"]
-            if op is not None and x.shape[0] <= W8A8_KERNEL_ROWS:  # whatever gemv_rows says
+            if op is not None and x.shape[0] <= W8A8_KERNEL_ROWS and x.shape[1] <= W8A8_KERNEL_MAX_K:
                 # the kernel rounds the rows and sums exactly in one prefetched pass over the weight,
                 # faster than the generated reduction below, which converts every weight to fp32 as it
                 # streams it (benchmarks/few_row_linears.py); the generated form serves where the
@@ -148,8 +148,8 @@ class DecodeGraph(nn.Module):
             return linear(x)  # more rows: their rounding fuses into the program around one integer GEMM
         if isinstance(linear, Int8Linear):
             # its C++ kernel up to KERNEL_ROWS rows (one prefetched pass over the int8 weight for all of
-            # them: Inductor's generated reduction, converting the weight as it read it, streamed it
-            # slower, benchmarks/few_row_linears.py), the dequantised weight's GEMM above
+            # them: level with Inductor's generated reduction at 1-2 rows, faster at 4,
+            # benchmarks/few_row_linears.py), the dequantised weight's GEMM above
             return linear(x)
         if (isinstance(linear, PackedLinear) and x.shape[0] > self.gemv_rows and x.shape[0] >= linear.min_rows
                 and not torch.is_grad_enabled()):

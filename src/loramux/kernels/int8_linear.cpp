@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
 // Exact integer sums for a few rows already rounded to int8 (q8 (M, K), int16-widened), against
 // NB consecutive weight rows: acc[i][j] = sum_k q8[i][k] * w[j][k]. Products of int8 values fit
 // int16 · int16 pairs summed into int32 (VNNI's vpdpwssd, or AVX2's vpmaddwd then an add), exact
-// for any K below 2^31 / 127², as the integer GEMM's.
+// for any K up to 2^31 / (127 · 128), as the integer GEMM's (w8a8_linear checks it).
 template <int NB, int MB>
 static inline void int_block(const int16_t* x16, const int8_t* q8, const int8_t* w, int64_t K, int32_t (*acc)[NB]) {
   int64_t k = 0;
@@ -241,6 +241,7 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
               "w8a8_linear: x and scale fp32, q int8");
   TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(), "w8a8_linear: CPU tensors");
   TORCH_CHECK(x.size(1) == q.size(1) && scale.size(0) == q.size(0), "w8a8_linear: shapes do not match");
+  // 4: quantize.py's W8A8_KERNEL_ROWS
   TORCH_CHECK(x.size(0) <= 4, "w8a8_linear: at most 4 rows (more rows take the integer GEMM)");
   // int32 sums of K products of at most 127 · 128 in magnitude are exact below this
   TORCH_CHECK(x.size(1) <= (int64_t{1} << 31) / (127 * 128), "w8a8_linear: K too large for exact int32 sums");
