@@ -14,6 +14,10 @@ steps it), the step for --rows rows is warmed up, and then:
 
     python benchmarks/step_profile.py [--precisions none,int8] [--rows 1] [--adapters 0]
 
+A precision written `<precision>/plain` (e.g. `w8a8/plain`) runs without the few-row step's block
+kernels (the attention as two batched matmuls per layer, a w8a8 block's q, k, v and gate, up one
+kernel call each), for an A/B in one run; a precision named twice is measured twice (`#2`).
+
 The model alone by default (no adapters: a base row's step runs the graph without LoRA). With
 `--adapters K`, K random r=8 adapters are loaded (as `vs_llamacpp.py --stand-ins K` serves them)
 and each row gets its own 3-adapter mixture (weights 0.5, 0.3, 0.2, as that benchmark's
@@ -37,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "Explain why the sky is blue."
 
 
-def child(quantize: str, rows: int, adapters: int) -> dict:
+def child(quantize: str, rows: int, adapters: int, plain: bool = False) -> dict:
     import random
 
     import torch
@@ -52,6 +56,12 @@ def child(quantize: str, rows: int, adapters: int) -> dict:
 
     def build() -> Engine:
         base = load_base(quantize=quantize)
+        if plain:  # the step as before its block kernels: attention as batched matmuls, a call per projection
+            from loramux.engine import graph
+            from loramux.quantize import _KERNEL
+
+            graph._load_ops()
+            graph._OPS["attention"] = _KERNEL["w8a8s"] = None
         engine = Engine(base, None, compile=True)
         for i in range(adapters):  # before packing, as the server loads its library before serving
             engine.fused.add_adapter(f"standin{i:02d}", random_adapter(base, 8, 2000 + i))
@@ -120,7 +130,8 @@ def main() -> None:
                                                        "step_profile_rows<N>_adapters<K>.json")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.rows, args.adapters)))
+        precision, _, variant = args.child.partition("/")
+        print(json.dumps(child(precision, args.rows, args.adapters, plain=variant == "plain")))
         return
     from loramux.bench.machine import machine
 
@@ -129,8 +140,12 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", q, "--rows", str(args.rows),
                               "--adapters", str(args.adapters)], check=True,
                              capture_output=True, text=True)
-        rows["fp32" if q == "none" else q] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"[step_profile] {q}: {rows['fp32' if q == 'none' else q]}", file=sys.stderr, flush=True)
+        name, n = q.replace("none", "fp32"), 1
+        while (name if n == 1 else f"{name}#{n}") in rows:
+            n += 1
+        name = name if n == 1 else f"{name}#{n}"
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"[step_profile] {name}: {rows[name]}", file=sys.stderr, flush=True)
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "decode_rows": args.rows, "adapters": args.adapters, "rows": rows,
               "how": "rows on the compiled path (base rows, or each its own mixture with --adapters), model built as "

@@ -211,6 +211,27 @@ def test_the_compiled_few_row_w8a8_forms_equal_the_definition(kernel, monkeypatc
     assert bool(calls) == (path == "kernel")
 
 
+def test_the_compiled_step_takes_a_blocks_projections_in_one_kernel_call(kernel, monkeypatch):
+    """DecodeGraph._bases, compiled by Inductor: q, k and v (widths as a grouped-query block's)
+    from one `w8a8_linears` call, each bit for bit its exact integer product, at 1 to 4 rows; 5
+    rows take each projection's GEMM."""
+    from loramux.engine.graph import DecodeGraph
+
+    qs = [quantized(576, n, bias=b, seed=n, mode="w8a8")[1] for n, b in ((576, False), (192, True), (192, False))]
+    graph = DecodeGraph.__new__(DecodeGraph)
+    nn.Module.__init__(graph)
+    graph.gemv_rows, graph.w8a8 = 4, True
+    op, traced = _KERNEL["w8a8s"], []
+    monkeypatch.setitem(_KERNEL, "w8a8s", lambda x, w, s: traced.append(x.shape[0]) or op(x, w, s))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: graph._bases(x, tuple(qs)), fullgraph=True, backend="inductor")
+    for rows in (1, 3, 4, 5):
+        x = torch.randn(rows, 576) * 3
+        for y, q in zip(fn(x), qs):
+            assert torch.equal(y, exact_w8a8(q, x))
+    assert traced and 5 not in traced  # traced once per shape Dynamo compiled, never for 5 rows
+
+
 def test_w8a8_is_refused_where_the_integer_gemm_is_not_exact(monkeypatch):
     import loramux.quantize as quantize
 
@@ -288,6 +309,7 @@ def test_a_quantized_base_serves_the_library_as_its_dequantised_reference(tiny_m
 
         monkeypatch.setattr(loramux.kernels, "w8a8_linear_op", lambda: None)  # as if it did not build
         monkeypatch.setitem(_KERNEL, "w8a8", None)
+        monkeypatch.setitem(_KERNEL, "w8a8s", None)
     mode = mode.split()[0]
     base = load_base(str(tiny_model_dir), quantize=mode)
     if mode == "w8a8":
@@ -336,11 +358,34 @@ def test_w8a8_without_its_operator_says_so_and_still_quantizes(monkeypatch, capl
 
     monkeypatch.setitem(_KERNEL, "quantize_rows", None)
     monkeypatch.setitem(_KERNEL, "w8a8", None)
+    monkeypatch.setitem(_KERNEL, "w8a8s", None)
     monkeypatch.setattr(kernels, "_state", {"op": None, "error": "RuntimeError: no compiler"})
     holder = nn.Sequential(nn.Linear(8, 8))
     with caplog.at_level("WARNING", logger="loramux.quantize"):
         assert quantize_linears(holder, "w8a8") == 1
     assert type(holder[0]) is W8A8Linear and _KERNEL["quantize_rows"] is None and _KERNEL["w8a8"] is None
+    assert _KERNEL["w8a8s"] is None
     x = torch.randn(2, 8)  # torch._int_mm multiplies the few rows instead
     assert torch.equal(holder[0](x), exact_w8a8(holder[0], x))
     assert "could not be built (RuntimeError: no compiler)" in caplog.text
+
+
+def test_the_several_weight_w8a8_kernel_equals_each_weights_product(kernel):
+    """`w8a8_linears` (q, k and v, or gate and up, in one call): each output bit for bit the exact
+    integer product of its weight, with widths that split the 32-channel groups unevenly among
+    weights and threads, at 1 to 4 rows."""
+    from loramux.kernels import w8a8_linears_op
+
+    op = w8a8_linears_op()
+    qs = [quantized(300, n, bias=False, seed=n, mode="w8a8")[1] for n in (77, 1, 64, 200)]
+    assert op is not None and _KERNEL["w8a8s"] is op
+    qs[0].weight.data[0] = 127
+    for rows in range(1, 5):
+        x = torch.randn(rows, 300) * 3
+        x[0] = x[0].abs().max()
+        got = op(x, [q.weight for q in qs], [q.scale for q in qs])
+        assert len(got) == len(qs)
+        for y, q in zip(got, qs):
+            assert torch.equal(y, exact_w8a8(q, x))
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        op(torch.randn(1, 300), [qs[0].weight, torch.zeros(3, 299, dtype=torch.int8)], [qs[0].scale, torch.ones(3)])

@@ -151,9 +151,10 @@ class W8A8Linear(Int8Linear):
 
 
 # looked up when quantizing; plain reads at run time (torch.compile traces through them):
-# "op" the int8 kernel, "w8a8" the w8a8 product for up to W8A8_KERNEL_ROWS rows, "quantize_rows" the
-# row rounding the compiled step's few w8a8 rows use where "w8a8" is None (engine/graph.py)
-_KERNEL: dict = {"op": None, "quantize_rows": None, "w8a8": None}
+# "op" the int8 kernel, "w8a8" the w8a8 product for up to W8A8_KERNEL_ROWS rows ("w8a8s" the same over
+# several weights that read one input), "quantize_rows" the row rounding the compiled step's few w8a8
+# rows use where "w8a8" is None (engine/graph.py)
+_KERNEL: dict = {"op": None, "quantize_rows": None, "w8a8": None, "w8a8s": None}
 
 
 def _load_kernel() -> None:
@@ -204,10 +205,11 @@ def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
         if _KERNEL["quantize_rows"] is None or _KERNEL["w8a8"] is None:
             # optional: without them, few rows take the padded integer GEMM eagerly and tensor ops in
             # the compiled step (the same values, slower)
-            from .kernels import quantize_rows_op, w8a8_linear_op
+            from .kernels import quantize_rows_op, w8a8_linear_op, w8a8_linears_op
 
             _KERNEL["quantize_rows"] = quantize_rows_op()
             _KERNEL["w8a8"] = w8a8_linear_op()
+            _KERNEL["w8a8s"] = w8a8_linears_op() if _KERNEL["w8a8"] is not None else None
             if _KERNEL["w8a8"] is None:
                 from .kernels import build_error
 

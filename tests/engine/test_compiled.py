@@ -59,6 +59,28 @@ def test_the_graph_step_equals_the_model_step(where, engine):
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
 
 
+def test_the_few_row_attention_kernel_and_the_batched_matmuls_agree(where, engine, monkeypatch):
+    """Up to 4 fp32 CPU rows the step's attention is one C++ call a layer
+    (kernels/decode_attention.cpp); without it (or above 4 rows) two batched matmuls: both give
+    the model's logits."""
+    from loramux.engine import graph
+
+    if where.dtype != "float32" or where.device != "cpu":
+        pytest.skip("the kernel covers fp32 CPU rows")
+    dec = compiled(engine).compiled
+    op = graph._OPS["attention"]
+    assert op is not None
+    calls = []
+    monkeypatch.setitem(graph._OPS, "attention", lambda *args: calls.append(1) or op(*args))
+    got, ref = _one_step(dec, engine)
+    assert len(calls) == engine.base.model.config.num_hidden_layers
+    monkeypatch.setitem(graph._OPS, "attention", None)
+    matmuls, _ = _one_step(compiled(engine).compiled, engine)
+    assert len(calls) == engine.base.model.config.num_hidden_layers
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(matmuls, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_the_graph_step_on_packed_weights_equals_the_model_step(where, engine):
     """Rows above the GEMV threshold go through the oneDNN-packed weights (loramux::packed_linear),
     as a server that packed its linears does."""

@@ -7,10 +7,12 @@ weights once. Here one decode step of a Llama-family model is written as a plain
 tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RMSNorm, RoPE,
 attention over the cache and each row's LoRA update (y += Σ_j w_j·(x·A_jᵀ)·B_jᵀ over the adapters j
 the row mixes, gathered from the batch's table of factors, compiled.py) become one generated program
-per shape, with no Python between ops up to 4 rows; above that each base linear is one call of
+per shape, with no Python between ops up to 4 rows but one C++ call per layer for the attention of
+an fp32 step's few rows (kernels/decode_attention.cpp); above that each base linear is one call of
 `loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight. A quantized base's
 linears (quantize.py) are one call each of its C++ kernels (kernels/int8_linear.cpp: a prefetched
-pass over the int8 weight for decode's few rows), or above 4 rows of w8a8 of the integer GEMM.
+pass over the int8 weight for decode's few rows; a w8a8 block's q, k and v in one call, its gate
+and up in another), or above 4 rows of w8a8 of the integer GEMM.
 
 The state it runs over (row slots, the static cache, the batch's table of LoRA factors) is kept by
 `compiled.py`. Position p of a row is written at index p of its slot: no left padding, and the
@@ -37,6 +39,16 @@ from ..quantize import _KERNEL, W8A8_KERNEL_MAX_K, W8A8_KERNEL_ROWS, Int8Linear,
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FAMILIES = ("llama", "mistral", "qwen2")
 _EXACT_TERMS = 1024  # int8 products fp32 sums exactly at a time: 1024 · 127² < 2^24
+# The C++ operators the step calls where they could be built (kernels/): looked up once per process,
+# read as plain values while torch.compile traces; None where the build failed (the tensor-op form serves).
+_OPS: dict = {}
+
+
+def _load_ops() -> None:
+    if "attention" not in _OPS:
+        from ..kernels import decode_attention_op
+
+        _OPS["attention"] = decode_attention_op()
 
 
 def _round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +95,7 @@ class DecodeGraph(nn.Module):
         reason = unsupported(model)
         if reason:
             raise LoramuxError(f"compiled decode does not support this model: {reason}")
+        _load_ops()
         config = model.config
         self.model = model
         self.layers = list(model.model.layers)
@@ -118,7 +131,7 @@ class DecodeGraph(nn.Module):
         """A w8a8 base's few rows rounded to int8 once for every projection that reads them (q, k
         and v; gate and up): as tensor ops, Inductor would round them again for every output of
         every projection, and the operator costs a call each time."""
-        if _KERNEL["w8a8"] is not None and x.shape[0] <= W8A8_KERNEL_ROWS and x.shape[1] <= W8A8_KERNEL_MAX_K:
+        if self._kernel_rows(x):
             return None  # the kernel rounds them itself, in the same pass
         return _round_rows(x) if self.w8a8 and x.shape[0] <= self.gemv_rows else None
 
@@ -126,7 +139,7 @@ class DecodeGraph(nn.Module):
                rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if isinstance(linear, W8A8Linear):
             op = _KERNEL["w8a8"]
-            if op is not None and x.shape[0] <= W8A8_KERNEL_ROWS and x.shape[1] <= W8A8_KERNEL_MAX_K:
+            if self._kernel_rows(x):
                 # the kernel rounds the rows and sums exactly in one prefetched pass over the weight,
                 # faster than the generated reduction below, which converts every weight to fp32 as it
                 # streams it (benchmarks/few_row_linears.py); the generated form serves where the
@@ -158,24 +171,61 @@ class DecodeGraph(nn.Module):
             return torch.ops.loramux.packed_linear(x, linear.weight, linear.bias)
         return self._matmul(x, linear.weight, linear.bias)
 
-    def _proj(self, x: torch.Tensor, module: nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None,
-              mix: tuple[torch.Tensor, torch.Tensor] | None,
-              rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        y = self._apply(x, _linear(module), rounded)
-        if lora is not None:
-            # the table: A (P, W, d_in) scaled, B (P, W, d_out), an adapter per position; mix: each
-            # row's picks (S, J) of positions and its weight of each (S, J), 0 past a row's own
-            # adapters. A row multiplies the factors it picks, gathered inside the generated
-            # reductions (never copied out): two GEMMs over the whole table multiplied every row by
-            # every adapter of the batch, most of them weighted 0, in two library calls per
-            # projection (step_profile_rows16_adapters14_table_gemm.json in benchmarks/results).
-            # fp32 factors whatever the base's dtype, the update added in fp32 before one
-            # rounding, PEFT's order (fusion/layer.py).
-            picks, weights = mix
-            A, B = lora
-            z = (x.float()[:, None, None, :] * A[picks]).sum(-1) * weights[:, :, None]  # (S, J, W)
-            y = (y.float() + (z[..., None] * B[picks]).sum((1, 2))).to(x.dtype)
-        return y
+    def _kernel_rows(self, x: torch.Tensor) -> bool:
+        """Whether a w8a8 base's C++ kernels take these rows (and are built)."""
+        return _KERNEL["w8a8"] is not None and x.shape[0] <= W8A8_KERNEL_ROWS and x.shape[1] <= W8A8_KERNEL_MAX_K
+
+    def _bases(self, x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+        """The base outputs of projections that read the same rows (q, k and v; gate and up). A
+        w8a8 base's few rows take one kernel call for all of them: one rounding of the rows, one
+        call's overhead and one thread start-up where each projection paid its own."""
+        linears = [_linear(m) for m in modules]
+        op = _KERNEL["w8a8s"]
+        if op is not None and self._kernel_rows(x) and all(isinstance(lin, W8A8Linear) for lin in linears):
+            ys = op(x.float(), [lin.weight for lin in linears], [lin.scale for lin in linears])
+            return [(y if lin.bias is None else y + lin.bias).to(x.dtype) for y, lin in zip(ys, linears)]
+        r = self._rounded(x)
+        return [self._apply(x, lin, r) for lin in linears]
+
+    def _lora(self, x: torch.Tensor, y: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None,
+              mix: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """y (a projection's base output for rows x) plus each row's LoRA update."""
+        if lora is None:
+            return y
+        # the table: A (P, W, d_in) scaled, B (P, W, d_out), an adapter per position; mix: each
+        # row's picks (S, J) of positions and its weight of each (S, J), 0 past a row's own
+        # adapters. A row multiplies the factors it picks, gathered inside the generated
+        # reductions (never copied out): two GEMMs over the whole table multiplied every row by
+        # every adapter of the batch, most of them weighted 0, in two library calls per
+        # projection (step_profile_rows16_adapters14_table_gemm.json in benchmarks/results).
+        # fp32 factors whatever the base's dtype, the update added in fp32 before one
+        # rounding, PEFT's order (fusion/layer.py).
+        picks, weights = mix
+        A, B = lora
+        z = (x.float()[:, None, None, :] * A[picks]).sum(-1) * weights[:, :, None]  # (S, J, W)
+        return (y.float() + (z[..., None] * B[picks]).sum((1, 2))).to(x.dtype)
+
+    def _projs(self, x: torch.Tensor, modules: tuple[nn.Module, ...], loras: list, mix) -> list[torch.Tensor]:
+        """Projections of the same rows x, each with its LoRA update."""
+        return [self._lora(x, y, lora, mix) for y, lora in zip(self._bases(x, modules), loras)]
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                   bias: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention of one query token per row (q (S, H, D)) over its slot's cache;
+        returns (S, H·D)."""
+        S, H, D = q.shape
+        G = keys.shape[2]
+        op = _OPS.get("attention")
+        if op is not None and S <= self.gemv_rows and q.dtype == torch.float32 and q.device.type == "cpu":
+            # a few rows: one C++ call a layer (kernels/decode_attention.cpp) where the two batched
+            # matmuls below cost more in call and thread set-up than their few hundred multiplies
+            return op(q, keys, values, positions)
+        # more rows: two batched matmuls per layer (written as multiplies and sums instead,
+        # Inductor's program ran the served 16-row step slower: benchmarks/results/vs_llamacpp_table.json)
+        qg = q.view(S, G, H // G, D)
+        scores = torch.einsum("sgqd,lsgd->sgql", qg, keys).float() / math.sqrt(D)
+        probs = torch.softmax(scores + bias[:, None, None, :], dim=-1).to(q.dtype)  # fp32, as transformers
+        return torch.einsum("sgql,lsgd->sgqd", probs, values).reshape(S, H * D)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -210,24 +260,16 @@ class DecodeGraph(nn.Module):
 
             attn, mlp = layer.self_attn, layer.mlp
             h = self._norm(x, layer.input_layernorm)
-            r = self._rounded(h)
-            q = rope(self._proj(h, attn.q_proj, lo("q_proj"), mix, r).view(S, H, D))
-            k = rope(self._proj(h, attn.k_proj, lo("k_proj"), mix, r).view(S, G, D))
-            v = self._proj(h, attn.v_proj, lo("v_proj"), mix, r).view(S, G, D)
+            q, k, v = self._projs(h, (attn.q_proj, attn.k_proj, attn.v_proj),
+                                  [lo("q_proj"), lo("k_proj"), lo("v_proj")], mix)
+            q, k, v = rope(q.view(S, H, D)), rope(k.view(S, G, D)), v.view(S, G, D)
             keys[i].index_put_((positions, rows), k)
             values[i].index_put_((positions, rows), v)
-            # grouped-query attention of one query token per row over its slot's cache (written as
-            # multiplies and sums instead, Inductor's program ran the served 16-row step slower
-            # than these two batched matmuls per layer: benchmarks/results/vs_llamacpp_table.json)
-            qg = q.view(S, G, H // G, D)
-            scores = torch.einsum("sgqd,lsgd->sgql", qg, keys[i]).float() / math.sqrt(D)
-            probs = torch.softmax(scores + bias[:, None, None, :], dim=-1).to(x.dtype)  # fp32, as transformers
-            out = torch.einsum("sgql,lsgd->sgqd", probs, values[i]).reshape(S, H * D)
-            x = x + self._proj(out, attn.o_proj, lo("o_proj"), mix)
+            out = self._attention(q, keys[i], values[i], positions, bias)
+            x = x + self._lora(out, self._apply(out, _linear(attn.o_proj)), lo("o_proj"), mix)
             h = self._norm(x, layer.post_attention_layernorm)
-            r = self._rounded(h)
-            gate = self._proj(h, mlp.gate_proj, lo("gate_proj"), mix, r)
-            up = self._proj(h, mlp.up_proj, lo("up_proj"), mix, r)
-            x = x + self._proj(torch.nn.functional.silu(gate) * up, mlp.down_proj, lo("down_proj"), mix)
+            gate, up = self._projs(h, (mlp.gate_proj, mlp.up_proj), [lo("gate_proj"), lo("up_proj")], mix)
+            act = torch.nn.functional.silu(gate) * up
+            x = x + self._lora(act, self._apply(act, _linear(mlp.down_proj)), lo("down_proj"), mix)
         x = self._norm(x, self.model.model.norm)
         return self._apply(x, _linear(self.model.lm_head))

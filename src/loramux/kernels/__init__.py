@@ -4,17 +4,20 @@
 where PyTorch's own int8/int4 weight-only kernels are slower than fp32
 (`benchmarks/results/int8_linear.json`); `quantize_rows` rounds rows to int8 as the w8a8 base does, and
 `w8a8_linear` is that base's product for up to 4 rows (decode: eager, and inside the compiled step,
-engine/graph.py). It is compiled once per machine with the C++ compiler
+engine/graph.py), `w8a8_linears` the same for several weights that read one input in one call.
+`decode_attention` (decode_attention.cpp) is the compiled step's attention of one query token per
+row over its cache, one call a layer for a few fp32 rows. They are compiled once per machine with the C++ compiler
 that TorchInductor needs anyway (`--compile`), and kept where PyTorch keeps built extensions
 (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), named by a digest of its source,
-the torch version and the CPU's instruction sets. Its operators are registered as
-`torch.ops.loramux.int8_linear`, `.quantize_rows` and `.w8a8_linear`, each with a shape-only
+the torch version and the CPU's instruction sets. The operators are registered as
+`torch.ops.loramux.int8_linear`, `.quantize_rows`, `.w8a8_linear`, `.w8a8_linears` and
+`.decode_attention`, each with a shape-only
 implementation, so that `torch.compile` keeps each inside a compiled graph as one call.
 
 Where it cannot be built (no compiler, say), `int8_linear_op()`, `quantize_rows_op()` and
 `w8a8_linear_op()` return None with the reason in `build_error()`: `--quantize int8` is then
-refused (quantize.py), and w8a8's few rows take the padded integer GEMM eagerly and tensor ops in
-the compiled step (exact, slower).
+refused (quantize.py), w8a8's few rows take the padded integer GEMM eagerly and tensor ops in
+the compiled step (exact, slower), and the compiled step's attention two batched matmuls.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import threading
 from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("int8_linear.cpp")
+_SOURCES = (_SOURCE, Path(__file__).with_name("decode_attention.cpp"))
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -59,11 +63,11 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     _ninja_on_path()
-    source = _SOURCE.read_text()
+    sources = [p.read_text() for p in _SOURCES]
     # -march=native: the build is for this CPU, so the cache key names its instruction sets
-    key = hashlib.sha256("|".join((source, torch.__version__, _cpu_flags())).encode()).hexdigest()[:12]
+    key = hashlib.sha256("|".join((*sources, torch.__version__, _cpu_flags())).encode()).hexdigest()[:12]
     name = f"loramux_int8_{key}"
-    cpp_extension.load(name=name, sources=[str(_SOURCE)],
+    cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=False)
 
@@ -78,6 +82,14 @@ def _build() -> None:
     @torch.library.register_fake("loramux::w8a8_linear")
     def _(x, q, scale):
         return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("loramux::w8a8_linears")
+    def _(x, q, scale):
+        return [x.new_empty(x.shape[0], w.shape[0]) for w in q]
+
+    @torch.library.register_fake("loramux::decode_attention")
+    def _(q, keys, values, positions):
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
 def int8_linear_op():
@@ -111,6 +123,25 @@ def w8a8_linear_op():
     import torch
 
     return torch.ops.loramux.w8a8_linear
+
+
+def w8a8_linears_op():
+    """`torch.ops.loramux.w8a8_linears`: `w8a8_linear` over several weights that read the same rows,
+    in one call; None if the kernels cannot be built."""
+    if int8_linear_op() is None:
+        return None
+    import torch
+
+    return torch.ops.loramux.w8a8_linears
+
+
+def decode_attention_op():
+    """`torch.ops.loramux.decode_attention` (decode_attention.cpp); None if the kernels cannot be built."""
+    if int8_linear_op() is None:
+        return None
+    import torch
+
+    return torch.ops.loramux.decode_attention
 
 
 def build_error() -> str | None:

@@ -231,26 +231,38 @@ static void w8a8_rows(const int16_t* x16, const int8_t* q8, const float* rs, con
   }
 }
 
-// y = (q_x · q_wᵀ) · s_x · s_w for a few fp32 rows x (M <= 4, K), the w8a8 base's decode product:
-// each row rounded to int8 by `round_row`, then exact integer sums over the int8 weight (N, K)
-// in one pass that reads it once for all rows. Equal, bit for bit, to quantize.py's W8A8Linear
-// (rounding, then torch._int_mm's exact sums, then the same two fp32 multiplies).
-at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scale.dim() == 1, "w8a8_linear: x (M, K), q (N, K), scale (N,)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
-              "w8a8_linear: x and scale fp32, q int8");
-  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(), "w8a8_linear: CPU tensors");
-  TORCH_CHECK(x.size(1) == q.size(1) && scale.size(0) == q.size(0), "w8a8_linear: shapes do not match");
+// ys[w] = (q_x · q[w]ᵀ) · s_x · scale[w] for a few fp32 rows x (M <= 4, K) and one or more int8
+// weights q[w] (N_w, K) that read the same input (a block's q, k and v; its gate and up): the
+// w8a8 base's decode product. Each row is rounded to int8 by `round_row` once, then exact integer
+// sums over every weight in one pass that reads each once for all rows, the weights' channel
+// groups shared out among threads together (one call where one per weight paid its call and its
+// thread start-up each). Equal, bit for bit, to quantize.py's W8A8Linear on each weight (rounding,
+// then torch._int_mm's exact sums, then the same two fp32 multiplies).
+std::vector<at::Tensor> w8a8_linears(const at::Tensor& x, at::TensorList q, at::TensorList scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "w8a8_linear: fp32 CPU x (M, K)");
+  TORCH_CHECK(!q.empty() && q.size() == scale.size(), "w8a8_linear: as many scales as weights, at least one");
   // 4: quantize.py's W8A8_KERNEL_ROWS
   TORCH_CHECK(x.size(0) <= 4, "w8a8_linear: at most 4 rows (more rows take the integer GEMM)");
   // int32 sums of K products of at most 127 · 128 in magnitude are exact below this
   TORCH_CHECK(x.size(1) <= (int64_t{1} << 31) / (127 * 128), "w8a8_linear: K too large for exact int32 sums");
   auto xc = x.contiguous();
-  auto qc = q.contiguous();
-  auto sc = scale.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = qc.size(0);
-  auto out = at::empty({M, N}, xc.options());
-  if (M == 0 || N == 0) return out;
+  const int64_t M = xc.size(0), K = xc.size(1);
+  const size_t W = q.size();
+  std::vector<at::Tensor> qs, ss, outs;
+  // groups of 32 output channels (a group is 32 · K bytes of a weight); first[w]: weight w's first
+  constexpr int64_t G = 32;
+  std::vector<int64_t> first{0};
+  for (size_t w = 0; w < W; w++) {
+    TORCH_CHECK(q[w].dim() == 2 && scale[w].dim() == 1 && q[w].scalar_type() == at::kChar &&
+                    scale[w].scalar_type() == at::kFloat && q[w].device().is_cpu() && scale[w].device().is_cpu(),
+                "w8a8_linear: int8 CPU weights q (N, K), fp32 CPU scales (N,)");
+    TORCH_CHECK(q[w].size(1) == K && scale[w].size(0) == q[w].size(0), "w8a8_linear: shapes do not match");
+    qs.push_back(q[w].contiguous());
+    ss.push_back(scale[w].contiguous());
+    outs.push_back(at::empty({M, q[w].size(0)}, xc.options()));
+    first.push_back(first.back() + (q[w].size(0) + G - 1) / G);
+  }
+  if (M == 0 || first.back() == 0) return outs;
   // the rows rounded, and widened to int16 for the multiplies (a few rows: small buffers)
   std::vector<int8_t> q8v(M * K);
   std::vector<int16_t> x16v(M * K);
@@ -259,21 +271,29 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   for (int64_t j = 0; j < M * K; j++) x16v[j] = q8v[j];
   const int16_t* x16 = x16v.data();
   const int8_t* q8 = q8v.data();
-  const int8_t* wp = qc.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  // groups of 32 output channels split across threads (a group is 32 · K bytes of the weight)
-  constexpr int64_t G = 32;
-  at::parallel_for(0, (N + G - 1) / G, 1, [&](int64_t begin, int64_t end) {
-    const int64_t n = begin * G, count = std::min(end * G, N) - n;
-    switch (M) {
-      case 1: w8a8_rows<1>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
-      case 2: w8a8_rows<2>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
-      case 3: w8a8_rows<3>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
-      default: w8a8_rows<4>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
+  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
+    // a thread's range of groups, cut where it crosses from one weight into the next
+    for (size_t w = 0; w < W; w++) {
+      const int64_t lo = std::max(begin, first[w]), hi = std::min(end, first[w + 1]);
+      if (lo >= hi) continue;
+      const int64_t N = qs[w].size(0), n = (lo - first[w]) * G, count = std::min((hi - first[w]) * G, N) - n;
+      const int8_t* wp = qs[w].data_ptr<int8_t>();
+      const float* sp = ss[w].data_ptr<float>();
+      float* op = outs[w].data_ptr<float>();
+      switch (M) {
+        case 1: w8a8_rows<1>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
+        case 2: w8a8_rows<2>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
+        case 3: w8a8_rows<3>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
+        default: w8a8_rows<4>(x16, q8, rs, wp, sp, K, N, n, count, op); break;
+      }
     }
   });
-  return out;
+  return outs;
+}
+
+// The one-weight form (quantize.py's eager W8A8Linear).
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  return w8a8_linears(x, {q}, {scale})[0];
 }
 
 // The operators' namespace: `loramux`; the tests build the same source for fewer instruction sets
@@ -289,9 +309,11 @@ LORAMUX_LIBRARY(LORAMUX_NAMESPACE, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("w8a8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("w8a8_linears(Tensor x, Tensor[] q, Tensor[] scale) -> Tensor[]");
 }
 LORAMUX_LIBRARY_IMPL(LORAMUX_NAMESPACE, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("quantize_rows", &quantize_rows);
   m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("w8a8_linears", &w8a8_linears);
 }
