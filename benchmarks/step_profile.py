@@ -16,7 +16,8 @@ steps it), the step for --rows rows is warmed up, and then:
 
 A precision written `<precision>/plain` (e.g. `w8a8/plain`) runs without the few-row step's block
 kernels (the attention as two batched matmuls per layer, a w8a8 block's q, k, v and gate, up one
-kernel call each), for an A/B in one run; a precision named twice is measured twice (`#2`).
+kernel call each), and `<precision>/attention<N>` with the attention operator up to N rows (graph.py's
+ATTENTION_KERNEL_ROWS), for an A/B in one run; a precision named twice is measured twice (`#2`).
 
 The model alone by default (no adapters: a base row's step runs the graph without LoRA). With
 `--adapters K`, K random r=8 adapters are loaded (as `vs_llamacpp.py --stand-ins K` serves them)
@@ -41,7 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = "Explain why the sky is blue."
 
 
-def child(quantize: str, rows: int, adapters: int, plain: bool = False) -> dict:
+def child(quantize: str, rows: int, adapters: int, variant: str = "") -> dict:
     import random
 
     import torch
@@ -56,12 +57,15 @@ def child(quantize: str, rows: int, adapters: int, plain: bool = False) -> dict:
 
     def build() -> Engine:
         base = load_base(quantize=quantize)
-        if plain:  # the step as before its block kernels: attention as batched matmuls, a call per projection
-            from loramux.engine import graph
+        from loramux.engine import graph
+
+        if variant == "plain":  # the step as before its block kernels: attention as batched matmuls, a call per projection
             from loramux.quantize import _KERNEL
 
             graph._load_ops()
             graph._OPS["attention"] = _KERNEL["w8a8s"] = None
+        elif variant.startswith("attention"):  # the attention operator up to this many rows
+            graph.ATTENTION_KERNEL_ROWS = int(variant.removeprefix("attention"))
         engine = Engine(base, None, compile=True)
         for i in range(adapters):  # before packing, as the server loads its library before serving
             engine.fused.add_adapter(f"standin{i:02d}", random_adapter(base, 8, 2000 + i))
@@ -131,7 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         precision, _, variant = args.child.partition("/")
-        print(json.dumps(child(precision, args.rows, args.adapters, plain=variant == "plain")))
+        print(json.dumps(child(precision, args.rows, args.adapters, variant)))
         return
     from loramux.bench.machine import machine
 

@@ -202,7 +202,7 @@ def quantize_linears(model: nn.Module, mode: str = "int8") -> int:
         if not _int_mm_is_exact():
             raise LoramuxError("quantize w8a8: this CPU's integer GEMM (oneDNN) does not return exact sums for "
                                "int8 inputs at the extremes; use --quantize int8")
-        if _KERNEL["quantize_rows"] is None or _KERNEL["w8a8"] is None:
+        if _KERNEL["quantize_rows"] is None or _KERNEL["w8a8"] is None or _KERNEL["w8a8s"] is None:
             # optional: without them, few rows take the padded integer GEMM eagerly and tensor ops in
             # the compiled step (the same values, slower)
             from .kernels import quantize_rows_op, w8a8_linear_op, w8a8_linears_op

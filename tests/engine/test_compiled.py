@@ -60,9 +60,8 @@ def test_the_graph_step_equals_the_model_step(where, engine):
 
 
 def test_the_few_row_attention_kernel_and_the_batched_matmuls_agree(where, engine, monkeypatch):
-    """Up to 4 fp32 CPU rows the step's attention is one C++ call a layer
-    (kernels/decode_attention.cpp); without it (or above 4 rows) two batched matmuls: both give
-    the model's logits."""
+    """An fp32 CPU step's attention is one C++ call a layer (kernels/decode_attention.cpp);
+    without it two batched matmuls: both give the model's logits."""
     from loramux.engine import graph
 
     if where.dtype != "float32" or where.device != "cpu":

@@ -70,3 +70,15 @@ def test_bad_inputs_are_refused(op):
         op(q, kv, kv, torch.zeros(1, dtype=torch.long))  # 6 query heads over 4 key/value heads
     with pytest.raises(RuntimeError, match="fp32"):
         op(q.double(), kv.double(), kv.double(), torch.zeros(1, dtype=torch.long))
+    kv = torch.randn(4, 1, 2, 8)
+    with pytest.raises(RuntimeError, match="negative position"):
+        op(q, kv, kv, torch.tensor([-1]))
+
+
+def test_a_position_past_the_view_sees_all_of_it(op):
+    """As the step's mask (index <= position) does, and an empty batch gives an empty output."""
+    torch.manual_seed(2)
+    q, keys, values = torch.randn(2, 4, 8), torch.randn(6, 2, 2, 8), torch.randn(6, 2, 2, 8)
+    got = op(q, keys, values, torch.tensor([9, 5]))
+    torch.testing.assert_close(got.double(), reference(q, keys, values, torch.tensor([5, 5])), atol=1e-5, rtol=1e-5)
+    assert op(q[:0], keys[:, :0], values[:, :0], torch.zeros(0, dtype=torch.long)).shape == (0, 32)

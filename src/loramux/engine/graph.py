@@ -7,8 +7,8 @@ weights once. Here one decode step of a Llama-family model is written as a plain
 tensors (`DecodeGraph`) so that TorchInductor compiles it whole: the linears, RMSNorm, RoPE,
 attention over the cache and each row's LoRA update (y += Σ_j w_j·(x·A_jᵀ)·B_jᵀ over the adapters j
 the row mixes, gathered from the batch's table of factors, compiled.py) become one generated program
-per shape, with no Python between ops up to 4 rows but one C++ call per layer for the attention of
-an fp32 step's few rows (kernels/decode_attention.cpp); above that each base linear is one call of
+per shape, with no Python between ops up to 4 rows but one C++ call per layer for an fp32 CPU
+step's attention (kernels/decode_attention.cpp); above that each base linear is one call of
 `loramux::packed_linear` (cpu_linear.py) on the server's oneDNN-packed weight. A quantized base's
 linears (quantize.py) are one call each of its C++ kernels (kernels/int8_linear.cpp: a prefetched
 pass over the int8 weight for decode's few rows; a w8a8 block's q, k and v in one call, its gate
@@ -27,6 +27,7 @@ reason, when the compiled path is asked for.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -36,19 +37,29 @@ from ..cpu_linear import PackedLinear
 from ..errors import LoramuxError
 from ..quantize import _KERNEL, W8A8_KERNEL_MAX_K, W8A8_KERNEL_ROWS, Int8Linear, W8A8Linear, quantize_rows
 
+log = logging.getLogger("loramux.compiled")
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FAMILIES = ("llama", "mistral", "qwen2")
 _EXACT_TERMS = 1024  # int8 products fp32 sums exactly at a time: 1024 · 127² < 2^24
-# The C++ operators the step calls where they could be built (kernels/): looked up once per process,
-# read as plain values while torch.compile traces; None where the build failed (the tensor-op form serves).
+# The C++ operators the step calls where they could be built (kernels/): looked up once per process
+# (for a CPU model), read as plain values while torch.compile traces; None where the build failed
+# (the tensor-op form serves).
 _OPS: dict = {}
+# up to this many rows (every slot count the step compiles) an fp32 step's attention is the C++
+# operator: it measured ahead of the batched matmuls at 16 rows as at 1 and 4
+# (benchmarks/results/step_profile_attention_rows16.json)
+ATTENTION_KERNEL_ROWS = 64
 
 
 def _load_ops() -> None:
     if "attention" not in _OPS:
-        from ..kernels import decode_attention_op
+        from ..kernels import build_error, decode_attention_op
 
         _OPS["attention"] = decode_attention_op()
+        if _OPS["attention"] is None:
+            log.warning("compiled decode: the few-row attention operator could not be built (%s); attention "
+                        "takes two batched matmuls a layer instead: the same results, slower", build_error())
 
 
 def _round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +106,8 @@ class DecodeGraph(nn.Module):
         reason = unsupported(model)
         if reason:
             raise LoramuxError(f"compiled decode does not support this model: {reason}")
-        _load_ops()
+        if model.model.embed_tokens.weight.device.type == "cpu":  # the operators are CPU code
+            _load_ops()
         config = model.config
         self.model = model
         self.layers = list(model.model.layers)
@@ -216,11 +228,12 @@ class DecodeGraph(nn.Module):
         S, H, D = q.shape
         G = keys.shape[2]
         op = _OPS.get("attention")
-        if op is not None and S <= self.gemv_rows and q.dtype == torch.float32 and q.device.type == "cpu":
-            # a few rows: one C++ call a layer (kernels/decode_attention.cpp) where the two batched
-            # matmuls below cost more in call and thread set-up than their few hundred multiplies
+        if op is not None and S <= ATTENTION_KERNEL_ROWS and q.dtype == torch.float32 and q.device.type == "cpu":
+            # one C++ call a layer (kernels/decode_attention.cpp) where the two batched matmuls
+            # below cost more in call and thread set-up than their H·D·L multiply-adds at a few
+            # rows, and ran slower at 16
             return op(q, keys, values, positions)
-        # more rows: two batched matmuls per layer (written as multiplies and sums instead,
+        # bf16, another device, or no operator: two batched matmuls per layer (written as multiplies and sums instead,
         # Inductor's program ran the served 16-row step slower: benchmarks/results/vs_llamacpp_table.json)
         qg = q.view(S, G, H // G, D)
         scores = torch.einsum("sgqd,lsgd->sgql", qg, keys).float() / math.sqrt(D)

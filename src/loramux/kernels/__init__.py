@@ -6,16 +6,16 @@ where PyTorch's own int8/int4 weight-only kernels are slower than fp32
 `w8a8_linear` is that base's product for up to 4 rows (decode: eager, and inside the compiled step,
 engine/graph.py), `w8a8_linears` the same for several weights that read one input in one call.
 `decode_attention` (decode_attention.cpp) is the compiled step's attention of one query token per
-row over its cache, one call a layer for a few fp32 rows. They are compiled once per machine with the C++ compiler
+row over its cache, one call a layer for fp32 rows. They are compiled once per machine with the C++ compiler
 that TorchInductor needs anyway (`--compile`), and kept where PyTorch keeps built extensions
-(`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), named by a digest of its source,
+(`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), named by a digest of their sources,
 the torch version and the CPU's instruction sets. The operators are registered as
 `torch.ops.loramux.int8_linear`, `.quantize_rows`, `.w8a8_linear`, `.w8a8_linears` and
 `.decode_attention`, each with a shape-only
 implementation, so that `torch.compile` keeps each inside a compiled graph as one call.
 
-Where it cannot be built (no compiler, say), `int8_linear_op()`, `quantize_rows_op()` and
-`w8a8_linear_op()` return None with the reason in `build_error()`: `--quantize int8` is then
+Where they cannot be built (no compiler, say), `int8_linear_op()` and the other `*_op()`
+functions return None with the reason in `build_error()`: `--quantize int8` is then
 refused (quantize.py), w8a8's few rows take the padded integer GEMM eagerly and tensor ops in
 the compiled step (exact, slower), and the compiled step's attention two batched matmuls.
 """

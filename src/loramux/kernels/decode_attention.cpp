@@ -1,15 +1,17 @@
 // Grouped-query attention of one query token per row over that row's cache, for the compiled
 // decode step of a few rows (engine/graph.py). Written as two batched matmuls and a softmax,
-// one decode step of the default model spends 60 matmul calls a token on a few hundred
-// multiplies each: each call's set-up and thread start-up cost more than its work
-// (benchmarks/results/step_profile_w8a8_kernel.json: aten::bmm). Here a layer is one call.
+// one decode step of the default model makes 60 matmul calls a token of H · D · L = 576 · L
+// multiply-adds each (L the positions viewed, 64 to a few hundred): each call's set-up and
+// thread start-up cost more than its work (benchmarks/results/step_profile_w8a8_kernel.json:
+// aten::bmm). Here a layer is one call.
 //
 // For row s with query heads q (H, D) and its slot of the cache, keys and values (L, G, D) at
 // stride S · G · D (the cache is positions-first, shared by the batch's slots): each head h of
 // group g = h / (H / G) takes softmax over the positions l <= positions[s] of q_h · k_l / √D, then
 // the weighted sum of those v_l, in fp32 as transformers' eager attention. Positions past a row's
 // own are skipped rather than weighted 0, so nothing in them (a freed slot's or a later row's
-// values) reaches the row. Each row is computed alone, so its output does not depend on the batch.
+// values) reaches the row; a position at or past L sees the whole view, as the step's mask
+// `index <= position` does. Each row is computed alone, so its output does not depend on the batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -45,6 +47,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   auto kc = keys.contiguous();  // the cache's first L positions: already contiguous, not copied
   auto vc = values.contiguous();
   auto pc = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(S == 0 || pc.min().item<int64_t>() >= 0, "decode_attention: negative position");
   auto out = at::zeros({S, H * D}, qc.options());
   if (S == 0 || H == 0 || L == 0) return out;
   const int64_t R = H / G;  // query heads per key/value head
@@ -55,14 +58,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   const int64_t* pp = pc.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   // one task per (row, key/value head), shared out among threads only where there are enough
-  // tasks and work: one row's 3 tasks over 2 threads ran slower than on one, up to 512 positions
-  // of the default model's heads (a thread's start-up costs more than a third of the work saves)
+  // tasks and work: a row of the default model has 3 tasks, which two threads split 2 to 1, so
+  // the step waits for the thread with two while paying both threads' start-up
+  // (docs/serving_cpu.md measures one thread against two)
   const int64_t grain = S * G >= 4 && L * R * D * S * G >= (int64_t{1} << 18) ? 1 : S * G;
   at::parallel_for(0, S * G, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t t = begin; t < end; t++) {
       const int64_t s = t / G, g = t % G;
-      const int64_t n = std::min(std::max(pp[s], int64_t{0}), L - 1) + 1;  // visible positions
+      const int64_t n = std::min(pp[s], L - 1) + 1;  // visible positions
       scores.assign(R * n, 0.0f);
       const float* qh = qp + (s * H + g * R) * D;
       for (int64_t l = 0; l < n; l++) {

@@ -1,6 +1,7 @@
 // y = x · (q · diag(scale))ᵀ for a few fp32 rows x (M, K), int8 weights q (N, K) and one fp32
 // scale per output channel (N): weight-only int8 decode (loramux/quantize.py). Below it,
-// `quantize_rows`, the w8a8 base's row rounding, and `w8a8_linear`, its few-row product.
+// `quantize_rows`, the w8a8 base's row rounding, and `w8a8_linears`, its few-row product over
+// one or more weights that read the same rows (`w8a8_linear` for one).
 //
 // Decode reads every weight once per token, so int8 reads a quarter of fp32's bytes. The
 // kernel converts each 8-wide int8 chunk of a weight row to fp32 once and multiplies it into up
@@ -239,12 +240,12 @@ static void w8a8_rows(const int16_t* x16, const int8_t* q8, const float* rs, con
 // thread start-up each). Equal, bit for bit, to quantize.py's W8A8Linear on each weight (rounding,
 // then torch._int_mm's exact sums, then the same two fp32 multiplies).
 std::vector<at::Tensor> w8a8_linears(const at::Tensor& x, at::TensorList q, at::TensorList scale) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "w8a8_linear: fp32 CPU x (M, K)");
-  TORCH_CHECK(!q.empty() && q.size() == scale.size(), "w8a8_linear: as many scales as weights, at least one");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "w8a8_linears: fp32 CPU x (M, K)");
+  TORCH_CHECK(!q.empty() && q.size() == scale.size(), "w8a8_linears: as many scales as weights, at least one");
   // 4: quantize.py's W8A8_KERNEL_ROWS
-  TORCH_CHECK(x.size(0) <= 4, "w8a8_linear: at most 4 rows (more rows take the integer GEMM)");
+  TORCH_CHECK(x.size(0) <= 4, "w8a8_linears: at most 4 rows (more rows take the integer GEMM)");
   // int32 sums of K products of at most 127 · 128 in magnitude are exact below this
-  TORCH_CHECK(x.size(1) <= (int64_t{1} << 31) / (127 * 128), "w8a8_linear: K too large for exact int32 sums");
+  TORCH_CHECK(x.size(1) <= (int64_t{1} << 31) / (127 * 128), "w8a8_linears: K too large for exact int32 sums");
   auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1);
   const size_t W = q.size();
@@ -255,8 +256,8 @@ std::vector<at::Tensor> w8a8_linears(const at::Tensor& x, at::TensorList q, at::
   for (size_t w = 0; w < W; w++) {
     TORCH_CHECK(q[w].dim() == 2 && scale[w].dim() == 1 && q[w].scalar_type() == at::kChar &&
                     scale[w].scalar_type() == at::kFloat && q[w].device().is_cpu() && scale[w].device().is_cpu(),
-                "w8a8_linear: int8 CPU weights q (N, K), fp32 CPU scales (N,)");
-    TORCH_CHECK(q[w].size(1) == K && scale[w].size(0) == q[w].size(0), "w8a8_linear: shapes do not match");
+                "w8a8_linears: int8 CPU weights q (N, K), fp32 CPU scales (N,)");
+    TORCH_CHECK(q[w].size(1) == K && scale[w].size(0) == q[w].size(0), "w8a8_linears: shapes do not match");
     qs.push_back(q[w].contiguous());
     ss.push_back(scale[w].contiguous());
     outs.push_back(at::empty({M, q[w].size(0)}, xc.options()));
