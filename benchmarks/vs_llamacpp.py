@@ -147,6 +147,21 @@ def ensure_stand_ins(lib, base, prefix: str, count: int, seed: int) -> list[str]
     return names
 
 
+def loramux_version() -> str:
+    """The package version and, in a git checkout, its commit (with "+changes" when the tree differs)."""
+    import loramux
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return loramux.__version__
+    return f"{loramux.__version__} (git {sha}{'+changes' if dirty else ''})"
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -345,6 +360,7 @@ def main() -> None:
                    random.Random(r)) for r in range(args.rounds)]
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "llama_cpp": f"llama-server from the {SDIST[0]} {SDIST[1]} sdist's vendored source",
+              "loramux": loramux_version(),
               "threads": args.threads, "tokens": args.tokens, "loramux_compile": args.compile,
               "loramux_max_batch": args.max_batch, "rounds": args.rounds,
               "adapters": (f"{args.stand_ins} random r=8 stand-ins" if args.stand_ins else f"the library at {lib.path}"),
