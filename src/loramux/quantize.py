@@ -27,8 +27,9 @@ The integer sums are exact, so a row's result does not depend on its batch; quan
 that on this CPU (`_int_mm_is_exact`: oneDNN's int8 GEMM can saturate on CPUs without VNNI) and
 refuses w8a8 where it fails. The price is the activation rounding (benchmarks/quantize_accuracy.py).
 
-4-bit is not offered: PyTorch's CPU int4 weight-only kernel runs well below fp32 on AVX2-only
-CPUs (benchmarks/results/int8_linear.json), so 4 bits would save memory but cost speed.
+4-bit is not offered: PyTorch's CPU int4 weight-only kernel (the only one) ran well below fp32 on
+the AVX-512 (VNNI) CPU this project is measured on (benchmarks/results/int8_linear.json: 5x fp32's
+time for one row of q_proj), so 4 bits would save memory but cost speed.
 """
 
 from __future__ import annotations

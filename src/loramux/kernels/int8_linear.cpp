@@ -7,9 +7,9 @@
 // kernel converts each 8-wide int8 chunk of a weight row to fp32 once and multiplies it into up
 // to 4 rows of x; 8 output channels (one row of x) or 2 (more rows) are carried at once, so that
 // 8 independent FMA chains hide the FMA latency. PyTorch's own CPU int8/int4 weight-only kernels
-// (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have no AVX2 path and run slower than fp32
-// on AVX2-only CPUs (benchmarks/results/int8_linear.json). Without AVX2 and FMA a plain loop
-// computes the same sums.
+// (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) ran slower than fp32 on the AVX-512 (VNNI)
+// AMD EPYC this project is measured on, int4 5x slower at one row (benchmarks/results/
+// int8_linear.json). Without AVX2 and FMA a plain loop computes the same sums.
 //
 // A one-row pass over a weight streams it from memory once, and one core's hardware prefetcher
 // alone keeps well under the memory's bandwidth: both kernels ask for the weight two groups of
