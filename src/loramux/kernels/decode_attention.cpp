@@ -47,7 +47,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   auto kc = keys.contiguous();  // the cache's first L positions: already contiguous, not copied
   auto vc = values.contiguous();
   auto pc = positions.to(at::kLong).contiguous();
-  TORCH_CHECK(S == 0 || pc.min().item<int64_t>() >= 0, "decode_attention: negative position");
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  // a plain loop over the S positions: a tensor reduction here was an op dispatch per layer per step
+  for (int64_t s = 0; s < S; s++) TORCH_CHECK(pp[s] >= 0, "decode_attention: negative position");
   auto out = at::zeros({S, H * D}, qc.options());
   if (S == 0 || H == 0 || L == 0) return out;
   const int64_t R = H / G;  // query heads per key/value head
@@ -55,7 +57,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   const float* qp = qc.data_ptr<float>();
   const float* kp = kc.data_ptr<float>();
   const float* vp = vc.data_ptr<float>();
-  const int64_t* pp = pc.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   // one task per (row, key/value head), shared out among threads only where there are enough
   // tasks and work: a row of the default model has 3 tasks, which two threads split 2 to 1, so
