@@ -53,7 +53,9 @@ RESULTS = Path(__file__).parent / "results"
 # name -> (granularity, balance α, balance over): units is loramux's default, pooled the paper's
 # (routers/gating/train.py says why they differ)
 MOLE = {"mole_layer": ("layer", 0.5, "units"), "mole_block": ("block", 0.5, "units"),
-        "mole_layer_no_balance": ("layer", 0.0, "units"), "mole_layer_pooled": ("layer", 0.5, "pooled")}
+        "mole_layer_no_balance": ("layer", 0.0, "units"), "mole_layer_pooled": ("layer", 0.5, "pooled"),
+        # with loramux's routing term (gating/train.py), β = 1: the answer loss's own weight
+        "mole_layer_routed": ("layer", 0.5, "units", 1.0)}
 
 
 def log(msg: str) -> None:
@@ -98,15 +100,15 @@ def mole_config(name: str, steps: int) -> dict:
     """The training recipe of the gate set `name` (MOLE), as stored with trained gates."""
     from loramux.routers.gating import MoleTrainConfig
 
-    granularity, alpha, over = MOLE[name]
+    granularity, alpha, over, *route = MOLE[name]
     return dataclasses.asdict(MoleTrainConfig(granularity=granularity, balance_alpha=alpha, balance_over=over,
-                                              steps=steps))
+                                              route_alpha=route[0] if route else 0.0, steps=steps))
 
 
 def same_gate_recipe(stored: dict, wanted: dict) -> bool:
     """Gates stored before `balance_over` existed were trained pooled (the paper's form); without a
     balance loss (α = 0) where it is taken does not matter."""
-    stored = {"balance_over": "pooled", **stored}
+    stored = {"balance_over": "pooled", "route_alpha": 0.0, **stored}
     if wanted["balance_alpha"] == 0:
         stored, wanted = {**stored, "balance_over": None}, {**wanted, "balance_over": None}
     return stored == wanted
@@ -129,14 +131,15 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, na
         for a in lib.names():
             fused.load(lib, a)
         log(f"training {name} (at most {steps} steps, until the validation loss is flat)")
+        owners = {t: s.name for s in lib.list() for t in s.tasks}
         ckpt = lib.path.parent / "runs" / f"mole-{name}"  # a run cut short resumes at its last evaluation
         try:
-            router = train_mole(fused, tasks, config, checkpoint_dir=ckpt, resume=True)
+            router = train_mole(fused, tasks, config, checkpoint_dir=ckpt, resume=True, owners=owners)
         except LoramuxError as e:
             if "cannot resume" not in str(e):
                 raise
             shutil.rmtree(ckpt)  # another recipe's checkpoint
-            router = train_mole(fused, tasks, config, checkpoint_dir=ckpt)
+            router = train_mole(fused, tasks, config, checkpoint_dir=ckpt, owners=owners)
         router.save(lib, name)
         timings[name] = router.info["seconds"]
         fused.unfuse()

@@ -7,7 +7,8 @@ Reuses composite.py's builders (library, gates cached in the library under mole_
 mole_block, mole_layer_no_balance, mole_layer_pooled).
 
     python benchmarks/mole.py --data-dir ../shared/data/bigbench [--limit-per-task 40] [--mole-steps 400]
-        [--profile-per-task 8] [--gates mole_layer,mole_block,mole_layer_no_balance,mole_layer_pooled]
+        [--profile-per-task 8] [--gates mole_layer,mole_block,mole_layer_no_balance,mole_layer_pooled,
+        mole_layer_routed] [--mask-gates mole_layer]
 
 Writes benchmarks/results/mole.json, mole_curves.png and mole_gates_<name>.png.
 """
@@ -39,11 +40,16 @@ def main() -> None:
     ap.add_argument("--profile-per-task", type=int, default=8, help="test prompts per task for the gate profiles")
     ap.add_argument("--gates", default=",".join(MOLE), help="which gate sets to train and score (masking needs "
                     "mole_layer); one 14-adapter set takes up to ~90 min on 2 cores")
+    ap.add_argument("--mask-gates", default=None, help="the gate set scored with each task's own adapter masked "
+                    "(default: the first of --gates)")
     ap.add_argument("--output", default=str(RESULTS / "mole.json"))
     args = ap.parse_args()
     gates = tuple(args.gates.split(","))
     if unknown := set(gates) - set(MOLE):
         ap.error(f"--gates: unknown {sorted(unknown)}; accepted: {', '.join(MOLE)}")
+    masked_set = args.mask_gates or gates[0]
+    if masked_set not in gates:
+        ap.error(f"--mask-gates: {masked_set!r} is not among --gates {list(gates)}")
 
     from loramux._home import prediction_cache_path
     from loramux.routers import load_router
@@ -63,17 +69,16 @@ def main() -> None:
     fused = FusedModel(base)
     result = evaluate(fused, lib, test, EvalConfig(strategies, args.limit_per_task, args.seed, cache_dir=str(prediction_cache_path())), log=log)
     averages = {k.removeprefix("mole:"): v["average"] for k, v in result["strategies"].items()}
-    # masking: each task's own adapter switched off in the layer-wise gates, the rest renormalised
+    # masking: each task's own adapter switched off in the masked gate set, the rest renormalised
     owner = {t: s.name for s in lib.list() for t in s.tasks}
     idx = sample_indices(test, args.limit_per_task, args.seed)
     scorer = MixtureScorer(fused, cache_dir=str(prediction_cache_path()))
     masked = {}
-    for t in test if "mole_layer" in gates else ():
-        router = load_router(lib, "mole", name="mole_layer", fused=fused, mask=(owner[t.name],))
+    for t in test:
+        router = load_router(lib, "mole", name=masked_set, fused=fused, mask=(owner[t.name],))
         preds = scorer.score(t, [router] * len(idx[t.name]), idx[t.name])
         masked[t.name] = round(result_of(t, preds).score, 4)
-    if masked:
-        averages["mole_layer_mask_true_task"] = round(sum(masked.values()) / len(masked), 4)
+    averages[f"{masked_set}_mask_true_task"] = round(sum(masked.values()) / len(masked), 4)
     profiles = {name: gate_profile(load_router(lib, "mole", name=name, fused=fused), test, owner,
                                    args.profile_per_task) for name in gates}
     fused.unfuse()
@@ -83,10 +88,10 @@ def main() -> None:
         "machine": machine(), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps, "gates": list(gates),
         "average_accuracy": averages,
         "per_task": {k.removeprefix("mole:"): v["per_task"] for k, v in result["strategies"].items()}
-        | {"mole_layer_mask_true_task": masked},
+        | {f"{masked_set}_mask_true_task": masked},
         "gate_cost_ratio": costs.get("_gate_cost_ratio"), "train_seconds": timings,
-        "mask_true_task_cost_points": (round(100 * (averages["mole_layer"] - averages["mole_layer_mask_true_task"]), 2)
-                                       if masked else None),
+        "masked_gates": masked_set,
+        "mask_true_task_cost_points": round(100 * (averages[masked_set] - averages[f"{masked_set}_mask_true_task"]), 2),
         "training": training,
         "gate_profiles": profiles,
         "gate_profiles_how": (f"per task, the mean over {args.profile_per_task} of its test prompts of each unit's gate "

@@ -18,7 +18,7 @@ the same cache. Strategies:
   arrow_gks (Arrow over ΔW_i − mean ΔW: general knowledge subtraction, PEFT's `use_gks`, with the
   library's own mean as the general knowledge, since a task library has no general adapters);
   mbc_arrow; mole (layer gates, balanced per gate); mole_pooled (layer gates with the paper's
-  balance pooled over gates); ties; multitask.
+  balance pooled over gates); mole_routed (layer gates with loramux's routing term); ties; multitask.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from loramux.fusion import FusedModel
 STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("dlp", "lib"),
               "dlp_soft": ("dlp_p0.9_open", "lib"), "arrow": ("arrow", "lib"),
               "arrow_gks": ("arrow_gks", "lib"), "mole": ("mole:mole_layer", "lib"),
-              "mole_pooled": ("mole:mole_layer_pooled", "lib"),
+              "mole_pooled": ("mole:mole_layer_pooled", "lib"), "mole_routed": ("mole:mole_layer_routed", "lib"),
               "ties": ("oracle", "ties"), "multitask": ("oracle", "multitask"), "mbc_arrow": ("arrow", "mbc")}
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 
-ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled")
+ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed")
 
 
 def versus(result: dict) -> dict:

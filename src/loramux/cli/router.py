@@ -54,6 +54,9 @@ def train(
     top_p: float = typer.Option(0.6, help="dlp: default selection threshold stored with the router."),
     granularity: str = typer.Option("layer", help="mole: layer | block | network."),
     balance_alpha: float = typer.Option(0.5, help="mole: weight of the balance loss (0 = off)."),
+    route_alpha: float = typer.Option(_M.route_alpha, help="mole: weight of the routing term, which asks every "
+                                                          "gate for the adapter trained on the example's task "
+                                                          "(0 = off: the paper's objective)."),
     balance_over: str = typer.Option(_M.balance_over, help="mole: units (each gate balanced over the prompts it "
                                                            "sees) or pooled (one balance over all gates: the paper's)."),
     steps: int = typer.Option(_M.steps, help="mole: optimizer steps at most (training stops earlier when the "
@@ -82,13 +85,14 @@ def train(
         from ..routers.gating import MoleTrainConfig, train_mole
 
         config = MoleTrainConfig(granularity=granularity, gate_input=gate_input, balance_alpha=balance_alpha,
-                                 balance_over=balance_over, lr=lr or _M.lr,
+                                 balance_over=balance_over, route_alpha=route_alpha, lr=lr or _M.lr,
                                  steps=steps, batch_size=batch_size or _M.batch_size, seed=seed,
                                  val_per_task=val_per_task)
         fused = FusedModel(load_base(model, device=device, dtype=dtype))
         for adapter in lib.names():
             fused.load(lib, adapter)
-        router = train_mole(fused, tasks, config, log=typer.echo)
+        owners = {t: spec.name for spec in lib.list() for t in spec.tasks}
+        router = train_mole(fused, tasks, config, log=typer.echo, owners=owners)
     else:
         from ..routers.sentence import DlpConfig, train_dlp
 

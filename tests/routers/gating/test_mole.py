@@ -316,3 +316,48 @@ def test_balance_per_unit_penalises_gates_that_ignore_the_input():
     assert float(loss) == pytest.approx(-(math.log(0.75) + math.log(0.25)))
     with pytest.raises(LoramuxError, match="balance_over"):
         MoleTrainConfig(balance_over="layers")
+
+
+def test_route_loss_reads_each_rows_own_adapter_and_skips_rows_without_one():
+    from loramux.routers.gating.train import route_loss
+
+    w1 = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]], requires_grad=True)
+    w2 = torch.tensor([[0.2, 0.4, 0.4], [0.3, 0.3, 0.4]], requires_grad=True)
+    loss = route_loss([w1, w2], torch.tensor([0, -1]))  # row 1's task has no adapter among the gated
+    assert math.isclose(float(loss), -(math.log(0.5) + math.log(0.2)) / 2, rel_tol=1e-6)
+    loss.backward()
+    assert float(w1.grad[0, 0]) < 0 and float(w1.grad[1].abs().sum()) == 0
+    assert float(route_loss([w1, w2], torch.tensor([-1, -1]))) == 0.0
+
+
+def test_the_routing_term_moves_each_units_weight_to_the_tasks_own_adapter(tiny_model_dir, lib, tmp_path):
+    from loramux.data import load_task
+
+    from ...conftest import write_task_json
+
+    for i, name in enumerate(NAMES):  # three tasks a gate can tell apart by their words
+        words = [["red", "green", "blue"], ["cat", "dog", "cow"], ["seven", "eight", "nine"]][i]
+        write_task_json(tmp_path / "data" / f"task_{name}" / "train.json",
+                        [{"input": f"{words[j % 3]} {words[(j + 1) % 3]}", "target_scores": {"yes": j % 2, "no": 1 - j % 2}}
+                         for j in range(12)], append_choices_to_input=False, example_input_prefix="",
+                        example_output_prefix="\nAnswer: ")
+    tasks = [load_task(tmp_path / "data" / f"task_{n}") for n in NAMES]
+    fused = fused_for(tiny_model_dir, lib)
+    config = MoleTrainConfig(granularity="block", steps=16, batch_size=6, lr=0.01, val_per_task=2, eval_every=4,
+                             patience=5, route_alpha=1.0)
+    with pytest.raises(LoramuxError, match="needs owners"):
+        train_mole(fused, tasks, config, progress=False, log=lambda s: None)
+    owners = {f"task_{n}": n for n in NAMES}
+    router = train_mole(fused, tasks, config, progress=False, log=lambda s: None, owners=owners)
+    curve = router.info["curve"]
+    assert all("route_loss" in c and "val_own_top_share" in c for c in curve)
+    # a tiny random model: the share is noisy step to step, so ask for twice chance (1/3), not 1.0
+    assert curve[-1]["route_loss"] < 0.6 * curve[0]["route_loss"] and curve[-1]["val_own_top_share"] >= 2 / 3
+    plain = train_mole(fused, tasks, dataclasses_replace(config, route_alpha=0.0), progress=False, log=lambda s: None)
+    assert "route_loss" not in plain.info["curve"][0] and "val_own_top_share" not in plain.info["curve"][0]
+
+
+def dataclasses_replace(config, **kw):
+    import dataclasses
+
+    return dataclasses.replace(config, **kw)

@@ -21,6 +21,14 @@ on; the pooled q is then near uniform (docs/routing.md, MoLE, shows gates traine
 unit that always picks one adapter is penalised and balance can only come from routing
 different inputs to different adapters (or from mixing evenly). "pooled" is the paper's form.
 
+A routing term (`route_alpha`, loramux's addition; 0, the default, is the paper's objective): the
+library knows which adapter was trained on each training example's task, so every unit's gate
+can be asked to put its weight there, + β · mean over units of −log w_u[own adapter]. Trained on
+the answer loss alone, 14-adapter gates picked near one-hot adapters per layer that mostly were
+not the prompt's own (docs/routing.md, MoLE): the answer loss is met by many per-layer
+combinations, and nothing in it prefers the one that generalises, the adapter trained for the
+task. The term needs `owners` (task -> adapter).
+
 Training runs until a validation curve flattens: a few held-out examples per task
 (`val_per_task`) are scored every `eval_every` steps; after `patience` evaluations without a
 relative improvement of `min_delta`, or at `steps`, training stops and the gates of the best
@@ -60,6 +68,7 @@ class MoleTrainConfig:
     balance_alpha: float = 0.5  # α; 0 turns the balance loss off (the paper's ablation)
     balance_memory: float = 0.9  # q_i as a running mean over batches; 0: this batch alone
     balance_over: str = "units"  # "units": each gated unit balanced on its own; "pooled": the paper's
+    route_alpha: float = 0.0  # β of the routing term (module docstring); 0: the paper's objective
     # The paper's gate projects K·d normalised features: an early Adam step moves each weight by
     # about lr, a logit by about lr·K·d·E|h| (≈ 0.6 at 1e-4 for 14 adapters of width 576), so
     # 1e-3 flips gates from uniform to one-hot within two steps.
@@ -77,6 +86,8 @@ class MoleTrainConfig:
         MoleConfig(self.granularity, gate_input=self.gate_input)  # validates both
         if self.balance_alpha < 0:
             raise LoramuxError(f"balance_alpha must be >= 0; got {self.balance_alpha!r}")
+        if self.route_alpha < 0:
+            raise LoramuxError(f"route_alpha must be >= 0; got {self.route_alpha!r}")
         if self.balance_over not in BALANCE_OVER:
             raise LoramuxError(f"balance_over must be one of {', '.join(BALANCE_OVER)}; got {self.balance_over!r}")
         if not 0 <= self.balance_memory < 1:
@@ -111,18 +122,37 @@ def balance_loss(collected: list[torch.Tensor], memory: torch.Tensor | None = No
 def split_validation(tasks: list["Task"], per_task: int, seed: int):
     """(train examples, validation examples): `per_task` seeded examples of each task held out
     (none from a task with fewer than 2 * per_task examples)."""
+    train, val = _split_labelled(tasks, per_task, seed)
+    return [e for e, _ in train], [e for e, _ in val]
+
+
+def _split_labelled(tasks: list["Task"], per_task: int, seed: int):
+    """split_validation's two lists as (example, task name) pairs."""
     train, val = [], []
     for t in tasks:
         idx = list(range(len(t.examples)))
         held = set(random.Random(f"{seed}:{t.name}").sample(idx, per_task)) if len(idx) >= 2 * per_task else set()
-        train += [t.examples[i] for i in idx if i not in held]
-        val += [t.examples[i] for i in sorted(held)]
+        train += [(t.examples[i], t.name) for i in idx if i not in held]
+        val += [(t.examples[i], t.name) for i in sorted(held)]
     return train, val
+
+
+def route_loss(collected: list[torch.Tensor], own: torch.Tensor) -> torch.Tensor:
+    """Mean over units and rows of −log w_u[row, own[row]]; rows whose own is −1 (a task no
+    gated adapter was trained on) are left out."""
+    keep = own >= 0
+    if not bool(keep.any()):
+        return collected[0].new_zeros(())
+    w = torch.stack(collected)[:, keep]  # (U, B', K)
+    picked = w.gather(2, own[keep][None, :, None].expand(w.shape[0], -1, 1))
+    return -torch.log(picked.clamp(min=1e-9)).mean()
 
 
 def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig = MoleTrainConfig(), *,
                progress: bool = True, log: Callable[[str], None] = print,
-               checkpoint_dir: str | Path | None = None, resume: bool = False) -> MoleRouter:
+               checkpoint_dir: str | Path | None = None, resume: bool = False,
+               owners: dict[str, str] | None = None) -> MoleRouter:
+    """`owners`: task name -> the adapter trained on it, for the routing term (route_alpha > 0)."""
     from tqdm.auto import tqdm
 
     from ...data import PromptFormatter
@@ -131,9 +161,15 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     if not fused.adapters:
         raise LoramuxError("load the library's adapters into the fused model before training gates")
     base = fused.base
-    examples, val_examples = split_validation(tasks, config.val_per_task, config.seed)
-    if not examples:
+    if config.route_alpha and not owners:
+        raise LoramuxError("route_alpha > 0 needs owners: which adapter each task was trained on")
+    labelled, val_labelled = _split_labelled(tasks, config.val_per_task, config.seed)
+    if not labelled:
         raise LoramuxError("no training examples for the gates")
+    examples, val_examples = [e for e, _ in labelled], [e for e, _ in val_labelled]
+    slot = {a: k for k, a in enumerate(fused.adapters)}
+    own = [slot.get((owners or {}).get(t), -1) for _, t in labelled]
+    val_own = [slot.get((owners or {}).get(t), -1) for _, t in val_labelled]
     fmt = PromptFormatter(base.tokenizer)
     features = LazyFeatures(fmt, examples, config.max_seq_len)
     val_features = LazyFeatures(fmt, val_examples, config.max_seq_len)
@@ -156,7 +192,8 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     started = time.perf_counter()
     first, elapsed = 0, 0.0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    meta = {"config": asdict(config), "adapters": list(fused.adapters), "tasks": [t.name for t in tasks]}
+    meta = {"config": asdict(config), "adapters": list(fused.adapters), "tasks": [t.name for t in tasks],
+            "owners": dict(owners) if config.route_alpha else None}
     if resume and ckpt and (ckpt / _STATE).is_file():
         first, elapsed, curve, best, memory = _load_checkpoint(ckpt, meta, gates, opt)
         log(f"mole: resuming at step {first} from {ckpt}")
@@ -165,24 +202,31 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     try:
         for step in bar:
             idx = micro_batch_indices(len(features), config.batch_size, step, config.seed)
-            task, bal = _forward(router, fused, mixture, [features[i] for i in idx], device, grad=True)
-            bal, memory = balance_loss(bal, memory, config.balance_memory, config.balance_over)
+            task, weights = _forward(router, fused, mixture, [features[i] for i in idx], device, grad=True)
+            bal, memory = balance_loss(weights, memory, config.balance_memory, config.balance_over)
             loss = task + config.balance_alpha * bal if config.balance_alpha else task
+            if config.route_alpha:
+                routed = route_loss(weights, torch.tensor([own[i] for i in idx], device=device))
+                loss = loss + config.route_alpha * routed
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            window.append((task.item(), bal.item()))
+            window.append((task.item(), bal.item(), routed.item() if config.route_alpha else None))
             bar.set_postfix(task=f"{window[-1][0]:.3f}", balance=f"{window[-1][1]:.3f}")
             if (step + 1) % config.eval_every and step + 1 != config.steps:
                 continue
-            point = {"step": step + 1, "train_task_loss": round(sum(t for t, _ in window) / len(window), 4),
-                     "balance_loss": round(sum(b for _, b in window) / len(window), 4)}
+            point = {"step": step + 1, "train_task_loss": round(sum(w[0] for w in window) / len(window), 4),
+                     "balance_loss": round(sum(w[1] for w in window) / len(window), 4)}
+            if config.route_alpha:
+                point["route_loss"] = round(sum(w[2] for w in window) / len(window), 4)
             curve.append(point)
             window = []
             if not val_features:
                 continue
-            val = _validation_loss(router, fused, mixture, val_features, config.batch_size, device)
+            val, own_share = _validation_loss(router, fused, mixture, val_features, val_own, config.batch_size, device)
             point["val_task_loss"] = round(val, 4)
+            if own_share is not None:
+                point["val_own_top_share"] = round(own_share, 4)
             if best is None or val < best[0] * (1 - config.min_delta):
                 best = (val, step + 1, copy.deepcopy(gates.state_dict()))
             log(f"mole step {step + 1}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
@@ -224,14 +268,22 @@ def _forward(router: MoleRouter, fused, mixture, rows, device, grad: bool):
     return task, collected
 
 
-def _validation_loss(router, fused, mixture, features, batch_size: int, device) -> float:
-    """Mean answer loss over the held-out examples (per-batch means weighted by batch size)."""
-    total, n = 0.0, 0
+def _validation_loss(router, fused, mixture, features, own: list[int], batch_size: int,
+                     device) -> tuple[float, float | None]:
+    """(mean answer loss over the held-out examples, per-batch means weighted by batch size; the
+    share of (example, unit) pairs whose largest gate weight is on the example's own adapter, None
+    when no example's task has one)."""
+    total, n, hits, counted = 0.0, 0, 0, 0
     for b in range(0, len(features), batch_size):
         rows = [features[i] for i in range(b, min(b + batch_size, len(features)))]
-        task, _ = _forward(router, fused, mixture, rows, device, grad=False)
+        task, weights = _forward(router, fused, mixture, rows, device, grad=False)
         total, n = total + task.item() * len(rows), n + len(rows)
-    return total / max(1, n)
+        y = torch.tensor(own[b:b + len(rows)], device=device)
+        if bool((y >= 0).any()):
+            top = torch.stack(weights).argmax(-1)[:, y >= 0]  # (U, B')
+            hits += int((top == y[y >= 0]).sum())
+            counted += top.numel()
+    return total / max(1, n), (hits / counted if counted else None)
 
 
 _STATE = "state.json"
@@ -266,6 +318,8 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
     state = json.loads((ckpt / _STATE).read_text())
     if isinstance(state.get("config"), dict):  # written before balance_over existed: trained pooled
         state["config"] = {"balance_over": "pooled", **state["config"]}
+    if isinstance(state.get("config"), dict):  # written before the routing term existed: trained without
+        state["config"] = {"route_alpha": 0.0, **state["config"]}
     if {k: state.get(k) for k in meta} != meta:
         diff = sorted(k for k in meta if k != "config" and state.get(k) != meta[k])
         diff += sorted(f"config.{k}" for k in meta["config"] if (state.get("config") or {}).get(k) != meta["config"][k])
