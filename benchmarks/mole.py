@@ -10,7 +10,8 @@ mole_block, mole_layer_no_balance, mole_layer_pooled).
         [--profile-per-task 8] [--gates mole_layer,mole_block,mole_layer_no_balance,mole_layer_pooled,
         mole_layer_routed] [--mask-gates mole_layer]
 
-Writes benchmarks/results/mole.json, mole_curves.png and mole_gates_<name>.png.
+Writes benchmarks/results/mole.json (or --output), mole_curves.png (<output stem>_curves.png) and
+mole_gates_<name>.png.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
-    plot(out, Path(args.output).parent)
+    plot(out, Path(args.output))
     print(json.dumps({k: out[k] for k in ("average_accuracy", "gate_cost_ratio", "train_seconds")}, indent=1))
 
 
@@ -139,9 +140,9 @@ def gate_profile(router, test, owner: dict, per_task: int) -> dict:
     return out
 
 
-def plot(out: dict, results: Path) -> None:
-    """mole_curves.png (validation curves) and mole_gates_<name>.png (own-adapter weight per task
-    and unit)."""
+def plot(out: dict, output: Path) -> None:
+    """<output stem>_curves.png (validation curves) and mole_gates_<name>.png (own-adapter weight
+    per task and unit), beside the output."""
     from loramux.evaluation.plots import _pyplot
 
     plt = _pyplot()
@@ -156,7 +157,8 @@ def plot(out: dict, results: Path) -> None:
     ax.set_ylabel("answer loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(results / "mole_curves.png", dpi=120)
+    results = output.parent
+    fig.savefig(results / f"{output.stem}_curves.png", dpi=120)
     plt.close(fig)
     for name, profile in out["gate_profiles"].items():
         tasks = sorted(t for t in profile if not t.startswith("_"))

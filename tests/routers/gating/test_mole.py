@@ -292,11 +292,20 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_gates(tiny_m
     assert [c["step"] for c in resumed.info["curve"]] == [2, 4] and resumed.info["curve"] == whole.info["curve"]
     a, b = whole.gates.state_dict(), resumed.gates.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    with pytest.raises(LoramuxError, match=r"cannot resume MoLE training .* its \['config.lr', 'config.patience', "
-                                           r"'config.steps'\] differ"):
+    with pytest.raises(LoramuxError, match=r"cannot resume MoLE training .* its \['config.lr', 'config.patience'\] "
+                                           r"differ"):
         train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=5, batch_size=4, val_per_task=2,
                                                  eval_every=2), progress=False, log=lambda s: None,
                    checkpoint_dir=ckpt, resume=True)
+    # the step count is a cap: a finished run goes on under a higher one, to the gates of a run that had it
+    longer = dataclasses_replace(config, steps=6)
+    extended = train_mole(fused, tasks, longer, progress=False, log=lambda s: None, checkpoint_dir=ckpt, resume=True)
+    at_once = train_mole(fused, tasks, longer, progress=False, log=lambda s: None)
+    assert [c["step"] for c in extended.info["curve"]] == [2, 4, 6] and extended.info["curve"] == at_once.info["curve"]
+    a, b = at_once.gates.state_dict(), extended.gates.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(LoramuxError, match="at step 6, past this run's cap of 4 steps"):
+        train_mole(fused, tasks, config, progress=False, log=lambda s: None, checkpoint_dir=ckpt, resume=True)
 
 
 def test_balance_per_unit_penalises_gates_that_ignore_the_input():

@@ -320,11 +320,20 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
         state["config"] = {"balance_over": "pooled", **state["config"]}
     if isinstance(state.get("config"), dict):  # written before the routing term existed: trained without
         state["config"] = {"route_alpha": 0.0, **state["config"]}
+    # `steps` is only a cap: the learning rate is constant and the batches a pure function of the
+    # step, so a run resumed under a higher cap is the run that had that cap from the start
+    cap = meta["config"]["steps"]
+    meta = {**meta, "config": {**meta["config"], "steps": None}}
+    if isinstance(state.get("config"), dict):
+        state["config"] = {**state["config"], "steps": None}
     if {k: state.get(k) for k in meta} != meta:
         diff = sorted(k for k in meta if k != "config" and state.get(k) != meta[k])
         diff += sorted(f"config.{k}" for k in meta["config"] if (state.get("config") or {}).get(k) != meta["config"][k])
         raise LoramuxError(f"cannot resume MoLE training from {str(ckpt)!r}: its {diff} differ from this run's; "
                            f"rerun with the same settings, adapters and tasks, or without resume")
+    if state["step"] > cap:
+        raise LoramuxError(f"cannot resume MoLE training from {str(ckpt)!r}: it is at step {state['step']}, past "
+                           f"this run's cap of {cap} steps; raise steps or run without resume")
     flat = load_file(ckpt / f"mole-{state['step']}.safetensors")
     device = gates.log_tau.device
     gates.load_state_dict({k[6:]: v.to(device) for k, v in flat.items() if k.startswith("gates.")})
