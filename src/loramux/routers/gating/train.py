@@ -332,8 +332,9 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
         raise LoramuxError(f"cannot resume MoLE training from {str(ckpt)!r}: its {diff} differ from this run's; "
                            f"rerun with the same settings, adapters and tasks, or without resume")
     if state["step"] > cap:
-        raise LoramuxError(f"cannot resume MoLE training from {str(ckpt)!r}: it is at step {state['step']}, past "
-                           f"this run's cap of {cap} steps; raise steps or run without resume")
+        # not "cannot resume": benchmarks start afresh on that message, which would discard this run
+        raise LoramuxError(f"the MoLE checkpoint in {str(ckpt)!r} is at step {state['step']}, past this run's "
+                           f"cap of {cap} steps; raise steps or run without resume")
     flat = load_file(ckpt / f"mole-{state['step']}.safetensors")
     device = gates.log_tau.device
     gates.load_state_dict({k[6:]: v.to(device) for k, v in flat.items() if k.startswith("gates.")})
