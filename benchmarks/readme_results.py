@@ -116,12 +116,15 @@ def arrow(d: dict) -> list[tuple[str, str]]:
 def mole(d: dict) -> list[tuple[str, str]]:
     a = d["average_accuracy"]
     names = {"mole_layer": "layer", "mole_block": "block", "mole_layer_no_balance": "layer without balance loss",
-             "mole_layer_pooled": "layer, balance pooled over layers (paper)"}
+             "mole_layer_pooled": "layer, balance pooled over layers (paper)",
+             "mole_layer_routed": "layer with the routing term"}
     gates = ", ".join(f"{label} {a[k]:.3f}" for k, label in names.items() if k in a)  # the gate sets this run scored
     steps = "; ".join(f"{k} {v['steps_run']} steps, stopped on {v['stopped']}" for k, v in d.get("training", {}).items())
+    masked = d.get("masked_gates", "mole_layer")  # files written before --mask-gates masked mole_layer
+    cost = f"; gating {_x(d['gate_cost_ratio'])} a fixed mixture" if d.get("gate_cost_ratio") else ""
     return [(f"MoLE gates, 14 test sets mixed ({d['limit_per_task']} prompts each; {steps or str(d['mole_steps']) + ' gate steps'})",
              f"average {gates}; uniform {a['uniform']:.3f}, oracle {a['oracle']:.3f}; true task's "
-             f"adapter masked {a['mole_layer_mask_true_task']:.3f}; gating {_x(d['gate_cost_ratio'])} a fixed mixture")]
+             f"adapter masked ({names.get(masked, masked)}) {a[masked + '_mask_true_task']:.3f}{cost}")]
 
 
 def dynamic_lora(d: dict) -> list[tuple[str, str]]:
@@ -185,7 +188,7 @@ def routing_real(d: dict) -> list[tuple[str, str]]:
 
 
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
-           ("router_dlp.json", router_dlp), ("routing_real.json", routing_real), ("arrow.json", arrow), ("mole.json", mole),
+           ("router_dlp.json", router_dlp), ("routing_real.json", routing_real), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 

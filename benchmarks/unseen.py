@@ -78,9 +78,13 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.is_file() else {}
     recipe = {"model": base.fingerprint, "library_tasks": tasks, "adapter": LoraTrainConfig().to_dict(),
               "unseen": {t.name: len(t) for t in test}, "limit_per_task": args.limit_per_task, "seed": args.seed,
-              "mole_steps": args.mole_steps, "multitask_steps": args.multitask_steps, "mbc_k": args.mbc_k}
-    if result.get("recipe") != recipe:
+              "multitask_steps": args.multitask_steps, "mbc_k": args.mbc_k}
+    # --mole-steps is a cap, not a recipe: the gates stop when their validation curve is flat, and
+    # each MoLE row records how far they trained (`mole_training`); files written before kept it here
+    stored = {k: v for k, v in (result.get("recipe") or {}).items() if k != "mole_steps"}
+    if stored != recipe:
         result = {"recipe": recipe, "per_task": {}, "average": {}, "library_sha": {}}
+    result["recipe"] = recipe
     timings: dict = result.setdefault("train_seconds", {})
     lib = Library(Path(args.library or default_library_path()), create=True)
     if any(STRATEGIES[s][1] != "multitask" for s in wanted if s not in result["average"]):
@@ -95,7 +99,11 @@ def main() -> None:
         if s.startswith("dlp"):
             ensure_dlp(lib, args.data_dir, timings)
         if s.startswith("mole"):  # these gates only (composite.py's MOLE names them)
-            ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, names=(harness.split(":")[1],))
+            gates = harness.split(":")[1]
+            ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, names=(gates,))
+            info = json.loads((lib.router_dir(gates) / "router.json").read_text()).get("info", {})
+            result.setdefault("mole_training", {})[s] = {"cap": args.mole_steps, **{k: info.get(k) for k in (
+                "steps_run", "stopped", "best_step", "best_val_task_loss", "seconds")}}
         if where == "lib":
             side = lib
         elif where == "mbc":
@@ -120,6 +128,7 @@ def main() -> None:
         result.setdefault("correct", {})[s] = r["correct"][harness]
         result["versus"] = versus(result)
         result["library_sha"][s] = library_sha(side) if where != "lib" else library_sha(lib)
+        result.setdefault("commands", {})[s] = "python " + " ".join(sys.argv)  # rows span runs
         if "routing" in r:
             result.setdefault("routing", {})[s] = {"abstained": r["routing"][harness].get("abstained"),
                                                    "mean_adapters": r["routing"][harness].get("mean_adapters")}
