@@ -8,8 +8,9 @@ JSON even on a machine whose cache is gone (the extras then need no private libr
 the committed results/mbc_k<k>/clustering.json). Rows record the digest of the weights they used
 (`library_sha`), and cost ratios per kind of mixture are kept from the run that measured them.
   - the private library: one LoRA per task with loramux's defaults (`loramux train`);
-  - the DLP router; MoLE gates at layer and block granularity, layer without the balance loss, and
-    layer with the paper's balance pooled over all gates (loramux balances each gate on its own);
+  - the DLP router; MoLE gates at layer and block granularity, layer without the balance loss,
+    layer with the paper's balance pooled over all gates (loramux balances each gate on its own),
+    and layer with loramux's routing term (mole_layer_routed; about an hour of this CPU per set);
   - static merges of all adapters with PEFT's `add_weighted_adapter` (TIES and DARE-TIES on each
     adapter's dW, density 0.5, weight 1, back to rank 8 x K);
   - a multi-task LoRA on the union of the tasks with the library's parameter count (rank 8 x K);
@@ -17,7 +18,7 @@ the committed results/mbc_k<k>/clustering.json). Rows record the digest of the w
     Dynamic LoRA per task used as the oracle (dynamic_oracle). Each trains a whole library's worth
     of steps (about 70 minutes of this CPU each), cached beside the library.
 then scores base, oracle, uniform, ties, dare, multitask, dlp_p{0.3,0.6,0.9,1.0}, mole_layer,
-mole_block, mole_layer_no_balance, mole_layer_pooled, arrow (and mbc_arrow, dynamic_oracle) with
+mole_block, mole_layer_no_balance, mole_layer_pooled, mole_layer_routed, arrow (and mbc_arrow, dynamic_oracle) with
 `loramux.evaluation.harness`, on a seeded sample of each test set (--limit-per-task), and writes
 benchmarks/results/composite.{json,md} plus PNGs (heatmap, DLP router confusion, top-p sweep,
 accuracy vs cost).
@@ -50,11 +51,11 @@ from loramux.fusion import FusedModel
 from loramux.training import train_adapters, train_lora
 
 RESULTS = Path(__file__).parent / "results"
-# name -> (granularity, balance α, balance over): units is loramux's default, pooled the paper's
-# (routers/gating/train.py says why they differ)
-MOLE = {"mole_layer": ("layer", 0.5, "units"), "mole_block": ("block", 0.5, "units"),
-        "mole_layer_no_balance": ("layer", 0.0, "units"), "mole_layer_pooled": ("layer", 0.5, "pooled"),
-        # with loramux's routing term (gating/train.py), β = 1: the answer loss's own weight
+# name -> (granularity, balance α, balance over, routing term β): units is loramux's default, pooled
+# the paper's (routers/gating/train.py says why they differ); β 0 is the paper's objective, 1 the
+# answer loss's own weight
+MOLE = {"mole_layer": ("layer", 0.5, "units", 0.0), "mole_block": ("block", 0.5, "units", 0.0),
+        "mole_layer_no_balance": ("layer", 0.0, "units", 0.0), "mole_layer_pooled": ("layer", 0.5, "pooled", 0.0),
         "mole_layer_routed": ("layer", 0.5, "units", 1.0)}
 
 
@@ -100,29 +101,35 @@ def mole_config(name: str, steps: int) -> dict:
     """The training recipe of the gate set `name` (MOLE), as stored with trained gates."""
     from loramux.routers.gating import MoleTrainConfig
 
-    granularity, alpha, over, *route = MOLE[name]
+    granularity, alpha, over, route = MOLE[name]
     return dataclasses.asdict(MoleTrainConfig(granularity=granularity, balance_alpha=alpha, balance_over=over,
-                                              route_alpha=route[0] if route else 0.0, steps=steps))
+                                              route_alpha=route, steps=steps))
 
 
 def same_gate_recipe(stored: dict, wanted: dict) -> bool:
-    """Gates stored before `balance_over` existed were trained pooled (the paper's form); without a
-    balance loss (α = 0) where it is taken does not matter."""
-    stored = {"balance_over": "pooled", "route_alpha": 0.0, **stored}
+    """Whether gates stored with `stored` (their router info) are what the recipe `wanted` trains.
+    Gates stored before `balance_over` existed were trained pooled (the paper's form), before
+    `route_alpha` without the routing term; without a balance loss (α = 0) where it is taken does
+    not matter. The step count is a cap: gates that stopped on a flat curve within this cap, or
+    ran to exactly this cap, are the gates it trains."""
+    config = {"balance_over": "pooled", "route_alpha": 0.0, **(stored.get("train_config") or {})}
     if wanted["balance_alpha"] == 0:
-        stored, wanted = {**stored, "balance_over": None}, {**wanted, "balance_over": None}
-    return stored == wanted
+        config, wanted = {**config, "balance_over": None}, {**wanted, "balance_over": None}
+    if {**config, "steps": None} != {**wanted, "steps": None}:
+        return False
+    return config.get("steps") == wanted["steps"] or (stored.get("stopped") == "flat"
+                                                       and (stored.get("steps_run") or 0) <= wanted["steps"])
 
 
 def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, names=tuple(MOLE)) -> None:
-    from loramux.routers.gating import MoleTrainConfig, train_mole
+    from loramux.routers.gating import MoleTrainConfig, task_owners, train_mole
 
     tasks = None
     for name in names:
         config = MoleTrainConfig(**mole_config(name, steps))
         try:  # reuse stored gates only when they were trained with this recipe (and so have a curve)
             stored = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
-            if same_gate_recipe(stored.get("train_config") or {}, dataclasses.asdict(config)):
+            if same_gate_recipe(stored, dataclasses.asdict(config)):
                 continue
         except Exception:
             pass
@@ -131,7 +138,7 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, na
         for a in lib.names():
             fused.load(lib, a)
         log(f"training {name} (at most {steps} steps, until the validation loss is flat)")
-        owners = {t: s.name for s in lib.list() for t in s.tasks}
+        owners = task_owners(lib)
         ckpt = lib.path.parent / "runs" / f"mole-{name}"  # a run cut short resumes at its last evaluation
         try:
             router = train_mole(fused, tasks, config, checkpoint_dir=ckpt, resume=True, owners=owners)

@@ -4,14 +4,14 @@ adapter; gate training time and gating cost; each gate set's validation curve (t
 when it flattens) and, per task, the weight the gates give each adapter in every layer or block.
 
 Reuses composite.py's builders (library, gates cached in the library under mole_layer,
-mole_block, mole_layer_no_balance, mole_layer_pooled).
+mole_block, mole_layer_no_balance, mole_layer_pooled, mole_layer_routed).
 
     python benchmarks/mole.py --data-dir ../shared/data/bigbench [--limit-per-task 40] [--mole-steps 400]
         [--profile-per-task 8] [--gates mole_layer,mole_block,mole_layer_no_balance,mole_layer_pooled,
         mole_layer_routed] [--mask-gates mole_layer]
 
-Writes benchmarks/results/mole.json (or --output), mole_curves.png (<output stem>_curves.png) and
-mole_gates_<name>.png.
+Writes benchmarks/results/mole.json (or --output), <output stem>_curves.png and
+<output stem>_gates_<name>.png.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from composite import MOLE, common_args, cost_ratios, ensure_mole, log, setup
+from composite import MOLE, common_args, cost_ratios, ensure_mole, library_sha, log, setup
 
 from loramux import load_tasks
 from loramux.bench.machine import machine
@@ -39,8 +39,8 @@ def main() -> None:
     ap = common_args(__doc__)
     ap.add_argument("--mole-steps", type=int, default=MoleTrainConfig().steps, help="at most (validation stops it)")
     ap.add_argument("--profile-per-task", type=int, default=8, help="test prompts per task for the gate profiles")
-    ap.add_argument("--gates", default=",".join(MOLE), help="which gate sets to train and score (masking needs "
-                    "mole_layer); one 14-adapter set takes up to ~90 min on 2 cores")
+    ap.add_argument("--gates", default=",".join(MOLE), help="which gate sets to train and score; one 14-adapter "
+                    "set takes up to ~90 min on 2 cores")
     ap.add_argument("--mask-gates", default=None, help="the gate set scored with each task's own adapter masked "
                     "(default: the first of --gates)")
     ap.add_argument("--output", default=str(RESULTS / "mole.json"))
@@ -86,7 +86,7 @@ def main() -> None:
     costs = cost_ratios(base, lib, ["uniform", gates[0]])
     out = {
         "command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps, "gates": list(gates),
+        "machine": machine(), "library_sha": library_sha(lib), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps, "gates": list(gates),
         "average_accuracy": averages,
         "per_task": {k.removeprefix("mole:"): v["per_task"] for k, v in result["strategies"].items()}
         | {f"{masked_set}_mask_true_task": masked},
@@ -141,8 +141,8 @@ def gate_profile(router, test, owner: dict, per_task: int) -> dict:
 
 
 def plot(out: dict, output: Path) -> None:
-    """<output stem>_curves.png (validation curves) and mole_gates_<name>.png (own-adapter weight
-    per task and unit), beside the output."""
+    """<output stem>_curves.png (validation curves) and <output stem>_gates_<name>.png (own-adapter
+    weight per task and unit), beside the output."""
     from loramux.evaluation.plots import _pyplot
 
     plt = _pyplot()
@@ -170,7 +170,7 @@ def plot(out: dict, output: Path) -> None:
         ax.set_title(f"{name}: gate weight on each task's own adapter (uniform = {1 / len(tasks):.3f})")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        fig.savefig(results / f"mole_gates_{name}.png", dpi=120)
+        fig.savefig(results / f"{output.stem}_gates_{name}.png", dpi=120)
         plt.close(fig)
 
 

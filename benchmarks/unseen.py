@@ -102,7 +102,8 @@ def main() -> None:
             gates = harness.split(":")[1]
             ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, names=(gates,))
             info = json.loads((lib.router_dir(gates) / "router.json").read_text()).get("info", {})
-            result.setdefault("mole_training", {})[s] = {"cap": args.mole_steps, **{k: info.get(k) for k in (
+            result.setdefault("mole_training", {})[s] = {"cap": (info.get("train_config") or {}).get("steps"),
+                                                         **{k: info.get(k) for k in (
                 "steps_run", "stopped", "best_step", "best_val_task_loss", "seconds")}}
         if where == "lib":
             side = lib

@@ -82,7 +82,7 @@ def train(
     if method == "mole":
         from ..fusion import FusedModel
         from ..models import load_base
-        from ..routers.gating import MoleTrainConfig, train_mole
+        from ..routers.gating import MoleTrainConfig, task_owners, train_mole
 
         config = MoleTrainConfig(granularity=granularity, gate_input=gate_input, balance_alpha=balance_alpha,
                                  balance_over=balance_over, route_alpha=route_alpha, lr=lr or _M.lr,
@@ -91,8 +91,7 @@ def train(
         fused = FusedModel(load_base(model, device=device, dtype=dtype))
         for adapter in lib.names():
             fused.load(lib, adapter)
-        owners = {t: spec.name for spec in lib.list() for t in spec.tasks}
-        router = train_mole(fused, tasks, config, log=typer.echo, owners=owners)
+        router = train_mole(fused, tasks, config, log=typer.echo, owners=task_owners(lib))
     else:
         from ..routers.sentence import DlpConfig, train_dlp
 

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from loramux.library import Library
 from loramux.models import load_base
 from loramux.routers import load_router
 from loramux.routers.gating import (MoleConfig, MoleGates, MoleRouter, MoleTrainConfig, balance_loss, gated_modules,
-                                    out_widths, split_validation, train_mole, unit_of)
+                                    out_widths, split_validation, task_owners, train_mole, unit_of)
 
 from ...conftest import toy_mc_task
 from ...library.conftest import make_peft_dir
@@ -298,7 +299,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_gates(tiny_m
                                                  eval_every=2), progress=False, log=lambda s: None,
                    checkpoint_dir=ckpt, resume=True)
     # the step count is a cap: a finished run goes on under a higher one, to the gates of a run that had it
-    longer = dataclasses_replace(config, steps=6)
+    longer = dataclasses.replace(config, steps=6)
     extended = train_mole(fused, tasks, longer, progress=False, log=lambda s: None, checkpoint_dir=ckpt, resume=True)
     at_once = train_mole(fused, tasks, longer, progress=False, log=lambda s: None)
     assert [c["step"] for c in extended.info["curve"]] == [2, 4, 6] and extended.info["curve"] == at_once.info["curve"]
@@ -356,17 +357,39 @@ def test_the_routing_term_moves_each_units_weight_to_the_tasks_own_adapter(tiny_
                              patience=5, route_alpha=1.0)
     with pytest.raises(LoramuxError, match="needs owners"):
         train_mole(fused, tasks, config, progress=False, log=lambda s: None)
-    owners = {f"task_{n}": n for n in NAMES}
+    with pytest.raises(LoramuxError, match="no training task has an owner"):
+        train_mole(fused, tasks, config, progress=False, log=lambda s: None, owners={"elsewhere": "a"})
+    owners = task_owners(lib)
+    assert owners == {f"task_{n}": n for n in NAMES}
     router = train_mole(fused, tasks, config, progress=False, log=lambda s: None, owners=owners)
     curve = router.info["curve"]
     assert all("route_loss" in c and "val_own_top_share" in c for c in curve)
     # a tiny random model: the share is noisy step to step, so ask for twice chance (1/3), not 1.0
     assert curve[-1]["route_loss"] < 0.6 * curve[0]["route_loss"] and curve[-1]["val_own_top_share"] >= 2 / 3
-    plain = train_mole(fused, tasks, dataclasses_replace(config, route_alpha=0.0), progress=False, log=lambda s: None)
+    plain = train_mole(fused, tasks, dataclasses.replace(config, route_alpha=0.0), progress=False, log=lambda s: None)
     assert "route_loss" not in plain.info["curve"][0] and "val_own_top_share" not in plain.info["curve"][0]
 
 
-def dataclasses_replace(config, **kw):
-    import dataclasses
+def test_a_task_two_adapters_name_has_no_single_owner(lib, tiny_base, tmp_path):
+    lib.add("d", make_peft_dir(tiny_base, tmp_path / "d", targets=("q_proj",), seed=5), base=tiny_base,
+            tasks=["task_a"])
+    assert task_owners(lib) == {"task_b": "b", "task_c": "c"}
 
-    return dataclasses.replace(config, **kw)
+
+def test_a_run_that_stopped_flat_stays_stopped_under_a_higher_cap(tiny_model_dir, lib, tmp_path):
+    tasks = _toy_tasks(tmp_path)
+    fused = fused_for(tiny_model_dir, lib)
+    config = MoleTrainConfig(granularity="block", steps=50, batch_size=4, lr=0.0, val_per_task=2, eval_every=2,
+                             patience=2)
+    ckpt = tmp_path / "ckpt"
+    flat = train_mole(fused, tasks, config, progress=False, log=lambda s: None, checkpoint_dir=ckpt)
+    assert flat.info["stopped"] == "flat" and flat.info["steps_run"] == 6
+    again = train_mole(fused, tasks, dataclasses.replace(config, steps=80), progress=False, log=lambda s: None,
+                       checkpoint_dir=ckpt, resume=True)
+    # a fresh run with the higher cap stops where this one did: the resumed one trains no further
+    assert again.info["stopped"] == "flat" and again.info["steps_run"] == 6 and again.info["curve"] == flat.info["curve"]
+    cut = dataclasses.replace(config, steps=5, patience=9)  # a cap between evaluations writes a checkpoint at 5
+    train_mole(fused, tasks, cut, progress=False, log=lambda s: None, checkpoint_dir=tmp_path / "cut")
+    with pytest.raises(LoramuxError, match="written at step 5, an earlier cap that is not a multiple of eval_every=2"):
+        train_mole(fused, tasks, dataclasses.replace(cut, steps=8), progress=False, log=lambda s: None,
+                   checkpoint_dir=tmp_path / "cut", resume=True)

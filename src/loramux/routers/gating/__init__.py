@@ -2,7 +2,8 @@
 
 from .gates import GATE_INPUTS, GRANULARITIES, MoleConfig, MoleGates, gated_modules, out_widths, unit_of
 from .router import MoleRouter
-from .train import MoleTrainConfig, balance_loss, split_validation, train_mole
+from .train import CheckpointPastCap, MoleTrainConfig, balance_loss, split_validation, task_owners, train_mole
 
 __all__ = ["MoleRouter", "MoleGates", "MoleConfig", "MoleTrainConfig", "train_mole", "balance_loss", "unit_of",
-           "gated_modules", "out_widths", "split_validation", "GRANULARITIES", "GATE_INPUTS"]
+           "gated_modules", "out_widths", "split_validation", "task_owners", "CheckpointPastCap", "GRANULARITIES",
+           "GATE_INPUTS"]

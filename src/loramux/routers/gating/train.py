@@ -137,6 +137,16 @@ def _split_labelled(tasks: list["Task"], per_task: int, seed: int):
     return train, val
 
 
+def task_owners(library) -> dict[str, str]:
+    """Task -> the one adapter of `library` trained on it; a task that several adapters name has no
+    single own adapter and is left out (the routing term skips its examples)."""
+    names: dict[str, list[str]] = {}
+    for spec in library.list():
+        for t in spec.tasks:
+            names.setdefault(t, []).append(spec.name)
+    return {t: a[0] for t, a in names.items() if len(a) == 1}
+
+
 def route_loss(collected: list[torch.Tensor], own: torch.Tensor) -> torch.Tensor:
     """Mean over units and rows of −log w_u[row, own[row]]; rows whose own is −1 (a task no
     gated adapter was trained on) are left out."""
@@ -152,7 +162,9 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
                progress: bool = True, log: Callable[[str], None] = print,
                checkpoint_dir: str | Path | None = None, resume: bool = False,
                owners: dict[str, str] | None = None) -> MoleRouter:
-    """`owners`: task name -> the adapter trained on it, for the routing term (route_alpha > 0)."""
+    """`owners`: task name -> the adapter trained on it (`task_owners`). The routing term
+    (route_alpha > 0) needs it; given, the validation curve also records `val_own_top_share`
+    whatever route_alpha is."""
     from tqdm.auto import tqdm
 
     from ...data import PromptFormatter
@@ -170,6 +182,12 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     slot = {a: k for k, a in enumerate(fused.adapters)}
     own = [slot.get((owners or {}).get(t), -1) for _, t in labelled]
     val_own = [slot.get((owners or {}).get(t), -1) for _, t in val_labelled]
+    if config.route_alpha:
+        if all(k < 0 for k in own):
+            raise LoramuxError(f"route_alpha > 0, but no training task has an owner among the loaded adapters "
+                               f"{list(fused.adapters)}: owners maps {sorted(owners)}")
+        if unowned := sorted({t for (_, t), k in zip(labelled, own) if k < 0}):
+            log(f"mole: the routing term skips the examples of {unowned}: no single loaded adapter owns them")
     fmt = PromptFormatter(base.tokenizer)
     features = LazyFeatures(fmt, examples, config.max_seq_len)
     val_features = LazyFeatures(fmt, val_examples, config.max_seq_len)
@@ -197,6 +215,13 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     if resume and ckpt and (ckpt / _STATE).is_file():
         first, elapsed, curve, best, memory = _load_checkpoint(ckpt, meta, gates, opt)
         log(f"mole: resuming at step {first} from {ckpt}")
+        if first % config.eval_every and first < config.steps:
+            # written at an earlier cap between evaluations: a run with this cap never evaluated there
+            raise CheckpointPastCap(f"the MoLE checkpoint in {str(ckpt)!r} was written at step {first}, an earlier "
+                                    f"cap that is not a multiple of eval_every={config.eval_every}; it cannot go on "
+                                    f"as a run with a cap of {config.steps}: run without resume")
+        if best is not None and (first - best[1]) // config.eval_every >= config.patience:
+            stopped, first = "flat", config.steps  # it had stopped on a flat curve: nothing left to train
     bar = tqdm(range(first, config.steps), desc=f"train mole ({config.granularity})", unit="step",
                disable=not progress, initial=first, total=config.steps)
     try:
@@ -312,14 +337,17 @@ def _save_checkpoint(ckpt: Path, meta: dict, step: int, elapsed: float, curve: l
             old.unlink()
 
 
+class CheckpointPastCap(LoramuxError):
+    """A checkpoint this run's step cap cannot continue; unlike one from another recipe (LoramuxError
+    "cannot resume ..."), it is not to be discarded: its run got further than this one may."""
+
+
 def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.Optimizer):
     from safetensors.torch import load_file
 
     state = json.loads((ckpt / _STATE).read_text())
-    if isinstance(state.get("config"), dict):  # written before balance_over existed: trained pooled
-        state["config"] = {"balance_over": "pooled", **state["config"]}
-    if isinstance(state.get("config"), dict):  # written before the routing term existed: trained without
-        state["config"] = {"route_alpha": 0.0, **state["config"]}
+    if isinstance(state.get("config"), dict):  # written before balance_over (trained pooled) or route_alpha
+        state["config"] = {"balance_over": "pooled", "route_alpha": 0.0, **state["config"]}
     # `steps` is only a cap: the learning rate is constant and the batches a pure function of the
     # step, so a run resumed under a higher cap is the run that had that cap from the start
     cap = meta["config"]["steps"]
@@ -332,8 +360,7 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
         raise LoramuxError(f"cannot resume MoLE training from {str(ckpt)!r}: its {diff} differ from this run's; "
                            f"rerun with the same settings, adapters and tasks, or without resume")
     if state["step"] > cap:
-        # not "cannot resume": benchmarks start afresh on that message, which would discard this run
-        raise LoramuxError(f"the MoLE checkpoint in {str(ckpt)!r} is at step {state['step']}, past this run's "
+        raise CheckpointPastCap(f"the MoLE checkpoint in {str(ckpt)!r} is at step {state['step']}, past this run's "
                            f"cap of {cap} steps; raise steps or run without resume")
     flat = load_file(ckpt / f"mole-{state['step']}.safetensors")
     device = gates.log_tau.device
