@@ -44,7 +44,6 @@ import torch
 from loramux import Library, LoraTrainConfig, load_base, load_tasks
 from loramux.bench.machine import machine
 from loramux.bench.speed import _median_times
-from loramux.errors import LoramuxError
 from loramux.evaluation.harness import EvalConfig, evaluate, to_markdown
 from loramux.evaluation.plots import plot_results
 from loramux.fusion import FusedModel
@@ -121,15 +120,19 @@ def same_gate_recipe(stored: dict, wanted: dict) -> bool:
                                                        and (stored.get("steps_run") or 0) <= wanted["steps"])
 
 
+def gate_info(lib: Library, name: str) -> dict:
+    """The `info` stored with the gate set `name` (its train_config, curve, steps_run, ...)."""
+    return json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
+
+
 def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, names=tuple(MOLE)) -> None:
-    from loramux.routers.gating import MoleTrainConfig, task_owners, train_mole
+    from loramux.routers.gating import CheckpointOtherRecipe, MoleTrainConfig, task_owners, train_mole
 
     tasks = None
     for name in names:
         config = MoleTrainConfig(**mole_config(name, steps))
         try:  # reuse stored gates only when they were trained with this recipe (and so have a curve)
-            stored = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
-            if same_gate_recipe(stored, dataclasses.asdict(config)):
+            if same_gate_recipe(gate_info(lib, name), dataclasses.asdict(config)):
                 continue
         except Exception:
             pass
@@ -142,10 +145,8 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, na
         ckpt = lib.path.parent / "runs" / f"mole-{name}"  # a run cut short resumes at its last evaluation
         try:
             router = train_mole(fused, tasks, config, checkpoint_dir=ckpt, resume=True, owners=owners)
-        except LoramuxError as e:
-            if "cannot resume" not in str(e):
-                raise
-            shutil.rmtree(ckpt)  # another recipe's checkpoint
+        except CheckpointOtherRecipe:
+            shutil.rmtree(ckpt)
             router = train_mole(fused, tasks, config, checkpoint_dir=ckpt, owners=owners)
         router.save(lib, name)
         timings[name] = router.info["seconds"]

@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from composite import MOLE, common_args, cost_ratios, ensure_mole, library_sha, log, setup
+from composite import MOLE, common_args, cost_ratios, ensure_mole, gate_info, library_sha, log, setup
 
 from loramux import load_tasks
 from loramux.bench.machine import machine
@@ -61,7 +61,7 @@ def main() -> None:
     ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, gates)
     training = {}
     for name in gates:  # training time and curve as recorded when the gates were trained
-        info = json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
+        info = gate_info(lib, name)
         timings.setdefault(name, info.get("seconds"))
         training[name] = {k: info.get(k) for k in ("train_config", "steps_run", "stopped", "best_step",
                                                    "best_val_task_loss", "gate_params", "curve")}
@@ -86,7 +86,8 @@ def main() -> None:
     costs = cost_ratios(base, lib, ["uniform", gates[0]])
     out = {
         "command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "library_sha": library_sha(lib), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps, "gates": list(gates),
+        "machine": machine(), "library_sha": library_sha(lib), "limit_per_task": args.limit_per_task,
+        "mole_steps": args.mole_steps, "gates": list(gates),
         "average_accuracy": averages,
         "per_task": {k.removeprefix("mole:"): v["per_task"] for k, v in result["strategies"].items()}
         | {f"{masked_set}_mask_true_task": masked},

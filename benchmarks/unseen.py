@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from composite import (RESULTS, common_args, ensure_dlp, ensure_library, ensure_mbc, ensure_merges, ensure_mole,
-                       ensure_multitask, library_sha, log)
+                       ensure_multitask, gate_info, library_sha, log)
 from routing_real import UNSEEN
 
 from loramux import Library, LoraTrainConfig, load_base, load_tasks
@@ -101,10 +101,10 @@ def main() -> None:
         if s.startswith("mole"):  # these gates only (composite.py's MOLE names them)
             gates = harness.split(":")[1]
             ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, names=(gates,))
-            info = json.loads((lib.router_dir(gates) / "router.json").read_text()).get("info", {})
+            info = gate_info(lib, gates)
+            kept = ("steps_run", "stopped", "best_step", "best_val_task_loss", "seconds")
             result.setdefault("mole_training", {})[s] = {"cap": (info.get("train_config") or {}).get("steps"),
-                                                         **{k: info.get(k) for k in (
-                "steps_run", "stopped", "best_step", "best_val_task_loss", "seconds")}}
+                                                         **{k: info.get(k) for k in kept}}
         if where == "lib":
             side = lib
         elif where == "mbc":

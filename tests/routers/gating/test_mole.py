@@ -10,8 +10,9 @@ from loramux.fusion import FusedModel
 from loramux.library import Library
 from loramux.models import load_base
 from loramux.routers import load_router
-from loramux.routers.gating import (MoleConfig, MoleGates, MoleRouter, MoleTrainConfig, balance_loss, gated_modules,
-                                    out_widths, split_validation, task_owners, train_mole, unit_of)
+from loramux.routers.gating import (CheckpointOtherRecipe, CheckpointPastCap, MoleConfig, MoleGates, MoleRouter,
+                                    MoleTrainConfig, balance_loss, gated_modules, out_widths, split_validation,
+                                    task_owners, train_mole, unit_of)
 
 from ...conftest import toy_mc_task
 from ...library.conftest import make_peft_dir
@@ -293,7 +294,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_gates(tiny_m
     assert [c["step"] for c in resumed.info["curve"]] == [2, 4] and resumed.info["curve"] == whole.info["curve"]
     a, b = whole.gates.state_dict(), resumed.gates.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    with pytest.raises(LoramuxError, match=r"cannot resume MoLE training .* its \['config.lr', 'config.patience'\] "
+    with pytest.raises(CheckpointOtherRecipe, match=r"cannot resume MoLE training .* its \['config.lr', 'config.patience'\] "
                                            r"differ"):
         train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=5, batch_size=4, val_per_task=2,
                                                  eval_every=2), progress=False, log=lambda s: None,
@@ -305,7 +306,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_gates(tiny_m
     assert [c["step"] for c in extended.info["curve"]] == [2, 4, 6] and extended.info["curve"] == at_once.info["curve"]
     a, b = at_once.gates.state_dict(), extended.gates.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    with pytest.raises(LoramuxError, match="at step 6, past this run's cap of 4 steps"):
+    with pytest.raises(CheckpointPastCap, match="at step 6, past this run's cap of 4 steps"):
         train_mole(fused, tasks, config, progress=False, log=lambda s: None, checkpoint_dir=ckpt, resume=True)
 
 

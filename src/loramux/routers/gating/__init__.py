@@ -2,8 +2,8 @@
 
 from .gates import GATE_INPUTS, GRANULARITIES, MoleConfig, MoleGates, gated_modules, out_widths, unit_of
 from .router import MoleRouter
-from .train import CheckpointPastCap, MoleTrainConfig, balance_loss, split_validation, task_owners, train_mole
+from .train import CheckpointOtherRecipe, CheckpointPastCap, MoleTrainConfig, balance_loss, split_validation, task_owners, train_mole
 
 __all__ = ["MoleRouter", "MoleGates", "MoleConfig", "MoleTrainConfig", "train_mole", "balance_loss", "unit_of",
-           "gated_modules", "out_widths", "split_validation", "task_owners", "CheckpointPastCap", "GRANULARITIES",
+           "gated_modules", "out_widths", "split_validation", "task_owners", "CheckpointOtherRecipe", "CheckpointPastCap", "GRANULARITIES",
            "GATE_INPUTS"]

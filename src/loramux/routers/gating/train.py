@@ -220,7 +220,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             raise CheckpointPastCap(f"the MoLE checkpoint in {str(ckpt)!r} was written at step {first}, an earlier "
                                     f"cap that is not a multiple of eval_every={config.eval_every}; it cannot go on "
                                     f"as a run with a cap of {config.steps}: run without resume")
-        if best is not None and (first - best[1]) // config.eval_every >= config.patience:
+        if best is not None and _flat(first, best[1], config):
             stopped, first = "flat", config.steps  # it had stopped on a flat curve: nothing left to train
     bar = tqdm(range(first, config.steps), desc=f"train mole ({config.granularity})", unit="step",
                disable=not progress, initial=first, total=config.steps)
@@ -258,7 +258,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             if ckpt:
                 _save_checkpoint(ckpt, meta, step + 1, elapsed + time.perf_counter() - started, curve, best,
                                  memory, gates, opt)
-            if (step + 1 - best[1]) // config.eval_every >= config.patience:
+            if _flat(step + 1, best[1], config):
                 stopped = "flat"
                 break
     finally:
@@ -277,6 +277,11 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     log(f"mole: {steps_run} steps ({stopped}) in {seconds:.0f}s; {gates.n_params:,} gate parameters; kept step "
         f"{router.info['best_step']} (validation task loss {router.info['best_val_task_loss']})")
     return router
+
+
+def _flat(step: int, best_step: int, config: MoleTrainConfig) -> bool:
+    """Whether training stops at `step`: `patience` evaluations since the best one."""
+    return (step - best_step) // config.eval_every >= config.patience
 
 
 def _forward(router: MoleRouter, fused, mixture, rows, device, grad: bool):
@@ -337,31 +342,33 @@ def _save_checkpoint(ckpt: Path, meta: dict, step: int, elapsed: float, curve: l
             old.unlink()
 
 
+class CheckpointOtherRecipe(LoramuxError):
+    """A checkpoint of another recipe (settings, adapters or tasks): nothing of it can be resumed."""
+
+
 class CheckpointPastCap(LoramuxError):
-    """A checkpoint this run's step cap cannot continue; unlike one from another recipe (LoramuxError
-    "cannot resume ..."), it is not to be discarded: its run got further than this one may."""
+    """A checkpoint this run's step cap cannot continue; unlike one from another recipe, it is not
+    to be discarded: its run got further than this one may."""
 
 
 def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.Optimizer):
     from safetensors.torch import load_file
 
     state = json.loads((ckpt / _STATE).read_text())
-    if isinstance(state.get("config"), dict):  # written before balance_over (trained pooled) or route_alpha
-        state["config"] = {"balance_over": "pooled", "route_alpha": 0.0, **state["config"]}
     # `steps` is only a cap: the learning rate is constant and the batches a pure function of the
     # step, so a run resumed under a higher cap is the run that had that cap from the start
     cap = meta["config"]["steps"]
     meta = {**meta, "config": {**meta["config"], "steps": None}}
-    if isinstance(state.get("config"), dict):
-        state["config"] = {**state["config"], "steps": None}
+    if isinstance(state.get("config"), dict):  # written before balance_over (trained pooled) or route_alpha
+        state["config"] = {"balance_over": "pooled", "route_alpha": 0.0, **state["config"], "steps": None}
     if {k: state.get(k) for k in meta} != meta:
         diff = sorted(k for k in meta if k != "config" and state.get(k) != meta[k])
         diff += sorted(f"config.{k}" for k in meta["config"] if (state.get("config") or {}).get(k) != meta["config"][k])
-        raise LoramuxError(f"cannot resume MoLE training from {str(ckpt)!r}: its {diff} differ from this run's; "
-                           f"rerun with the same settings, adapters and tasks, or without resume")
+        raise CheckpointOtherRecipe(f"cannot resume MoLE training from {str(ckpt)!r}: its {diff} differ from this "
+                                    f"run's; rerun with the same settings, adapters and tasks, or without resume")
     if state["step"] > cap:
         raise CheckpointPastCap(f"the MoLE checkpoint in {str(ckpt)!r} is at step {state['step']}, past this run's "
-                           f"cap of {cap} steps; raise steps or run without resume")
+                                f"cap of {cap} steps; raise steps or run without resume")
     flat = load_file(ckpt / f"mole-{state['step']}.safetensors")
     device = gates.log_tau.device
     gates.load_state_dict({k[6:]: v.to(device) for k, v in flat.items() if k.startswith("gates.")})
