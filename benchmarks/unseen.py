@@ -18,7 +18,10 @@ the same cache. Strategies:
   arrow_gks (Arrow over ΔW_i − mean ΔW: general knowledge subtraction, PEFT's `use_gks`, with the
   library's own mean as the general knowledge, since a task library has no general adapters);
   mbc_arrow; mole (layer gates, balanced per gate); mole_pooled (layer gates with the paper's
-  balance pooled over gates); mole_routed (layer gates with loramux's routing term); ties; multitask.
+  balance pooled over gates); mole_routed (layer gates with loramux's routing term); ties; multitask;
+  and, behind the library's DLP out-of-library test (a prompt it rejects goes to the base model):
+  dlp_soft_abstain (top-p 0.9, the test on: what `top_p: 0.9` serves by default), arrow_abstain,
+  arrow_gks_abstain, mole_routed_abstain.
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("d
               "dlp_soft": ("dlp_p0.9_open", "lib"), "arrow": ("arrow", "lib"),
               "arrow_gks": ("arrow_gks", "lib"), "mole": ("mole:mole_layer", "lib"),
               "mole_pooled": ("mole:mole_layer_pooled", "lib"), "mole_routed": ("mole:mole_layer_routed", "lib"),
-              "ties": ("oracle", "ties"), "multitask": ("oracle", "multitask"), "mbc_arrow": ("arrow", "mbc")}
+              "ties": ("oracle", "ties"), "multitask": ("oracle", "multitask"), "mbc_arrow": ("arrow", "mbc"),
+              # the same routers behind the library's DLP out-of-library test (routers/abstention.py)
+              "dlp_soft_abstain": ("dlp_p0.9", "lib"), "arrow_abstain": ("arrow_abstain", "lib"),
+              "arrow_gks_abstain": ("arrow_gks_abstain", "lib"),
+              "mole_routed_abstain": ("mole_abstain:mole_layer_routed", "lib")}
 
 
 def main() -> None:
@@ -96,7 +103,7 @@ def main() -> None:
         if s in result["average"]:
             continue
         harness, where = STRATEGIES[s]
-        if s.startswith("dlp"):
+        if s.startswith("dlp") or s.endswith("_abstain"):
             ensure_dlp(lib, args.data_dir, timings)
         if s.startswith("mole"):  # these gates only (composite.py's MOLE names them)
             gates = harness.split(":")[1]
@@ -143,7 +150,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 
-ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed")
+ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed",
+          "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain")
 
 
 def versus(result: dict) -> dict:

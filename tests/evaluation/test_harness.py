@@ -74,11 +74,34 @@ def test_routing_confusion_counts_the_top_adapter_per_prompt():
     assert r["mean_adapters"] == 1.5 and r["abstained"] == 1 and r["top1_accuracy"] == 0.0
 
 
+def test_in_forward_routers_behind_the_out_of_library_test(tiny_model_dir, routed_lib, task_dir):
+    from loramux.routers.sentence import Abstain, DlpRouter
+
+    tasks = load_tasks(task_dir, split="test")
+    fused = FusedModel(load_base(str(tiny_model_dir)))
+    with pytest.raises(LoramuxError, match="out-of-library test"):  # routed_lib's DLP router has none
+        evaluate(fused, routed_lib, tasks, EvalConfig(("arrow_abstain",), limit_per_task=2), progress=False,
+                 log=lambda s: None)
+    router = DlpRouter.load(routed_lib)
+    for threshold, same_as in ((-1e9, "base"), (1e9, "in-forward")):  # every prompt out of the library; none
+        router.abstain = Abstain("energy", threshold, 0.95, 1)
+        router.save(routed_lib)
+        config = EvalConfig(("base", "arrow", "mole", "arrow_abstain", "mole_abstain"), limit_per_task=2, seed=1)
+        result = evaluate(fused, routed_lib, tasks, config, progress=False, log=lambda s: None)
+        s, c = result["strategies"], result["correct"]
+        for kind in ("arrow", "mole"):
+            assert c[f"{kind}_abstain"] == c["base" if same_as == "base" else kind]
+            assert result["routing"][f"{kind}_abstain"] == {"abstained": 6 if same_as == "base" else 0}
+        assert set(s) == set(config.strategies)
+
+
 def test_bad_strategies():
     with pytest.raises(LoramuxError, match="unknown strategy 'best'"):
         EvalConfig(("best",))
     with pytest.raises(LoramuxError, match="the top-p after 'dlp_p' must be a number"):
         EvalConfig(("dlp_pX",))
+    with pytest.raises(LoramuxError, match="unknown strategy 'mole_gates'"):
+        EvalConfig(("mole_gates",))
 
 
 def test_cli_eval(capsys, tiny_model_dir, task_lib, task_dir, tmp_path):

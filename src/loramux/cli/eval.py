@@ -12,8 +12,10 @@ def eval_(
     library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
     data_dir: Optional[str] = typer.Option(None, help="Dir of task dirs (default: the fetched BIG-bench tasks)."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (default: every task of the library)."),
-    strategies: str = typer.Option("base,oracle,uniform", help="base, oracle, uniform, dlp, dlp_p<P>, arrow, "
-                                                                         "mole[:<stored gates>]."),
+    strategies: str = typer.Option("base,oracle,uniform", help="base, oracle, uniform, dlp, dlp_p<P> ('_open' "
+                                   "after either: no abstaining), arrow, arrow_gks, mole[:<stored gates>] "
+                                   "('_abstain' after arrow, arrow_gks or mole: the library's DLP "
+                                   "out-of-library test in front)."),
     limit_per_task: Optional[int] = typer.Option(None, help="A seeded sample of each task's test set."),
     seed: int = typer.Option(0, help="Sampling and shuffling seed."),
     batch_size: int = typer.Option(8, help="Examples per scoring batch."),

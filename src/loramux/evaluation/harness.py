@@ -24,12 +24,14 @@ if TYPE_CHECKING:
     from ..library import Library
 
 FIXED = ("base", "oracle", "uniform")
+IN_FORWARD = ("arrow", "arrow_gks", "arrow_abstain", "arrow_gks_abstain", "mole", "mole_abstain")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     # + dlp, dlp_p<P> (either with "_open": the stored out-of-library test off), arrow, arrow_gks
-    # (general knowledge subtracted: the adapters' mean), mole[:name]
+    # (general knowledge subtracted: the adapters' mean), mole[:name]; "_abstain" after arrow,
+    # arrow_gks or mole: the library's DLP out-of-library test in front (routers/abstention.py)
     strategies: tuple[str, ...] = ("base", "oracle", "uniform")
     limit_per_task: int | None = None  # a seeded sample of each task's test set
     seed: int = 0
@@ -38,10 +40,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for s in self.strategies:
-            if s not in FIXED and s not in ("arrow", "arrow_gks") and not s.startswith(("dlp", "mole")):
+            if s not in FIXED and s not in IN_FORWARD and not s.startswith(("dlp", "mole:", "mole_abstain:")):
                 raise LoramuxError(f"unknown strategy {s!r}; use {list(FIXED)}, dlp, dlp_p<top-p> (e.g. dlp_p0.9; "
-                                   f"'_open' after either: no abstaining), arrow, arrow_gks or "
-                                   f"mole[:<stored router name>]")
+                                   f"'_open' after either: no abstaining), arrow, arrow_gks, "
+                                   f"mole[:<stored router name>] ('_abstain' after arrow, arrow_gks or mole: the "
+                                   f"library's DLP out-of-library test in front)")
             if s.startswith("dlp_p"):
                 try:
                     float(s[5:].removesuffix("_open"))
@@ -85,16 +88,24 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
             plans[s] = {k: {owner[k[0]]: 1.0} for k in pool}
         elif s == "uniform":
             plans[s] = {k: {a: 1.0 / len(adapters) for a in adapters} for k in pool}
-        elif s in ("arrow", "arrow_gks"):
+        elif s.startswith(("arrow", "mole")):
             from ..routers import load_router
+            from ..routers.abstention import gated, stored_gate
 
-            plans[s] = dict.fromkeys(pool, load_router(library, "arrow", fused=fused, gks=s == "arrow_gks"))
-        elif s.startswith("mole"):
-            from ..routers import load_router
-
-            _, _, stored = s.partition(":")
-            router = load_router(library, "mole", fused=fused, **({"name": stored} if stored else {}))
-            plans[s] = {k: router for k in pool}
+            kind, _, stored = s.partition(":")
+            if kind.startswith("arrow"):
+                router = load_router(library, "arrow", fused=fused, gks=kind.startswith("arrow_gks"))
+            else:
+                router = load_router(library, "mole", fused=fused, **({"name": stored} if stored else {}))
+            gate = None
+            if kind.endswith("_abstain"):
+                gate = stored_gate(library, base=fused.base)
+                if gate is None:
+                    raise LoramuxError(f"strategy {s!r} needs the library's DLP router stored with an "
+                                       f"out-of-library test (`loramux router train`)")
+            keys = list(pool)
+            abstained = gated(gate, [by_name[n].examples[i].prompt for n, i in keys], router.kind)
+            plans[s] = {k: None if a is not None else router for k, a in zip(keys, abstained)}
         else:  # dlp, dlp_p<P>: each prompt routed on its own, in the shuffled pool's order
             from ..routers import load_router
 
@@ -111,6 +122,9 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
     routed = {s: plan for s, plan in plans.items() if s.startswith("dlp")}
     if routed:
         result["routing"] = {s: routing_confusion(plan, owner, adapters) for s, plan in routed.items()}
+    for s, plan in plans.items():  # an in-forward router behind the out-of-library test: how often it fired
+        if s.partition(":")[0].endswith("_abstain"):
+            result.setdefault("routing", {})[s] = {"abstained": sum(1 for v in plan.values() if v is None)}
     for s, plan in plans.items():
         started = time.perf_counter()
         per_task, metric, correct = {}, {}, {}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..engine import GenerationRequest, SamplingParams
 from ..engine.scheduler import QueueFull, Scheduler, SchedulerStopped
 from ..errors import LoramuxError
+from ..routers.abstention import gated
 from .metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -86,6 +87,11 @@ class Plan:
     mixtures: list[dict[str, float] | None]
     routings: list["Routing | None"]
     router: Any = None  # Arrow / MoLE: weights come from inside the forward
+
+    def router_for(self, k: int) -> Any:
+        """The in-forward router of prompt k: none where the out-of-library test abstained."""
+        routing = self.routings[k]
+        return None if routing is not None and routing.abstained else self.router
 
 
 class Server:
@@ -188,6 +194,17 @@ class Server:
         self.config.routers[name] = router
         return router
 
+    def gate(self):
+        """The out-of-library test in front of the in-forward routers (routers/abstention.py): the
+        library's stored DLP router, when it carries one (call on the model's thread)."""
+        if self.library is None or self.library.routers().get("dlp", {}).get("kind") != "dlp":
+            return None
+        try:
+            router = self.router("dlp")
+        except ApiError:  # e.g. stored for another set of adapters: the in-forward router still serves
+            return None
+        return router if router.abstain is not None else None
+
     def _newer_dlp(self, name: str, router) -> bool:
         """Whether the library stores another version of this DLP router than the one in hand."""
         stored_dir = getattr(router, "stored_dir", None)
@@ -261,10 +278,11 @@ class Server:
         def route() -> Plan:
             router = self.router(model)
             if getattr(router, "granularity", "sequence") != "sequence":
+                abstain = options.pop("abstain", True)
                 if options:
                     raise ApiError(400, f"router options {sorted(options)} apply to dlp; {model} was configured "
-                                        f"at start", "loramux")
-                return Plan([None] * n, [None] * n, router)
+                                        f"at start (it takes `abstain` alone)", "loramux")
+                return Plan([None] * n, gated(self.gate() if abstain else None, route_texts, router.kind), router)
             try:
                 routings = router.route(route_texts, **options)
             except (LoramuxError, TypeError) as e:

@@ -100,7 +100,7 @@ def add_openai_routes(app, server: Server) -> None:
                 on_delta = None
                 if body.stream:
                     on_delta = (lambda i: lambda d: loop.call_soon_threadsafe(pieces.put_nowait, (i, d)))(ch.index)
-                ch.future = server.submit(ch.request, plan.router, on_delta, ids=ch.ids, model=body.model, tag=rid)
+                ch.future = server.submit(ch.request, plan.router_for(ch.prompt), on_delta, ids=ch.ids, model=body.model, tag=rid)
                 ch.future.add_done_callback(
                     (lambda i: lambda f: loop.call_soon_threadsafe(pieces.put_nowait, (i, None)))(ch.index))
         except ApiError:
@@ -110,7 +110,7 @@ def add_openai_routes(app, server: Server) -> None:
             raise
 
         def echo_of(ch: _Choice, result) -> dict:
-            return server.routing_echo(plan.mixtures[ch.prompt], plan.router,
+            return server.routing_echo(plan.mixtures[ch.prompt], plan.router_for(ch.prompt),
                                        ch.routing or plan.routings[ch.prompt], result, explain)
 
         if not body.stream:
@@ -215,8 +215,8 @@ def add_openai_routes(app, server: Server) -> None:
         if body.echo:  # score each prompt once, under its routing (an in-forward router runs alone)
             for k in range(len(prompts)):
                 score = await within(deadline, body, server.on_model_thread(
-                    lambda k=k: prompt_logprobs(engine, ids[k], plan.mixtures[k], router=plan.router,
-                                                top_n=body.logprobs), exclusive=plan.router is not None))
+                    lambda k=k: prompt_logprobs(engine, ids[k], plan.mixtures[k], router=plan.router_for(k),
+                                                top_n=body.logprobs), exclusive=plan.router_for(k) is not None))
                 for ch in choices:
                     if ch.prompt == k:
                         ch.prompt_entries, ch.routing = score.entries, score.routing
@@ -231,7 +231,7 @@ def add_openai_routes(app, server: Server) -> None:
             answer = {"id": rid, "created": int(time.time()), "model": body.model,
                       "choices": [finish(ch, None) for ch in choices],
                       "usage": usage(choices, {}),
-                      "loramux": server.routing_echo(plan.mixtures[0], plan.router, choices[0].routing or
+                      "loramux": server.routing_echo(plan.mixtures[0], plan.router_for(0), choices[0].routing or
                                                      plan.routings[0], None, body.loramux.explain)}
         else:
             sampling = server.sampling(body, max_new, body.logprobs)

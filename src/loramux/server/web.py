@@ -3,6 +3,7 @@
 
 from fastapi.responses import HTMLResponse
 
+from ..routers.abstention import gated
 from .core import Server
 from .protocol import ERRORS, RoutePreviewRequest, RoutingPreview
 
@@ -83,6 +84,10 @@ def add_web_routes(app, server: Server) -> None:
         """What a router would choose for a prompt, and why, without generating."""
         def route():
             router = server.router(body.model)
+            if getattr(router, "granularity", "sequence") != "sequence":  # the test in front of the gates
+                (abstained,) = gated(server.gate(), [body.prompt], router.kind)
+                if abstained is not None:
+                    return abstained.to_dict()
             return router.route([body.prompt])[0].to_dict()
 
         in_forward = body.model.partition(":")[0] in ("arrow", "mole")  # their gates hold per-batch state

@@ -150,10 +150,8 @@ class DlpRouter:
             top = max(p)
             reason = ""
             first = self.adapters[p.index(top)]
-            if cfg.abstain and self.abstain is not None and energies is not None \
-                    and float(energies[n]) > self.abstain.limit(first):
-                reason = (f"no adapter fits: energy {float(energies[n]):.3f} > {self.abstain.limit(first):.3f}, "
-                          f"above {self.abstain.recall:.0%} of {first!r}'s validation prompts")
+            if cfg.abstain and energies is not None and (why := self._out_of_library(float(energies[n]), first)):
+                reason = why
             elif cfg.min_confidence is not None and top < cfg.min_confidence:
                 reason = f"top probability {top:.3f} < min_confidence {cfg.min_confidence}"
             elif dist is not None:
@@ -175,6 +173,21 @@ class DlpRouter:
             out.append(Routing(tuple(self.adapters[i] for i in keep), tuple(weights), named, router=self.kind,
                                reason=f"top-p {cfg.top_p} kept {len(keep)} of {len(p)} ({cfg.weighting} weights)"))
         return out
+
+    def _out_of_library(self, score: float, first: str) -> str:
+        """Why the stored test sends a prompt to the base model ("" when an adapter fits, or no test is stored)."""
+        if self.abstain is None or score <= self.abstain.limit(first):
+            return ""
+        return (f"no adapter fits: energy {score:.3f} > {self.abstain.limit(first):.3f}, "
+                f"above {self.abstain.recall:.0%} of {first!r}'s validation prompts")
+
+    def out_of_library(self, prompts: list[str]) -> list[str]:
+        """The stored out-of-library test alone, per prompt: why no adapter fits, or "" when one does
+        (always "" for a router stored without a test). Routers that cannot tell for themselves use
+        it in front of their own choice (routers/abstention.py)."""
+        logits, _ = self.logits(prompts)
+        firsts = logits.argmax(dim=-1).tolist()
+        return [self._out_of_library(float(e), self.adapters[i]) for e, i in zip(energy(logits), firsts)]
 
     # ------------------------------------------------------------------ storage
     def save(self, library: "Library", name: str = KIND) -> Path:

@@ -1,0 +1,49 @@
+"""The DLP out-of-library test in front of the in-forward routers (routers/abstention.py)."""
+
+import pytest
+
+from loramux.data import load_tasks
+from loramux.routers.abstention import gated, stored_gate
+from loramux.routers.sentence import DlpTrainConfig, train_dlp
+
+from .sentence.conftest import WORDS, bert_dir, task_dir, task_lib, task_prompts  # noqa: F401 (fixtures)
+from .sentence.test_abstain import CONFIG, OUTSIDE
+
+
+@pytest.fixture
+def where():
+    """Router training and routing do not depend on the model's dtype: these tests run once, CPU fp32."""
+    from ..conftest import Where
+
+    return Where("cpu", "float32")
+
+
+def train(lib, task_dir, bert_dir, **kw):
+    config = DlpTrainConfig(**{**CONFIG.__dict__, "encoder": str(bert_dir), **kw})
+    return train_dlp(lib, load_tasks(task_dir, split="train"), config, progress=False, log=lambda s: None)
+
+
+def test_the_gate_abstains_where_the_dlp_router_would(task_lib, task_dir, bert_dir):
+    router = train(task_lib, task_dir, bert_dir)
+    prompts = [p for t in WORDS for p in task_prompts(t, 6, offset=1)] + OUTSIDE
+    why = router.out_of_library(prompts)
+    assert why == [r.reason if r.abstained else "" for r in router.route(prompts)]  # the same stored test
+    assert all(why[-len(OUTSIDE):]) and sum(not w for w in why) >= 0.7 * (len(prompts) - len(OUTSIDE))
+    routings = gated(router, prompts, "mole")
+    for w, r in zip(why, routings):
+        assert (r is None) == (not w)
+        if r is not None:  # served by the base model, and the echo says which test decided
+            assert r.abstained and r.mixture is None and r.router == "mole"
+            assert r.reason.startswith(w) and "dlp out-of-library test, in front of mole" in r.reason
+    assert gated(None, prompts, "arrow") == [None] * len(prompts) and gated(router, [], "arrow") == []
+
+
+def test_stored_gate_only_with_a_stored_test(task_lib, task_dir, bert_dir):
+    assert stored_gate(task_lib) is None  # no router stored
+    train(task_lib, task_dir, bert_dir, abstain_recall=None).save(task_lib)
+    assert stored_gate(task_lib) is None  # a router without an out-of-library test
+    router = train(task_lib, task_dir, bert_dir)
+    router.save(task_lib)
+    gate = stored_gate(task_lib)
+    assert gate is not None and gate.abstain == router.abstain
+    assert gate.out_of_library(OUTSIDE) == router.out_of_library(OUTSIDE)

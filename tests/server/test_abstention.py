@@ -1,0 +1,74 @@
+"""Arrow and MoLE through the server behind the library's DLP out-of-library test: a prompt the
+test rejects is served by the base model and says so; `loramux.abstain: false` turns it off."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from loramux.data import load_tasks
+from loramux.engine import Engine
+from loramux.models import load_base
+from loramux.routers.sentence import DlpTrainConfig, train_dlp
+from loramux.server import ServerConfig, create_app
+
+from ..routers.sentence.conftest import WORDS, bert_dir, task_dir, task_lib, task_prompts  # noqa: F401 (fixtures)
+from ..routers.sentence.test_abstain import CONFIG, OUTSIDE
+
+
+@pytest.fixture
+def where():
+    """The gate's decision does not depend on the model's dtype: these tests run once, CPU fp32."""
+    from ..conftest import Where
+
+    return Where("cpu", "float32")
+
+
+@pytest.fixture
+def gated_server(tiny_model_dir, task_lib, task_dir, bert_dir):
+    config = DlpTrainConfig(**{**CONFIG.__dict__, "encoder": str(bert_dir)})
+    router = train_dlp(task_lib, load_tasks(task_dir, split="train"), config, progress=False, log=lambda s: None)
+    router.save(task_lib)
+    engine = Engine(load_base(str(tiny_model_dir)), task_lib)
+    for n in task_lib.names():
+        engine.load(n)
+    inside = next(p for p in task_prompts("colors", 10, offset=1) if not router.out_of_library([p])[0])
+    with TestClient(create_app(engine, task_lib, ServerConfig())) as c:
+        yield c, inside
+
+
+def test_arrow_abstains_where_no_adapter_fits(gated_server):
+    c, inside = gated_server
+    outside = OUTSIDE[0]
+    base = c.post("/v1/completions", json={"model": "base", "prompt": outside, "max_tokens": 4, "temperature": 0})
+    r = c.post("/v1/completions", json={"model": "arrow", "prompt": [outside, inside], "max_tokens": 4,
+                                        "temperature": 0, "loramux": {"explain": True}})
+    assert r.status_code == 200, r.text
+    (out, served), echo = r.json()["choices"], r.json()["loramux"]  # the echo is the first prompt's
+    assert out["text"] == base.json()["choices"][0]["text"]
+    assert echo["router"] == "arrow" and echo["abstained"] is True and echo["mixture"] is None
+    assert "no adapter fits" in echo["reason"] and "in front of arrow" in echo["reason"]
+    r = c.post("/v1/completions", json={"model": "arrow", "prompt": inside, "max_tokens": 4, "temperature": 0,
+                                        "loramux": {"explain": True}})
+    echo = r.json()["loramux"]
+    assert r.json()["choices"][0]["text"] == served["text"]  # the other prompt went to Arrow, alone or not
+    assert echo["router"] == "arrow" and not echo.get("abstained") and echo["explain"]["granularity"] == "token"
+    r = c.post("/v1/completions", json={"model": "arrow", "prompt": outside, "max_tokens": 4, "temperature": 0,
+                                        "loramux": {"abstain": False, "explain": True}})
+    assert r.status_code == 200 and not r.json()["loramux"].get("abstained")
+    assert r.json()["loramux"]["explain"]["granularity"] == "token"  # routed by Arrow after all
+    r = c.post("/v1/completions", json={"model": "arrow", "prompt": outside, "loramux": {"top_p": 0.5}})
+    assert r.status_code == 400 and "apply to dlp" in r.json()["error"]["message"]
+
+
+def test_route_preview_and_scoring_behind_the_test(gated_server):
+    c, inside = gated_server
+    r = c.post("/v1/loramux/route", json={"model": "arrow", "prompt": OUTSIDE[1]})
+    assert r.status_code == 200 and r.json()["abstained"] is True and "in front of arrow" in r.json()["reason"]
+    r = c.post("/v1/loramux/route", json={"model": "arrow", "prompt": inside})
+    assert r.status_code == 200 and not r.json()["abstained"] and r.json()["layers"]
+    base = c.post("/v1/completions", json={"model": "base", "prompt": OUTSIDE[1], "max_tokens": 0, "echo": True,
+                                           "logprobs": 0}).json()
+    gated = c.post("/v1/completions", json={"model": "arrow", "prompt": OUTSIDE[1], "max_tokens": 0, "echo": True,
+                                            "logprobs": 0}).json()
+    assert gated["choices"][0]["logprobs"] == base["choices"][0]["logprobs"]  # the base model scored it
+    assert gated["loramux"]["abstained"] is True
+
