@@ -112,3 +112,24 @@ def test_mole_train_route_mask_plot_generate(capsys, task_lib, task_dir, tiny_mo
     assert code == 2 and "cannot mask ['zebra']" in err
     code, _, err = run(capsys, "route", "x", "--router", "arrow", "--mask", "colors", "-l", lib, "--model", model)
     assert code == 2 and "--mask is a MoLE option" in err
+
+
+def test_arrow_behind_the_stored_out_of_library_test(capsys, trained_lib, tiny_model_dir):
+    lib, model = str(trained_lib.path), str(tiny_model_dir)
+    code, out, err = run(capsys, "route", "hello world zebra quantum", "--router", "arrow", "-l", lib, "--model", model,
+                         "--json")
+    assert code == 0, err
+    routing = json.loads(out)  # the library's DLP router has a test: on by default in front of Arrow
+    assert routing["router"] == "arrow" and routing["abstained"] and "in front of arrow" in routing["reason"]
+    code, out, err = run(capsys, "route", "hello world zebra quantum", "--router", "arrow", "-l", lib, "--model", model,
+                         "--no-abstain", "--json")
+    assert code == 0, err
+    assert json.loads(out)["granularity"] == "token"
+    code, out, err = run(capsys, "generate", "hello world zebra quantum", "--router", "arrow", "-l", lib, "--model",
+                         model, "--max-new-tokens", "3")
+    assert code == 0, err
+    assert err.startswith("[arrow] abstained (no adapter fits: energy") and "): base model" in err
+    code, out, err = run(capsys, "generate", "hello world zebra quantum", "--router", "arrow", "-l", lib, "--model",
+                         model, "--max-new-tokens", "3", "--no-abstain")
+    assert code == 0, err
+    assert err.startswith("[arrow] per token over 3 adapters")

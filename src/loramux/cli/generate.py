@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional
 
 import typer
 
 from ..models import DEFAULT_MODEL
-from .options import COMPILE, DEVICE, DTYPE, QUANTIZE, Quantize
+from .options import COMPILE, DEVICE, DTYPE, NO_ABSTAIN, QUANTIZE, Quantize
 
 
 def parse_mix(mix: str) -> dict[str, float]:
@@ -31,6 +32,7 @@ def generate(
     router: Optional[str] = typer.Option(None, help="Let a router choose: dlp (per prompt), arrow (per token) or mole "
                                                     "(trained gates)."),
     mask: Optional[str] = typer.Option(None, help="With --router mole: switch these adapters off (a,b,...)."),
+    no_abstain: bool = NO_ABSTAIN,
     library: Optional[str] = typer.Option(None, "--library", "-l", help="Library dir (default: $LORAMUX_HOME/library)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name or HF model directory."),
     max_new_tokens: int = typer.Option(64, help="Maximum tokens to generate."),
@@ -63,11 +65,17 @@ def generate(
     request = GenerationRequest(prompt, mixture, sampling)
     rt = None
     if router:
-        from .router import build_router
+        from ..routers.abstention import gated
+        from .router import build_router, in_front
 
         rt = build_router(lib, router, model=model, base=base, fused=engine.fused,
-                          mask=[m.strip() for m in mask.split(",") if m.strip()] if mask else None)
-        if getattr(rt, "granularity", "sequence") == "sequence":
+                          mask=[m.strip() for m in mask.split(",") if m.strip()] if mask else None,
+                          abstain=False if no_abstain else None)
+        (abstained,) = gated(in_front(lib, rt, no_abstain, base), [prompt], rt.kind)
+        if abstained is not None:  # the out-of-library test in front of Arrow / MoLE
+            typer.echo(f"[{router}] abstained ({abstained.reason}): base model", err=True)
+            request, rt = dataclasses.replace(request, routing=abstained), None
+        elif getattr(rt, "granularity", "sequence") == "sequence":
             request = engine.route([request], rt)[0]
             r = request.routing
             chosen = (f"abstained ({r.reason}): base model" if r.abstained else

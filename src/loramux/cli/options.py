@@ -15,3 +15,6 @@ COMPILE = typer.Option(False, "--compile/--no-compile",
                             "Inductor's cache. Arrow/MoLE routing decodes eagerly either way.")
 Quantize = Enum("Quantize", {c: c for c in QUANTIZE_CHOICES}, type=str)  # typer checks the choice (exit 2)
 QUANTIZE = typer.Option("none", "--quantize", help=QUANTIZE_HELP)
+NO_ABSTAIN = typer.Option(False, "--no-abstain",
+                          help="Route even where the out-of-library test would send the prompt to the base model "
+                               "(DLP's stored test; for arrow and mole, the library's DLP test in front of them).")

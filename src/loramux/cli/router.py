@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
-from .options import DEVICE, DTYPE
+from .options import DEVICE, DTYPE, NO_ABSTAIN
 from ..routers.sentence.train import DlpTrainConfig
 from ..routers.gating.train import MoleTrainConfig
 
@@ -153,9 +153,9 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
         from ..fusion import FusedModel
         from ..models import load_base
 
-        if any(v is not None for v in (top_p, weighting, min_confidence, max_distance, abstain)):
-            raise LoramuxError("--top-p, --weighting, --min-confidence, --max-distance and --no-abstain are DLP options; Arrow "
-                               "takes --top-k, --temperature and --candidates")
+        if any(v is not None for v in (top_p, weighting, min_confidence, max_distance)):
+            raise LoramuxError("--top-p, --weighting, --min-confidence and --max-distance are DLP options; Arrow "
+                               "takes --top-k, --temperature, --candidates and --no-abstain")
         fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
         general_names = _names(general) or []
         names = _names(candidates) or [n for n in lib.names() if n not in general_names]
@@ -171,9 +171,9 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
         from ..fusion import FusedModel
         from ..models import load_base
 
-        if any(v is not None for v in (top_p, top_k, weighting, min_confidence, max_distance, abstain, temperature,
+        if any(v is not None for v in (top_p, top_k, weighting, min_confidence, max_distance, temperature,
                                        candidates)):
-            raise LoramuxError("MoLE's trained gates take only --mask")
+            raise LoramuxError("MoLE's trained gates take only --mask and --no-abstain")
         fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
         return load_router(lib, "mole", name=name, fused=fused, mask=tuple(mask or ()))
     if temperature is not None or candidates is not None:
@@ -201,8 +201,7 @@ def route(
     weighting: Optional[str] = typer.Option(None, help="renorm (default) or softmax."),
     min_confidence: Optional[float] = typer.Option(None, help="Abstain below this top probability."),
     max_distance: Optional[str] = typer.Option(None, help="Abstain beyond this centroid distance, or 'auto'."),
-    no_abstain: bool = typer.Option(False, "--no-abstain", help="DLP: route even where the stored out-of-library "
-                                                               "test would send the prompt to the base model."),
+    no_abstain: bool = NO_ABSTAIN,
     model: str = typer.Option(DEFAULT_MODEL, help="Base model (only read for a base-encoder router)."),
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -216,7 +215,10 @@ def route(
                       min_confidence=min_confidence, max_distance=max_distance, temperature=temperature,
                       candidates=candidates, mask=_names(mask), where=(device, dtype),
                       abstain=False if no_abstain else None, gks=gks, general=general)
-    routing = rt.route([prompt])[0]
+    from ..routers.abstention import gated
+
+    (routing,) = gated(in_front(lib, rt, no_abstain), [prompt], rt.kind)
+    routing = routing or rt.route([prompt])[0]
     if plot:
         from ..routers.plot import plot_layer_weights
 
@@ -234,6 +236,16 @@ def route(
     else:
         mix = ",".join(f"{a}={w:.4f}" for a, w in zip(routing.adapters, routing.weights))
         typer.echo(f"mixture: {mix}  ({routing.reason})")
+
+
+def in_front(lib, rt, no_abstain: bool, base=None):
+    """The out-of-library test in front of an in-forward router (routers/abstention.py): the
+    library's stored DLP router when it carries one, unless --no-abstain; none for DLP itself."""
+    from ..routers.abstention import stored_gate
+
+    if no_abstain or getattr(rt, "granularity", "sequence") == "sequence":
+        return None
+    return stored_gate(lib, base=base if base is not None else getattr(getattr(rt, "fused", None), "base", None))
 
 
 def _names(text: str | None) -> list[str] | None:
