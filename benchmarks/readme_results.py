@@ -176,8 +176,14 @@ def routing_real(d: dict) -> list[tuple[str, str]]:
         *([(f"Arrow's own out-of-library score (a token's best cosine to a prototype), "
             f"{d['in_forward_routers']['n_in_library']} in-library vs "
             f"{d['in_forward_routers']['n_out_of_library']} unseen test prompts",
-            f"AUROC {d['in_forward_routers']['arrow']['auroc']:.3f}: too weak to abstain on, so Arrow does not "
-            f"(docs/routing.md)")] if "auroc" in d.get("in_forward_routers", {}).get("arrow", {}) else []),
+            f"AUROC {d['in_forward_routers']['arrow']['auroc']:.3f}: too weak to abstain on, so Arrow and MoLE "
+            f"abstain by the DLP router's test in front of them (docs/routing.md)")]
+          if "auroc" in d.get("in_forward_routers", {}).get("arrow", {}) else []),
+        *([(f"DLP's out-of-library test in front of Arrow / the routed MoLE gates, 14 test sets mixed "
+            f"({behind['limit_per_task']} prompts each)",
+            f"composite cost {behind['arrow']['drop_points']:.2f} / {behind['mole_routed']['drop_points']:.2f} points "
+            f"({behind['arrow']['abstained_in_library']} / {behind['mole_routed']['abstained_in_library']} prompts "
+            f"sent to the base model)")] if (behind := d.get("in_forward_routers", {}).get("behind_dlp_test")) else []),
         (f"a 15th adapter added and the DLP head retrained from cached embeddings "
          f"({'the trained library' if d['library'] == 'given' else d['library']})",
          f"{d['growth_seconds']:.1f} s, {g['prompts_encoded']:,} of {g['prompts_in_training']:,} prompts encoded "
@@ -187,8 +193,26 @@ def routing_real(d: dict) -> list[tuple[str, str]]:
     ]
 
 
+def unseen(d: dict) -> list[tuple[str, str]]:
+    vs = d.get("versus", {}).get("minus_base", {})
+    if not vs:
+        return []
+    n = sum(d["n_per_task"].values())
+    ranked = sorted(vs, key=lambda k: -vs[k]["difference"])
+    goals = d["versus"].get("goals", {})
+    half = [(v["high"] - v["low"]) / 2 for v in vs.values()]
+    return [(f"the 14-task library zero-shot on {len(d['n_per_task'])} BIG-bench tasks outside it ({n} prompts), "
+             f"points against base ({d['average']['base']:.3f}); the 95% paired bootstrap intervals are "
+             f"±{min(half):.1f} to ±{max(half):.1f} points wide",
+             ", ".join(f"{k} {vs[k]['difference']:+.2f}" for k in ranked)
+             + (f"; routers below base − 0.5: {', '.join(goals['routers_below_base_minus_0.5'])}"
+                if goals.get("routers_below_base_minus_0.5") else "")
+             + (f" (not scored: {', '.join(d['not_scored'])})" if d.get("not_scored") else ""))]
+
+
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
-           ("router_dlp.json", router_dlp), ("routing_real.json", routing_real), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
+           ("router_dlp.json", router_dlp), ("routing_real.json", routing_real),
+           ("unseen_all_prompts.json", unseen), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 

@@ -19,6 +19,10 @@ and while the library grows. Writes benchmarks/results/routing_real.json.
   analogous out-of-library score of the in-forward routers, and its AUROC on the same prompts:
   Arrow's mean over tokens and modules of the best |cos(h, prototype)|, MoLE's mean over units of
   the largest gate weight (low = no adapter fits).
+- in_forward_routers.behind_dlp_test (with --only behind_test): what the DLP router's out-of-library test costs
+  Arrow and the routed MoLE gates (mole_layer_routed) in front of them (routers/abstention.py):
+  the in-library composite with the test on (arrow_abstain, mole_abstain) and off, and how many
+  in-library prompts it sent to the base model. What it gains outside the library is unseen.py's.
 - growth_seconds: adding a 15th adapter to the library and retraining the router's head from
   cached embeddings (warm-started), then loading the new router beside the running one.
 
@@ -75,14 +79,15 @@ def main() -> None:
     ap.add_argument("--limit-per-task", type=int, default=40, help="with --library: composite prompts per task, "
                                                                     "and prompts per task for Arrow/MoLE scores")
     ap.add_argument("--output", default=str(RESULTS / "routing_real.json"))
-    ap.add_argument("--only", choices=("in_forward",), default=None,
+    ap.add_argument("--only", choices=("in_forward", "behind_test"), default=None,
                     help="in_forward: (re)measure only the Arrow/MoLE section (needs --library) and keep the rest "
-                         "of --output as it is; the routers measured record this command and date")
+                         "of --output as it is; the routers measured record this command and date. behind_test: only "
+                         "the composite cost of the DLP test in front of Arrow and MoLE, likewise")
     ap.add_argument("--routers", default="arrow,mole", help="with --only in_forward: which of arrow,mole to measure "
                                                            "(the others keep their rows)")
     args = ap.parse_args()
     if args.only and not args.library:
-        ap.error("--only in_forward needs --library (a trained library with gates)")
+        ap.error(f"--only {args.only} needs --library (a trained library with gates)")
 
     from loramux._home import loramux_home
 
@@ -95,13 +100,17 @@ def main() -> None:
     train, test = load_tasks(args.data_dir, names, "train"), load_tasks(args.data_dir, names, "test")
     unseen = load_tasks(str(unseen_dir), list(UNSEEN), "test")
     base = load_base()
-    if args.only == "in_forward":  # read-only on the library: no copy needed
-        wanted = tuple(r for r in args.routers.split(",") if r)
-        section = in_forward_scores(Library(Path(args.library)), base, test, unseen, args.limit_per_task, wanted)
+    if args.only:  # read-only on the library: no copy needed
         stamp = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
         kept = result.get("in_forward_routers", {})
-        result["in_forward_routers"] = {**kept, **section, **{r: {**section[r], **stamp} for r in wanted}}
+        if args.only == "behind_test":
+            section = behind_test_drop(Library(Path(args.library)), base, test, args.limit_per_task)
+            result["in_forward_routers"] = {**kept, "behind_dlp_test": {**section, **stamp, "machine": machine()}}
+        else:
+            wanted = tuple(r for r in args.routers.split(",") if r)
+            section = in_forward_scores(Library(Path(args.library)), base, test, unseen, args.limit_per_task, wanted)
+            result["in_forward_routers"] = {**kept, **section, **{r: {**section[r], **stamp} for r in wanted}}
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
         log(f"wrote the in_forward_routers section of {args.output}")
         return
@@ -244,6 +253,33 @@ def measured_drop(lib: Library, base, test, limit: int) -> dict:
             "how_measured": f"harness composite ({limit} seeded test prompts per task, the library's trained "
                             f"adapters): the same router with abstention on (dlp) and off (dlp_open); "
                             f"measured = off - on, in points"}
+
+
+def behind_test_drop(lib: Library, base, test, limit: int) -> dict:
+    """The in-library composite of Arrow and of the routed MoLE gates with the library's DLP
+    out-of-library test in front of them, and without."""
+    from loramux._home import prediction_cache_path
+    from loramux.evaluation.harness import EvalConfig, evaluate
+    from loramux.fusion import FusedModel
+
+    pairs = {"arrow": ("arrow", "arrow_abstain"),
+             "mole_routed": ("mole:mole_layer_routed", "mole_abstain:mole_layer_routed")}
+    fused = FusedModel(base)
+    r = evaluate(fused, lib, test, EvalConfig(("base", *(s for pair in pairs.values() for s in pair)), limit, 0,
+                                              cache_dir=str(prediction_cache_path())), log=log)
+    fused.unfuse()
+    avg = {s: v["average"] for s, v in r["strategies"].items()}
+    out: dict = {"composite_base": avg["base"], "limit_per_task": limit,
+                 "how": f"harness composite ({limit} seeded test prompts per task, the library's trained adapters "
+                        f"and gates): each in-forward router with the stored DLP out-of-library test in front "
+                        f"(prompts it rejects go to the base model) and without; drop_points = off - on"}
+    for name, (off, on) in pairs.items():
+        out[name] = {"composite_test_off": avg[off], "composite_test_on": avg[on],
+                     "drop_points": round(100 * (avg[off] - avg[on]), 2),
+                     "abstained_in_library": r["abstained"][on],
+                     "per_task_off": r["strategies"][off]["per_task"], "per_task_on": r["strategies"][on]["per_task"]}
+        log(f"{name}: {out[name]['composite_test_off']} -> {out[name]['composite_test_on']}")
+    return out
 
 
 def _sample(tasks, limit: int) -> tuple[list[str], list[int]]:

@@ -137,9 +137,11 @@ def main() -> None:
         result["versus"] = versus(result)
         result["library_sha"][s] = library_sha(side) if where != "lib" else library_sha(lib)
         result.setdefault("commands", {})[s] = "python " + " ".join(sys.argv)  # rows span runs
-        if "routing" in r:
+        if harness in r.get("routing", {}):
             result.setdefault("routing", {})[s] = {"abstained": r["routing"][harness].get("abstained"),
                                                    "mean_adapters": r["routing"][harness].get("mean_adapters")}
+        elif harness in r.get("abstained", {}):  # an in-forward router behind the out-of-library test
+            result.setdefault("routing", {})[s] = {"abstained": r["abstained"][harness], "mean_adapters": None}
         result.update(metric=row["metric"], n_per_task=r["n_per_task"], command="python " + " ".join(sys.argv),
                       date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                       missing=[x for x in wanted if x not in result["average"]],

@@ -1,12 +1,15 @@
 """Arrow and MoLE through the server behind the library's DLP out-of-library test: a prompt the
 test rejects is served by the base model and says so; `loramux.abstain: false` turns it off."""
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
 from loramux.data import load_tasks
 from loramux.engine import Engine
 from loramux.models import load_base
+from loramux.routers.gating import MoleTrainConfig, train_mole
 from loramux.routers.sentence import DlpTrainConfig, train_dlp
 from loramux.server import ServerConfig, create_app
 
@@ -30,6 +33,8 @@ def gated_server(tiny_model_dir, task_lib, task_dir, bert_dir):
     engine = Engine(load_base(str(tiny_model_dir)), task_lib)
     for n in task_lib.names():
         engine.load(n)
+    train_mole(engine.fused, load_tasks(task_dir, split="train"), MoleTrainConfig(steps=2, batch_size=4),
+               progress=False, log=lambda s: None).save(task_lib)
     inside = next(p for p in task_prompts("colors", 10, offset=1) if not router.out_of_library([p])[0])
     with TestClient(create_app(engine, task_lib, ServerConfig())) as c:
         yield c, inside
@@ -72,3 +77,20 @@ def test_route_preview_and_scoring_behind_the_test(gated_server):
     assert gated["choices"][0]["logprobs"] == base["choices"][0]["logprobs"]  # the base model scored it
     assert gated["loramux"]["abstained"] is True
 
+
+
+def test_mole_and_streaming_behind_the_test(gated_server):
+    c, inside = gated_server
+    base = c.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": OUTSIDE[2]}],
+                                                "max_tokens": 4, "temperature": 0}).json()
+    with c.stream("POST", "/v1/chat/completions", json={"model": "mole", "stream": True, "max_tokens": 4,
+                                                        "temperature": 0, "messages": [{"role": "user",
+                                                                                        "content": OUTSIDE[2]}]}) as s:
+        chunks = [json.loads(ln[6:]) for ln in s.iter_lines() if ln and ln != "data: [DONE]"]
+    assert chunks[0]["loramux"]["router"] == "mole" and chunks[0]["loramux"]["abstained"] is True
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    assert text == base["choices"][0]["message"]["content"]  # the base model answered it
+    r = c.post("/v1/chat/completions", json={"model": "mole", "max_tokens": 3, "n": 2, "temperature": 0,
+                                             "messages": [{"role": "user", "content": inside}]})
+    assert r.status_code == 200 and r.json()["loramux"]["router"] == "mole"
+    assert not r.json()["loramux"].get("abstained") and len(r.json()["choices"]) == 2

@@ -65,20 +65,20 @@ def generate(
     request = GenerationRequest(prompt, mixture, sampling)
     rt = None
     if router:
-        from ..routers.abstention import gated
+        from ..routers.abstention import in_forward, screen
         from .router import build_router, in_front
 
         rt = build_router(lib, router, model=model, base=base, fused=engine.fused,
                           mask=[m.strip() for m in mask.split(",") if m.strip()] if mask else None,
                           abstain=False if no_abstain else None)
-        (abstained,) = gated(in_front(lib, rt, no_abstain, base), [prompt], rt.kind)
+        (abstained,) = screen(in_front(lib, rt, no_abstain, base), [prompt], rt)
         if abstained is not None:  # the out-of-library test in front of Arrow / MoLE
-            typer.echo(f"[{router}] abstained ({abstained.reason}): base model", err=True)
+            typer.echo(f"[{router}] abstained: {abstained.reason} -> base model", err=True)
             request, rt = dataclasses.replace(request, routing=abstained), None
-        elif getattr(rt, "granularity", "sequence") == "sequence":
+        elif not in_forward(rt):
             request = engine.route([request], rt)[0]
             r = request.routing
-            chosen = (f"abstained ({r.reason}): base model" if r.abstained else
+            chosen = (f"abstained: {r.reason} -> base model" if r.abstained else
                       ", ".join(f"{a}={w:.3f}" for a, w in zip(r.adapters, r.weights)))
             typer.echo(f"[{router}] {chosen}", err=True)
             rt = None

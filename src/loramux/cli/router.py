@@ -208,6 +208,7 @@ def route(
     as_json: bool = typer.Option(False, "--json", help="Print the routing as JSON."),
 ) -> None:
     """Show the router's ranking of the library's adapters and the mixture it chooses."""
+    from ..routers.abstention import screen
     from .common import open_library
 
     lib = open_library(library)
@@ -215,11 +216,11 @@ def route(
                       min_confidence=min_confidence, max_distance=max_distance, temperature=temperature,
                       candidates=candidates, mask=_names(mask), where=(device, dtype),
                       abstain=False if no_abstain else None, gks=gks, general=general)
-    from ..routers.abstention import gated
-
-    (routing,) = gated(in_front(lib, rt, no_abstain), [prompt], rt.kind)
+    (routing,) = screen(in_front(lib, rt, no_abstain), [prompt], rt)
     routing = routing or rt.route([prompt])[0]
-    if plot:
+    if plot and routing.abstained:
+        typer.echo("no plot: the prompt goes to the base model, no adapter has weights", err=True)
+    elif plot:
         from ..routers.plot import plot_layer_weights
 
         typer.echo(f"wrote {plot_layer_weights(routing, plot)}", err=True)
@@ -240,12 +241,19 @@ def route(
 
 def in_front(lib, rt, no_abstain: bool, base=None):
     """The out-of-library test in front of an in-forward router (routers/abstention.py): the
-    library's stored DLP router when it carries one, unless --no-abstain; none for DLP itself."""
-    from ..routers.abstention import stored_gate
+    library's stored DLP router when it carries one, unless --no-abstain; none for DLP itself. A
+    stored router that cannot be used (e.g. trained before an adapter was added) is skipped with a
+    warning, as the server skips it."""
+    from ..errors import LoramuxError
+    from ..routers.abstention import in_forward, stored_test
 
-    if no_abstain or getattr(rt, "granularity", "sequence") == "sequence":
+    if no_abstain or not in_forward(rt):
         return None
-    return stored_gate(lib, base=base if base is not None else getattr(getattr(rt, "fused", None), "base", None))
+    try:
+        return stored_test(lib, base=base if base is not None else rt.fused.base)
+    except LoramuxError as e:
+        typer.echo(f"warning: no out-of-library test in front of {rt.kind}: {e}", err=True)
+        return None
 
 
 def _names(text: str | None) -> list[str] | None:

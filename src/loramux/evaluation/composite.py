@@ -198,7 +198,7 @@ def _code_digest() -> str:
         files = [root / "padding.py", root / "training" / "batching.py", root / "routers" / "layerwise.py",
                  *(root / "evaluation" / f for f in ("composite.py", "metrics.py", "scoring.py")),
                  *(f for d in ("data", "fusion", "engine", "routers/arrow", "routers/gating")
-                   for f in sorted((root / d).glob("*.py")) if f.name != "train.py")]
+                   for f in sorted((root / d).glob("*.py")) if f != root / "routers" / "gating" / "train.py")]
         h = hashlib.sha256(f"{torch.__version__}|{transformers.__version__}".encode())
         for f in files:
             h.update(f.read_bytes())

@@ -81,6 +81,8 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
     by_name = {t.name: t for t in tasks}
     adapters = list(fused.adapters)
     plans: dict[str, dict] = {}
+    in_forward: dict = {}  # (kind, stored name) -> router, and "dlp" -> the out-of-library test
+    abstained: dict[str, int] = {}  # strategies behind the out-of-library test: prompts sent to the base model
     for s in config.strategies:
         if s == "base":
             plans[s] = {k: None for k in pool}
@@ -90,22 +92,26 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
             plans[s] = {k: {a: 1.0 / len(adapters) for a in adapters} for k in pool}
         elif s.startswith(("arrow", "mole")):
             from ..routers import load_router
-            from ..routers.abstention import gated, stored_gate
+            from ..routers.abstention import applies, screen, stored_test
 
             kind, _, stored = s.partition(":")
-            if kind.startswith("arrow"):
-                router = load_router(library, "arrow", fused=fused, gks=kind.startswith("arrow_gks"))
-            else:
-                router = load_router(library, "mole", fused=fused, **({"name": stored} if stored else {}))
-            gate = None
+            key = (kind.removesuffix("_abstain"), stored)  # one router object per kind: its predictions are reused
+            if key not in in_forward:
+                in_forward[key] = (load_router(library, "arrow", fused=fused, gks=kind.startswith("arrow_gks"))
+                                   if kind.startswith("arrow") else
+                                   load_router(library, "mole", fused=fused, **({"name": stored} if stored else {})))
+            router, test = in_forward[key], None
             if kind.endswith("_abstain"):
-                gate = stored_gate(library, base=fused.base)
-                if gate is None:
+                if "dlp" not in in_forward:
+                    in_forward["dlp"] = stored_test(library, base=fused.base)
+                test = in_forward["dlp"]
+                if not applies(test, router):
                     raise LoramuxError(f"strategy {s!r} needs the library's DLP router stored with an "
-                                       f"out-of-library test (`loramux router train`)")
-            keys = list(pool)
-            abstained = gated(gate, [by_name[n].examples[i].prompt for n, i in keys], router.kind)
-            plans[s] = {k: None if a is not None else router for k, a in zip(keys, abstained)}
+                                       f"out-of-library test, for the same adapters (`loramux router train`)")
+            routings = screen(test, [by_name[n].examples[i].prompt for n, i in pool], router)
+            plans[s] = {k: None if r is not None else router for k, r in zip(pool, routings)}
+            if test is not None:
+                abstained[s] = sum(r is not None for r in routings)
         else:  # dlp, dlp_p<P>: each prompt routed on its own, in the shuffled pool's order
             from ..routers import load_router
 
@@ -122,9 +128,8 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
     routed = {s: plan for s, plan in plans.items() if s.startswith("dlp")}
     if routed:
         result["routing"] = {s: routing_confusion(plan, owner, adapters) for s, plan in routed.items()}
-    for s, plan in plans.items():  # an in-forward router behind the out-of-library test: how often it fired
-        if s.partition(":")[0].endswith("_abstain"):
-            result.setdefault("routing", {})[s] = {"abstained": sum(1 for v in plan.values() if v is None)}
+    if abstained:  # not in "routing": these routers have no per-prompt confusion matrix
+        result["abstained"] = abstained
     for s, plan in plans.items():
         started = time.perf_counter()
         per_task, metric, correct = {}, {}, {}

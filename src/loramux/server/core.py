@@ -9,6 +9,7 @@ second thread using the model would race with the running batch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -18,8 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..engine import GenerationRequest, SamplingParams
 from ..engine.scheduler import QueueFull, Scheduler, SchedulerStopped
 from ..errors import LoramuxError
-from ..routers.abstention import gated
+from ..routers.abstention import in_forward, screen
 from .metrics import ServerMetrics
+
+log = logging.getLogger("loramux.server")
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -194,14 +197,19 @@ class Server:
         self.config.routers[name] = router
         return router
 
-    def gate(self):
-        """The out-of-library test in front of the in-forward routers (routers/abstention.py): the
-        library's stored DLP router, when it carries one (call on the model's thread)."""
+    def out_of_library_test(self):
+        """The test in front of the in-forward routers (routers/abstention.py): the library's stored
+        DLP router, when it carries one (call on the model's thread). A stored version that fails
+        to load is not retried on every request; the in-forward routers then serve every prompt."""
         if self.library is None or self.library.routers().get("dlp", {}).get("kind") != "dlp":
+            return None
+        if self._stored_entry("dlp") in self._unloadable and "dlp" not in self.config.routers:
             return None
         try:
             router = self.router("dlp")
-        except ApiError:  # e.g. stored for another set of adapters: the in-forward router still serves
+        except Exception as e:  # unreadable, or stored for other adapters than the library's now
+            log.warning("the stored dlp router cannot screen arrow/mole requests: %s", e)
+            self._unloadable.add(self._stored_entry("dlp"))
             return None
         return router if router.abstain is not None else None
 
@@ -277,12 +285,13 @@ class Server:
 
         def route() -> Plan:
             router = self.router(model)
-            if getattr(router, "granularity", "sequence") != "sequence":
+            if in_forward(router):
                 abstain = options.pop("abstain", True)
                 if options:
                     raise ApiError(400, f"router options {sorted(options)} apply to dlp; {model} was configured "
-                                        f"at start (it takes `abstain` alone)", "loramux")
-                return Plan([None] * n, gated(self.gate() if abstain else None, route_texts, router.kind), router)
+                                        f"at start (it takes `abstain` alone)", f"loramux.{sorted(options)[0]}")
+                return Plan([None] * n, screen(self.out_of_library_test() if abstain else None, route_texts, router),
+                            router)
             try:
                 routings = router.route(route_texts, **options)
             except (LoramuxError, TypeError) as e:

@@ -3,7 +3,7 @@
 
 from fastapi.responses import HTMLResponse
 
-from ..routers.abstention import gated
+from ..routers.abstention import in_forward, screen
 from .core import Server
 from .protocol import ERRORS, RoutePreviewRequest, RoutingPreview
 
@@ -84,11 +84,11 @@ def add_web_routes(app, server: Server) -> None:
         """What a router would choose for a prompt, and why, without generating."""
         def route():
             router = server.router(body.model)
-            if getattr(router, "granularity", "sequence") != "sequence":  # the test in front of the gates
-                (abstained,) = gated(server.gate(), [body.prompt], router.kind)
+            if in_forward(router):  # the out-of-library test in front of Arrow / MoLE
+                (abstained,) = screen(server.out_of_library_test(), [body.prompt], router)
                 if abstained is not None:
                     return abstained.to_dict()
             return router.route([body.prompt])[0].to_dict()
 
-        in_forward = body.model.partition(":")[0] in ("arrow", "mole")  # their gates hold per-batch state
-        return await server.on_model_thread(route, exclusive=in_forward)
+        exclusive = body.model.partition(":")[0] in ("arrow", "mole")  # their gates hold per-batch state
+        return await server.on_model_thread(route, exclusive=exclusive)

@@ -186,8 +186,10 @@ class DlpRouter:
         (always "" for a router stored without a test). Routers that cannot tell for themselves use
         it in front of their own choice (routers/abstention.py)."""
         logits, _ = self.logits(prompts)
-        firsts = logits.argmax(dim=-1).tolist()
-        return [self._out_of_library(float(e), self.adapters[i]) for e, i in zip(energy(logits), firsts)]
+        out = []
+        for p, e in zip(torch.softmax(logits, dim=-1).tolist(), energy(logits).tolist()):
+            out.append(self._out_of_library(e, self.adapters[p.index(max(p))]))  # first as decide() ranks it
+        return out
 
     # ------------------------------------------------------------------ storage
     def save(self, library: "Library", name: str = KIND) -> Path:
