@@ -47,8 +47,9 @@ def test_arrow_abstains_where_no_adapter_fits(gated_server):
     r = c.post("/v1/completions", json={"model": "arrow", "prompt": [outside, inside], "max_tokens": 4,
                                         "temperature": 0, "loramux": {"explain": True}})
     assert r.status_code == 200, r.text
-    (out, served), echo = r.json()["choices"], r.json()["loramux"]  # the echo is the first prompt's
-    assert out["text"] == base.json()["choices"][0]["text"]
+    (out, served), echo = r.json()["choices"], r.json()["loramux"]  # the response's echo is the first prompt's
+    assert out["text"] == base.json()["choices"][0]["text"] and out["loramux"] == echo
+    assert served["loramux"]["router"] == "arrow" and not served["loramux"].get("abstained")  # each its own
     assert echo["router"] == "arrow" and echo["abstained"] is True and echo["mixture"] is None
     assert "no adapter fits" in echo["reason"] and "in front of arrow" in echo["reason"]
     r = c.post("/v1/completions", json={"model": "arrow", "prompt": inside, "max_tokens": 4, "temperature": 0,

@@ -125,8 +125,12 @@ def add_openai_routes(app, server: Server) -> None:
                 for ch in choices:
                     ch.future.cancel()  # no-op once done; frees the rows if the client left or one failed
             by_index = {ch.index: r for ch, r in zip(choices, results)}
+            answers = [finish(ch, by_index[ch.index]) for ch in choices]
+            if len({ch.prompt for ch in choices}) > 1:  # several prompts: each choice says how its prompt was routed
+                for ch, answer in zip(choices, answers):
+                    answer["loramux"] = echo_of(ch, by_index[ch.index])
             return {"id": rid, "created": int(time.time()), "model": body.model,
-                    "choices": [finish(ch, by_index[ch.index]) for ch in choices],
+                    "choices": answers,
                     "usage": usage(choices, by_index), "loramux": echo_of(choices[0], results[0])}
 
         created = int(time.time())

@@ -259,6 +259,7 @@ class CompletionLogprobs(BaseModel):
 class _Choice(BaseModel):
     index: int  # prompt k's j-th sample is choice k * n + j
     finish_reason: Literal["stop", "length"] | None = None
+    loramux: RoutingEcho | None = None  # with several prompts: this choice's own routing (the response's is the first's)
 
 
 class CompletionChoice(_Choice):
