@@ -39,6 +39,7 @@ from composite import (RESULTS, common_args, ensure_dlp, ensure_library, ensure_
 from routing_real import UNSEEN
 
 from loramux import Library, LoraTrainConfig, load_base, load_tasks
+from loramux._atomic import atomic_write_bytes
 from loramux.bench.machine import machine
 from loramux.data.fetch import fetch_bigbench
 from loramux.evaluation.harness import EvalConfig, evaluate
@@ -147,9 +148,27 @@ def main() -> None:
                       missing=[x for x in wanted if x not in result["average"]],
                       not_scored=[x for x in STRATEGIES if x not in result["average"]])
         log(f"{s}: average {row['average']:.4f}")
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        save(out, result, wanted)
     result["wall_seconds_last_run"] = round(time.perf_counter() - started, 1)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    save(out, result, wanted)
+
+
+ROW_KEYS = ("per_task", "average", "correct", "library_sha", "commands", "routing", "mole_training")
+
+
+def save(out: Path, result: dict, wanted: list[str]) -> None:
+    """Write the file, keeping the rows another run of the same recipe wrote since this one read it
+    (two runs scoring different rows at once would otherwise each drop the other's)."""
+    disk = json.loads(out.read_text()) if out.is_file() else {}
+    if disk.get("recipe") == result["recipe"]:
+        for s in set(disk.get("average", {})) - set(result["average"]):
+            for key in ROW_KEYS:
+                if s in disk.get(key, {}):
+                    result.setdefault(key, {})[s] = disk[key][s]
+        result["versus"] = versus(result)
+        result["missing"] = [x for x in wanted if x not in result["average"]]
+        result["not_scored"] = [x for x in STRATEGIES if x not in result["average"]]
+    atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
 
 
 ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed",
