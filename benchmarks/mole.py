@@ -8,7 +8,7 @@ mole_block, mole_layer_no_balance, mole_layer_pooled, mole_layer_routed).
 
     python benchmarks/mole.py --data-dir ../shared/data/bigbench [--limit-per-task 40] [--mole-steps 400]
         [--profile-per-task 8] [--gates mole_layer,mole_block,mole_layer_no_balance,mole_layer_pooled,
-        mole_layer_routed] [--mask-gates mole_layer]
+        mole_layer_routed] [--mask-gates mole_layer] [--calibrate-sharpen 1,1.5,2,3,4]
 
 Writes benchmarks/results/mole.json (or --output), <output stem>_curves.png and
 <output stem>_gates_<name>.png.
@@ -43,6 +43,9 @@ def main() -> None:
                     "set takes up to ~90 min on 2 cores")
     ap.add_argument("--mask-gates", default=None, help="the gate set scored with each task's own adapter masked "
                     "(default: the first of --gates)")
+    ap.add_argument("--calibrate-sharpen", default=None, metavar="GRID",
+                    help="e.g. 1,1.5,2,3,4: choose each gate set's inference sharpening on its held-out validation "
+                         "examples (routers/gating/calibrate.py) and store it with the gates before scoring")
     ap.add_argument("--output", default=str(RESULTS / "mole.json"))
     args = ap.parse_args()
     gates = tuple(args.gates.split(","))
@@ -59,12 +62,24 @@ def main() -> None:
     base, lib, tasks = setup(args)
     timings: dict = {}
     ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, gates)
+    if args.calibrate_sharpen:
+        from loramux.routers.gating import calibrate_sharpen
+
+        grid = tuple(float(g) for g in args.calibrate_sharpen.split(","))
+        train_tasks = load_tasks(args.data_dir, tasks, "train")
+        for name in gates:
+            fused = FusedModel(base)
+            router = load_router(lib, "mole", name=name, fused=fused)
+            calibrate_sharpen(router, train_tasks, grid, log=log)
+            router.save(lib, name)
+            fused.unfuse()
     training = {}
     for name in gates:  # training time and curve as recorded when the gates were trained
         info = gate_info(lib, name)
         timings.setdefault(name, info.get("seconds"))
         training[name] = {k: info.get(k) for k in ("train_config", "steps_run", "stopped", "best_step",
-                                                   "best_val_task_loss", "gate_params", "curve")}
+                                                   "best_val_task_loss", "gate_params", "curve", "sharpen",
+                                                   "sharpen_curve", "sharpen_examples")}
     test = load_tasks(args.data_dir, tasks, "test")
     strategies = ("oracle", "uniform", *(f"mole:{m}" for m in gates))
     fused = FusedModel(base)

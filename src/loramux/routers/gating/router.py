@@ -3,6 +3,11 @@
 Hierarchical control at inference: `mask` names adapters to switch off; their logits become
 -inf, so the softmax renormalises the remaining weights without retraining.
 
+`sharpen` multiplies the gate logits before the softmax (1: the trained gates as they are). Gates
+trained with the paper's objective stay soft, spreading weight over adapters that each fit only
+their own task; a factor chosen on the held-out validation examples (calibrate.py), stored with
+the gates, makes the weights more decisive without retraining.
+
 In generation the weights are computed from the prompt at prefill and kept for the tokens that
 follow (a one-token decode step has nothing to pool), row by row as rows finish.
 """
@@ -57,6 +62,9 @@ class MoleRouter(InForwardRouter):
         self._off = torch.tensor([a in set(mask) for a in adapters])
         self._any_off = bool(mask)  # known on the host: no device sync per gate
         self.info = dict(info or {})
+        self.sharpen = float(self.info.get("sharpen", 1.0))  # gate logits x this before the softmax
+        if not self.sharpen > 0:
+            raise LoramuxError(f"sharpen must be > 0; got {self.sharpen!r}")
         self.cache_key: str | None = None  # set when loaded from stored weights: what they are, and the mask
         self.collected: list[torch.Tensor] | None = None  # training: every unit's weights, for the balance loss
         self._current: dict[str, torch.Tensor] = {}
@@ -65,6 +73,8 @@ class MoleRouter(InForwardRouter):
     # ------------------------------------------------------------------ the gate
     def weights(self, unit: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         logits = self.gates.logits(unit, x, attention_mask, self.fused.layers[self.gates.anchor[unit]])
+        if self.sharpen != 1.0:
+            logits = logits * self.sharpen
         if self._any_off:
             if self._off.device != logits.device:
                 self._off = self._off.to(logits.device)
@@ -158,5 +168,6 @@ class MoleRouter(InForwardRouter):
         gates.to(next(fused.base.model.parameters()).device)  # beside the hidden states they read
         router = cls(fused, gates.eval(), meta["adapters"], mask=mask, info=meta.get("info"))
         digest = hashlib.sha256((d / WEIGHTS_FILE).read_bytes()).hexdigest()
-        router.cache_key = f"mole|{digest}|{meta['adapters']}|mask={sorted(set(mask))}"
+        router.cache_key = (f"mole|{digest}|{meta['adapters']}|mask={sorted(set(mask))}"
+                            + (f"|sharpen={router.sharpen}" if router.sharpen != 1.0 else ""))
         return router
