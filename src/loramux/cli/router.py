@@ -65,6 +65,9 @@ def train(
                                                        "the paper's gating) or input (the hidden state)."),
     val_per_task: int = typer.Option(_M.val_per_task, help="mole: examples per task held out for the validation "
                                                            "curve (0: none, run every step)."),
+    sharpen_grid: Optional[str] = typer.Option(None, help="mole: after training, choose a factor on the gate "
+                                                          "logits from these (e.g. 1,1.5,2,3,4) by the held-out "
+                                                          "validation loss, stored with the gates."),
     device: str = DEVICE,  # mole: the base model; dlp: the sentence encoder (or the base with --encoder base)
     dtype: str = DTYPE,
 ) -> None:
@@ -91,7 +94,18 @@ def train(
         fused = FusedModel(load_base(model, device=device, dtype=dtype))
         for adapter in lib.names():
             fused.load(lib, adapter)
+        grid = None
+        if sharpen_grid:
+            try:
+                grid = tuple(float(g) for g in sharpen_grid.split(","))
+            except ValueError:
+                raise LoramuxError(f"--sharpen-grid {sharpen_grid!r} must be comma-separated numbers, e.g. "
+                                   f"1,1.5,2,3,4") from None
         router = train_mole(fused, tasks, config, log=typer.echo, owners=task_owners(lib))
+        if grid:
+            from ..routers.gating import calibrate_sharpen
+
+            calibrate_sharpen(router, tasks, grid, log=typer.echo)
     else:
         from ..routers.sentence import DlpConfig, train_dlp
 
