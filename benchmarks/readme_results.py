@@ -119,7 +119,9 @@ def mole(d: dict) -> list[tuple[str, str]]:
              "mole_layer_pooled": "layer, balance pooled over layers (paper)",
              "mole_layer_routed": "layer with the routing term"}
     gates = ", ".join(f"{label} {a[k]:.3f}" for k, label in names.items() if k in a)  # the gate sets this run scored
-    steps = "; ".join(f"{k} {v['steps_run']} steps, stopped on {v['stopped']}" for k, v in d.get("training", {}).items())
+    steps = "; ".join(f"{k} {v['steps_run']} steps, stopped on {v['stopped']}"
+                      + (f", logits x {v['sharpen']:g} chosen on validation" if v.get("sharpen", 1.0) != 1.0 else "")
+                      for k, v in d.get("training", {}).items())
     masked = d.get("masked_gates", "mole_layer")  # files written before --mask-gates masked mole_layer
     cost = f"; gating {_x(d['gate_cost_ratio'])} a fixed mixture" if d.get("gate_cost_ratio") else ""
     return [(f"MoLE gates, 14 test sets mixed ({d['limit_per_task']} prompts each; {steps or str(d['mole_steps']) + ' gate steps'})",
@@ -213,6 +215,7 @@ def unseen(d: dict) -> list[tuple[str, str]]:
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
            ("router_dlp.json", router_dlp), ("routing_real.json", routing_real),
            ("unseen_all_prompts.json", unseen), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
+           ("mole_routed_sharpen.json", mole),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 
