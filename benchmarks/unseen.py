@@ -173,6 +173,9 @@ def save(out: Path, result: dict, wanted: list[str]) -> None:
 
 ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed",
           "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain")
+# what the server runs for each router by default over a library whose DLP router stores a test:
+# DLP abstains by it at any top-p, and it stands in front of Arrow and MoLE (routers/abstention.py)
+AS_SERVED = ("dlp", "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain")
 
 
 def versus(result: dict) -> dict:
@@ -192,6 +195,9 @@ def versus(result: dict) -> dict:
         best = max(routed, key=routed.get) if routed else None
         out["goals"] = {"do_no_harm_min_points": -0.5, "best_routed_min_points": 2.0,
                         "routers_below_base_minus_0.5": sorted(s for s in routed if routed[s] < -0.5),
+                        "as_served_below_base_minus_0.5": sorted(s for s in AS_SERVED
+                                                                 if s in routed and routed[s] < -0.5),
+                        "as_served": [s for s in AS_SERVED if s in routed],
                         "best_routed": best, "best_routed_points": routed.get(best),
                         "how": "point estimates of strategy minus base on the same prompts; each interval in "
                                "minus_base says how much of the difference the prompts resolve"}
