@@ -31,10 +31,15 @@ def test_the_factor_with_the_lowest_validation_loss_is_stored_with_the_gates(tin
     loss, _ = _validation_loss(router, fused, router.layer_mixture(), feats, [-1] * len(val), cfg["batch_size"],
                                next(fused.base.model.parameters()).device)
     assert loss == pytest.approx(losses[router.sharpen], abs=1e-4)
-    router.info["sharpen"] = router.sharpen = 2.0  # stored, read back, part of the prediction cache's key
+    router.sharpen = 2.0  # stored, read back, part of the prediction cache's key
     router.save(lib, "sharp")
     loaded = load_router(lib, "mole", name="sharp", fused=fused)
     assert loaded.sharpen == 2.0 and loaded.info["sharpen_curve"] and loaded.cache_key.endswith("|sharpen=2.0")
+    loaded.sharpen = 1.0  # the key follows a calibration of loaded gates: no stale cached predictions
+    assert "sharpen" not in loaded.cache_key
+    with pytest.raises(LoramuxError, match="the tasks the gates were trained on"):
+        calibrate_sharpen(router, tasks[:2], log=lambda s: None)
+    assert router.sharpen == 2.0
 
 
 def test_sharpen_scales_the_gate_logits(tiny_model_dir, lib, tmp_path):
@@ -50,6 +55,12 @@ def test_sharpen_scales_the_gate_logits(tiny_model_dir, lib, tmp_path):
     logits = torch.log(plain)  # softmax(3 * logits) = softmax(3 * log softmax(logits))
     assert torch.allclose(sharp, torch.softmax(3.0 * logits, dim=-1), atol=1e-5)
     assert bool((sharp.max(-1).values >= plain.max(-1).values - 1e-6).all())  # more decisive
+    masked = router_for(fused, "layer", mask=("b",))
+    masked.sharpen = 3.0
+    w = masked.weights(unit, x, None)
+    assert bool((w[..., 1] == 0).all()) and torch.allclose(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-5)
+    with pytest.raises(LoramuxError, match="finite number > 0"):
+        router.sharpen = 0.0
 
 
 def test_calibration_needs_validation_examples_and_a_positive_grid(tiny_model_dir, lib, tmp_path):

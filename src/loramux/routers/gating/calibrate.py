@@ -35,20 +35,30 @@ def calibrate_sharpen(router: "MoleRouter", tasks: list["Task"], grid: tuple[flo
         raise LoramuxError("these gates were trained without held-out validation examples; nothing to choose on")
     if not grid or any(not g > 0 for g in grid):
         raise LoramuxError(f"the sharpening grid must hold factors > 0; got {list(grid)!r}")
+    trained_on = router.info.get("tasks")
+    if trained_on is not None and sorted(t.name for t in tasks) != sorted(trained_on):
+        raise LoramuxError(f"calibrate on the tasks the gates were trained on, {sorted(trained_on)}: their held-out "
+                           f"examples are the validation set; got {sorted(t.name for t in tasks)}")
     _, val = _split_labelled(tasks, config["val_per_task"], config["seed"])
+    if router.info.get("val_examples") not in (None, len(val)):
+        raise LoramuxError(f"these tasks hold out {len(val)} validation examples; the gates were trained holding "
+                           f"out {router.info['val_examples']} (other task files?)")
     fused = router.fused
     features = LazyFeatures(PromptFormatter(fused.base.tokenizer), [e for e, _ in val], config["max_seq_len"])
     device = next(fused.base.model.parameters()).device
     losses: dict[float, float] = {}
-    for factor in sorted({1.0, *map(float, grid)}):
-        router.sharpen = factor
-        with torch.no_grad():
-            loss, _ = _validation_loss(router, fused, router.layer_mixture(), features, [-1] * len(val),
-                                       config["batch_size"], device)
-        losses[factor] = round(loss, 4)
-        log(f"mole sharpen {factor:g}: validation answer loss {loss:.4f}")
-    best = min(losses, key=lambda f: (losses[f], f != 1.0))
-    router.sharpen = best
-    router.info.update(sharpen=best, sharpen_curve={str(f): v for f, v in losses.items()},
-                       sharpen_examples=len(val))
+    before = router.sharpen
+    try:
+        for factor in sorted({1.0, *map(float, grid)}):
+            router.sharpen = factor
+            with torch.no_grad():
+                loss, _ = _validation_loss(router, fused, router.layer_mixture(), features, [-1] * len(val),
+                                           config["batch_size"], device)
+            losses[factor] = round(loss, 4)
+            log(f"mole sharpen {factor:g}: validation answer loss {loss:.4f}")
+    except BaseException:
+        router.sharpen = before  # a failed calibration leaves the gates as they were
+        raise
+    router.sharpen = min(losses, key=lambda f: (losses[f], f != 1.0))
+    router.info.update(sharpen_curve={str(f): v for f, v in losses.items()}, sharpen_examples=len(val))
     return losses

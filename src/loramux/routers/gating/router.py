@@ -62,13 +62,32 @@ class MoleRouter(InForwardRouter):
         self._off = torch.tensor([a in set(mask) for a in adapters])
         self._any_off = bool(mask)  # known on the host: no device sync per gate
         self.info = dict(info or {})
-        self.sharpen = float(self.info.get("sharpen", 1.0))  # gate logits x this before the softmax
-        if not self.sharpen > 0:
-            raise LoramuxError(f"sharpen must be > 0; got {self.sharpen!r}")
-        self.cache_key: str | None = None  # set when loaded from stored weights: what they are, and the mask
+        self._stored: str | None = None  # set when loaded from stored weights: what they are, and the mask
+        self.sharpen = self.info.get("sharpen", 1.0)
         self.collected: list[torch.Tensor] | None = None  # training: every unit's weights, for the balance loss
         self._current: dict[str, torch.Tensor] = {}
         self._frozen: dict[str, torch.Tensor] | None = None
+
+    @property
+    def sharpen(self) -> float:
+        """Gate logits x this before the softmax; kept in `info`, so saving the gates stores it."""
+        return self._sharpen
+
+    @sharpen.setter
+    def sharpen(self, factor: float) -> None:
+        if isinstance(factor, bool) or not (isinstance(factor, (int, float)) and 0 < factor < float("inf")):
+            raise LoramuxError(f"sharpen must be a finite number > 0; got {factor!r}")
+        self._sharpen = float(factor)
+        if factor != 1.0 or "sharpen" in self.info:
+            self.info["sharpen"] = self._sharpen
+
+    @property
+    def cache_key(self) -> str | None:
+        """What the predictions of these gates depend on, for the prediction cache (None: gates
+        not loaded from storage, which have no identity)."""
+        if self._stored is None:
+            return None
+        return self._stored + (f"|sharpen={self._sharpen}" if self._sharpen != 1.0 else "")
 
     # ------------------------------------------------------------------ the gate
     def weights(self, unit: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -168,6 +187,5 @@ class MoleRouter(InForwardRouter):
         gates.to(next(fused.base.model.parameters()).device)  # beside the hidden states they read
         router = cls(fused, gates.eval(), meta["adapters"], mask=mask, info=meta.get("info"))
         digest = hashlib.sha256((d / WEIGHTS_FILE).read_bytes()).hexdigest()
-        router.cache_key = (f"mole|{digest}|{meta['adapters']}|mask={sorted(set(mask))}"
-                            + (f"|sharpen={router.sharpen}" if router.sharpen != 1.0 else ""))
+        router._stored = f"mole|{digest}|{meta['adapters']}|mask={sorted(set(mask))}"
         return router
