@@ -169,7 +169,7 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
 
         if any(v is not None for v in (top_p, weighting, min_confidence, max_distance)):
             raise LoramuxError("--top-p, --weighting, --min-confidence and --max-distance are DLP options; Arrow "
-                               "takes --top-k, --temperature, --candidates and --no-abstain")
+                               "takes --top-k, --temperature, --candidates, --gks, --general and --no-abstain")
         fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
         general_names = _names(general) or []
         names = _names(candidates) or [n for n in lib.names() if n not in general_names]
@@ -187,7 +187,7 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
 
         if any(v is not None for v in (top_p, top_k, weighting, min_confidence, max_distance, temperature,
                                        candidates)):
-            raise LoramuxError("MoLE's trained gates take only --mask and --no-abstain")
+            raise LoramuxError("MoLE's trained gates take only --name, --mask and --no-abstain")
         fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
         return load_router(lib, "mole", name=name, fused=fused, mask=tuple(mask or ()))
     if temperature is not None or candidates is not None:
