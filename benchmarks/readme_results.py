@@ -209,7 +209,7 @@ def unseen(d: dict) -> list[tuple[str, str]]:
              ", ".join(f"{k} {vs[k]['difference']:+.2f}" for k in ranked)
              + (f"; routers below base − 0.5: {', '.join(goals['routers_below_base_minus_0.5'])}"
                 if goals.get("routers_below_base_minus_0.5") else "")
-             + (f"; as served (the out-of-library test on) below base − 0.5: "
+             + (f"; as served by default (the test on where the library has one) below base − 0.5: "
                 f"{', '.join(goals['as_served_below_base_minus_0.5']) or 'none'}" if "as_served" in goals else "")
              + (f" (not scored: {', '.join(d['not_scored'])})" if d.get("not_scored") else ""))]
 
