@@ -273,11 +273,12 @@ def behind_test_drop(lib: Library, base, test, limit: int) -> dict:
                  "how": f"harness composite ({limit} seeded test prompts per task, the library's trained adapters "
                         f"and gates): each in-forward router with the stored DLP out-of-library test in front "
                         f"(prompts it rejects go to the base model) and without; drop_points = off - on"}
+    from composite import gate_info
+
     for name, (off, on) in pairs.items():
         gates = on.partition(":")[2]
-        sharpen = (json.loads((lib.router_dir(gates) / "router.json").read_text()).get("info", {}).get("sharpen", 1.0)
-                   if gates else None)
-        out[name] = {**({"sharpen": sharpen} if gates else {}),"composite_test_off": avg[off], "composite_test_on": avg[on],
+        sharpen = {"sharpen": gate_info(lib, gates).get("sharpen", 1.0)} if gates else {}
+        out[name] = {**sharpen, "composite_test_off": avg[off], "composite_test_on": avg[on],
                      "drop_points": round(100 * (avg[off] - avg[on]), 2),
                      "abstained_in_library": r["abstained"][on],
                      "per_task_off": r["strategies"][off]["per_task"], "per_task_on": r["strategies"][on]["per_task"]}

@@ -157,8 +157,8 @@ def resharpened(result: dict, s: str, lib: Library) -> bool:
     """Whether row `s` scored MoLE gates whose sharpening was calibrated since (routers/gating/
     calibrate.py re-saves them in place); then its row moves to `superseded` to be scored anew."""
     gates = STRATEGIES[s][0].partition(":")[2]
-    if not gates or s not in result.get("mole_training", {}):
-        return False
+    if not gates or s not in result.get("mole_training", {}) or gates not in lib.routers():
+        return False  # rows are kept across library builds: gates not stored here leave the row as it is
     was = result["mole_training"][s].get("sharpen") or 1.0
     now = gate_info(lib, gates).get("sharpen") or 1.0
     if was == now:
