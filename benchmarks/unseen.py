@@ -21,7 +21,10 @@ the same cache. Strategies:
   balance pooled over gates); mole_routed (layer gates with loramux's routing term); ties; multitask;
   and, behind the library's DLP out-of-library test (a prompt it rejects goes to the base model):
   dlp_soft_abstain (top-p 0.9, the test on: what `top_p: 0.9` serves by default), arrow_abstain,
-  arrow_gks_abstain, mole_routed_abstain.
+  arrow_gks_abstain, mole_routed_abstain; and with the multi-task LoRA as the library's general
+  adapter, serving what they abstain on (`loramux library general`): dlp_general,
+  dlp_soft_abstain_general, arrow_abstain_general, mole_routed_abstain_general. That library
+  (<library>-general) holds the same adapters, DLP router and gates, copied.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from composite import (RESULTS, common_args, ensure_dlp, ensure_library, ensure_
 from routing_real import UNSEEN
 
 from loramux import Library, LoraTrainConfig, load_base, load_tasks
+from loramux.errors import LoramuxError
 from loramux._atomic import atomic_write_bytes
 from loramux.bench.machine import machine
 from loramux.data.fetch import fetch_bigbench
@@ -55,7 +59,12 @@ STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("d
               # the same routers behind the library's DLP out-of-library test (routers/abstention.py)
               "dlp_soft_abstain": ("dlp_p0.9", "lib"), "arrow_abstain": ("arrow_abstain", "lib"),
               "arrow_gks_abstain": ("arrow_gks_abstain", "lib"),
-              "mole_routed_abstain": ("mole_abstain:mole_layer_routed", "lib")}
+              "mole_routed_abstain": ("mole_abstain:mole_layer_routed", "lib"),
+              # the same, over the library with the multi-task LoRA named its general adapter: what a
+              # router abstains on goes to that LoRA instead of the base model (library.py)
+              "dlp_general": ("dlp", "general"), "dlp_soft_abstain_general": ("dlp_p0.9", "general"),
+              "arrow_abstain_general": ("arrow_abstain", "general"),
+              "mole_routed_abstain_general": ("mole_abstain:mole_layer_routed", "general")}
 
 
 def main() -> None:
@@ -104,7 +113,7 @@ def main() -> None:
         if s in result["average"] and not resharpened(result, s, lib):
             continue
         harness, where = STRATEGIES[s]
-        if s.startswith("dlp") or s.endswith("_abstain"):
+        if s.startswith("dlp") or "_abstain" in s:
             ensure_dlp(lib, args.data_dir, timings)
         if s.startswith("mole"):  # these gates only (composite.py's MOLE names them)
             gates = harness.split(":")[1]
@@ -115,6 +124,10 @@ def main() -> None:
                                                          **{k: info.get(k) for k in kept}}
         if where == "lib":
             side = lib
+        elif where == "general":
+            result["multitask_steps_used"] = ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps,
+                                                              tasks=tasks)
+            side = ensure_general(base, lib, work)
         elif where == "mbc":
             from loramux.library.clustering import Clustering
 
@@ -153,6 +166,31 @@ def main() -> None:
     save(out, result, wanted)
 
 
+def ensure_general(base, lib: Library, work: Library) -> Library:
+    """<library>-general: the library's adapters, its DLP router and MoLE gates (copied, so they
+    decide exactly as there) and the multi-task LoRA, named the general adapter. Adapters are
+    copied when missing or changed; the routers every time (they are small)."""
+    import shutil
+
+    side = Library(lib.path.with_name(lib.path.name + "-general"), create=True)
+    wanted = {n: (lib, lib.get(n)) for n in lib.routable()} | {"multitask": (work, work.get("multitask"))}
+    for name, (src, spec) in wanted.items():
+        if name not in side or side.get(name).files != spec.files:
+            side.add(name, src.adapter_dir(name), base=base, tasks=spec.tasks, training=spec.training,
+                     replace=name in side)
+    for name in set(side.names()) - set(wanted):
+        side.remove(name)
+    side.set_general("multitask")
+    for name, entry in lib.routers().items():
+        try:
+            d = lib.router_dir(name)
+        except LoramuxError:  # trained for other adapters: not usable there either
+            continue
+        side.save_router(name, entry["kind"], list(entry["adapters"]),
+                         lambda dest, d=d: [shutil.copy2(f, dest / f.name) for f in d.iterdir()])
+    return side
+
+
 def resharpened(result: dict, s: str, lib: Library) -> bool:
     """Whether row `s` scored MoLE gates whose sharpening was calibrated since (routers/gating/
     calibrate.py re-saves them in place); then its row moves to `superseded` to be scored anew."""
@@ -189,12 +227,15 @@ def save(out: Path, result: dict, wanted: list[str]) -> None:
     atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
 
 
+GENERAL = ("dlp_general", "dlp_soft_abstain_general", "arrow_abstain_general", "mole_routed_abstain_general")
 ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed",
-          "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain")
+          "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", *GENERAL)
 # what the server runs for each router by default over a library whose DLP router stores a test:
-# DLP abstains by it at any top-p, and it stands in front of Arrow and MoLE (routers/abstention.py).
+# DLP abstains by it at any top-p, and it stands in front of Arrow and MoLE (routers/abstention.py);
+# over the library that names a general adapter, the same routers with it serving abstentions.
 # The MBC cluster library stores no DLP router, so Arrow over it is served without the test.
-AS_SERVED = ("dlp", "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", "mbc_arrow")
+AS_SERVED = ("dlp", "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", "mbc_arrow",
+             *GENERAL)
 
 
 def versus(result: dict) -> dict:

@@ -62,6 +62,23 @@ def test_library_commands(capsys, tmp_path, tiny_base, tiny_model_dir):
     assert code == 2 and "is not a loramux library" in err
 
 
+def test_library_general(capsys, tmp_path, tiny_base):
+    lib = Library(tmp_path / "lib", create=True)
+    lib.add("alpha", make_peft_dir(tiny_base, tmp_path / "src"), base=tiny_base, tasks=["t1"])
+    lib.add("all", make_peft_dir(tiny_base, tmp_path / "src2", seed=1), base=tiny_base)
+    where = ("-l", str(lib.path))
+    assert "none: abstained prompts go to the base model" in run(capsys, "library", "general", *where)[1]
+    code, out, _ = run(capsys, "library", "general", "all", *where)
+    assert code == 0 and "general adapter: all" in out and lib.general == "all"
+    assert run(capsys, "library", "general", *where)[1].strip() == "all"
+    assert "all" in run(capsys, "library", "list", *where)[1].split("[general")[0].splitlines()[-1]
+    code, _, err = run(capsys, "library", "general", "nope", *where)
+    assert code == 2 and "no adapter named 'nope'" in err and lib.general == "all"
+    code, _, err = run(capsys, "library", "general", "all", "--unset", *where)
+    assert code == 2 and "not both" in err
+    assert run(capsys, "library", "general", "--unset", *where)[0] == 0 and lib.general is None
+
+
 def test_verify_exits_1_on_problems(capsys, tmp_path, tiny_base):
     lib = Library(tmp_path / "lib", create=True)
     lib.add("alpha", make_peft_dir(tiny_base, tmp_path / "src"), base=tiny_base)

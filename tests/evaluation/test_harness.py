@@ -95,6 +95,27 @@ def test_in_forward_routers_behind_the_out_of_library_test(tiny_model_dir, route
         assert set(s) == set(config.strategies) and "routing" not in result  # no per-prompt router here
 
 
+def test_abstained_prompts_are_scored_with_the_general_adapter(tiny_model_dir, routed_lib, task_dir, tiny_base,
+                                                               tmp_path):
+    from loramux.routers.sentence import Abstain, DlpRouter
+
+    from ..library.conftest import make_peft_dir
+
+    router = DlpRouter.load(routed_lib)
+    routed_lib.add("general", make_peft_dir(tiny_base, tmp_path / "general", seed=5), base=tiny_base)
+    routed_lib.set_general("general")  # the stored routers route between the others: still loadable
+    router.abstain = Abstain("energy", -1e9, 0.95, 1)  # every prompt out of the library
+    router.save(routed_lib)
+    tasks = load_tasks(task_dir, split="test")
+    config = EvalConfig(("uniform", "dlp", "arrow_abstain", "mole_abstain"), limit_per_task=2, seed=1)
+    result = evaluate(FusedModel(load_base(str(tiny_model_dir))), routed_lib, tasks, config, progress=False,
+                      log=lambda s: None)
+    assert result["adapters"] == sorted(WORDS)  # the uniform mix and the confusion matrix leave it out
+    assert result["routing"]["dlp"]["abstained"] == 6 and result["abstained"] == {"arrow_abstain": 6, "mole_abstain": 6}
+    c = result["correct"]
+    assert c["arrow_abstain"] == c["mole_abstain"] == c["dlp"]  # every prompt served by the general adapter
+
+
 def test_bad_strategies():
     with pytest.raises(LoramuxError, match="unknown strategy 'best'"):
         EvalConfig(("best",))

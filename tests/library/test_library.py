@@ -270,3 +270,29 @@ def test_replaced_dirs_are_renamed_away_before_they_are_deleted(tiny_base, peft_
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     lib.add("alpha", make_peft_dir(tiny_base, tmp_path / "other", seed=3), base=tiny_base, replace=True)
     assert deleted == [f".deleting-{first.dir}"]
+
+
+def test_the_general_adapter_is_stored_never_routed_and_dropped_with_its_adapter(tiny_base, peft_dir, tmp_path):
+    lib = Library(tmp_path / "lib", create=True)
+    for n, seed in (("a", 0), ("b", 1), ("all", 2)):
+        lib.add(n, make_peft_dir(tiny_base, tmp_path / n, seed=seed), base=tiny_base, tasks=[n] if n != "all" else [])
+    assert lib.general is None and lib.routable() == lib.names() == ["a", "all", "b"]
+    with pytest.raises(LoramuxError, match="no adapter named 'none' .* to make general"):
+        lib.set_general("none")
+    lib.save_router("r", "dlp", ["a", "b"], lambda d: (d / "x.json").write_text("{}"))
+    with pytest.raises(LoramuxError, match=r"added \['all'\]"):
+        lib.router_dir("r")
+    lib.set_general("all")
+    assert lib.general == "all" and lib.routable() == ["a", "b"] and lib.names() == ["a", "all", "b"]
+    assert lib.router_dir("r").is_dir()  # a router over the routable adapters: the general one is not "added"
+    lib.add("c", make_peft_dir(tiny_base, tmp_path / "c", seed=3), base=tiny_base, tasks=["c"])
+    lib.save_router("r", "dlp", ["a", "b", "c"], lambda d: (d / "x.json").write_text("{}"))
+    assert Library(lib.path).general == "all"  # kept by every later write, read back by another reader
+    lib.save_router("old", "dlp", ["a", "all", "b", "c"], lambda d: (d / "x.json").write_text("{}"))
+    with pytest.raises(LoramuxError, match="routes to 'all', which the library now names its general adapter"):
+        lib.router_dir("old")
+    lib.remove("all")  # its adapter gone, no general adapter is left named
+    assert lib.general is None and "general" not in json.loads((lib.path / MANIFEST).read_text())
+    lib.set_general("a")
+    lib.set_general(None)
+    assert lib.general is None and lib.routable() == ["a", "b", "c"]

@@ -54,3 +54,23 @@ def test_stored_test_only_with_a_stored_test(task_lib, task_dir, bert_dir):
     test = stored_test(task_lib)
     assert test is not None and test.abstain == router.abstain
     assert test.out_of_library(OUTSIDE) == router.out_of_library(OUTSIDE)
+
+
+def test_abstentions_go_to_the_librarys_general_adapter(task_lib, task_dir, bert_dir, tiny_base, tmp_path):
+    from loramux.routers.sentence import DlpRouter
+
+    from ..library.conftest import make_peft_dir
+
+    train(task_lib, task_dir, bert_dir).save(task_lib)
+    assert stored_test(task_lib).general == ""  # none named: the base model serves abstentions
+    task_lib.add("general", make_peft_dir(tiny_base, tmp_path / "general", seed=9), base=tiny_base)
+    task_lib.set_general("general")
+    test = stored_test(task_lib)  # the router over the other adapters still loads
+    assert test.general == "general" and isinstance(test, DlpRouter)
+    (r,) = screen(test, [OUTSIDE[0]], SimpleNamespace(kind="arrow", candidates=sorted(WORDS)))
+    assert r.abstained and r.mixture == {"general": 1.0} and r.served_by == "general adapter 'general'"
+    assert r.to_dict()["general"] == "general"
+    (d,) = test.route([OUTSIDE[0]])
+    assert d.abstained and d.mixture == {"general": 1.0} and d.general == "general"
+    routed = [x for x in test.route(task_prompts("colors", 6, offset=1)) if not x.abstained]
+    assert routed and all("general" not in x.mixture and "general" not in x.probabilities for x in routed)

@@ -73,12 +73,15 @@ def generate(
                           abstain=False if no_abstain else None)
         (abstained,) = screen(in_front(lib, rt, no_abstain, base), [prompt], rt)
         if abstained is not None:  # the out-of-library test in front of Arrow / MoLE
-            typer.echo(f"[{router}] abstained: {abstained.reason} -> base model", err=True)
+            typer.echo(f"[{router}] abstained: {abstained.reason} -> {abstained.served_by}", err=True)
+            for name in abstained.mixture or {}:  # the library's general adapter
+                if name not in engine.adapters:
+                    engine.load(name)
             request, rt = dataclasses.replace(request, routing=abstained), None
         elif not in_forward(rt):
             request = engine.route([request], rt)[0]
             r = request.routing
-            chosen = (f"abstained: {r.reason} -> base model" if r.abstained else
+            chosen = (f"abstained: {r.reason} -> {r.served_by}" if r.abstained else
                       ", ".join(f"{a}={w:.3f}" for a, w in zip(r.adapters, r.weights)))
             typer.echo(f"[{router}] {chosen}", err=True)
             rt = None

@@ -26,10 +26,32 @@ def list_(library: Optional[str] = LIBRARY) -> None:
     specs = lib.list()
     if not specs:
         typer.echo(f"{lib.path}: empty")
+    general = lib.general
     for s in sorted(specs, key=lambda s: s.name):
         steps = f"{s.training.steps} steps" if s.training else "imported"
         typer.echo(f"{s.name:32s} tasks={','.join(s.tasks) or '-':28s} r={s.rank:<3d} alpha={s.alpha:<5g} "
-                   f"v{s.version} {steps} base={s.base_model} ({s.base_fingerprint})")
+                   f"v{s.version} {steps} base={s.base_model} ({s.base_fingerprint})"
+                   + ("  [general: serves abstained prompts]" if s.name == general else ""))
+
+
+@app.command("general")
+def general(
+    name: Optional[str] = typer.Argument(None, help="The adapter that serves prompts routers abstain on."),
+    unset: bool = typer.Option(False, "--unset", help="Name none: abstained prompts go to the base model."),
+    library: Optional[str] = LIBRARY,
+) -> None:
+    """Show, set or unset the library's general adapter. Routers never route to it; it serves the
+    prompts they abstain on (e.g. a multi-task LoRA) instead of the base model alone."""
+    from ..errors import LoramuxError
+
+    lib = open_library(library)
+    if name is not None and unset:
+        raise LoramuxError("give an adapter name or --unset, not both")
+    if name is None and not unset:
+        typer.echo(lib.general or "none: abstained prompts go to the base model")
+        return
+    lib.set_general(None if unset else name)
+    typer.echo(f"general adapter: {name}" if name else "general adapter unset: abstained prompts go to the base model")
 
 
 @app.command("show")

@@ -80,7 +80,7 @@ def train(
         hint = " (arrow needs no training: use it directly with --router arrow)" if method == "arrow" else ""
         raise LoramuxError(f"cannot train router method {method!r}; trainable: ['dlp', 'mole']{hint}")
     lib = open_library(library)
-    wanted = sorted({t for spec in lib.list() for t in spec.tasks})
+    wanted = sorted({t for spec in lib.list() if spec.name != lib.general for t in spec.tasks})
     tasks = load_tasks(data or default_data_dir(), wanted, "train") if wanted else []
     if method == "mole":
         from ..fusion import FusedModel
@@ -92,7 +92,7 @@ def train(
                                  steps=steps, batch_size=batch_size or _M.batch_size, seed=seed,
                                  val_per_task=val_per_task)
         fused = FusedModel(load_base(model, device=device, dtype=dtype))
-        for adapter in lib.names():
+        for adapter in lib.routable():  # the gates weigh these; the general adapter is never gated
             fused.load(lib, adapter)
         grid = None
         if sharpen_grid:
@@ -127,7 +127,7 @@ def train(
 
             # only for a grown library (the same adapters and more) and the same encoder: any other
             # retrain (new formats, seed, a replaced adapter) starts from scratch with full patience
-            grown = set(stored.get("adapters", ())) < set(lib.names()) and stored.get("encoder") == encoder
+            grown = set(stored.get("adapters", ())) < set(lib.routable()) and stored.get("encoder") == encoder
             if grown:
                 try:  # the stored router, though adapters were added since: its head is a starting point
                     previous = DlpRouter.load(lib, name or method, base=base, device=resolve_device(device),
@@ -172,7 +172,7 @@ def build_router(lib, method: str, *, name: str | None = None, model: str = DEFA
                                "takes --top-k, --temperature, --candidates, --gks, --general and --no-abstain")
         fused = fused or FusedModel(base or load_base(model, device=where[0], dtype=where[1]))
         general_names = _names(general) or []
-        names = _names(candidates) or [n for n in lib.names() if n not in general_names]
+        names = _names(candidates) or [n for n in lib.routable() if n not in general_names]
         for n in [*names, *general_names]:
             if n not in fused.adapters:
                 fused.load(lib, n)
@@ -233,7 +233,7 @@ def route(
     (routing,) = screen(in_front(lib, rt, no_abstain), [prompt], rt)
     routing = routing or rt.route([prompt])[0]
     if plot and routing.abstained:
-        typer.echo("no plot: the prompt goes to the base model, no adapter has weights", err=True)
+        typer.echo(f"no plot: the prompt goes to the {routing.served_by}, no routed adapter has weights", err=True)
     elif plot:
         from ..routers.plot import plot_layer_weights
 
@@ -247,7 +247,7 @@ def route(
     if routing.granularity in ("token", "layer"):
         typer.echo(f"per {routing.granularity}: {routing.reason}")
     elif routing.abstained:
-        typer.echo(f"abstained: {routing.reason} -> base model alone")
+        typer.echo(f"abstained: {routing.reason} -> {routing.served_by}")
     else:
         mix = ",".join(f"{a}={w:.4f}" for a, w in zip(routing.adapters, routing.weights))
         typer.echo(f"mixture: {mix}  ({routing.reason})")

@@ -151,7 +151,8 @@ class Engine:
         routings = router.route([requests[i].prompt for i in todo])
         out = list(requests)
         for i, routing in zip(todo, routings):
-            for name in routing.adapters:  # adapters load on first use when the engine has the library
+            # load on first use, from the library: the chosen adapters, or the general one that serves an abstention
+            for name in dict.fromkeys([*routing.adapters, *(routing.mixture or {})]):
                 if name not in self.fused.adapters and self.library is not None:
                     self.load(name)
             out[i] = dataclasses.replace(requests[i], routing=routing)

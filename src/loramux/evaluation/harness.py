@@ -79,7 +79,8 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
     pool = [(t.name, i) for t in tasks for i in indices[t.name]]
     random.Random(config.seed).shuffle(pool)  # composite: every task's prompts mixed
     by_name = {t.name: t for t in tasks}
-    adapters = list(fused.adapters)
+    general = library.general  # loaded (it serves abstained prompts), never routed to, nor in the uniform mix
+    adapters = [a for a in fused.adapters if a != general]
     plans: dict[str, dict] = {}
     in_forward: dict = {}  # (kind, stored name) -> router, and "dlp" -> the out-of-library test
     abstained: dict[str, int] = {}  # strategies behind the out-of-library test: prompts sent to the base model
@@ -109,7 +110,7 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
                     raise LoramuxError(f"strategy {s!r} needs the library's DLP router stored with an "
                                        f"out-of-library test, for the same adapters (`loramux router train`)")
             routings = screen(test, [by_name[n].examples[i].prompt for n, i in pool], router)
-            plans[s] = {k: None if r is not None else router for k, r in zip(pool, routings)}
+            plans[s] = {k: r.mixture if r is not None else router for k, r in zip(pool, routings)}
             if test is not None:
                 abstained[s] = sum(r is not None for r in routings)
         else:  # dlp, dlp_p<P>: each prompt routed on its own, in the shuffled pool's order
@@ -127,7 +128,7 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
                     "seed": config.seed, "adapters": adapters, "correct": {}}
     routed = {s: plan for s, plan in plans.items() if s.startswith("dlp")}
     if routed:
-        result["routing"] = {s: routing_confusion(plan, owner, adapters) for s, plan in routed.items()}
+        result["routing"] = {s: routing_confusion(plan, owner, adapters, general) for s, plan in routed.items()}
     if abstained:  # not in "routing": these routers have no per-prompt confusion matrix
         result["abstained"] = abstained
     for s, plan in plans.items():
@@ -148,16 +149,21 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
     return result
 
 
-def routing_confusion(plan: dict, owner: dict[str, str], adapters: list[str]) -> dict:
+def routing_confusion(plan: dict, owner: dict[str, str], adapters: list[str], general: str | None = None) -> dict:
     """How a per-prompt router chose: rows are the adapter trained on the prompt's task, columns
     the adapter with the largest weight in its mixture (ties: the first in library order); `abstained`
-    counts the prompts the router sent to the base model alone (not in the matrix)."""
+    counts the prompts the router sent to the base model alone, or to the library's `general`
+    adapter (not in the matrix)."""
     index = {a: i for i, a in enumerate(adapters)}
     counts = [[0] * len(adapters) for _ in adapters]
     sizes, true_weight = [], []
-    abstained = sum(1 for mixture in plan.values() if not mixture)  # any prompt's, in the library's tasks or not
+
+    def abstained_on(mixture) -> bool:
+        return not mixture or (general is not None and set(mixture) == {general})
+
+    abstained = sum(1 for mixture in plan.values() if abstained_on(mixture))  # any prompt's, in the library or not
     for (task, _), mixture in plan.items():
-        if not mixture:
+        if abstained_on(mixture):
             continue
         # how much the top-p cut keeps: adapters per routed mixture, on any prompt (a task outside
         # the library has no right adapter, but its mixtures still cost what they hold)

@@ -110,7 +110,7 @@ def cluster_adapters(library: "Library", config: ClusterConfig, names: list[str]
     from sklearn.cluster import KMeans
     from sklearn.decomposition import TruncatedSVD
 
-    names = sorted(names or library.names())
+    names = sorted(names or library.routable())
     if config.k > len(names):
         raise LoramuxError(f"k={config.k} clusters from {len(names)} adapters; k must be at most the number of adapters")
     X = sparsify(adapter_matrix(library, names), config.sparsity)

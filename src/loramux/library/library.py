@@ -1,7 +1,8 @@
 """The adapter library: a directory with a manifest and one PEFT-format adapter dir per adapter.
 
     <library>/
-      loramux-library.json        manifest: format version + one AdapterSpec per adapter
+      loramux-library.json        manifest: format version + one AdapterSpec per adapter (+ the
+                                  general adapter's name, when one is set)
       adapters/<name>-<id>/       adapter_config.json + adapter_model.safetensors (PEFT format)
       routers/<name>-<id>/        a trained router (safetensors + json), see save_router
       .lock
@@ -12,6 +13,10 @@ and only then deletes what the old manifest referenced. A crash at any moment th
 the previous or the next state, never a half-written one; unreferenced dirs left by a crash are
 reported by `verify` and swept by the next write. A cross-process file lock serialises writers,
 so two processes adding at once both land.
+
+A library may name one of its adapters *general* (`set_general`): no router routes to it (they
+see `routable()`), and it serves the prompts a router abstains on, instead of the base model
+alone (docs/routing.md, section 1). A multi-task LoRA is the natural general adapter.
 """
 
 from __future__ import annotations
@@ -84,15 +89,24 @@ class Library:
         data = json.loads((self.path / MANIFEST).read_text())
         return dict(data.get("routers", {}))
 
-    def _write_manifest(self, adapters: dict[str, AdapterSpec], routers: dict[str, dict] | None = None) -> None:
-        """Commit a new state. `routers=None` keeps the routers the manifest has now."""
+    def _read_general(self) -> str | None:
+        return json.loads((self.path / MANIFEST).read_text()).get("general") or None
+
+    def _write_manifest(self, adapters: dict[str, AdapterSpec], routers: dict[str, dict] | None = None,
+                        general: str | None | bool = True) -> None:
+        """Commit a new state. `routers=None` keeps the routers the manifest has now; `general=True`
+        keeps the general adapter (dropped when its adapter is gone)."""
+        exists = (self.path / MANIFEST).is_file()
         if routers is None:
-            routers = self._read_routers() if (self.path / MANIFEST).is_file() else {}
+            routers = self._read_routers() if exists else {}
+        if general is True:
+            general = self._read_general() if exists else None
         atomic_write_json(self.path / MANIFEST, {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "adapters": {name: spec.to_dict() for name, spec in sorted(adapters.items())},
             "routers": dict(sorted(routers.items())),
+            **({"general": general} if general in adapters else {}),
         })
 
     def _unreferenced(self, adapters: dict[str, AdapterSpec], routers: dict[str, dict]) -> list[Path]:
@@ -117,7 +131,29 @@ class Library:
         return list(self._read_manifest().values())
 
     def names(self) -> list[str]:
+        """Every adapter, the general one included."""
         return sorted(self._read_manifest())
+
+    def routable(self) -> list[str]:
+        """The adapters routers choose between: every adapter but the general one."""
+        general = self.general
+        return [n for n in self.names() if n != general]
+
+    @property
+    def general(self) -> str | None:
+        """The adapter that serves prompts a router abstains on; None: the base model serves them."""
+        general = self._read_general()
+        return general if general in self._read_manifest() else None
+
+    def set_general(self, name: str | None) -> None:
+        """Name the general adapter (None: none; abstained prompts go to the base model). A stored
+        router that routes to it is refused until retrained without it (`router_dir`)."""
+        with self._lock():
+            adapters = self._read_manifest()
+            if name is not None and name not in adapters:
+                raise LoramuxError(f"no adapter named {name!r} in library {str(self.path)!r} to make general; "
+                                   f"it has {sorted(adapters)}")
+            self._write_manifest(adapters, general=name)
 
     def __contains__(self, name: str) -> bool:
         return name in self._read_manifest()
@@ -257,10 +293,14 @@ class Library:
         if adapters_may_differ:
             return d
         adapters = self._read_manifest()
-        trained = entry["adapters"]
+        trained, general = entry["adapters"], self._read_general()
         removed = sorted(a for a in trained if a not in adapters)
         changed = sorted(a for a in trained if a in adapters and adapters[a].files.get(WEIGHTS_FILE, "") != trained[a])
-        added = sorted(a for a in adapters if a not in trained)
+        added = sorted(a for a in adapters if a not in trained and a != general)  # routers never route to it
+        if general in trained:
+            raise LoramuxError(f"router {name!r} routes to {general!r}, which the library now names its general "
+                               f"adapter (never routed to); retrain it with `loramux router train --library "
+                               f"{self.path}`, or unset the general adapter")
         if removed or changed or added:
             raise LoramuxError(
                 f"router {name!r} was trained for adapters {sorted(trained)}, but the library changed since "

@@ -5,8 +5,8 @@ Arrow routes each token to the adapter whose prototype its hidden state aligns w
 to say that no adapter fits: their weights always sum to one, and their own confidence separates
 in-library from out-of-library prompts poorly (AUROC 0.74 for both, docs/routing.md, section 2).
 The stored DLP router's energy test is calibrated for exactly that decision, on validation
-prompts alone, so a prompt it rejects goes to the base model and every other prompt to the
-in-forward router unchanged. The test costs one sentence-encoder pass per prompt, before the
+prompts alone, so a prompt it rejects goes to the library's general adapter (the base model when
+it names none) and every other prompt to the in-forward router unchanged. The test costs one sentence-encoder pass per prompt, before the
 forward; the forward itself is untouched.
 
 A test is used only in front of a router over the same adapters it was set for: after the library
@@ -42,20 +42,29 @@ def stored_test(library: "Library", name: str = "dlp", *, base: "BaseModel | Non
     return router if router.abstain is not None else None
 
 
+def routed(router: Any) -> list[str]:
+    """The adapters an in-forward router chooses between (Arrow: its candidates; MoLE: its gated
+    ones; else every adapter loaded in its fused model)."""
+    for chosen in (getattr(router, "candidates", None), getattr(router, "adapters", None)):
+        if chosen:
+            return list(chosen)
+    fused = getattr(router, "fused", None)
+    return list(fused.adapters) if fused is not None else []
+
+
 def applies(test: "DlpRouter | None", router: Any) -> bool:
     """Whether `test` may screen prompts for the in-forward `router`: set for the same adapters."""
     if test is None or test.abstain is None:
         return False
-    fused = getattr(router, "fused", None)
-    return fused is not None and set(test.adapters) == set(fused.adapters)
+    return set(test.adapters) == set(routed(router))
 
 
 def screen(test: "DlpRouter | None", prompts: list[str], router: Any) -> list[Routing | None]:
-    """Per prompt: an abstained Routing (the base model serves it) where `test` says no adapter
-    fits, or None where the in-forward `router` serves it. No test, or one set for other adapters
-    (`applies`): all None."""
+    """Per prompt: an abstained Routing (the library's general adapter or the base model serves it)
+    where `test` says no adapter fits, or None where the in-forward `router` serves it. No test, or
+    one set for other adapters (`applies`): all None."""
     if not prompts or not applies(test, router):
         return [None] * len(prompts)
-    return [Routing((), (), {}, abstained=True, router=router.kind,
+    return [Routing((), (), {}, abstained=True, router=router.kind, general=test.general,
                     reason=f"{why} (the library's {test.kind} out-of-library test, in front of {router.kind})")
             if why else None for why in test.out_of_library(prompts)]

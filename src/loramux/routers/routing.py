@@ -22,19 +22,27 @@ class Routing:
     adapters: tuple[str, ...]  # chosen, most probable first; empty when abstained
     weights: tuple[float, ...]  # fusion weight of each chosen adapter
     probabilities: dict[str, float] = field(default_factory=dict)  # router score of every adapter
-    abstained: bool = False  # True: the prompt goes to the base model alone
+    abstained: bool = False  # True: no routed adapter fits; the general adapter or the base model serves it
     reason: str = ""  # why it abstained (or how it chose), in words
     router: str = ""  # which router decided
     granularity: str = "sequence"  # "sequence": one mixture for the prompt; "token": chosen per token and module
     layers: dict[str, dict[str, float]] = field(default_factory=dict)  # token routers: mean weights per module
+    general: str = ""  # abstained: the library's general adapter serves the prompt ("" : the base model)
 
     @property
     def mixture(self) -> dict[str, float] | None:
-        """The engine's mixture for this routing; None (the base model) when abstained, and for a
-        per-token routing (which the engine applies through the router's own gate)."""
-        if self.abstained or not self.adapters or self.granularity != "sequence":
+        """The engine's mixture for this routing; when abstained, the general adapter alone or None
+        (the base model); None too for a per-token routing (the router's own gate applies it)."""
+        if self.abstained:
+            return {self.general: 1.0} if self.general else None
+        if not self.adapters or self.granularity != "sequence":
             return None
         return dict(zip(self.adapters, self.weights))
+
+    @property
+    def served_by(self) -> str:
+        """Who serves an abstained prompt, in words."""
+        return f"general adapter {self.general!r}" if self.general else "base model"
 
     def ranked(self) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -42,7 +50,8 @@ class Routing:
     def to_dict(self) -> dict:
         return {"router": self.router, "granularity": self.granularity, "adapters": list(self.adapters),
                 "weights": list(self.weights), "probabilities": dict(self.probabilities), "abstained": self.abstained,
-                "reason": self.reason, **({"layers": self.layers} if self.layers else {})}
+                "reason": self.reason, **({"layers": self.layers} if self.layers else {}),
+                **({"general": self.general} if self.abstained and self.general else {})}
 
 
 class Router(Protocol):

@@ -92,7 +92,8 @@ class Plan:
     router: Any = None  # Arrow / MoLE: weights come from inside the forward
 
     def router_for(self, k: int) -> Any:
-        """The in-forward router of prompt k: none where the out-of-library test abstained."""
+        """The in-forward router of prompt k: none where the out-of-library test abstained (its
+        mixture then is the library's general adapter, or None: the base model)."""
         routing = self.routings[k]
         return None if routing is not None and routing.abstained else self.router
 
@@ -290,8 +291,8 @@ class Server:
                 if options:
                     raise ApiError(400, f"router options {sorted(options)} apply to dlp; {model} was configured "
                                         f"at start (it takes `abstain` alone)", f"loramux.{sorted(options)[0]}")
-                return Plan([None] * n, screen(self.out_of_library_test() if abstain else None, route_texts, router),
-                            router)
+                screened = screen(self.out_of_library_test() if abstain else None, route_texts, router)
+                return Plan([r.mixture if r is not None else None for r in screened], screened, router)
             try:
                 routings = router.route(route_texts, **options)
             except (LoramuxError, TypeError) as e:
@@ -313,6 +314,8 @@ class Server:
             out["adapters"], out["weights"] = list(r.adapters), list(r.weights)
             if r.abstained:
                 out["abstained"], out["reason"] = True, r.reason
+                if r.general:
+                    out["general"] = r.general
             if explain:
                 out["explain"] = r.to_dict()
         elif router is not None:

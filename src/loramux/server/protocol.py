@@ -240,6 +240,7 @@ class RoutingEcho(BaseModel):
     weights: list[float] | None = None
     abstained: bool | None = None
     reason: str | None = None
+    general: str | None = Field(None, description="abstained: the library's general adapter, which served it")
     explain: dict[str, Any] | None = None
 
 

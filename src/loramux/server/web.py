@@ -73,7 +73,8 @@ def add_web_routes(app, server: Server) -> None:
     async def library_view():
         adapters = [{"name": spec.name, "tasks": list(spec.tasks), "rank": spec.rank, "version": spec.version,
                      "loaded": spec.name in engine.adapters} for spec in (library.list() if library is not None else [])]
-        return {"base": server.base_id, "adapters": adapters, "routers": server.router_names() or ["base"]}
+        return {"base": server.base_id, "adapters": adapters, "routers": server.router_names() or ["base"],
+                "general": library.general if library is not None else None}
 
     @app.get("/v1/loramux/recent")
     async def recent():

@@ -394,3 +394,30 @@ def test_a_run_that_stopped_flat_stays_stopped_under_a_higher_cap(tiny_model_dir
     with pytest.raises(LoramuxError, match="written at step 5, an earlier cap that is not a multiple of eval_every=2"):
         train_mole(fused, tasks, dataclasses.replace(cut, steps=8), progress=False, log=lambda s: None,
                    checkpoint_dir=tmp_path / "cut", resume=True)
+
+
+@pytest.mark.parametrize("gate_input", ["outputs", "input"])
+def test_gates_over_a_fused_model_that_also_holds_the_general_adapter(tiny_model_dir, lib, tiny_base, tmp_path,
+                                                                      gate_input):
+    # the library's general adapter is loaded for the prompts routers abstain on, never gated: its
+    # slot gets weight 0, the others exactly the weights (and outputs) they get without it
+    lib.add("all", make_peft_dir(tiny_base, tmp_path / "all", targets=("q_proj", "v_proj", "down_proj"), seed=7,
+                                 r=8), base=tiny_base)
+    lib.set_general("all")
+    alone = fused_for(tiny_model_dir, lib)
+    router = router_for(alone, "layer", gate_input=gate_input)
+    router.save(lib)
+    both = FusedModel(load_base(str(tiny_model_dir)))
+    loaded = load_router(lib, "mole", fused=both)  # loads the gated adapters, then the general one
+    assert both.adapters == [*NAMES, "all"] and loaded.adapters == NAMES
+    _, ids, mask = padded_batch(alone.base.tokenizer, alone.base.model.device)
+    with torch.no_grad():
+        a, b = router.route_weights(ids, mask), loaded.route_weights(ids, mask)
+        assert all(torch.allclose(a[u], b[u], atol=1e-6) for u in a)
+        outs = []
+        for fused, r in ((alone, router), (both, loaded)):
+            with r.recording(mask), fused.mixture(r.layer_mixture(), attention_mask=mask):
+                outs.append(fused.base.model(input_ids=ids, attention_mask=mask).logits)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    with pytest.raises(LoramuxError, match=r"\['a', 'b', 'c'\] are not loaded"):
+        MoleRouter(FusedModel(load_base(str(tiny_model_dir))), router.gates, NAMES)

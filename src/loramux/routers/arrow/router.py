@@ -48,7 +48,7 @@ KIND = "arrow"
 class ArrowConfig:
     top_k: int = 4  # the paper's k
     temperature: float = 1.0  # the paper's T
-    candidates: tuple[str, ...] | None = None  # restrict routing to these adapters (None: all loaded)
+    candidates: tuple[str, ...] | None = None  # restrict routing to these (None: all loaded but the library's general)
     prototype: str = "svd"  # "svd": exact; "power": PEFT's seeded power iteration (matches its logits)
     power_iters: int = 15
     power_seed: int = 0
@@ -108,7 +108,9 @@ class ArrowRouter(InForwardRouter):
         if not names:
             raise LoramuxError("Arrow routes between loaded adapters; load some first (FusedModel.load / Engine.load)")
         general = set(self.config.general)
-        wanted = set(self.config.candidates or [n for n in names if n not in general])
+        # the library's general adapter serves abstained prompts; it is never a routing candidate
+        served = self.library.general if self.library is not None else None
+        wanted = set(self.config.candidates or [n for n in names if n not in general and n != served])
         for what, asked in (("candidates", wanted), ("general adapters", general)):
             unknown = sorted(asked - set(names))
             if unknown:
@@ -132,6 +134,7 @@ class ArrowRouter(InForwardRouter):
                     P[k], ok[k] = v.to(P), True
             self.prototypes[module], self.valid[module] = P, ok
         self._slots = names
+        self.candidates = [n for n in names if n in wanted]  # what it routes between, in slot order
         self._offset = None
         if subtract:  # every general adapter at -1/G, in every module and token
             self._offset = torch.zeros(len(names))

@@ -103,9 +103,11 @@ class MoleGates(nn.Module):
         self.log_tau = nn.Parameter(torch.full((len(self.units),), float(torch.log(torch.tensor(config.init_temperature)))))
         self.n_adapters = n_adapters
 
-    def logits(self, unit: str, x: torch.Tensor, mask: torch.Tensor | None, layer=None) -> torch.Tensor:
+    def logits(self, unit: str, x: torch.Tensor, mask: torch.Tensor | None, layer=None,
+               slots: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K) logits / τ from the unit's input x (B, T, d), its attention mask (B, T) or None,
-        and (reading outputs) the fused layer of the unit's first module, whose slots are the K."""
+        and (reading outputs) the fused layer of the unit's first module, whose slots are the K
+        (or, given `slots`, whose slots at those indices are)."""
         i = self.index[unit]
         if mask is not None and mask.shape[:2] == x.shape[:2]:
             m = mask.to(x.dtype).unsqueeze(-1)
@@ -114,8 +116,11 @@ class MoleGates(nn.Module):
             pooled = x.mean(1)
         dtype = self.projs[i].weight.dtype
         if self.config.gate_input == "outputs":
-            A, B = layer.lora_A.to(dtype), layer.lora_B.to(dtype)  # (K, r, d_in), (K, d_out, r)
-            z = torch.einsum("bd,krd->bkr", pooled.to(dtype), A) * layer.scaling.to(dtype)[None, :, None]
+            A, B, scaling = layer.lora_A, layer.lora_B, layer.scaling
+            if slots is not None:
+                A, B, scaling = A[slots], B[slots], scaling[slots]
+            A, B = A.to(dtype), B.to(dtype)  # (K, r, d_in), (K, d_out, r)
+            z = torch.einsum("bd,krd->bkr", pooled.to(dtype), A) * scaling.to(dtype)[None, :, None]
             h = self.norms[i](torch.einsum("bkr,kor->bko", z, B)).flatten(1)  # (B, K·d_out)
         else:
             h = self.norms[i](pooled.to(dtype))

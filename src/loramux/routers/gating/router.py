@@ -49,9 +49,14 @@ class MoleRouter(InForwardRouter):
 
     def __init__(self, fused: "FusedModel", gates: MoleGates, adapters: list[str], *, mask: tuple[str, ...] = (),
                  info: dict | None = None):
-        if list(fused.adapters) != list(adapters):
-            raise LoramuxError(f"the fused model's loaded adapters {list(fused.adapters)} differ from the ones the "
-                               f"gates were trained for {list(adapters)} (same names, same order needed)")
+        missing = [a for a in adapters if a not in fused.adapters]
+        if missing:
+            raise LoramuxError(f"the gates were trained for adapters {list(adapters)}; {missing} are not loaded in the "
+                               f"fused model (it has {list(fused.adapters)})")
+        # Other loaded adapters (the library's general one) get weight 0 from the gates: their slots
+        # are filled in after the softmax, which sees the gated adapters alone.
+        self._slots = (None if list(fused.adapters) == list(adapters) else
+                       torch.tensor([list(fused.adapters).index(a) for a in adapters]))
         unknown = sorted(set(mask) - set(adapters))
         if unknown:
             raise LoramuxError(f"cannot mask {unknown}: not among the gated adapters {list(adapters)}")
@@ -91,7 +96,7 @@ class MoleRouter(InForwardRouter):
 
     # ------------------------------------------------------------------ the gate
     def weights(self, unit: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        logits = self.gates.logits(unit, x, attention_mask, self.fused.layers[self.gates.anchor[unit]])
+        logits = self.gates.logits(unit, x, attention_mask, self.fused.layers[self.gates.anchor[unit]], self._slots)
         if self.sharpen != 1.0:
             logits = logits * self.sharpen
         if self._any_off:
@@ -103,7 +108,7 @@ class MoleRouter(InForwardRouter):
     def gate(self, name: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         unit = self.gates.unit[name]
         if self._frozen is not None and self._recorder is None:  # decode: the prompt's weights
-            return self._frozen[unit].to(x.dtype)
+            return self._to_slots(self._frozen[unit]).to(x.dtype)
         if self.gates.anchor[unit] == name:  # first module of the unit in this forward
             w = self.weights(unit, x, attention_mask)
             self._current[unit] = w
@@ -111,7 +116,15 @@ class MoleRouter(InForwardRouter):
                 self.collected.append(w)
             if self._recorder is not None:
                 self._recorder.units[unit] = w.detach()
-        return self._current[unit].to(x.dtype)
+        return self._to_slots(self._current[unit]).to(x.dtype)
+
+    def _to_slots(self, w: torch.Tensor) -> torch.Tensor:
+        """(B, K gated) weights -> (B, fused slots): 0 for loaded adapters the gates do not cover."""
+        if self._slots is None:
+            return w
+        if self._slots.device != w.device:
+            self._slots = self._slots.to(w.device)
+        return w.new_zeros((*w.shape[:-1], len(self.fused.adapters))).index_copy(-1, self._slots, w)
 
     # ------------------------------------------------------------------ engine protocol
     def new_recorder(self, attention_mask: torch.Tensor) -> _Recorder:
@@ -174,8 +187,8 @@ class MoleRouter(InForwardRouter):
         meta = json.loads((d / CONFIG_FILE).read_text())
         if meta.get("kind") != cls.kind:
             raise LoramuxError(f"router {name!r} is a {meta.get('kind')!r} router, not {cls.kind!r}")
-        if not fused.adapters:
-            for a in meta["adapters"]:
+        if not fused.adapters:  # the gated adapters, and the general one that serves abstained prompts
+            for a in [*meta["adapters"], *([library.general] if library.general else [])]:
                 fused.load(library, a)
         modules = gated_modules(fused)
         if modules != meta["modules"]:

@@ -96,6 +96,7 @@ class DlpConfig:
 
 class DlpRouter:
     kind = KIND
+    general = ""  # the library's general adapter (set by load): it serves the prompts this router abstains on
 
     def __init__(self, encoder: Encoder, head: MlpHead, adapters: list[str], centroids: torch.Tensor,
                  radii: torch.Tensor, config: DlpConfig = DlpConfig(), info: dict | None = None,
@@ -166,7 +167,8 @@ class DlpRouter:
                     reason = (f"distance {float(d[i]):.3f} to the nearest centroid ({self.adapters[i]!r}) > "
                               f"max_distance {cfg.max_distance}")
             if reason:
-                out.append(Routing((), (), named, abstained=True, reason=reason, router=self.kind))
+                out.append(Routing((), (), named, abstained=True, reason=reason, router=self.kind,
+                                   general=self.general))
                 continue
             keep = top_p_select(p, cfg.top_p, cfg.top_k)
             weights = fusion_weights([p[i] for i in keep], cfg.weighting)
@@ -240,4 +242,5 @@ class DlpRouter:
         router = cls(encoder, head, meta["adapters"], tensors["centroids"], tensors["radii"],
                      config or DlpConfig(**meta["selection"]), meta.get("info"), abstain)
         router.stored_dir = d.name  # which stored version this is (a server notices a newer one)
+        router.general = library.general or ""
         return router

@@ -68,7 +68,7 @@ def labelled_prompts(library: "Library", tasks: list["Task"], *, max_per_task: i
                      seed: int = 0) -> tuple[list["Example"], list[int], list[str]]:
     """(examples, adapter index per example, adapter names): each adapter's own tasks, labelled with it."""
     by_name = {t.name: t for t in tasks}
-    adapters = library.names()
+    adapters = library.routable()  # never the general adapter: it serves what the router abstains on
     if not adapters:
         raise LoramuxError(f"library {str(library.path)!r} has no adapters to route between")
     owner: dict[str, str] = {}
