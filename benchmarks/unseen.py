@@ -21,7 +21,8 @@ the same cache. Strategies:
   balance pooled over gates); mole_routed (layer gates with loramux's routing term); ties; multitask;
   and, behind the library's DLP out-of-library test (a prompt it rejects goes to the base model):
   dlp_soft_abstain (top-p 0.9, the test on: what `top_p: 0.9` serves by default), arrow_abstain,
-  arrow_gks_abstain, mole_routed_abstain; and with the multi-task LoRA as the library's general
+  arrow_gks_abstain, mole_routed_abstain, mbc_arrow_abstain (behind a DLP router trained for the
+  cluster library, as `loramux router train` does for any library); and with the multi-task LoRA as the library's general
   adapter, serving what they abstain on (`loramux library general`): dlp_general,
   dlp_soft_abstain_general, arrow_abstain_general, mole_routed_abstain_general. That library
   (<library>-general) holds the same adapters, DLP router and gates, copied.
@@ -60,6 +61,7 @@ STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("d
               "dlp_soft_abstain": ("dlp_p0.9", "lib"), "arrow_abstain": ("arrow_abstain", "lib"),
               "arrow_gks_abstain": ("arrow_gks_abstain", "lib"),
               "mole_routed_abstain": ("mole_abstain:mole_layer_routed", "lib"),
+              "mbc_arrow_abstain": ("arrow_abstain", "mbc"),  # the MBC library's own DLP router's test
               # the same, over the library with the multi-task LoRA named its general adapter: what a
               # router abstains on goes to that LoRA instead of the base model (library.py)
               "dlp_general": ("dlp", "general"), "dlp_soft_abstain_general": ("dlp_p0.9", "general"),
@@ -134,6 +136,8 @@ def main() -> None:
             committed = RESULTS / f"mbc_k{args.mbc_k}" / "clustering.json"
             side, _ = ensure_mbc(base, lib, args.data_dir, args.mbc_k,
                                  clustering=Clustering.load(committed) if committed.is_file() else None)
+            if "_abstain" in s:  # a DLP router over the cluster adapters, with its out-of-library test
+                ensure_dlp(side, args.data_dir, result.setdefault("mbc_dlp_seconds", {}))
         else:  # a merge or the multi-task LoRA, alone, from the side library
             if where == "multitask":
                 result["multitask_steps_used"] = ensure_multitask(base, lib, work, args.data_dir, args.multitask_steps,
@@ -229,13 +233,14 @@ def save(out: Path, result: dict, wanted: list[str]) -> None:
 
 GENERAL = ("dlp_general", "dlp_soft_abstain_general", "arrow_abstain_general", "mole_routed_abstain_general")
 ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed",
-          "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", *GENERAL)
+          "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", "mbc_arrow_abstain",
+          *GENERAL)
 # what the server runs for each router by default over a library whose DLP router stores a test:
 # DLP abstains by it at any top-p, and it stands in front of Arrow and MoLE (routers/abstention.py);
 # over the library that names a general adapter, the same routers with it serving abstentions.
-# The MBC cluster library stores no DLP router, so Arrow over it is served without the test.
-AS_SERVED = ("dlp", "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", "mbc_arrow",
-             *GENERAL)
+# The MBC cluster library is served with the test once a DLP router is trained for it (mbc_arrow_abstain).
+AS_SERVED = ("dlp", "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain",
+             "mbc_arrow_abstain", *GENERAL)
 
 
 def versus(result: dict) -> dict:
