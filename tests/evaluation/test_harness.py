@@ -102,14 +102,21 @@ def test_abstained_prompts_are_scored_with_the_general_adapter(tiny_model_dir, r
     from ..library.conftest import make_peft_dir
 
     router = DlpRouter.load(routed_lib)
-    routed_lib.add("general", make_peft_dir(tiny_base, tmp_path / "general", seed=5), base=tiny_base)
+    # a multi-task LoRA names every task it was trained on: it is still no task's own adapter
+    routed_lib.add("general", make_peft_dir(tiny_base, tmp_path / "general", seed=5), base=tiny_base,
+                   tasks=sorted(WORDS))
     routed_lib.set_general("general")  # the stored routers route between the others: still loadable
     router.abstain = Abstain("energy", -1e9, 0.95, 1)  # every prompt out of the library
     router.save(routed_lib)
     tasks = load_tasks(task_dir, split="test")
-    config = EvalConfig(("uniform", "dlp", "arrow_abstain", "mole_abstain"), limit_per_task=2, seed=1)
+    config = EvalConfig(("oracle", "uniform", "dlp", "arrow_abstain", "mole_abstain"), limit_per_task=2, seed=1)
     result = evaluate(FusedModel(load_base(str(tiny_model_dir))), routed_lib, tasks, config, progress=False,
                       log=lambda s: None)
+    routed_lib.set_general(None)  # the oracle is each task's own adapter, as without a general adapter
+    routed_lib.remove("general")
+    plain = evaluate(FusedModel(load_base(str(tiny_model_dir))), routed_lib, tasks,
+                     EvalConfig(("oracle",), limit_per_task=2, seed=1), progress=False, log=lambda s: None)
+    assert result["correct"]["oracle"] == plain["correct"]["oracle"]
     assert result["adapters"] == sorted(WORDS)  # the uniform mix and the confusion matrix leave it out
     assert result["routing"]["dlp"]["abstained"] == 6 and result["abstained"] == {"arrow_abstain": 6, "mole_abstain": 6}
     c = result["correct"]

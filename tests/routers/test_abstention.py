@@ -67,6 +67,8 @@ def test_abstentions_go_to_the_librarys_general_adapter(task_lib, task_dir, bert
     task_lib.set_general("general")
     test = stored_test(task_lib)  # the router over the other adapters still loads
     assert test.general == "general" and isinstance(test, DlpRouter)
+    fresh = train(task_lib, task_dir, bert_dir)  # trained now: no class for it, and it knows where to abstain to
+    assert fresh.adapters == sorted(WORDS) and fresh.general == "general"
     (r,) = screen(test, [OUTSIDE[0]], SimpleNamespace(kind="arrow", candidates=sorted(WORDS)))
     assert r.abstained and r.mixture == {"general": 1.0} and r.served_by == "general adapter 'general'"
     assert r.to_dict()["general"] == "general"

@@ -128,7 +128,7 @@ def demo(
                 mixture = ", ".join(f"{a} {w:.2f}" for a, w in zip(echo.get("adapters", []), echo.get("weights", [])))
                 typer.echo("-" * 72)
                 typer.echo(f"[{task.name}] ...{ex.prompt.strip()[-160:]}")
-                typer.echo(f"  routing: {mixture or 'base model (abstained)'}")
+                typer.echo(f"  routing: {mixture or (echo.get('general') or 'base model') + ' (abstained)'}")
                 typer.echo(f"  target:  {ex.targets[0]!r}")
                 typer.echo(f"  routed:  {answer!r} {'ok' if ok else 'wrong'}")
                 typer.echo(f"  base:    {base_answer!r} {'ok' if b_ok else 'wrong'}")

@@ -65,7 +65,7 @@ def generate(
     request = GenerationRequest(prompt, mixture, sampling)
     rt = None
     if router:
-        from ..routers.abstention import in_forward, screen
+        from ..routers.abstention import in_forward, routed, screen
         from .router import build_router, in_front
 
         rt = build_router(lib, router, model=model, base=base, fused=engine.fused,
@@ -86,7 +86,7 @@ def generate(
             typer.echo(f"[{router}] {chosen}", err=True)
             rt = None
         else:
-            typer.echo(f"[{router}] per {rt.granularity} over {len(engine.adapters)} adapters", err=True)
+            typer.echo(f"[{router}] per {rt.granularity} over {len(routed(rt))} adapters", err=True)
     if stream:
         for piece in engine.stream(request, router=rt):
             typer.echo(piece, nl=False)

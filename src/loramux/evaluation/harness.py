@@ -68,7 +68,8 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
              progress: bool = True, log=print) -> dict:
     """{"strategies": {name: {"per_task", "average", "metric", "seconds"}}, "n_per_task",
     "correct": {name: {task: [1/0 per prompt, in sample order]}}, ...}."""
-    owner = {t: s.name for s in library.list() for t in s.tasks}
+    general = library.general  # loaded (it serves abstained prompts); never routed to, nor a task's own adapter
+    owner = {t: s.name for s in library.list() if s.name != general for t in s.tasks}
     missing = [t.name for t in tasks if t.name not in owner]
     if missing and ("oracle" in config.strategies):
         raise LoramuxError(f"no adapter in the library was trained on task(s) {missing}; the oracle needs one")
@@ -79,11 +80,10 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
     pool = [(t.name, i) for t in tasks for i in indices[t.name]]
     random.Random(config.seed).shuffle(pool)  # composite: every task's prompts mixed
     by_name = {t.name: t for t in tasks}
-    general = library.general  # loaded (it serves abstained prompts), never routed to, nor in the uniform mix
-    adapters = [a for a in fused.adapters if a != general]
+    adapters = [a for a in fused.adapters if a != general]  # the uniform mix leaves the general adapter out
     plans: dict[str, dict] = {}
     in_forward: dict = {}  # (kind, stored name) -> router, and "dlp" -> the out-of-library test
-    abstained: dict[str, int] = {}  # strategies behind the out-of-library test: prompts sent to the base model
+    abstained: dict[str, int] = {}  # behind the out-of-library test: prompts sent to the general adapter or base
     for s in config.strategies:
         if s == "base":
             plans[s] = {k: None for k in pool}
@@ -168,7 +168,7 @@ def routing_confusion(plan: dict, owner: dict[str, str], adapters: list[str], ge
         # how much the top-p cut keeps: adapters per routed mixture, on any prompt (a task outside
         # the library has no right adapter, but its mixtures still cost what they hold)
         sizes.append(sum(1 for w in mixture.values() if w > 0))
-        if task in owner:  # and the share the right adapter gets
+        if task in owner and owner[task] in index:  # and the share the right adapter gets
             top = max(mixture, key=lambda a: (mixture[a], -index[a]))
             counts[index[owner[task]]][index[top]] += 1
             true_weight.append(mixture.get(owner[task], 0.0) / (sum(mixture.values()) or 1.0))

@@ -90,7 +90,8 @@ class Library:
         return dict(data.get("routers", {}))
 
     def _read_general(self) -> str | None:
-        return json.loads((self.path / MANIFEST).read_text()).get("general") or None
+        general = json.loads((self.path / MANIFEST).read_text()).get("general")
+        return general if isinstance(general, str) and general else None
 
     def _write_manifest(self, adapters: dict[str, AdapterSpec], routers: dict[str, dict] | None = None,
                         general: str | None | bool = True) -> None:

@@ -19,8 +19,8 @@ METHODS = ("dlp", "arrow", "mole")
 def load_router(library: "Library", method: str = "dlp", *, name: str | None = None,
                 base: "BaseModel | None" = None, fused: "FusedModel | None" = None, **config):
     """A router over `library`: a trained one stored in it (dlp, under `name`, default the method),
-    or Arrow, which needs no training and routes between the adapters loaded in `fused` (when
-    none are loaded, every library adapter is loaded)."""
+    or Arrow, which needs no training and routes between the adapters loaded in `fused` but the
+    library's general adapter (when none are loaded, every library adapter is loaded)."""
     if method == "arrow":
         from .arrow import ArrowConfig, ArrowRouter
 

@@ -10,7 +10,7 @@ it names none) and every other prompt to the in-forward router unchanged. The te
 forward; the forward itself is untouched.
 
 A test is used only in front of a router over the same adapters it was set for: after the library
-grows, the old test would send the new adapter's prompts to the base model, so until the DLP
+grows, the old test would send the new adapter's prompts away from it, so until the DLP
 router is retrained the in-forward router serves every prompt.
 """
 

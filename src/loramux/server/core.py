@@ -9,6 +9,7 @@ second thread using the model would race with the running batch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -114,6 +115,7 @@ class Server:
         self.live: dict[int, tuple[dict, object]] = {}  # request id -> (its entry, its engine row): in flight
         self._models: dict[int, str] = {}  # request object id -> the model name it asked for
         self._unloadable: set = set()  # stored router versions that failed to load (not retried)
+        self._general = library.general if library is not None else None  # what the cached routers were built with
         self.scheduler.observers.append(self._remember)
         self.warming = threading.Event()  # set while --compile's warm-up runs (app.py)
         self.stopping = threading.Event()
@@ -127,7 +129,7 @@ class Server:
     # ------------------------------------------------------------------ the web view's book-keeping
     @staticmethod
     def _mixture_of(routing, mixture) -> dict:
-        if routing is not None:
+        if routing is not None and not routing.abstained:
             return {"adapters": list(routing.adapters), "weights": list(routing.weights)}
         return {"adapters": list((mixture or {}).keys()), "weights": list((mixture or {}).values())}
 
@@ -172,6 +174,10 @@ class Server:
         retrained router): the swap is one assignment on this thread, so each request routes
         wholly with the old router or wholly with the new. Until the new one is stored, the old
         one keeps routing between the adapters it knows."""
+        general = self.library.general if self.library is not None else None
+        if general != self._general:  # `loramux library general` while serving: routers see it now
+            self._general = general
+            self.adapters_changed()
         cached = self.config.routers.get(name)
         if cached is not None and not self._newer_dlp(name, cached):
             return cached
@@ -291,15 +297,24 @@ class Server:
                 if options:
                     raise ApiError(400, f"router options {sorted(options)} apply to dlp; {model} was configured "
                                         f"at start (it takes `abstain` alone)", f"loramux.{sorted(options)[0]}")
-                screened = screen(self.out_of_library_test() if abstain else None, route_texts, router)
+                screened = [self._servable(r) for r in
+                            screen(self.out_of_library_test() if abstain else None, route_texts, router)]
                 return Plan([r.mixture if r is not None else None for r in screened], screened, router)
             try:
-                routings = router.route(route_texts, **options)
+                routings = [self._servable(r) for r in router.route(route_texts, **options)]
             except (LoramuxError, TypeError) as e:
                 raise ApiError(400, f"routing failed: {e}", "loramux") from None
             return Plan([r.mixture for r in routings], list(routings))
 
         return await self.on_model_thread(route)
+
+    def _servable(self, routing: "Routing | None") -> "Routing | None":
+        """An abstention to a general adapter this server does not hold (unloaded by an admin) goes
+        to the base model instead, and says so."""
+        if routing is None or not routing.general or routing.general in self.engine.adapters:
+            return routing
+        return dataclasses.replace(routing, general="", reason=f"{routing.reason}; the general adapter "
+                                                               f"{routing.general!r} is not loaded: base model")
 
     def routing_echo(self, mixture, router, routing, result, explain: bool) -> dict:
         versions = {}

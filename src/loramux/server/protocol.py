@@ -63,8 +63,9 @@ class LoramuxOptions(Strict):
     temperature: Annotated[Union[StrictInt, StrictFloat], Field(gt=0, le=100)] | None = Field(
         None, description="DLP: softmax temperature of the router.")
     abstain: StrictBool | None = Field(
-        None, description="false routes even a prompt the out-of-library test would send to the base model (DLP's "
-                    "own test; for arrow and mole, the library's DLP test in front of them).")
+        None, description="false routes even a prompt the out-of-library test would send to the library's general "
+                    "adapter or the base model (DLP's own test; for arrow and mole, the library's DLP test in front "
+                    "of them).")
     ignore_eos: StrictBool = Field(False, description="Generate past end-of-sequence (benchmarks).")
     timeout_s: Annotated[Union[StrictInt, StrictFloat], Field(gt=0, le=86400)] | None = Field(
         None, description="This request's deadline in seconds (at most the server's own); then 504.")

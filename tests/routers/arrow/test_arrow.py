@@ -101,6 +101,19 @@ def test_candidates_restrict_the_choice(tiny_model_dir, arrow_lib):
         ArrowRouter(fused, arrow_lib, ArrowConfig(candidates=("zz",)))
 
 
+def test_the_librarys_general_adapter_is_never_a_candidate(tiny_model_dir, arrow_lib):
+    fused = fused_with(tiny_model_dir, arrow_lib)
+    plain = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=4))
+    arrow_lib.set_general("t2")  # loaded (it serves abstentions), never routed to
+    router = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=4))
+    assert router.candidates == ["t0", "t1", "t3", "t4"] and plain.candidates == ["t0", "t1", "t2", "t3", "t4"]
+    C = router.gate("model.layers.0.self_attn.q_proj", torch.randn(2, 3, 32), None)
+    assert float(C[..., 2].abs().sum()) == 0.0
+    assert router.cache_key != plain.cache_key  # cached predictions of one are not the other's
+    with pytest.raises(LoramuxError, match="'t2' is the library's general adapter"):
+        ArrowRouter(fused, arrow_lib, ArrowConfig(candidates=("t1", "t2")))
+
+
 @pytest.mark.parametrize("top_k, temperature, prototype", [(2, 1.0, "svd"), (4, 0.5, "svd"), (1, 1.0, "svd"),
                                                            (2, 1.0, "power"), (3, 2.0, "power")])
 def test_logits_equal_peft_create_arrow_model(tiny_model_dir, arrow_lib, top_k, temperature, prototype):

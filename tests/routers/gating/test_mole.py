@@ -400,9 +400,10 @@ def test_a_run_that_stopped_flat_stays_stopped_under_a_higher_cap(tiny_model_dir
 def test_gates_over_a_fused_model_that_also_holds_the_general_adapter(tiny_model_dir, lib, tiny_base, tmp_path,
                                                                       gate_input):
     # the library's general adapter is loaded for the prompts routers abstain on, never gated: its
-    # slot gets weight 0, the others exactly the weights (and outputs) they get without it
-    lib.add("all", make_peft_dir(tiny_base, tmp_path / "all", targets=("q_proj", "v_proj", "down_proj"), seed=7,
-                                 r=8), base=tiny_base)
+    # slot gets weight 0, the others exactly the weights (and outputs) they get without it, also
+    # where it adapts a module (o_proj) that no gated adapter does
+    lib.add("all", make_peft_dir(tiny_base, tmp_path / "all", targets=("q_proj", "v_proj", "down_proj", "o_proj"),
+                                 seed=7, r=8), base=tiny_base)
     lib.set_general("all")
     alone = fused_for(tiny_model_dir, lib)
     router = router_for(alone, "layer", gate_input=gate_input)
@@ -421,3 +422,12 @@ def test_gates_over_a_fused_model_that_also_holds_the_general_adapter(tiny_model
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     with pytest.raises(LoramuxError, match=r"\['a', 'b', 'c'\] are not loaded"):
         MoleRouter(FusedModel(load_base(str(tiny_model_dir))), router.gates, NAMES)
+    # the gates in hand follow a load into their fused model: the new slot gets weight 0 too
+    alone.load(lib, "all")
+    with torch.no_grad():
+        with router.recording(mask), alone.mixture(router.layer_mixture(), attention_mask=mask):
+            again = alone.base.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(outs[0], again, atol=1e-5)
+    alone.remove_adapter("b")
+    with pytest.raises(LoramuxError, match=r"\['b'\] were unloaded"):
+        router.slots()

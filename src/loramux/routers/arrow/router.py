@@ -94,9 +94,7 @@ class ArrowRouter(InForwardRouter):
         if library is None and prototypes is None:
             raise LoramuxError("ArrowRouter needs the library its adapters came from, or a prototypes function")
         self.fused, self.library, self.config = fused, library, config
-        # Stable across processes only with the library's prototypes (they follow from the fused
-        # adapters, which a cache identifies on its own); None with a caller's prototypes function.
-        self.cache_key = None if prototypes is not None else f"arrow|{config!r}"
+        self._own_prototypes = prototypes is None
         self._source = prototypes or (lambda name: library_prototypes(
             library, name, config.prototype, config.power_iters, config.power_seed))
         self._slots: tuple[str, ...] = ()
@@ -117,6 +115,9 @@ class ArrowRouter(InForwardRouter):
                 raise LoramuxError(f"Arrow {what} {unknown} are not loaded; loaded adapters: {list(names)}")
         if wanted & general:
             raise LoramuxError(f"Arrow general adapters {sorted(wanted & general)} cannot also be routing candidates")
+        if served in wanted:
+            raise LoramuxError(f"{served!r} is the library's general adapter: it serves abstained prompts and is "
+                               f"never a routing candidate")
         subtract = [k for k, n in enumerate(names) if n in (general or wanted)] if self.config.gks else []
         per_adapter = [{} if self.config.gks else self._source(n) for n in names]
         self.prototypes: dict[str, torch.Tensor] = {}  # module -> (K, d_in)
@@ -135,6 +136,11 @@ class ArrowRouter(InForwardRouter):
             self.prototypes[module], self.valid[module] = P, ok
         self._slots = names
         self.candidates = [n for n in names if n in wanted]  # what it routes between, in slot order
+        # Stable across processes only with the library's prototypes (they follow from the fused
+        # adapters, which a cache identifies on its own, and the candidates among them, named when
+        # not all); None with a caller's prototypes function.
+        some = f"|{self.candidates}" if len(self.candidates) < len(names) else ""
+        self.cache_key = f"arrow|{self.config!r}{some}" if self._own_prototypes else None
         self._offset = None
         if subtract:  # every general adapter at -1/G, in every module and token
             self._offset = torch.zeros(len(names))

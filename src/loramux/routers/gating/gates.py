@@ -34,10 +34,17 @@ GATE_INPUTS = ("outputs", "input")
 _BLOCK = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
 
 
-def gated_modules(fused) -> dict[str, int]:
-    """Fused module -> input width, in forward order, for the modules some loaded adapter adapts
-    (the others never call a gate: the fused layer is the plain base layer there)."""
-    return {m: layer.base.in_features for m, layer in fused.layers.items() if layer.max_rank > 0}
+def _adapted(layer, adapters: list[str] | None, fused) -> bool:
+    if adapters is None:
+        return layer.max_rank > 0
+    slots = [list(fused.adapters).index(a) for a in adapters]
+    return layer.num_slots > 0 and bool((layer.scaling[slots] != 0).any())
+
+
+def gated_modules(fused, adapters: list[str] | None = None) -> dict[str, int]:
+    """Fused module -> input width, in forward order, for the modules some loaded adapter (of
+    `adapters`, when given: the gated ones) adapts; the others need no gate."""
+    return {m: layer.base.in_features for m, layer in fused.layers.items() if _adapted(layer, adapters, fused)}
 
 
 def unit_of(module: str, granularity: str) -> str:
@@ -52,9 +59,9 @@ def unit_of(module: str, granularity: str) -> str:
     return f"block.{m.group(1)}"
 
 
-def out_widths(fused) -> dict[str, int]:
+def out_widths(fused, adapters: list[str] | None = None) -> dict[str, int]:
     """Fused module -> output width, for the same modules as `gated_modules`."""
-    return {m: layer.base.out_features for m, layer in fused.layers.items() if layer.max_rank > 0}
+    return {m: layer.base.out_features for m, layer in fused.layers.items() if _adapted(layer, adapters, fused)}
 
 
 @dataclass(frozen=True)

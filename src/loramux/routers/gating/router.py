@@ -53,10 +53,8 @@ class MoleRouter(InForwardRouter):
         if missing:
             raise LoramuxError(f"the gates were trained for adapters {list(adapters)}; {missing} are not loaded in the "
                                f"fused model (it has {list(fused.adapters)})")
-        # Other loaded adapters (the library's general one) get weight 0 from the gates: their slots
-        # are filled in after the softmax, which sees the gated adapters alone.
-        self._slots = (None if list(fused.adapters) == list(adapters) else
-                       torch.tensor([list(fused.adapters).index(a) for a in adapters]))
+        self._slots: torch.Tensor | None = None
+        self._slots_for = -1  # the fused model's version the slot index was read at
         unknown = sorted(set(mask) - set(adapters))
         if unknown:
             raise LoramuxError(f"cannot mask {unknown}: not among the gated adapters {list(adapters)}")
@@ -96,7 +94,7 @@ class MoleRouter(InForwardRouter):
 
     # ------------------------------------------------------------------ the gate
     def weights(self, unit: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        logits = self.gates.logits(unit, x, attention_mask, self.fused.layers[self.gates.anchor[unit]], self._slots)
+        logits = self.gates.logits(unit, x, attention_mask, self.fused.layers[self.gates.anchor[unit]], self.slots())
         if self.sharpen != 1.0:
             logits = logits * self.sharpen
         if self._any_off:
@@ -106,7 +104,9 @@ class MoleRouter(InForwardRouter):
         return torch.softmax(logits, dim=-1)
 
     def gate(self, name: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        unit = self.gates.unit[name]
+        unit = self.gates.unit.get(name)
+        if unit is None:  # a module only an adapter outside the gates (the general one) adapts
+            return x.new_zeros(x.shape[0], len(self.fused.adapters))
         if self._frozen is not None and self._recorder is None:  # decode: the prompt's weights
             return self._to_slots(self._frozen[unit]).to(x.dtype)
         if self.gates.anchor[unit] == name:  # first module of the unit in this forward
@@ -118,13 +118,28 @@ class MoleRouter(InForwardRouter):
                 self._recorder.units[unit] = w.detach()
         return self._to_slots(self._current[unit]).to(x.dtype)
 
+    def slots(self) -> torch.Tensor | None:
+        """Each gated adapter's fused slot; None when the fused model holds exactly the gated
+        adapters, in order. Other loaded adapters (the library's general one) get weight 0 from the
+        gates: their slots are filled in after the softmax, which sees the gated adapters alone.
+        Read again whenever adapters were loaded or unloaded since."""
+        if self._slots_for != self.fused.version:
+            loaded = list(self.fused.adapters)
+            missing = [a for a in self.adapters if a not in loaded]
+            if missing:
+                raise LoramuxError(f"the gates' adapters {missing} were unloaded from the fused model")
+            self._slots = None if loaded == self.adapters else torch.tensor([loaded.index(a) for a in self.adapters])
+            self._slots_for = self.fused.version
+        return self._slots
+
     def _to_slots(self, w: torch.Tensor) -> torch.Tensor:
         """(B, K gated) weights -> (B, fused slots): 0 for loaded adapters the gates do not cover."""
-        if self._slots is None:
+        slots = self.slots()
+        if slots is None:
             return w
-        if self._slots.device != w.device:
-            self._slots = self._slots.to(w.device)
-        return w.new_zeros((*w.shape[:-1], len(self.fused.adapters))).index_copy(-1, self._slots, w)
+        if slots.device != w.device:
+            slots = self._slots = slots.to(w.device)
+        return w.new_zeros((*w.shape[:-1], len(self.fused.adapters))).index_copy(-1, slots, w)
 
     # ------------------------------------------------------------------ engine protocol
     def new_recorder(self, attention_mask: torch.Tensor) -> _Recorder:
@@ -173,7 +188,7 @@ class MoleRouter(InForwardRouter):
                       str(d / WEIGHTS_FILE), metadata={"format": "pt", "kind": self.kind})
             (d / CONFIG_FILE).write_text(json.dumps({
                 "kind": self.kind, "adapters": self.adapters, "gates": asdict(self.gates.config),
-                "modules": gated_modules(self.fused),
+                "modules": gated_modules(self.fused, self.adapters),
                 "info": self.info}, indent=2, sort_keys=True) + "\n")
 
         return library.save_router(name, self.kind, self.adapters, write)
@@ -190,12 +205,12 @@ class MoleRouter(InForwardRouter):
         if not fused.adapters:  # the gated adapters, and the general one that serves abstained prompts
             for a in [*meta["adapters"], *([library.general] if library.general else [])]:
                 fused.load(library, a)
-        modules = gated_modules(fused)
+        modules = gated_modules(fused, meta["adapters"])
         if modules != meta["modules"]:
             raise LoramuxError(f"router {name!r} was trained for other fused modules than this model's")
         # routers stored before the paper's gating read their input: no gate_input in their config
         gates = MoleGates(modules, len(meta["adapters"]), MoleConfig(**{"gate_input": "input", **meta["gates"]}),
-                          out_widths(fused))
+                          out_widths(fused, meta["adapters"]))
         gates.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
         gates.to(next(fused.base.model.parameters()).device)  # beside the hidden states they read
         router = cls(fused, gates.eval(), meta["adapters"], mask=mask, info=meta.get("info"))

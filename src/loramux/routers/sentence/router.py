@@ -4,7 +4,8 @@ Once per prompt: a frozen encoder embeds the prompt, the MLP head gives p = soft
 the library's adapters, top-p keeps the smallest most-probable prefix reaching p_top, and the
 kept probabilities become fusion weights used in every layer for the whole generation.
 
-Beyond the paper, the router abstains (routes to the base model alone) when no adapter fits: a
+Beyond the paper, the router abstains when no adapter fits (the library's general adapter serves
+the prompt, or the base model alone when it names none): a
 classifier always names *some* class, and a prompt from a task outside the library should not
 be forced through a wrong adapter. The calibrated test, on by default for routers trained with
 one, is the head's energy score -logsumexp(logits) (Liu et al. 2020, arXiv 2010.03759) against a

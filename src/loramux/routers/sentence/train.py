@@ -219,4 +219,6 @@ def train_dlp(library: "Library", tasks: list["Task"], config: DlpTrainConfig = 
         f"{info['val_accuracy']:.4f}; head {head.n_params:,} parameters"
         + (f"; abstains above each adapter's energy threshold ({abstain.recall:.0%} of its validation prompts kept)"
            if abstain else ""))
-    return DlpRouter(encoder, head, adapters, centroids, radii, selection, info, abstain)
+    router = DlpRouter(encoder, head, adapters, centroids, radii, selection, info, abstain)
+    router.general = library.general or ""  # what it abstains to, as a loaded one does
+    return router
