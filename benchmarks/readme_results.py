@@ -211,7 +211,9 @@ def unseen(d: dict) -> list[tuple[str, str]]:
                 if goals.get("routers_below_base_minus_0.5") else "")
              + (f"; as served by default (the test on where the library has one) below base − 0.5: "
                 f"{', '.join(goals['as_served_below_base_minus_0.5']) or 'none'}" if "as_served" in goals else "")
-             + (f" (not scored: {', '.join(d['not_scored'])})" if d.get("not_scored") else ""))]
+             + (f" (not scored: {', '.join(d['not_scored'])})" if d.get("not_scored") else "")
+             + ("; *_general: what the routers abstain on is served by the multi-task LoRA, named the "
+                "library's general adapter" if any(k.endswith("_general") for k in vs) else ""))]
 
 
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),

@@ -106,6 +106,7 @@ def main() -> None:
         kept = result.get("in_forward_routers", {})
         if args.only == "behind_test":
             section = behind_test_drop(Library(Path(args.library)), base, test, args.limit_per_task)
+            section["superseded"] = superseded_gates(kept.get("behind_dlp_test", {}), section)
             result["in_forward_routers"] = {**kept, "behind_dlp_test": {**section, **stamp, "machine": machine()}}
         else:
             wanted = tuple(r for r in args.routers.split(",") if r)
@@ -253,6 +254,17 @@ def measured_drop(lib: Library, base, test, limit: int) -> dict:
             "how_measured": f"harness composite ({limit} seeded test prompts per task, the library's trained "
                             f"adapters): the same router with abstention on (dlp) and off (dlp_open); "
                             f"measured = off - on, in points"}
+
+
+def superseded_gates(before: dict, now: dict) -> dict:
+    """The earlier run's superseded rows, and its MoLE row when the gates' sharpening changed since
+    (calibrate.py re-saves them in place): numbers of other gates are kept, not overwritten."""
+    out = dict(before.get("superseded", {}))
+    was = before.get("mole_routed")
+    if was and (was.get("sharpen") or 1.0) != (now["mole_routed"].get("sharpen") or 1.0):
+        out[f"mole_routed@sharpen{was.get('sharpen') or 1.0:g}"] = {**was, "command": before.get("command"),
+                                                                    "date": before.get("date")}
+    return out
 
 
 def behind_test_drop(lib: Library, base, test, limit: int) -> dict:
