@@ -22,10 +22,11 @@ the same cache. Strategies:
   and, behind the library's DLP out-of-library test (a prompt it rejects goes to the base model):
   dlp_soft_abstain (top-p 0.9, the test on: what `top_p: 0.9` serves by default), arrow_abstain,
   arrow_gks_abstain, mole_routed_abstain, mbc_arrow_abstain (behind a DLP router trained for the
-  cluster library, as `loramux router train` does for any library); and with the multi-task LoRA as the library's general
-  adapter, serving what they abstain on (`loramux library general`): dlp_general,
-  dlp_soft_abstain_general, arrow_abstain_general, mole_routed_abstain_general. That library
-  (<library>-general) holds the same adapters, DLP router and gates, copied.
+  cluster library, as `loramux router train` does for any library); and with the multi-task LoRA
+  as the library's general adapter, serving what they abstain on (`loramux library general`):
+  dlp_general, dlp_soft_abstain_general, arrow_abstain_general, arrow_gks_abstain_general,
+  mole_routed_abstain_general. That library (<library>-general) holds the same adapters, DLP
+  router and gates, copied.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("d
               # the same, over the library with the multi-task LoRA named its general adapter: what a
               # router abstains on goes to that LoRA instead of the base model (library.py)
               "dlp_general": ("dlp", "general"), "dlp_soft_abstain_general": ("dlp_p0.9", "general"),
-              "arrow_abstain_general": ("arrow_abstain", "general"),
+              "arrow_abstain_general": ("arrow_abstain", "general"), "arrow_gks_abstain_general": ("arrow_gks_abstain", "general"),
               "mole_routed_abstain_general": ("mole_abstain:mole_layer_routed", "general")}
 
 
@@ -231,7 +232,8 @@ def save(out: Path, result: dict, wanted: list[str]) -> None:
     atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
 
 
-GENERAL = ("dlp_general", "dlp_soft_abstain_general", "arrow_abstain_general", "mole_routed_abstain_general")
+GENERAL = ("dlp_general", "dlp_soft_abstain_general", "arrow_abstain_general", "arrow_gks_abstain_general",
+           "mole_routed_abstain_general")
 ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed",
           "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", "mbc_arrow_abstain",
           *GENERAL)
