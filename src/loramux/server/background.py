@@ -23,7 +23,10 @@ def serve_in_background(app, host: str = "127.0.0.1", timeout: float = 60.0):
     import uvicorn
 
     port = free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    # log_config=None: uvicorn's default logging config (a dictConfig) closes every log handler of
+    # the process it runs in; a server started inside the caller's process leaves the caller's
+    # logging as it was, and its warnings go through the caller's root logger.
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
