@@ -154,7 +154,8 @@ def main() -> None:
         result["per_task"][s], result["average"][s] = row["per_task"], row["average"]
         result.setdefault("correct", {})[s] = r["correct"][harness]
         result["versus"] = versus(result)
-        result["library_sha"][s] = library_sha(side) if where != "lib" else library_sha(lib)
+        result["library_sha"][s] = (library_sha(lib) if where == "lib" else general_sha(lib, work) if where == "general"
+                                    else library_sha(side))
         result.setdefault("commands", {})[s] = "python " + " ".join(sys.argv)  # rows span runs
         if harness in r.get("routing", {}):
             result.setdefault("routing", {})[s] = {"abstained": r["routing"][harness].get("abstained"),
@@ -173,19 +174,26 @@ def main() -> None:
 
 def ensure_general(base, lib: Library, work: Library) -> Library:
     """<library>-general: the library's adapters, its DLP router and MoLE gates (copied, so they
-    decide exactly as there) and the multi-task LoRA, named the general adapter. Adapters are
-    copied when missing or changed; the routers every time (they are small)."""
+    decide exactly as there) and the multi-task LoRA, named the general adapter. An adapter is
+    copied again only when its source changed: `copied-from.json` keeps the source files' sha256
+    (Library.add writes the weights anew, so the copy's own sha256 need not equal the source's).
+    The routers are copied every time (they are small); one no longer usable in the source goes."""
     import shutil
 
     side = Library(lib.path.with_name(lib.path.name + "-general"), create=True)
+    record = side.path / "copied-from.json"
+    copied = json.loads(record.read_text()) if record.is_file() else {}
     wanted = {n: (lib, lib.get(n)) for n in lib.routable()} | {"multitask": (work, work.get("multitask"))}
     for name, (src, spec) in wanted.items():
-        if name not in side or side.get(name).files != spec.files:
+        if name not in side or copied.get(name) != spec.files:
             side.add(name, src.adapter_dir(name), base=base, tasks=spec.tasks, training=spec.training,
                      replace=name in side)
+            copied[name] = spec.files
+            atomic_write_bytes(record, json.dumps(copied, indent=1, sort_keys=True).encode())
     for name in set(side.names()) - set(wanted):
         side.remove(name)
     side.set_general("multitask")
+    kept = set()
     for name, entry in lib.routers().items():
         try:
             d = lib.router_dir(name)
@@ -193,7 +201,16 @@ def ensure_general(base, lib: Library, work: Library) -> Library:
             continue
         side.save_router(name, entry["kind"], list(entry["adapters"]),
                          lambda dest, d=d: [shutil.copy2(f, dest / f.name) for f in d.iterdir()])
+        kept.add(name)
+    for name in set(side.routers()) - kept:
+        side.remove_router(name)
     return side
+
+
+def general_sha(lib: Library, work: Library) -> str:
+    """What a `*_general` row was scored with: the library's adapters and the multi-task LoRA, as
+    their sources record them (the side library's copies are written anew each time)."""
+    return f"{library_sha(lib)}+multitask:{library_sha(work, ['multitask'])}"
 
 
 def resharpened(result: dict, s: str, lib: Library) -> bool:

@@ -177,6 +177,7 @@ class Server:
         general = self.library.general if self.library is not None else None
         if general != self._general:  # `loramux library general` while serving: routers see it now
             self._general = general
+            self._unloadable.clear()  # a stored router refused for routing to it may load now
             self.adapters_changed()
         cached = self.config.routers.get(name)
         if cached is not None and not self._newer_dlp(name, cached):
@@ -297,18 +298,18 @@ class Server:
                 if options:
                     raise ApiError(400, f"router options {sorted(options)} apply to dlp; {model} was configured "
                                         f"at start (it takes `abstain` alone)", f"loramux.{sorted(options)[0]}")
-                screened = [self._servable(r) for r in
+                screened = [self.servable(r) for r in
                             screen(self.out_of_library_test() if abstain else None, route_texts, router)]
                 return Plan([r.mixture if r is not None else None for r in screened], screened, router)
             try:
-                routings = [self._servable(r) for r in router.route(route_texts, **options)]
+                routings = [self.servable(r) for r in router.route(route_texts, **options)]
             except (LoramuxError, TypeError) as e:
                 raise ApiError(400, f"routing failed: {e}", "loramux") from None
             return Plan([r.mixture for r in routings], list(routings))
 
         return await self.on_model_thread(route)
 
-    def _servable(self, routing: "Routing | None") -> "Routing | None":
+    def servable(self, routing: "Routing | None") -> "Routing | None":
         """An abstention to a general adapter this server does not hold (unloaded by an admin) goes
         to the base model instead, and says so."""
         if routing is None or not routing.general or routing.general in self.engine.adapters:

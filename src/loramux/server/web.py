@@ -88,8 +88,8 @@ def add_web_routes(app, server: Server) -> None:
             if in_forward(router):  # the out-of-library test in front of Arrow / MoLE
                 (abstained,) = screen(server.out_of_library_test(), [body.prompt], router)
                 if abstained is not None:
-                    return abstained.to_dict()
-            return router.route([body.prompt])[0].to_dict()
+                    return server.servable(abstained).to_dict()
+            return server.servable(router.route([body.prompt])[0]).to_dict()
 
         exclusive = body.model.partition(":")[0] in ("arrow", "mole")  # their gates hold per-batch state
         return await server.on_model_thread(route, exclusive=exclusive)

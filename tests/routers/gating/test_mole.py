@@ -422,6 +422,10 @@ def test_gates_over_a_fused_model_that_also_holds_the_general_adapter(tiny_model
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     with pytest.raises(LoramuxError, match=r"\['a', 'b', 'c'\] are not loaded"):
         MoleRouter(FusedModel(load_base(str(tiny_model_dir))), router.gates, NAMES)
+    partial = FusedModel(load_base(str(tiny_model_dir)))
+    partial.load(lib, "a")
+    with pytest.raises(LoramuxError, match=r"gates adapters \['b', 'c'\] that are not loaded"):
+        load_router(lib, "mole", fused=partial)
     # the gates in hand follow a load into their fused model: the new slot gets weight 0 too
     alone.load(lib, "all")
     with torch.no_grad():

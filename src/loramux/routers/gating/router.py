@@ -205,6 +205,10 @@ class MoleRouter(InForwardRouter):
         if not fused.adapters:  # the gated adapters, and the general one that serves abstained prompts
             for a in [*meta["adapters"], *([library.general] if library.general else [])]:
                 fused.load(library, a)
+        missing = [a for a in meta["adapters"] if a not in fused.adapters]
+        if missing:
+            raise LoramuxError(f"router {name!r} gates adapters {missing} that are not loaded in the fused model "
+                               f"(it has {list(fused.adapters)})")
         modules = gated_modules(fused, meta["adapters"])
         if modules != meta["modules"]:
             raise LoramuxError(f"router {name!r} was trained for other fused modules than this model's")

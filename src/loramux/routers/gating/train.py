@@ -193,9 +193,10 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     features = LazyFeatures(fmt, examples, config.max_seq_len)
     val_features = LazyFeatures(fmt, val_examples, config.max_seq_len)
     torch.manual_seed(config.seed)
-    gates = MoleGates(gated_modules(fused), len(fused.adapters), MoleConfig(config.granularity,
+    gated = list(fused.adapters)  # the modules these adapters adapt: the rule saving and loading use
+    gates = MoleGates(gated_modules(fused, gated), len(fused.adapters), MoleConfig(config.granularity,
                                                                               gate_input=config.gate_input),
-                      out_widths(fused))
+                      out_widths(fused, gated))
     device = next(base.model.parameters()).device
     gates.to(device)
     router = MoleRouter(fused, gates, list(fused.adapters))
