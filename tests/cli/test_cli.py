@@ -77,6 +77,12 @@ def test_library_general(capsys, tmp_path, tiny_base):
     code, _, err = run(capsys, "library", "general", "all", "--unset", *where)
     assert code == 2 and "not both" in err
     assert run(capsys, "library", "general", "--unset", *where)[0] == 0 and lib.general is None
+    # a stored router that routes to the adapter about to be named general: the command says it is refused now
+    lib.save_router("dlp", "dlp", ["all", "alpha"], lambda d: (d / "x.json").write_text("{}"))
+    code, out, err = run(capsys, "library", "general", "all", *where)
+    assert code == 0 and "warning: stored router 'dlp' is refused now (dlp); retrain it" in err
+    code, out, err = run(capsys, "library", "general", "all", *where)  # already refused: nothing new to say
+    assert code == 0 and "warning" not in err
 
 
 def test_verify_exits_1_on_problems(capsys, tmp_path, tiny_base):

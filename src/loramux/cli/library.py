@@ -50,8 +50,25 @@ def general(
     if name is None and not unset:
         typer.echo(lib.general or "none: abstained prompts go to the base model")
         return
+    usable = _usable_routers(lib)
     lib.set_general(None if unset else name)
     typer.echo(f"general adapter: {name}" if name else "general adapter unset: abstained prompts go to the base model")
+    for router in sorted(usable - _usable_routers(lib)):  # e.g. trained to route to it, or trained while it was general
+        typer.echo(f"warning: stored router {router!r} is refused now ({lib.routers()[router]['kind']}); retrain it "
+                   f"with `loramux router train --library {lib.path}`", err=True)
+
+
+def _usable_routers(lib) -> set[str]:
+    from ..errors import LoramuxError
+
+    usable = set()
+    for router in lib.routers():
+        try:
+            lib.router_dir(router)
+            usable.add(router)
+        except LoramuxError:
+            continue
+    return usable
 
 
 @app.command("show")
