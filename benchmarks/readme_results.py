@@ -216,10 +216,18 @@ def unseen(d: dict) -> list[tuple[str, str]]:
                 "library's general adapter" if any(k.endswith("_general") for k in vs) else ""))]
 
 
+def general_cost(d: dict) -> list[tuple[str, str]]:
+    a, b = d["ratios"]["library"], d["ratios"]["with_general"]
+    return [("a rank-112 general adapter (the multi-task LoRA) loaded beside the 14 rank-8 adapters, forward of "
+             "8 x 96 tokens / base",
+             ", ".join(f"{k} {a[k]:.2f} -> {b[k]:.2f}" for k in ("arrow", "mole_layer_routed", "dlp") if k in a and k in b)
+             + " (every slot padded to the largest rank; no router gives it weight)")]
+
+
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
            ("router_dlp.json", router_dlp), ("routing_real.json", routing_real),
            ("unseen_all_prompts.json", unseen), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
-           ("mole_routed_sharpen.json", mole),
+           ("mole_routed_sharpen.json", mole), ("general_cost.json", general_cost),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 
