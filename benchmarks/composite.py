@@ -136,8 +136,7 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, na
                 continue
         except Exception:
             pass
-        tasks = tasks or load_tasks(data_dir, sorted({t for s in lib.list() if s.name != lib.general for t in s.tasks}),
-                                    "train")
+        tasks = tasks or load_tasks(data_dir, sorted({t for s in lib.routable_specs() for t in s.tasks}), "train")
         fused = FusedModel(base)
         for a in lib.routable():  # gates never cover the library's general adapter
             fused.load(lib, a)

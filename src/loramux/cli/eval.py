@@ -45,7 +45,7 @@ def eval_(
     config = EvalConfig(tuple(s.strip() for s in strategies.split(",") if s.strip()), limit_per_task, seed, batch_size,
                         cache_dir)
     lib = open_library(library)
-    names = [t.strip() for t in tasks.split(",")] if tasks else sorted({t for s in lib.list() if s.name != lib.general for t in s.tasks})
+    names = [t.strip() for t in tasks.split(",")] if tasks else sorted({t for s in lib.routable_specs() for t in s.tasks})
     if ray or ray_address:
         if quantize.value != "none":
             from ..errors import LoramuxError

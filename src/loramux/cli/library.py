@@ -53,7 +53,7 @@ def general(
     usable = _usable_routers(lib)
     lib.set_general(None if unset else name)
     typer.echo(f"general adapter: {name}" if name else "general adapter unset: abstained prompts go to the base model")
-    others = [lib.get(n).rank for n in lib.routable()]
+    others = [spec.rank for spec in lib.routable_specs()]
     if name and others and lib.get(name).rank > max(others):  # docs/routing.md: a general adapter's cost
         typer.echo(f"warning: {name!r} has rank {lib.get(name).rank}, the routed adapters at most {max(others)}; the "
                    f"fused layer pads every slot to the largest rank, so every routed forward costs more while it "

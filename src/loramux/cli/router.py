@@ -80,7 +80,7 @@ def train(
         hint = " (arrow needs no training: use it directly with --router arrow)" if method == "arrow" else ""
         raise LoramuxError(f"cannot train router method {method!r}; trainable: ['dlp', 'mole']{hint}")
     lib = open_library(library)
-    wanted = sorted({t for spec in lib.list() if spec.name != lib.general for t in spec.tasks})
+    wanted = sorted({t for spec in lib.routable_specs() for t in spec.tasks})
     tasks = load_tasks(data or default_data_dir(), wanted, "train") if wanted else []
     if method == "mole":
         from ..fusion import FusedModel

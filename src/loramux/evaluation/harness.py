@@ -69,7 +69,7 @@ def evaluate(fused: "FusedModel", library: "Library", tasks: list["Task"], confi
     """{"strategies": {name: {"per_task", "average", "metric", "seconds"}}, "n_per_task",
     "correct": {name: {task: [1/0 per prompt, in sample order]}}, ...}."""
     general = library.general  # loaded (it serves abstained prompts); never routed to, nor a task's own adapter
-    owner = {t: s.name for s in library.list() if s.name != general for t in s.tasks}
+    owner = {t: s.name for s in library.routable_specs() for t in s.tasks}
     missing = [t.name for t in tasks if t.name not in owner]
     if missing and ("oracle" in config.strategies):
         raise LoramuxError(f"no adapter in the library was trained on task(s) {missing}; the oracle needs one")
@@ -168,7 +168,7 @@ def routing_confusion(plan: dict, owner: dict[str, str], adapters: list[str], ge
         # how much the top-p cut keeps: adapters per routed mixture, on any prompt (a task outside
         # the library has no right adapter, but its mixtures still cost what they hold)
         sizes.append(sum(1 for w in mixture.values() if w > 0))
-        if task in owner and owner[task] in index:  # and the share the right adapter gets
+        if task in owner:  # and the share the right adapter gets
             top = max(mixture, key=lambda a: (mixture[a], -index[a]))
             counts[index[owner[task]]][index[top]] += 1
             true_weight.append(mixture.get(owner[task], 0.0) / (sum(mixture.values()) or 1.0))

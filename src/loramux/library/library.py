@@ -73,6 +73,10 @@ class Library:
             yield
 
     def _read_manifest(self) -> dict[str, AdapterSpec]:
+        return self._read_state()[0]
+
+    def _read_state(self) -> tuple[dict[str, AdapterSpec], str | None]:
+        """(adapters, the general adapter's name or None), from one read of the manifest."""
         path = self.path / MANIFEST
         try:
             data = json.loads(path.read_text())
@@ -83,15 +87,13 @@ class Library:
         if data.get("version", 0) > FORMAT_VERSION:
             raise LoramuxError(f"library {str(self.path)!r} has format version {data['version']}; this loramux "
                                f"reads up to {FORMAT_VERSION}: upgrade loramux")
-        return {name: AdapterSpec.from_dict(d) for name, d in data.get("adapters", {}).items()}
+        adapters = {name: AdapterSpec.from_dict(d) for name, d in data.get("adapters", {}).items()}
+        general = data.get("general")
+        return adapters, general if isinstance(general, str) and general in adapters else None
 
     def _read_routers(self) -> dict[str, dict]:
         data = json.loads((self.path / MANIFEST).read_text())
         return dict(data.get("routers", {}))
-
-    def _read_general(self) -> str | None:
-        general = json.loads((self.path / MANIFEST).read_text()).get("general")
-        return general if isinstance(general, str) and general else None
 
     def _write_manifest(self, adapters: dict[str, AdapterSpec], routers: dict[str, dict] | None = None,
                         general: str | None | bool = True) -> None:
@@ -101,7 +103,7 @@ class Library:
         if routers is None:
             routers = self._read_routers() if exists else {}
         if general is True:
-            general = self._read_general() if exists else None
+            general = self._read_state()[1] if exists else None
         atomic_write_json(self.path / MANIFEST, {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -137,14 +139,17 @@ class Library:
 
     def routable(self) -> list[str]:
         """The adapters routers choose between: every adapter but the general one."""
-        general = self.general
-        return [n for n in self.names() if n != general]
+        return [s.name for s in self.routable_specs()]
+
+    def routable_specs(self) -> list[AdapterSpec]:
+        """The specs of `routable()`, in name order: whose tasks routers learn and score against."""
+        adapters, general = self._read_state()
+        return [spec for name, spec in sorted(adapters.items()) if name != general]
 
     @property
     def general(self) -> str | None:
         """The adapter that serves prompts a router abstains on; None: the base model serves them."""
-        general = self._read_general()
-        return general if general in self._read_manifest() else None
+        return self._read_state()[1]
 
     def set_general(self, name: str | None) -> None:
         """Name the general adapter (None: none; abstained prompts go to the base model). A stored
@@ -293,8 +298,8 @@ class Library:
         self._check_sums(f"router {name!r}", d, entry["files"])
         if adapters_may_differ:
             return d
-        adapters = self._read_manifest()
-        trained, general = entry["adapters"], self._read_general()
+        adapters, general = self._read_state()
+        trained = entry["adapters"]
         removed = sorted(a for a in trained if a not in adapters)
         changed = sorted(a for a in trained if a in adapters and adapters[a].files.get(WEIGHTS_FILE, "") != trained[a])
         added = sorted(a for a in adapters if a not in trained and a != general)  # routers never route to it

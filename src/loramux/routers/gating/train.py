@@ -141,9 +141,8 @@ def task_owners(library) -> dict[str, str]:
     """Task -> the one adapter of `library` trained on it; a task that several adapters name has no
     single own adapter and is left out (the routing term skips its examples)."""
     names: dict[str, list[str]] = {}
-    general = library.general  # not gated: it serves abstained prompts
-    for spec in library.list():
-        for t in (spec.tasks if spec.name != general else ()):
+    for spec in library.routable_specs():  # not the general adapter: it is never gated
+        for t in spec.tasks:
             names.setdefault(t, []).append(spec.name)
     return {t: a[0] for t, a in names.items() if len(a) == 1}
 
