@@ -74,9 +74,7 @@ def generate(
         (abstained,) = screen(in_front(lib, rt, no_abstain, base), [prompt], rt)
         if abstained is not None:  # the out-of-library test in front of Arrow / MoLE
             typer.echo(f"[{router}] abstained: {abstained.reason} -> {abstained.served_by}", err=True)
-            for name in abstained.mixture or {}:  # the library's general adapter
-                if name not in engine.adapters:
-                    engine.load(name)
+            engine.ensure_loaded(abstained.mixture or ())  # the library's general adapter
             request, rt = dataclasses.replace(request, routing=abstained), None
         elif not in_forward(rt):
             request = engine.route([request], rt)[0]

@@ -139,6 +139,12 @@ class Engine:
             raise LoramuxError("this engine has no library; create it with Engine(base, library)")
         self.fused.load(self.library, name)
 
+    def ensure_loaded(self, names) -> None:
+        """Load from the library each of `names` not loaded yet (without a library: nothing)."""
+        for name in names:
+            if name not in self.fused.adapters and self.library is not None:
+                self.load(name)
+
     def unload(self, name: str) -> None:
         self.fused.remove_adapter(name)
 
@@ -151,10 +157,8 @@ class Engine:
         routings = router.route([requests[i].prompt for i in todo])
         out = list(requests)
         for i, routing in zip(todo, routings):
-            # load on first use, from the library: the chosen adapters, or the general one that serves an abstention
-            for name in dict.fromkeys([*routing.adapters, *(routing.mixture or {})]):
-                if name not in self.fused.adapters and self.library is not None:
-                    self.load(name)
+            # on first use: the chosen adapters, or the general one that serves an abstention
+            self.ensure_loaded(routing.mixture or ())
             out[i] = dataclasses.replace(requests[i], routing=routing)
         return out
 
