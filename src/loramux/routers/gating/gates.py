@@ -34,17 +34,20 @@ GATE_INPUTS = ("outputs", "input")
 _BLOCK = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
 
 
-def _adapted(layer, adapters: list[str] | None, fused) -> bool:
+def _adapted(fused, adapters: list[str] | None) -> dict:
+    """Fused module -> its layer, in forward order, for the modules some loaded adapter (of
+    `adapters`, when given: the gated ones) adapts."""
     if adapters is None:
-        return layer.max_rank > 0
+        return {m: layer for m, layer in fused.layers.items() if layer.max_rank > 0}
     slots = [list(fused.adapters).index(a) for a in adapters]
-    return layer.num_slots > 0 and bool((layer.scaling[slots] != 0).any())
+    return {m: layer for m, layer in fused.layers.items()
+            if layer.num_slots > 0 and bool((layer.scaling[slots] != 0).any())}
 
 
 def gated_modules(fused, adapters: list[str] | None = None) -> dict[str, int]:
     """Fused module -> input width, in forward order, for the modules some loaded adapter (of
     `adapters`, when given: the gated ones) adapts; the others need no gate."""
-    return {m: layer.base.in_features for m, layer in fused.layers.items() if _adapted(layer, adapters, fused)}
+    return {m: layer.base.in_features for m, layer in _adapted(fused, adapters).items()}
 
 
 def unit_of(module: str, granularity: str) -> str:
@@ -61,7 +64,7 @@ def unit_of(module: str, granularity: str) -> str:
 
 def out_widths(fused, adapters: list[str] | None = None) -> dict[str, int]:
     """Fused module -> output width, for the same modules as `gated_modules`."""
-    return {m: layer.base.out_features for m, layer in fused.layers.items() if _adapted(layer, adapters, fused)}
+    return {m: layer.base.out_features for m, layer in _adapted(fused, adapters).items()}
 
 
 @dataclass(frozen=True)
