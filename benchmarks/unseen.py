@@ -44,7 +44,6 @@ from composite import (RESULTS, common_args, ensure_dlp, ensure_library, ensure_
 from routing_real import UNSEEN
 
 from loramux import Library, LoraTrainConfig, load_base, load_tasks
-from loramux.errors import LoramuxError
 from loramux._atomic import atomic_write_bytes
 from loramux.bench.machine import machine
 from loramux.data.fetch import fetch_bigbench
@@ -193,16 +192,11 @@ def ensure_general(base, lib: Library, work: Library) -> Library:
     for name in set(side.names()) - set(wanted):
         side.remove(name)
     side.set_general("multitask")
-    kept = set()
-    for name, entry in lib.routers().items():
-        try:
-            d = lib.router_dir(name)
-        except LoramuxError:  # trained for other adapters: not usable there either
-            continue
-        side.save_router(name, entry["kind"], list(entry["adapters"]),
+    entries, usable = lib.routers(), lib.usable_routers()  # a router the source refuses is not copied
+    for name, d in usable.items():
+        side.save_router(name, entries[name]["kind"], list(entries[name]["adapters"]),
                          lambda dest, d=d: [shutil.copy2(f, dest / f.name) for f in d.iterdir()])
-        kept.add(name)
-    for name in set(side.routers()) - kept:
+    for name in set(side.routers()) - set(usable):
         side.remove_router(name)
     return side
 

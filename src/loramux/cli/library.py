@@ -50,7 +50,7 @@ def general(
     if name is None and not unset:
         typer.echo(lib.general or "none: abstained prompts go to the base model")
         return
-    usable = _usable_routers(lib)
+    usable = set(lib.usable_routers())
     lib.set_general(None if unset else name)
     typer.echo(f"general adapter: {name}" if name else "general adapter unset: abstained prompts go to the base model")
     others = [spec.rank for spec in lib.routable_specs()]
@@ -58,22 +58,9 @@ def general(
         typer.echo(f"warning: {name!r} has rank {lib.get(name).rank}, the routed adapters at most {max(others)}; the "
                    f"fused layer pads every slot to the largest rank, so every routed forward costs more while it "
                    f"is loaded (docs/routing.md)", err=True)
-    for router in sorted(usable - _usable_routers(lib)):  # e.g. trained to route to it, or trained while it was general
+    for router in sorted(usable - set(lib.usable_routers())):  # e.g. trained to route to it, or trained while it was general
         typer.echo(f"warning: stored router {router!r} is refused now ({lib.routers()[router]['kind']}); retrain it "
                    f"with `loramux router train --library {lib.path}`", err=True)
-
-
-def _usable_routers(lib) -> set[str]:
-    from ..errors import LoramuxError
-
-    usable = set()
-    for router in lib.routers():
-        try:
-            lib.router_dir(router)
-            usable.add(router)
-        except LoramuxError:
-            continue
-    return usable
 
 
 @app.command("show")

@@ -314,6 +314,17 @@ class Library:
                 f"`loramux router train --library {self.path}`")
         return d
 
+    def usable_routers(self) -> dict[str, Path]:
+        """Stored router name -> its dir, for the routers `router_dir` accepts now (the others were
+        trained for adapters the library no longer has as they were, or route to its general one)."""
+        usable = {}
+        for name in self._read_routers():
+            try:
+                usable[name] = self.router_dir(name)
+            except LoramuxError:
+                continue
+        return usable
+
     def remove_router(self, name: str) -> None:
         with self._lock():
             routers = self._read_routers()
