@@ -108,7 +108,7 @@ class MoleRouter(InForwardRouter):
         if unit is None:  # a module only an adapter outside the gates (the general one) adapts
             return x.new_zeros(x.shape[0], len(self.fused.adapters))
         if self._frozen is not None and self._recorder is None:  # decode: the prompt's weights
-            return self._to_slots(self._frozen[unit]).to(x.dtype)
+            return self._frozen[unit].to(x.dtype)
         if self.gates.anchor[unit] == name:  # first module of the unit in this forward
             w = self.weights(unit, x, attention_mask)
             self._current[unit] = w
@@ -146,7 +146,8 @@ class MoleRouter(InForwardRouter):
         return _Recorder(attention_mask)
 
     def recorded(self, recorder: _Recorder) -> None:
-        self._frozen = dict(recorder.units)  # the decode steps reuse the prompt's weights
+        # the decode steps reuse the prompt's weights, spread over the fused slots once, not per step
+        self._frozen = {u: self._to_slots(w) for u, w in recorder.units.items()}
 
     @contextlib.contextmanager
     def prefill_context(self, attention_mask: torch.Tensor) -> Iterator[None]:
