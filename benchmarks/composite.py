@@ -50,12 +50,14 @@ from loramux.fusion import FusedModel
 from loramux.training import train_adapters, train_lora
 
 RESULTS = Path(__file__).parent / "results"
-# name -> (granularity, balance α, balance over, routing term β): units is loramux's default, pooled
-# the paper's (routers/gating/train.py says why they differ); β 0 is the paper's objective, 1 the
-# answer loss's own weight
-MOLE = {"mole_layer": ("layer", 0.5, "units", 0.0), "mole_block": ("block", 0.5, "units", 0.0),
-        "mole_layer_no_balance": ("layer", 0.0, "units", 0.0), "mole_layer_pooled": ("layer", 0.5, "pooled", 0.0),
-        "mole_layer_routed": ("layer", 0.5, "units", 1.0)}
+# name -> its MoleTrainConfig settings: balance over units is loramux's default, pooled the paper's
+# (routers/gating/train.py says why they differ); a routing term β of 0 is the paper's objective, 1
+# the answer loss's own weight; a routing start fits the gates to route before training (route_init.py)
+MOLE = {"mole_layer": {"granularity": "layer"}, "mole_block": {"granularity": "block"},
+        "mole_layer_no_balance": {"granularity": "layer", "balance_alpha": 0.0},
+        "mole_layer_pooled": {"granularity": "layer", "balance_over": "pooled"},
+        "mole_layer_routed": {"granularity": "layer", "route_alpha": 1.0},
+        "mole_layer_routed_init": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64}}
 
 
 def log(msg: str) -> None:
@@ -100,18 +102,22 @@ def mole_config(name: str, steps: int) -> dict:
     """The training recipe of the gate set `name` (MOLE), as stored with trained gates."""
     from loramux.routers.gating import MoleTrainConfig
 
-    granularity, alpha, over, route = MOLE[name]
-    return dataclasses.asdict(MoleTrainConfig(granularity=granularity, balance_alpha=alpha, balance_over=over,
-                                              route_alpha=route, steps=steps))
+    return dataclasses.asdict(MoleTrainConfig(**{"balance_alpha": 0.5, "balance_over": "units", **MOLE[name]},
+                                              steps=steps))
 
 
 def same_gate_recipe(stored: dict, wanted: dict) -> bool:
     """Whether gates stored with `stored` (their router info) are what the recipe `wanted` trains.
     Gates stored before `balance_over` existed were trained pooled (the paper's form), before
-    `route_alpha` without the routing term; without a balance loss (α = 0) where it is taken does
-    not matter. The step count is a cap: gates that stopped on a flat curve within this cap, or
-    ran to exactly this cap, are the gates it trains."""
-    config = {"balance_over": "pooled", "route_alpha": 0.0, **(stored.get("train_config") or {})}
+    `route_alpha` without the routing term, before `route_init_per_task` without a routing start;
+    without a balance loss (α = 0) where it is taken does not matter. Gates pooled over prompt and
+    answer in training (stored without `gate_pool`) are not what today's trainer gives. The step
+    count is a cap: gates that stopped on a flat curve within this cap, or ran to exactly this
+    cap, are the gates it trains."""
+    if stored.get("gate_pool") != "prompt":
+        return False
+    config = {"balance_over": "pooled", "route_alpha": 0.0, "route_init_per_task": 0,
+              **(stored.get("train_config") or {})}
     if wanted["balance_alpha"] == 0:
         config, wanted = {**config, "balance_over": None}, {**wanted, "balance_over": None}
     if {**config, "steps": None} != {**wanted, "steps": None}:

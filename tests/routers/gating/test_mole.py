@@ -346,10 +346,13 @@ def test_the_routing_term_moves_each_units_weight_to_the_tasks_own_adapter(tiny_
 
     from ...conftest import write_task_json
 
-    for i, name in enumerate(NAMES):  # three tasks a gate can tell apart by their words
+    # three tasks a gate can tell apart by their words; six of them, so that they and not the chat
+    # template's tokens carry the prompt's pooled input
+    for i, name in enumerate(NAMES):
         words = [["red", "green", "blue"], ["cat", "dog", "cow"], ["seven", "eight", "nine"]][i]
         write_task_json(tmp_path / "data" / f"task_{name}" / "train.json",
-                        [{"input": f"{words[j % 3]} {words[(j + 1) % 3]}", "target_scores": {"yes": j % 2, "no": 1 - j % 2}}
+                        [{"input": " ".join(words[(j + k) % 3] for k in range(6)),
+                          "target_scores": {"yes": j % 2, "no": 1 - j % 2}}
                          for j in range(12)], append_choices_to_input=False, example_input_prefix="",
                         example_output_prefix="\nAnswer: ")
     tasks = [load_task(tmp_path / "data" / f"task_{n}") for n in NAMES]

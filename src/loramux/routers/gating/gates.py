@@ -67,6 +67,14 @@ def out_widths(fused, adapters: list[str] | None = None) -> dict[str, int]:
     return {m: layer.base.out_features for m, layer in _adapted(fused, adapters).items()}
 
 
+def pool(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, d) -> (B, d): the mean over each row's real tokens (all tokens without a mask)."""
+    if mask is not None and mask.shape[:2] == x.shape[:2]:
+        m = mask.to(x.dtype).unsqueeze(-1)
+        return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return x.mean(1)
+
+
 @dataclass(frozen=True)
 class MoleConfig:
     granularity: str = "layer"
@@ -119,11 +127,7 @@ class MoleGates(nn.Module):
         and (reading outputs) the fused layer of the unit's first module, whose slots are the K
         (or, given `slots`, whose slots at those indices are)."""
         i = self.index[unit]
-        if mask is not None and mask.shape[:2] == x.shape[:2]:
-            m = mask.to(x.dtype).unsqueeze(-1)
-            pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-        else:
-            pooled = x.mean(1)
+        pooled = pool(x, mask)
         dtype = self.projs[i].weight.dtype
         if self.config.gate_input == "outputs":
             A, B, scaling = layer.lora_A, layer.lora_B, layer.scaling

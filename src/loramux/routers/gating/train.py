@@ -29,6 +29,13 @@ not the prompt's own (docs/routing.md, MoLE): the answer loss is met by many per
 combinations, and nothing in it prefers the one that generalises, the adapter trained for the
 task. The term needs `owners` (task -> adapter).
 
+A routing start (`route_init_per_task`, loramux's addition; 0, the default, starts from the uniform
+mixture as the paper does): before the main loop, each unit's gate is fitted to the routing term
+alone on that many prompts of each task (route_init.py says how and why). It needs `owners` too.
+
+The gates pool over the prompt alone in training, as they do at inference (prefill); the answer
+tokens of a training example are left out of the pool (`prompt_mask`).
+
 Training runs until a validation curve flattens: a few held-out examples per task
 (`val_per_task`) are scored every `eval_every` steps; after `patience` evaluations without a
 relative improvement of `min_delta`, or at `steps`, training stops and the gates of the best
@@ -54,6 +61,7 @@ import torch
 
 from ...errors import LoramuxError
 from .gates import MoleConfig, MoleGates, gated_modules, out_widths
+from .route_init import route_init, sample_owned
 from .router import MoleRouter
 
 if TYPE_CHECKING:
@@ -69,6 +77,7 @@ class MoleTrainConfig:
     balance_memory: float = 0.9  # q_i as a running mean over batches; 0: this batch alone
     balance_over: str = "units"  # "units": each gated unit balanced on its own; "pooled": the paper's
     route_alpha: float = 0.0  # β of the routing term (module docstring); 0: the paper's objective
+    route_init_per_task: int = 0  # prompts per task the gates are first fitted to route (route_init.py); 0: none
     # The paper's gate projects K·d normalised features: an early Adam step moves each weight by
     # about lr, a logit by about lr·K·d·E|h| (≈ 0.6 at 1e-4 for 14 adapters of width 576), so
     # 1e-3 flips gates from uniform to one-hot within two steps.
@@ -88,6 +97,8 @@ class MoleTrainConfig:
             raise LoramuxError(f"balance_alpha must be >= 0; got {self.balance_alpha!r}")
         if self.route_alpha < 0:
             raise LoramuxError(f"route_alpha must be >= 0; got {self.route_alpha!r}")
+        if self.route_init_per_task < 0:
+            raise LoramuxError(f"route_init_per_task must be >= 0; got {self.route_init_per_task!r}")
         if self.balance_over not in BALANCE_OVER:
             raise LoramuxError(f"balance_over must be one of {', '.join(BALANCE_OVER)}; got {self.balance_over!r}")
         if not 0 <= self.balance_memory < 1:
@@ -173,8 +184,10 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     if not fused.adapters:
         raise LoramuxError("load the library's adapters into the fused model before training gates")
     base = fused.base
-    if config.route_alpha and not owners:
-        raise LoramuxError("route_alpha > 0 needs owners: which adapter each task was trained on")
+    routes = config.route_alpha or config.route_init_per_task
+    if routes and not owners:
+        raise LoramuxError("route_alpha > 0 or route_init_per_task > 0 needs owners: which adapter each task "
+                           "was trained on")
     labelled, val_labelled = _split_labelled(tasks, config.val_per_task, config.seed)
     if not labelled:
         raise LoramuxError("no training examples for the gates")
@@ -182,9 +195,9 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     slot = {a: k for k, a in enumerate(fused.adapters)}
     own = [slot.get((owners or {}).get(t), -1) for _, t in labelled]
     val_own = [slot.get((owners or {}).get(t), -1) for _, t in val_labelled]
-    if config.route_alpha:
+    if routes:
         if all(k < 0 for k in own):
-            raise LoramuxError(f"route_alpha > 0, but no training task has an owner among the loaded adapters "
+            raise LoramuxError(f"routing asked for, but no training task has an owner among the loaded adapters "
                                f"{list(fused.adapters)}: owners maps {sorted(owners)}")
         if unowned := sorted({t for (_, t), k in zip(labelled, own) if k < 0}):
             log(f"mole: the routing term skips the examples of {unowned}: no single loaded adapter owns them")
@@ -212,8 +225,9 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     first, elapsed = 0, 0.0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     meta = {"config": asdict(config), "adapters": list(fused.adapters), "tasks": [t.name for t in tasks],
-            "owners": dict(owners) if config.route_alpha else None}
-    if resume and ckpt and (ckpt / _STATE).is_file():
+            "owners": dict(owners) if routes else None, "gate_pool": "prompt"}
+    resumed = bool(resume and ckpt and (ckpt / _STATE).is_file())
+    if resumed:
         first, elapsed, curve, best, memory = _load_checkpoint(ckpt, meta, gates, opt)
         log(f"mole: resuming at step {first} from {ckpt}")
         if first % config.eval_every and first < config.steps:
@@ -223,6 +237,19 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
                                     f"as a run with a cap of {config.steps}: run without resume")
         if best is not None and _flat(first, best[1], config):
             stopped, first = "flat", config.steps  # it had stopped on a flat curve: nothing left to train
+    if config.route_init_per_task and not resumed:
+        picked = sample_owned(labelled, own, config.route_init_per_task, config.seed)
+        prompts = [fmt.encode_prompt(labelled[i][0].prompt)[-config.max_seq_len:] for i in picked]
+        point = {"step": 0, "route_init": route_init(gates, fused, prompts, [own[i] for i in picked],
+                                                     batch_size=config.batch_size, log=log)}
+        curve.append(point)
+        if val_features:  # step 0 scores the fitted gates: a run that never beats them keeps them
+            val, own_share = _validation_loss(router, fused, mixture, val_features, val_own, config.batch_size, device)
+            point |= {"val_task_loss": round(val, 4), "val_own_top_share": round(own_share, 4)}
+            best = (val, 0, copy.deepcopy(gates.state_dict()))
+            log(f"mole step 0 (routing start): validation task loss {val:.4f}, own adapter top {own_share:.3f}")
+            if ckpt:
+                _save_checkpoint(ckpt, meta, 0, time.perf_counter() - started, curve, best, memory, gates, opt)
     bar = tqdm(range(first, config.steps), desc=f"train mole ({config.granularity})", unit="step",
                disable=not progress, initial=first, total=config.steps)
     try:
@@ -274,7 +301,8 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     router.info = {"train_config": asdict(config), "seconds": round(seconds, 1), "gate_params": gates.n_params,
                    "examples": len(examples), "val_examples": len(val_examples), "tasks": [t.name for t in tasks],
                    "steps_run": steps_run, "stopped": stopped, "best_step": best[1] if best else steps_run,
-                   "best_val_task_loss": round(best[0], 4) if best else None, "curve": curve}
+                   "best_val_task_loss": round(best[0], 4) if best else None, "curve": curve,
+                   "gate_pool": "prompt"}  # pooled as at inference (prompt_mask); earlier gates pooled the answer too
     log(f"mole: {steps_run} steps ({stopped}) in {seconds:.0f}s; {gates.n_params:,} gate parameters; kept step "
         f"{router.info['best_step']} (validation task loss {router.info['best_val_task_loss']})")
     return router
@@ -292,11 +320,24 @@ def _forward(router: MoleRouter, fused, mixture, rows, device, grad: bool):
     inputs, labels = collate_left(rows, fused.base.tokenizer.pad_token_id)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     router.collected = []
-    with torch.set_grad_enabled(grad), fused.mixture(mixture, attention_mask=inputs["attention_mask"]):
+    with torch.set_grad_enabled(grad), fused.mixture(mixture, attention_mask=prompt_mask(inputs["attention_mask"], rows)):
         logits = fused.base.model(**inputs, logits_to_keep=labels.shape[1] + 1).logits
         task = answer_loss(logits, labels.to(device))
     collected, router.collected = router.collected, None
     return task, collected
+
+
+def prompt_mask(attention_mask: torch.Tensor, rows) -> torch.Tensor:
+    """The attention mask of a left-padded training batch with each row's answer tokens (its last
+    ones) left out: what the gates pool over. At inference they pool over the prompt alone (the
+    prefill), so pooling the answer in training would fit the gates to inputs they never see."""
+    from ...training.batching import IGNORE
+
+    keep = attention_mask.clone()
+    width = keep.shape[1]
+    for i, (_, labels) in enumerate(rows):
+        keep[i, width - sum(1 for t in labels if t != IGNORE):] = 0
+    return keep
 
 
 def _validation_loss(router, fused, mixture, features, own: list[int], batch_size: int,
@@ -360,8 +401,9 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
     # step, so a run resumed under a higher cap is the run that had that cap from the start
     cap = meta["config"]["steps"]
     meta = {**meta, "config": {**meta["config"], "steps": None}}
-    if isinstance(state.get("config"), dict):  # written before balance_over (trained pooled) or route_alpha
-        state["config"] = {"balance_over": "pooled", "route_alpha": 0.0, **state["config"], "steps": None}
+    if isinstance(state.get("config"), dict):  # written before balance_over (trained pooled), route_alpha or init
+        state["config"] = {"balance_over": "pooled", "route_alpha": 0.0, "route_init_per_task": 0, **state["config"],
+                           "steps": None}
     if {k: state.get(k) for k in meta} != meta:
         diff = sorted(k for k in meta if k != "config" and state.get(k) != meta[k])
         diff += sorted(f"config.{k}" for k in meta["config"] if (state.get("config") or {}).get(k) != meta["config"][k])

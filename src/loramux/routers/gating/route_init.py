@@ -1,0 +1,130 @@
+"""Starting MoLE gates as routers (`MoleTrainConfig.route_init_per_task`; loramux's addition).
+
+The routing term (train.py) asks every gate to put its weight on the prompt's own adapter. In the
+main loop it is one term beside the answer loss and the balance loss, at the small learning rate
+the paper's gate needs, and a run that stops when the validation answer loss flattens has seen
+each training example about once. 14-adapter gates trained that way put their largest weight on
+the own adapter in about half the units, and score well below the oracle (docs/routing.md, MoLE).
+
+Each unit's gate is a classifier over its own input pooled over the prompt, so the routing term
+can be fitted unit by unit, on inputs recorded once:
+
+1. Run `per_task` training prompts of every owned task through the fused model with the prompt's
+   own adapter alone: the forward that gates which route would give. Record each unit's input,
+   pooled over the prompt as the gate pools it at prefill.
+2. Fit each unit's gate (LayerNorm and projection; the temperature stays at its start) to
+   −log w[own] on those inputs, full batch.
+
+The main loop starts from these gates, and scores them first (step 0) on the validation examples.
+A run whose answer loss never improves on them keeps them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .gates import MoleGates, pool
+
+if TYPE_CHECKING:
+    from ...data import Example
+    from ...fusion import FusedModel
+
+# Full batch, so a larger step than the main loop's (whose 1e-4 suits noisy batches of 8, train.py):
+# on the 14-task library, 16 prompts per task, 1e-3 routed unseen training prompts of those tasks to
+# their own adapter in a larger share of units than 1e-4, with more decisive weights.
+FIT_STEPS = 100
+FIT_LR = 1e-3
+
+
+def sample_owned(labelled: list[tuple["Example", str]], own: list[int], per_task: int,
+                 seed: int) -> list[int]:
+    """Indices into `labelled` of up to `per_task` seeded examples of each task that has an own
+    adapter (own >= 0)."""
+    by_task: dict[str, list[int]] = {}
+    for i, ((_, task), k) in enumerate(zip(labelled, own)):
+        if k >= 0:
+            by_task.setdefault(task, []).append(i)
+    picked = []
+    for task, idx in sorted(by_task.items()):
+        picked += sorted(random.Random(f"{seed}:route-init:{task}").sample(idx, min(per_task, len(idx))))
+    return picked
+
+
+@torch.no_grad()
+def record_pooled(gates: MoleGates, fused: "FusedModel", prompts: list[list[int]], own: list[int],
+                  batch_size: int) -> dict[str, torch.Tensor]:
+    """Unit -> (N, d) its input pooled over each prompt, with each prompt's own adapter alone
+    active (fused slot own[i], weight 1) in every adapted module."""
+    from ...fusion import LayerMixture
+    from ...training.batching import left_pad
+
+    device = next(fused.base.model.parameters()).device
+    pad = fused.base.tokenizer.pad_token_id if fused.base.tokenizer.pad_token_id is not None else 0
+    pooled: dict[str, list[torch.Tensor]] = {u: [] for u in gates.units}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
+    rows_of = torch.empty(len(prompts), dtype=torch.long)
+    onehot = None
+
+    def gate(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        unit = gates.unit.get(name)
+        if unit is not None and gates.anchor[unit] == name:
+            pooled[unit].append(pool(x, mask).float().cpu())
+        return onehot.to(x.dtype)
+
+    done = 0
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        ids, mask = left_pad([prompts[i] for i in batch], pad, device=device)
+        onehot = torch.zeros(len(batch), len(fused.adapters), device=device)
+        onehot[torch.arange(len(batch)), torch.tensor([own[i] for i in batch])] = 1.0
+        with fused.mixture(LayerMixture(gate), attention_mask=mask):
+            fused.base.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             logits_to_keep=1)
+        rows_of[torch.tensor(batch)] = torch.arange(done, done + len(batch))
+        done += len(batch)
+    return {u: torch.cat(p)[rows_of] for u, p in pooled.items()}  # back in the prompts' order
+
+
+def fit_gates(gates: MoleGates, fused: "FusedModel", pooled: dict[str, torch.Tensor], own: torch.Tensor,
+              slots: torch.Tensor | None = None, *, steps: int = FIT_STEPS, lr: float = FIT_LR) -> dict[str, float]:
+    """Fit each unit's LayerNorm and projection to −log w[own] on its pooled inputs (full batch,
+    Adam). Returns unit -> the share of the inputs whose largest weight is on their own adapter."""
+    share = {}
+    device = gates.log_tau.device
+    own = own.to(device)
+    for unit in gates.units:
+        i = gates.index[unit]
+        x = pooled[unit].to(device)[:, None, :]  # (N, 1, d): pooling one position is the identity
+        layer = fused.layers[gates.anchor[unit]]
+        opt = torch.optim.Adam([*gates.norms[i].parameters(), *gates.projs[i].parameters()], lr=lr)
+        for _ in range(steps):
+            logits = gates.logits(unit, x, None, layer, slots)
+            loss = torch.nn.functional.cross_entropy(logits, own)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            share[unit] = float((gates.logits(unit, x, None, layer, slots).argmax(-1) == own).float().mean())
+    return share
+
+
+def route_init(gates: MoleGates, fused: "FusedModel", prompts: list[list[int]], own: list[int], *,
+               batch_size: int, log: Callable[[str], None] = print) -> dict:
+    """Steps 1 and 2 of the module docstring on `prompts` (token ids) whose own adapters (fused
+    slots, the gated adapters in order) are `own`. Returns what to keep in the router's info."""
+    started = time.perf_counter()
+    log(f"mole: recording {len(prompts)} prompts' pooled inputs with their own adapters")
+    pooled = record_pooled(gates, fused, prompts, own, batch_size)
+    recorded = time.perf_counter() - started
+    log(f"mole: fitting {len(gates.units)} gates to route ({FIT_STEPS} full-batch steps each)")
+    with torch.enable_grad():
+        share = fit_gates(gates, fused, pooled, torch.tensor(own))
+    mean = sum(share.values()) / max(1, len(share))
+    log(f"mole: route init done in {time.perf_counter() - started:.0f}s; own adapter top on the fitted "
+        f"prompts in {mean:.3f} of (prompt, unit) pairs")
+    return {"prompts": len(prompts), "fit_steps": FIT_STEPS, "fit_lr": FIT_LR, "train_own_top_share": round(mean, 4),
+            "record_seconds": round(recorded, 1), "seconds": round(time.perf_counter() - started, 1)}
