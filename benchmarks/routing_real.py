@@ -20,7 +20,7 @@ and while the library grows. Writes benchmarks/results/routing_real.json.
   Arrow's mean over tokens and modules of the best |cos(h, prototype)|, MoLE's mean over units of
   the largest gate weight (low = no adapter fits).
 - in_forward_routers.behind_dlp_test (with --only behind_test): what the DLP router's out-of-library test costs
-  Arrow and the routed MoLE gates (mole_layer_routed) in front of them (routers/abstention.py):
+  Arrow and the routed MoLE gates (mole_layer_routed, mole_layer_routed_init) in front of them (routers/abstention.py):
   the in-library composite with the test on (arrow_abstain, mole_abstain) and off, and how many
   in-library prompts it sent to the base model. What it gains outside the library is unseen.py's.
 - growth_seconds: adding a 15th adapter to the library and retraining the router's head from
@@ -260,10 +260,13 @@ def superseded_gates(before: dict, now: dict) -> dict:
     """The earlier run's superseded rows, and its MoLE row when the gates' sharpening changed since
     (calibrate.py re-saves them in place): numbers of other gates are kept, not overwritten."""
     out = dict(before.get("superseded", {}))
-    was = before.get("mole_routed")
-    if was and (was.get("sharpen") or 1.0) != (now["mole_routed"].get("sharpen") or 1.0):
-        out[f"mole_routed@sharpen{was.get('sharpen') or 1.0:g}"] = {**was, "command": before.get("command"),
-                                                                    "date": before.get("date")}
+    for name, row in now.items():
+        was = before.get(name)
+        if not (isinstance(row, dict) and "sharpen" in row and was):  # MoLE rows alone carry a sharpening
+            continue
+        if (was.get("sharpen") or 1.0) != (row.get("sharpen") or 1.0):
+            out[f"{name}@sharpen{was.get('sharpen') or 1.0:g}"] = {**was, "command": before.get("command"),
+                                                                  "date": before.get("date")}
     return out
 
 
@@ -275,7 +278,8 @@ def behind_test_drop(lib: Library, base, test, limit: int) -> dict:
     from loramux.fusion import FusedModel
 
     pairs = {"arrow": ("arrow", "arrow_abstain"),
-             "mole_routed": ("mole:mole_layer_routed", "mole_abstain:mole_layer_routed")}
+             "mole_routed": ("mole:mole_layer_routed", "mole_abstain:mole_layer_routed"),
+             "mole_routed_init": ("mole:mole_layer_routed_init", "mole_abstain:mole_layer_routed_init")}
     fused = FusedModel(base)
     r = evaluate(fused, lib, test, EvalConfig(("base", *(s for pair in pairs.values() for s in pair)), limit, 0,
                                               cache_dir=str(prediction_cache_path())), log=log)

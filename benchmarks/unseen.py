@@ -18,14 +18,15 @@ the same cache. Strategies:
   arrow_gks (Arrow over ΔW_i − mean ΔW: general knowledge subtraction, PEFT's `use_gks`, with the
   library's own mean as the general knowledge, since a task library has no general adapters);
   mbc_arrow; mole (layer gates, balanced per gate); mole_pooled (layer gates with the paper's
-  balance pooled over gates); mole_routed (layer gates with loramux's routing term); ties; multitask;
+  balance pooled over gates); mole_routed (layer gates with loramux's routing term); mole_routed_init
+  (the same, fitted to route before training: route_init.py); ties; multitask;
   and, behind the library's DLP out-of-library test (a prompt it rejects goes to the base model):
   dlp_soft_abstain (top-p 0.9, the test on: what `top_p: 0.9` serves by default), arrow_abstain,
-  arrow_gks_abstain, mole_routed_abstain, mbc_arrow_abstain (behind a DLP router trained for the
+  arrow_gks_abstain, mole_routed_abstain, mole_routed_init_abstain, mbc_arrow_abstain (behind a DLP router trained for the
   cluster library, as `loramux router train` does for any library); and with the multi-task LoRA
   as the library's general adapter, serving what they abstain on (`loramux library general`):
   dlp_general, dlp_soft_abstain_general, arrow_abstain_general, arrow_gks_abstain_general,
-  mole_routed_abstain_general. That library (<library>-general) holds the same adapters, DLP
+  mole_routed_abstain_general, mole_routed_init_abstain_general. That library (<library>-general) holds the same adapters, DLP
   router and gates, copied.
 """
 
@@ -66,7 +67,11 @@ STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("d
               # router abstains on goes to that LoRA instead of the base model (library.py)
               "dlp_general": ("dlp", "general"), "dlp_soft_abstain_general": ("dlp_p0.9", "general"),
               "arrow_abstain_general": ("arrow_abstain", "general"), "arrow_gks_abstain_general": ("arrow_gks_abstain", "general"),
-              "mole_routed_abstain_general": ("mole_abstain:mole_layer_routed", "general")}
+              "mole_routed_abstain_general": ("mole_abstain:mole_layer_routed", "general"),
+              # gates fitted to route before training (composite.py's mole_layer_routed_init)
+              "mole_routed_init": ("mole:mole_layer_routed_init", "lib"),
+              "mole_routed_init_abstain": ("mole_abstain:mole_layer_routed_init", "lib"),
+              "mole_routed_init_abstain_general": ("mole_abstain:mole_layer_routed_init", "general")}
 
 
 def main() -> None:
@@ -244,16 +249,16 @@ def save(out: Path, result: dict, wanted: list[str]) -> None:
 
 
 GENERAL = ("dlp_general", "dlp_soft_abstain_general", "arrow_abstain_general", "arrow_gks_abstain_general",
-           "mole_routed_abstain_general")
+           "mole_routed_abstain_general", "mole_routed_init_abstain_general")
 ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed",
           "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", "mbc_arrow_abstain",
-          *GENERAL)
+          "mole_routed_init", "mole_routed_init_abstain", *GENERAL)
 # what the server runs for each router by default over a library whose DLP router stores a test:
 # DLP abstains by it at any top-p, and it stands in front of Arrow and MoLE (routers/abstention.py);
 # over the library that names a general adapter, the same routers with it serving abstentions.
 # The MBC cluster library is served with the test once a DLP router is trained for it (mbc_arrow_abstain).
 AS_SERVED = ("dlp", "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain",
-             "mbc_arrow_abstain", *GENERAL)
+             "mbc_arrow_abstain", "mole_routed_init_abstain", *GENERAL)
 
 
 def versus(result: dict) -> dict:
