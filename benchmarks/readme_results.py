@@ -117,7 +117,8 @@ def mole(d: dict) -> list[tuple[str, str]]:
     a = d["average_accuracy"]
     names = {"mole_layer": "layer", "mole_block": "block", "mole_layer_no_balance": "layer without balance loss",
              "mole_layer_pooled": "layer, balance pooled over layers (paper)",
-             "mole_layer_routed": "layer with the routing term"}
+             "mole_layer_routed": "layer with the routing term",
+             "mole_layer_routed_init": "layer with the routing term, fitted to route first"}
     gates = ", ".join(f"{label} {a[k]:.3f}" for k, label in names.items() if k in a)  # the gate sets this run scored
     steps = "; ".join(f"{k} {v['steps_run']} steps, stopped on {v['stopped']}"
                       + (f", logits x {v['sharpen']:g} chosen on validation" if v.get("sharpen", 1.0) != 1.0 else "")
@@ -185,7 +186,9 @@ def routing_real(d: dict) -> list[tuple[str, str]]:
             f"({behind['limit_per_task']} prompts each)",
             f"composite cost {behind['arrow']['drop_points']:.2f} / {behind['mole_routed']['drop_points']:.2f} points "
             f"({behind['arrow']['abstained_in_library']} / {behind['mole_routed']['abstained_in_library']} prompts "
-            f"sent to the base model)")] if (behind := d.get("in_forward_routers", {}).get("behind_dlp_test")) else []),
+            f"sent to the base model)" + (f"; the gates fitted to route first {behind['mole_routed_init']['drop_points']:.2f} "
+                                          f"points" if "mole_routed_init" in behind else ""))]
+          if (behind := d.get("in_forward_routers", {}).get("behind_dlp_test")) else []),
         (f"a 15th adapter added and the DLP head retrained from cached embeddings "
          f"({'the trained library' if d['library'] == 'given' else d['library']})",
          f"{d['growth_seconds']:.1f} s, {g['prompts_encoded']:,} of {g['prompts_in_training']:,} prompts encoded "
@@ -227,7 +230,7 @@ def general_cost(d: dict) -> list[tuple[str, str]]:
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
            ("router_dlp.json", router_dlp), ("routing_real.json", routing_real),
            ("unseen_all_prompts.json", unseen), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
-           ("mole_routed_sharpen.json", mole), ("general_cost.json", general_cost),
+           ("mole_routed_sharpen.json", mole), ("mole_routed_init.json", mole), ("general_cost.json", general_cost),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 

@@ -88,16 +88,20 @@ def test_mole_train_route_mask_plot_generate(capsys, task_lib, task_dir, tiny_mo
     code, out, err = run(capsys, "router", "train", "--method", "mole", "-l", lib, "--data", str(task_dir),
                          "--model", model, "--granularity", "block", "--steps", "2", "--batch-size", "4",
                          "--balance-over", "pooled", "--route-alpha", "1", "--val-per-task", "1",
-                         "--sharpen-grid", "1,2")
+                         "--route-init-per-task", "2", "--sharpen-grid", "1,2")
     assert code == 0, err
     assert "router 'mole' saved to" in out and "mole sharpen 2: validation answer loss" in out
     info = json.loads((task_lib.router_dir("mole") / "router.json").read_text())["info"]
     assert info["sharpen"] in (1.0, 2.0) and sorted(info["sharpen_curve"]) == ["1.0", "2.0"]
     assert info["train_config"]["balance_over"] == "pooled" and info["train_config"]["route_alpha"] == 1.0
     assert "route_loss" in info["curve"][-1]  # the term ran: every task has its adapter
+    assert info["curve"][0]["step"] == 0 and info["curve"][0]["route_init"]["prompts"] >= 2  # the routing start
     code, _, err = run(capsys, "router", "train", "--method", "mole", "-l", lib, "--data", str(task_dir),
                        "--model", model, "--balance-over", "layers")
     assert code == 2 and "balance_over must be one of units, pooled; got 'layers'" in err
+    code, _, err = run(capsys, "router", "train", "--method", "mole", "-l", lib, "--data", str(task_dir),
+                       "--model", model, "--route-init-per-task", "-1")
+    assert code == 2 and "route_init_per_task must be >= 0; got -1" in err
     code, _, err = run(capsys, "router", "train", "--method", "mole", "-l", lib, "--data", str(task_dir),
                        "--model", model, "--sharpen-grid", "2x")
     assert code == 2 and "--sharpen-grid '2x' must be comma-separated numbers" in err

@@ -57,6 +57,10 @@ def train(
     route_alpha: float = typer.Option(_M.route_alpha, help="mole: weight of the routing term, which asks every "
                                                           "gate for the adapter trained on the example's task "
                                                           "(0 = off: the paper's objective)."),
+    route_init_per_task: int = typer.Option(_M.route_init_per_task, help="mole: prompts per task each gate is "
+                                                                        "first fitted to route to the task's adapter, "
+                                                                        "before training (0 = off: start uniform, "
+                                                                        "as the paper does)."),
     balance_over: str = typer.Option(_M.balance_over, help="mole: units (each gate balanced over the prompts it "
                                                            "sees) or pooled (one balance over all gates: the paper's)."),
     steps: int = typer.Option(_M.steps, help="mole: optimizer steps at most (training stops earlier when the "
@@ -88,7 +92,8 @@ def train(
         from ..routers.gating import MoleTrainConfig, task_owners, train_mole
 
         config = MoleTrainConfig(granularity=granularity, gate_input=gate_input, balance_alpha=balance_alpha,
-                                 balance_over=balance_over, route_alpha=route_alpha, lr=lr or _M.lr,
+                                 balance_over=balance_over, route_alpha=route_alpha,
+                                 route_init_per_task=route_init_per_task, lr=lr or _M.lr,
                                  steps=steps, batch_size=batch_size or _M.batch_size, seed=seed,
                                  val_per_task=val_per_task)
         fused = FusedModel(load_base(model, device=device, dtype=dtype))
