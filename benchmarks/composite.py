@@ -109,15 +109,14 @@ def mole_config(name: str, steps: int) -> dict:
 def same_gate_recipe(stored: dict, wanted: dict) -> bool:
     """Whether gates stored with `stored` (their router info) are what the recipe `wanted` trains.
     Gates stored before `balance_over` existed were trained pooled (the paper's form), before
-    `route_alpha` without the routing term, before `route_init_per_task` without a routing start;
-    without a balance loss (α = 0) where it is taken does not matter. Gates pooled over prompt and
-    answer in training (stored without `gate_pool`) are not what today's trainer gives. The step
+    `route_alpha` without the routing term; without a balance loss (α = 0) where it is taken does
+    not matter. Gates pooled over prompt and answer in training (stored without `gate_pool`, so
+    before `route_init_per_task` existed too) are not what today's trainer gives. The step
     count is a cap: gates that stopped on a flat curve within this cap, or ran to exactly this
     cap, are the gates it trains."""
     if stored.get("gate_pool") != "prompt":
         return False
-    config = {"balance_over": "pooled", "route_alpha": 0.0, "route_init_per_task": 0,
-              **(stored.get("train_config") or {})}
+    config = {"balance_over": "pooled", "route_alpha": 0.0, **(stored.get("train_config") or {})}
     if wanted["balance_alpha"] == 0:
         config, wanted = {**config, "balance_over": None}, {**wanted, "balance_over": None}
     if {**config, "steps": None} != {**wanted, "steps": None}:

@@ -167,7 +167,8 @@ def plot(out: dict, output: Path) -> None:
         curve = [c for c in info.get("curve") or [] if "val_task_loss" in c]
         if curve:
             ax.plot([c["step"] for c in curve], [c["val_task_loss"] for c in curve], marker="o", label=f"{name} (val)")
-            ax.plot([c["step"] for c in curve], [c["train_task_loss"] for c in curve], ls=":", alpha=0.6,
+            trained = [c for c in curve if "train_task_loss" in c]  # not the routing start's step 0
+            ax.plot([c["step"] for c in trained], [c["train_task_loss"] for c in trained], ls=":", alpha=0.6,
                     label=f"{name} (train)")
     ax.set_xlabel("gate training step")
     ax.set_ylabel("answer loss")

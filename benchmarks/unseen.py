@@ -126,7 +126,8 @@ def main() -> None:
             gates = harness.split(":")[1]
             ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, names=(gates,))
             info = gate_info(lib, gates)
-            kept = ("steps_run", "stopped", "best_step", "best_val_task_loss", "seconds", "sharpen")
+            # gate_pool "prompt": pooled as at inference in training; absent: over prompt and answer
+            kept = ("steps_run", "stopped", "best_step", "best_val_task_loss", "seconds", "sharpen", "gate_pool")
             result.setdefault("mole_training", {})[s] = {"cap": (info.get("train_config") or {}).get("steps"),
                                                          **{k: info.get(k) for k in kept}}
         if where == "lib":

@@ -438,3 +438,23 @@ def test_gates_over_a_fused_model_that_also_holds_the_general_adapter(tiny_model
     alone.remove_adapter("b")
     with pytest.raises(LoramuxError, match=r"\['b'\] were unloaded"):
         router.slots()
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_training_gates_pool_the_prompt_alone_as_at_inference(tiny_model_dir, lib, granularity):
+    from loramux.data import Example, PromptFormatter
+    from loramux.routers.gating.train import _forward
+    from loramux.training.batching import encode_for_training
+
+    fused = fused_for(tiny_model_dir, lib)
+    router = router_for(fused, granularity)
+    fmt = PromptFormatter(fused.base.tokenizer)
+    examples = [Example("one two three four five six", ("seven eight nine",)), Example("x", ("y",))]
+    rows = [encode_for_training(fmt, e, 256) for e in examples]
+    device = next(fused.base.model.parameters()).device
+    _, trained = _forward(router, fused, router.layer_mixture(), rows, device, grad=False)
+    for i, e in enumerate(examples):  # each prompt alone, as the engine's prefill sees it
+        ids = torch.tensor([fmt.encode_prompt(e.prompt)], device=device)
+        served = router.route_weights(ids, torch.ones_like(ids))
+        for unit, w in zip(router.gates.units, trained):
+            torch.testing.assert_close(w[i].float(), served[unit][0].float(), atol=2e-2, rtol=2e-2)

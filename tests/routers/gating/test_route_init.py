@@ -78,7 +78,7 @@ def test_training_from_a_routing_start_scores_it_first_and_keeps_it_when_nothing
     tasks = word_tasks(tmp_path)
     fused = fused_for(tiny_model_dir, lib)
     owners = task_owners(lib)
-    config = MoleTrainConfig(granularity="layer", steps=40, batch_size=6, lr=0.0, val_per_task=2, eval_every=4,
+    config = MoleTrainConfig(granularity="layer", steps=40, batch_size=6, lr=0.0, val_per_task=2, eval_every=2,
                              patience=2, route_init_per_task=8)
     with pytest.raises(Exception, match="needs owners"):
         train_mole(fused, tasks, config, progress=False, log=lambda s: None)
@@ -86,8 +86,61 @@ def test_training_from_a_routing_start_scores_it_first_and_keeps_it_when_nothing
     start = router.info["curve"][0]
     assert start["step"] == 0 and start["route_init"]["prompts"] == 3 * 8 and "val_task_loss" in start
     # lr 0: the main loop never moves the gates, so the routing start is the best and is kept
-    assert router.info["best_step"] == 0 and router.info["stopped"] == "flat" and router.info["steps_run"] == 8
+    assert router.info["best_step"] == 0 and router.info["stopped"] == "flat" and router.info["steps_run"] == 4
     assert router.info["gate_pool"] == "prompt"
     plain = train_mole(fused, tasks, dataclasses.replace(config, route_init_per_task=0), progress=False,
                        log=lambda s: None)
-    assert start["val_own_top_share"] > 1 / 3 and plain.info["curve"][0]["step"] == 4
+    assert start["val_own_top_share"] > 1 / 3 and plain.info["curve"][0]["step"] == 2
+
+
+def test_a_run_stopped_after_its_routing_start_resumes_from_it_without_fitting_again(tiny_model_dir, lib, tmp_path,
+                                                                                     monkeypatch):
+    import json
+
+    monkeypatch.setattr("loramux.routers.gating.route_init.FIT_STEPS", 10)
+
+    tasks = word_tasks(tmp_path)
+    fused = fused_for(tiny_model_dir, lib)
+    owners = task_owners(lib)
+    config = MoleTrainConfig(granularity="block", steps=4, batch_size=6, lr=0.01, val_per_task=2, eval_every=2,
+                             patience=5, route_init_per_task=4)
+    whole = train_mole(fused, tasks, config, progress=False, log=lambda s: None, owners=owners)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_2(msg):
+        if msg.startswith("mole step 2"):
+            raise Stop  # after the routing start's checkpoint (step 0), before step 2's
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Stop):
+        train_mole(fused, tasks, config, progress=False, log=stop_at_step_2, checkpoint_dir=ckpt, owners=owners)
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 0
+    messages = []
+    resumed = train_mole(fused, tasks, config, progress=False, log=messages.append, checkpoint_dir=ckpt, resume=True,
+                         owners=owners)
+    assert messages[0].startswith("mole: resuming at step 0") and not any("recording" in m for m in messages)
+    def untimed(curve):
+        return [{k: v for k, v in c.items() if k != "route_init"} | {"route_init": {
+            k: v for k, v in (c.get("route_init") or {}).items() if not k.endswith("seconds")}} for c in curve]
+    assert untimed(resumed.info["curve"]) == untimed(whole.info["curve"])
+    a, b = whole.gates.state_dict(), resumed.gates.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_checkpoint_from_before_prompt_pooling_is_another_recipe(tiny_model_dir, lib, tmp_path):
+    import json
+
+    from loramux.routers.gating import CheckpointOtherRecipe
+
+    tasks = word_tasks(tmp_path)
+    fused = fused_for(tiny_model_dir, lib)
+    config = MoleTrainConfig(granularity="block", steps=2, batch_size=6, val_per_task=2, eval_every=2)
+    ckpt = tmp_path / "ckpt"
+    train_mole(fused, tasks, config, progress=False, log=lambda s: None, checkpoint_dir=ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["gate_pool"]  # as written before the gates pooled the prompt alone in training
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointOtherRecipe, match="gate_pool"):
+        train_mole(fused, tasks, dataclasses.replace(config, steps=4), progress=False, log=lambda s: None,
+                   checkpoint_dir=ckpt, resume=True)

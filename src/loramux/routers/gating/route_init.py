@@ -88,26 +88,37 @@ def record_pooled(gates: MoleGates, fused: "FusedModel", prompts: list[list[int]
     return pooled
 
 
-def fit_gates(gates: MoleGates, fused: "FusedModel", pooled: dict[str, torch.Tensor], own: torch.Tensor,
-              slots: torch.Tensor | None = None, *, steps: int = FIT_STEPS, lr: float = FIT_LR) -> dict[str, float]:
+def fit_gates(gates: MoleGates, fused: "FusedModel", pooled: dict[str, torch.Tensor], own: torch.Tensor, *,
+              steps: int = FIT_STEPS, lr: float = FIT_LR) -> dict[str, float]:
     """Fit each unit's LayerNorm and projection to −log w[own] on its pooled inputs (full batch,
-    Adam). Returns unit -> the share of the inputs whose largest weight is on their own adapter."""
+    Adam); `own` indexes the gated adapters, which are the fused model's slots (as in training).
+    Returns unit -> the share of the inputs whose largest weight is on their own adapter."""
     share = {}
     device = gates.log_tau.device
     own = own.to(device)
+    gates.log_tau.requires_grad_(False)  # the temperatures stay at their start (module docstring)
+    try:
+        return _fit_units(gates, fused, pooled, own, steps, lr, share)
+    finally:
+        gates.log_tau.requires_grad_(True)
+
+
+def _fit_units(gates: MoleGates, fused: "FusedModel", pooled: dict[str, torch.Tensor], own: torch.Tensor,
+               steps: int, lr: float, share: dict[str, float]) -> dict[str, float]:
+    device = gates.log_tau.device
     for unit in gates.units:
         i = gates.index[unit]
         x = pooled[unit].to(device)[:, None, :]  # (N, 1, d): pooling one position is the identity
         layer = fused.layers[gates.anchor[unit]]
         opt = torch.optim.Adam([*gates.norms[i].parameters(), *gates.projs[i].parameters()], lr=lr)
         for _ in range(steps):
-            logits = gates.logits(unit, x, None, layer, slots)
+            logits = gates.logits(unit, x, None, layer)
             loss = torch.nn.functional.cross_entropy(logits, own)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with torch.no_grad():
-            share[unit] = float((gates.logits(unit, x, None, layer, slots).argmax(-1) == own).float().mean())
+            share[unit] = float((gates.logits(unit, x, None, layer).argmax(-1) == own).float().mean())
     return share
 
 
@@ -121,7 +132,7 @@ def route_init(gates: MoleGates, fused: "FusedModel", prompts: list[list[int]], 
     recorded = time.perf_counter() - started
     log(f"mole: fitting {len(gates.units)} gates to route ({FIT_STEPS} full-batch steps each)")
     with torch.enable_grad():
-        share = fit_gates(gates, fused, pooled, torch.tensor(own))
+        share = fit_gates(gates, fused, pooled, torch.tensor(own), steps=FIT_STEPS, lr=FIT_LR)
     mean = sum(share.values()) / max(1, len(share))
     log(f"mole: route init done in {time.perf_counter() - started:.0f}s; own adapter top on the fitted "
         f"prompts in {mean:.3f} of (prompt, unit) pairs")

@@ -200,7 +200,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             raise LoramuxError(f"routing asked for, but no training task has an owner among the loaded adapters "
                                f"{list(fused.adapters)}: owners maps {sorted(owners)}")
         if unowned := sorted({t for (_, t), k in zip(labelled, own) if k < 0}):
-            log(f"mole: the routing term skips the examples of {unowned}: no single loaded adapter owns them")
+            log(f"mole: routing leaves out the examples of {unowned}: no single loaded adapter owns them")
     fmt = PromptFormatter(base.tokenizer)
     features = LazyFeatures(fmt, examples, config.max_seq_len)
     val_features = LazyFeatures(fmt, val_examples, config.max_seq_len)
@@ -237,22 +237,25 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
                                     f"as a run with a cap of {config.steps}: run without resume")
         if best is not None and _flat(first, best[1], config):
             stopped, first = "flat", config.steps  # it had stopped on a flat curve: nothing left to train
-    if config.route_init_per_task and not resumed:
-        picked = sample_owned(labelled, own, config.route_init_per_task, config.seed)
-        prompts = [fmt.encode_prompt(labelled[i][0].prompt)[-config.max_seq_len:] for i in picked]
-        point = {"step": 0, "route_init": route_init(gates, fused, prompts, [own[i] for i in picked],
-                                                     batch_size=config.batch_size, log=log)}
-        curve.append(point)
-        if val_features:  # step 0 scores the fitted gates: a run that never beats them keeps them
-            val, own_share = _validation_loss(router, fused, mixture, val_features, val_own, config.batch_size, device)
-            point |= {"val_task_loss": round(val, 4), "val_own_top_share": round(own_share, 4)}
-            best = (val, 0, copy.deepcopy(gates.state_dict()))
-            log(f"mole step 0 (routing start): validation task loss {val:.4f}, own adapter top {own_share:.3f}")
-            if ckpt:
-                _save_checkpoint(ckpt, meta, 0, time.perf_counter() - started, curve, best, memory, gates, opt)
-    bar = tqdm(range(first, config.steps), desc=f"train mole ({config.granularity})", unit="step",
-               disable=not progress, initial=first, total=config.steps)
     try:
+        if config.route_init_per_task and not resumed:
+            picked = sample_owned(labelled, own, config.route_init_per_task, config.seed)
+            prompts = [fmt.encode_prompt(labelled[i][0].prompt)[-config.max_seq_len:] for i in picked]
+            point = {"step": 0, "route_init": route_init(gates, fused, prompts, [own[i] for i in picked],
+                                                         batch_size=config.batch_size, log=log)}
+            curve.append(point)
+            if val_features:  # step 0 scores the fitted gates: a run that never beats them keeps them
+                val, own_share = _validation_loss(router, fused, mixture, val_features, val_own, config.batch_size,
+                                                  device)
+                point["val_task_loss"] = round(val, 4)
+                if own_share is not None:
+                    point["val_own_top_share"] = round(own_share, 4)
+                best = (val, 0, copy.deepcopy(gates.state_dict()))
+                log(f"mole step 0 (routing start): validation task loss {val:.4f}")
+                if ckpt:
+                    _save_checkpoint(ckpt, meta, 0, time.perf_counter() - started, curve, best, memory, gates, opt)
+        bar = tqdm(range(first, config.steps), desc=f"train mole ({config.granularity})", unit="step",
+                   disable=not progress, initial=first, total=config.steps)
         for step in bar:
             idx = micro_batch_indices(len(features), config.batch_size, step, config.seed)
             task, weights = _forward(router, fused, mixture, [features[i] for i in idx], device, grad=True)
@@ -401,9 +404,8 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
     # step, so a run resumed under a higher cap is the run that had that cap from the start
     cap = meta["config"]["steps"]
     meta = {**meta, "config": {**meta["config"], "steps": None}}
-    if isinstance(state.get("config"), dict):  # written before balance_over (trained pooled), route_alpha or init
-        state["config"] = {"balance_over": "pooled", "route_alpha": 0.0, "route_init_per_task": 0, **state["config"],
-                           "steps": None}
+    if isinstance(state.get("config"), dict):  # written before balance_over (trained pooled) or route_alpha
+        state["config"] = {"balance_over": "pooled", "route_alpha": 0.0, **state["config"], "steps": None}
     if {k: state.get(k) for k in meta} != meta:
         diff = sorted(k for k in meta if k != "config" and state.get(k) != meta[k])
         diff += sorted(f"config.{k}" for k in meta["config"] if (state.get("config") or {}).get(k) != meta["config"][k])
