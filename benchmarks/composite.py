@@ -57,7 +57,9 @@ MOLE = {"mole_layer": {"granularity": "layer"}, "mole_block": {"granularity": "b
         "mole_layer_no_balance": {"granularity": "layer", "balance_alpha": 0.0},
         "mole_layer_pooled": {"granularity": "layer", "balance_over": "pooled"},
         "mole_layer_routed": {"granularity": "layer", "route_alpha": 1.0},
-        "mole_layer_routed_init": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64}}
+        "mole_layer_routed_init": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64},
+        # an ablation: the routing start alone, no training after it (its own step count, whatever the cap)
+        "mole_layer_route_start": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64, "steps": 0}}
 
 
 def log(msg: str) -> None:
@@ -102,8 +104,8 @@ def mole_config(name: str, steps: int) -> dict:
     """The training recipe of the gate set `name` (MOLE), as stored with trained gates."""
     from loramux.routers.gating import MoleTrainConfig
 
-    return dataclasses.asdict(MoleTrainConfig(**{"balance_alpha": 0.5, "balance_over": "units", **MOLE[name]},
-                                              steps=steps))
+    return dataclasses.asdict(MoleTrainConfig(**{"balance_alpha": 0.5, "balance_over": "units", "steps": steps,
+                                                 **MOLE[name]}))
 
 
 def same_gate_recipe(stored: dict, wanted: dict) -> bool:

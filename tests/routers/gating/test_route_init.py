@@ -144,3 +144,17 @@ def test_a_checkpoint_from_before_prompt_pooling_is_another_recipe(tiny_model_di
     with pytest.raises(CheckpointOtherRecipe, match="gate_pool"):
         train_mole(fused, tasks, dataclasses.replace(config, steps=4), progress=False, log=lambda s: None,
                    checkpoint_dir=ckpt, resume=True)
+
+
+def test_the_routing_start_alone_is_zero_steps_and_zero_steps_needs_it(tiny_model_dir, lib, tmp_path, monkeypatch):
+    from loramux.errors import LoramuxError
+
+    monkeypatch.setattr("loramux.routers.gating.route_init.FIT_STEPS", 10)
+    tasks = word_tasks(tmp_path)
+    fused = fused_for(tiny_model_dir, lib)
+    router = train_mole(fused, tasks, MoleTrainConfig(granularity="block", steps=0, batch_size=6, val_per_task=2,
+                                                      route_init_per_task=4),
+                        progress=False, log=lambda s: None, owners=task_owners(lib))
+    assert router.info["steps_run"] == 0 and router.info["best_step"] == 0 and len(router.info["curve"]) == 1
+    with pytest.raises(LoramuxError, match="0 only with route_init_per_task"):
+        MoleTrainConfig(steps=0)

@@ -82,7 +82,7 @@ class MoleTrainConfig:
     # about lr, a logit by about lr·K·d·E|h| (≈ 0.6 at 1e-4 for 14 adapters of width 576), so
     # 1e-3 flips gates from uniform to one-hot within two steps.
     lr: float = 1e-4
-    steps: int = 400  # at most; validation usually stops it earlier
+    steps: int = 400  # at most; validation usually stops it earlier; 0 with a routing start: the start alone
     batch_size: int = 8
     max_seq_len: int = 256
     seed: int = 0
@@ -103,8 +103,9 @@ class MoleTrainConfig:
             raise LoramuxError(f"balance_over must be one of {', '.join(BALANCE_OVER)}; got {self.balance_over!r}")
         if not 0 <= self.balance_memory < 1:
             raise LoramuxError(f"balance_memory must be in [0, 1); got {self.balance_memory!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise LoramuxError(f"steps and batch_size must be positive; got {self.steps}, {self.batch_size}")
+        if self.batch_size < 1 or self.steps < (0 if self.route_init_per_task else 1):
+            raise LoramuxError(f"batch_size must be positive, and steps too (0 only with route_init_per_task: the "
+                               f"routing start alone); got steps={self.steps}, batch_size={self.batch_size}")
         if self.val_per_task < 0 or self.eval_every < 1 or self.patience < 1 or self.min_delta < 0:
             raise LoramuxError("val_per_task >= 0, eval_every >= 1, patience >= 1 and min_delta >= 0 are required")
 
