@@ -231,7 +231,7 @@ def general_cost(d: dict) -> list[tuple[str, str]]:
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
            ("router_dlp.json", router_dlp), ("routing_real.json", routing_real),
            ("unseen_all_prompts.json", unseen), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
-           ("mole_routed_sharpen.json", mole), ("mole_routed_init.json", mole), ("general_cost.json", general_cost),
+           ("mole_routed_sharpen.json", mole), ("mole_routed_init.json", mole), ("mole_route_start.json", mole), ("general_cost.json", general_cost),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 
