@@ -132,6 +132,28 @@ def gate_info(lib: Library, name: str) -> dict:
     return json.loads((lib.router_dir(name) / "router.json").read_text()).get("info", {})
 
 
+def gate_stamp(lib: Library, name: str) -> dict:
+    """What a result row records of the gate set `name` it scored, to tell later whether the gates
+    stored now are still those: the stored directory (the library writes a new one on every save,
+    retraining or recalibrating), the sharpening, how training pooled the gates' inputs and how
+    long it trained."""
+    info = gate_info(lib, name)
+    return {"gates_dir": lib.router_dir(name).name, "sharpen": info.get("sharpen") or 1.0,
+            "gate_pool": info.get("gate_pool"), "seconds": info.get("seconds")}
+
+
+def gates_changed(was: dict, now: dict) -> str | None:
+    """Why a row stamped `was` no longer describes the gates stamped `now` (gate_stamp), as a tag
+    for its key among superseded rows; None when nothing it recorded changed. Rows written before
+    the stamp carry part of it (a sharpening; in unseen.py also the training seconds), and only
+    what a row carries is compared."""
+    if (was.get("sharpen") or 1.0) != now["sharpen"]:
+        return f"sharpen{was.get('sharpen') or 1.0:g}"
+    if any(k in was and was[k] != now[k] for k in ("gates_dir", "gate_pool", "seconds")):
+        return was.get("gates_dir") or f"trained{was.get('seconds') or 0:g}s"
+    return None
+
+
 def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, names=tuple(MOLE)) -> None:
     from loramux.routers.gating import CheckpointOtherRecipe, MoleTrainConfig, task_owners, train_mole
 

@@ -20,7 +20,8 @@ and while the library grows. Writes benchmarks/results/routing_real.json.
   Arrow's mean over tokens and modules of the best |cos(h, prototype)|, MoLE's mean over units of
   the largest gate weight (low = no adapter fits).
 - in_forward_routers.behind_dlp_test (with --only behind_test): what the DLP router's out-of-library test costs
-  Arrow and the routed MoLE gates (mole_layer_routed, mole_layer_routed_init) in front of them (routers/abstention.py):
+  Arrow and the routed MoLE gates (mole_layer_routed, mole_layer_routed_init, the ablation
+  mole_layer_route_start) in front of them (routers/abstention.py):
   the in-library composite with the test on (arrow_abstain, mole_abstain) and off, and how many
   in-library prompts it sent to the base model. What it gains outside the library is unseen.py's.
 - growth_seconds: adding a 15th adapter to the library and retraining the router's head from
@@ -257,16 +258,20 @@ def measured_drop(lib: Library, base, test, limit: int) -> dict:
 
 
 def superseded_gates(before: dict, now: dict) -> dict:
-    """The earlier run's superseded rows, and its MoLE row when the gates' sharpening changed since
-    (calibrate.py re-saves them in place): numbers of other gates are kept, not overwritten."""
+    """The earlier run's superseded rows, and its MoLE rows whose gates were recalibrated or
+    retrained since (composite.gates_changed): numbers of other gates are kept, not overwritten.
+    A row from before the gates were stamped, whose numbers changed, is kept as `unstamped`."""
+    from composite import gates_changed
+
     out = dict(before.get("superseded", {}))
     for name, row in now.items():
         was = before.get(name)
-        if not (isinstance(row, dict) and "sharpen" in row and was):  # MoLE rows alone carry a sharpening
+        if not (isinstance(row, dict) and "sharpen" in row and was):  # MoLE rows alone carry a stamp
             continue
-        if (was.get("sharpen") or 1.0) != (row.get("sharpen") or 1.0):
-            out[f"{name}@sharpen{was.get('sharpen') or 1.0:g}"] = {**was, "command": before.get("command"),
-                                                                  "date": before.get("date")}
+        tag = gates_changed(was, row) or (None if "gates_dir" in was or was.get("composite_test_off")
+                                          == row["composite_test_off"] else "unstamped")
+        if tag:
+            out[f"{name}@{tag}"] = {**was, "command": before.get("command"), "date": before.get("date")}
     return out
 
 
@@ -279,7 +284,8 @@ def behind_test_drop(lib: Library, base, test, limit: int) -> dict:
 
     pairs = {"arrow": ("arrow", "arrow_abstain"),
              "mole_routed": ("mole:mole_layer_routed", "mole_abstain:mole_layer_routed"),
-             "mole_routed_init": ("mole:mole_layer_routed_init", "mole_abstain:mole_layer_routed_init")}
+             "mole_routed_init": ("mole:mole_layer_routed_init", "mole_abstain:mole_layer_routed_init"),
+             "mole_route_start": ("mole:mole_layer_route_start", "mole_abstain:mole_layer_route_start")}
     stored = lib.routers()  # gate sets this library does not hold are left out, not an error
     pairs = {k: p for k, p in pairs.items() if p[1].partition(":")[2] in ("", *stored)}
     fused = FusedModel(base)
@@ -291,12 +297,11 @@ def behind_test_drop(lib: Library, base, test, limit: int) -> dict:
                  "how": f"harness composite ({limit} seeded test prompts per task, the library's trained adapters "
                         f"and gates): each in-forward router with the stored DLP out-of-library test in front "
                         f"(prompts it rejects go to the base model) and without; drop_points = off - on"}
-    from composite import gate_info
+    from composite import gate_stamp
 
     for name, (off, on) in pairs.items():
         gates = on.partition(":")[2]
-        sharpen = {"sharpen": gate_info(lib, gates).get("sharpen", 1.0)} if gates else {}
-        out[name] = {**sharpen, "composite_test_off": avg[off], "composite_test_on": avg[on],
+        out[name] = {**(gate_stamp(lib, gates) if gates else {}), "composite_test_off": avg[off], "composite_test_on": avg[on],
                      "drop_points": round(100 * (avg[off] - avg[on]), 2),
                      "abstained_in_library": r["abstained"][on],
                      "per_task_off": r["strategies"][off]["per_task"], "per_task_on": r["strategies"][on]["per_task"]}

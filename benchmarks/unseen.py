@@ -19,15 +19,17 @@ the same cache. Strategies:
   library's own mean as the general knowledge, since a task library has no general adapters);
   mbc_arrow; mole (layer gates, balanced per gate); mole_pooled (layer gates with the paper's
   balance pooled over gates); mole_routed (layer gates with loramux's routing term); mole_routed_init
-  (the same, fitted to route before training: route_init.py); ties; multitask;
+  (the same, fitted to route before training: route_init.py); mole_route_start (an ablation: that
+  start alone, not trained after it); ties; multitask;
   and, behind the library's DLP out-of-library test (a prompt it rejects goes to the base model):
   dlp_soft_abstain (top-p 0.9, the test on: what `top_p: 0.9` serves by default), arrow_abstain,
-  arrow_gks_abstain, mole_routed_abstain, mole_routed_init_abstain, mbc_arrow_abstain (behind a DLP router trained for the
-  cluster library, as `loramux router train` does for any library); and with the multi-task LoRA
-  as the library's general adapter, serving what they abstain on (`loramux library general`):
-  dlp_general, dlp_soft_abstain_general, arrow_abstain_general, arrow_gks_abstain_general,
-  mole_routed_abstain_general, mole_routed_init_abstain_general. That library (<library>-general) holds the same adapters, DLP
-  router and gates, copied.
+  arrow_gks_abstain, mole_routed_abstain, mole_routed_init_abstain, mole_route_start_abstain,
+  mbc_arrow_abstain (behind a DLP router trained for the cluster library, as `loramux router train`
+  does for any library); and with the multi-task LoRA as the library's general adapter, serving
+  what they abstain on (`loramux library general`): dlp_general, dlp_soft_abstain_general,
+  arrow_abstain_general, arrow_gks_abstain_general, mole_routed_abstain_general,
+  mole_routed_init_abstain_general, mole_route_start_abstain_general. That library
+  (<library>-general) holds the same adapters, DLP router and gates, copied.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from composite import (RESULTS, common_args, ensure_dlp, ensure_library, ensure_mbc, ensure_merges, ensure_mole,
-                       ensure_multitask, gate_info, library_sha, log)
+                       ensure_multitask, gate_info, gate_stamp, gates_changed, library_sha, log)
 from routing_real import UNSEEN
 
 from loramux import Library, LoraTrainConfig, load_base, load_tasks
@@ -71,7 +73,11 @@ STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("d
               # gates fitted to route before training (composite.py's mole_layer_routed_init)
               "mole_routed_init": ("mole:mole_layer_routed_init", "lib"),
               "mole_routed_init_abstain": ("mole_abstain:mole_layer_routed_init", "lib"),
-              "mole_routed_init_abstain_general": ("mole_abstain:mole_layer_routed_init", "general")}
+              "mole_routed_init_abstain_general": ("mole_abstain:mole_layer_routed_init", "general"),
+              # an ablation: that start alone, no training after it (composite.py's mole_layer_route_start)
+              "mole_route_start": ("mole:mole_layer_route_start", "lib"),
+              "mole_route_start_abstain": ("mole_abstain:mole_layer_route_start", "lib"),
+              "mole_route_start_abstain_general": ("mole_abstain:mole_layer_route_start", "general")}
 
 
 def main() -> None:
@@ -117,7 +123,7 @@ def main() -> None:
     config = EvalConfig((), args.limit_per_task, args.seed, cache_dir=str(prediction_cache_path()))
     started = time.perf_counter()
     for s in wanted:
-        if s in result["average"] and not resharpened(result, s, lib):
+        if s in result["average"] and not gates_since(result, s, lib):
             continue
         harness, where = STRATEGIES[s]
         if s.startswith("dlp") or "_abstain" in s:
@@ -127,9 +133,9 @@ def main() -> None:
             ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, names=(gates,))
             info = gate_info(lib, gates)
             # gate_pool "prompt": pooled as at inference in training; absent: over prompt and answer
-            kept = ("steps_run", "stopped", "best_step", "best_val_task_loss", "seconds", "sharpen", "gate_pool")
+            kept = ("steps_run", "stopped", "best_step", "best_val_task_loss")
             result.setdefault("mole_training", {})[s] = {"cap": (info.get("train_config") or {}).get("steps"),
-                                                         **{k: info.get(k) for k in kept}}
+                                                         **{k: info.get(k) for k in kept}, **gate_stamp(lib, gates)}
         if where == "lib":
             side = lib
         elif where == "general":
@@ -213,21 +219,23 @@ def general_sha(lib: Library, work: Library) -> str:
     return f"{library_sha(lib)}+multitask:{library_sha(work, ['multitask'])}"
 
 
-def resharpened(result: dict, s: str, lib: Library) -> bool:
-    """Whether row `s` scored MoLE gates whose sharpening was calibrated since (routers/gating/
-    calibrate.py re-saves them in place); then its row moves to `superseded` to be scored anew."""
+def gates_since(result: dict, s: str, lib: Library) -> bool:
+    """Whether row `s` scored MoLE gates that were since recalibrated (calibrate.py re-saves them)
+    or retrained (composite.gates_changed); then its row moves to `superseded` to be scored anew."""
     gates = STRATEGIES[s][0].partition(":")[2]
     if not gates or s not in result.get("mole_training", {}) or gates not in lib.routers():
         return False  # rows are kept across library builds: gates not stored here leave the row as it is
-    was = result["mole_training"][s].get("sharpen") or 1.0
-    now = gate_info(lib, gates).get("sharpen") or 1.0
-    if was == now:
+    was, now = result["mole_training"][s], gate_stamp(lib, gates)
+    if not (tag := gates_changed(was, now)):
         return False
     row = {k: result[k].pop(s) for k in ROW_KEYS if s in result.get(k, {})}
     row["minus_base"] = result.get("versus", {}).get("minus_base", {}).get(s)
-    result.setdefault("superseded", {})[f"{s}@sharpen{was:g}"] = {
-        "why": f"scored with the gates' logits x {was:g}; the gates were calibrated to x {now:g} since", "row": row}
-    log(f"{s}: the gates' sharpening changed (x {was:g} -> x {now:g}); scoring the row again")
+    why = (f"scored with the gates' logits x {was.get('sharpen') or 1.0:g}; the gates were calibrated to "
+           f"x {now['sharpen']:g} since" if tag.startswith("sharpen") else
+           f"scored with gates since retrained (then: gate_pool {was.get('gate_pool')!r}, "
+           f"{was.get('seconds')} s of training)")
+    result.setdefault("superseded", {})[f"{s}@{tag}"] = {"why": why, "row": row}
+    log(f"{s}: {why}; scoring the row again")
     return True
 
 
@@ -250,16 +258,16 @@ def save(out: Path, result: dict, wanted: list[str]) -> None:
 
 
 GENERAL = ("dlp_general", "dlp_soft_abstain_general", "arrow_abstain_general", "arrow_gks_abstain_general",
-           "mole_routed_abstain_general", "mole_routed_init_abstain_general")
+           "mole_routed_abstain_general", "mole_routed_init_abstain_general", "mole_route_start_abstain_general")
 ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed",
           "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", "mbc_arrow_abstain",
-          "mole_routed_init", "mole_routed_init_abstain", *GENERAL)
+          "mole_routed_init", "mole_routed_init_abstain", "mole_route_start", "mole_route_start_abstain", *GENERAL)
 # what the server runs for each router by default over a library whose DLP router stores a test:
 # DLP abstains by it at any top-p, and it stands in front of Arrow and MoLE (routers/abstention.py);
 # over the library that names a general adapter, the same routers with it serving abstentions.
 # The MBC cluster library is served with the test once a DLP router is trained for it (mbc_arrow_abstain).
 AS_SERVED = ("dlp", "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain",
-             "mbc_arrow_abstain", "mole_routed_init_abstain", *GENERAL)
+             "mbc_arrow_abstain", "mole_routed_init_abstain", "mole_route_start_abstain", *GENERAL)
 
 
 def versus(result: dict) -> dict:
