@@ -238,6 +238,22 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
                                     f"as a run with a cap of {config.steps}: run without resume")
         if best is not None and _flat(first, best[1], config):
             stopped, first = "flat", config.steps  # it had stopped on a flat curve: nothing left to train
+
+    def validate(point: dict) -> None:
+        """Score the gates on the validation examples at `point` of the curve; keep them when they are
+        the best so far, and write the checkpoint."""
+        nonlocal best
+        val, own_share = _validation_loss(router, fused, mixture, val_features, val_own, config.batch_size, device)
+        point["val_task_loss"] = round(val, 4)
+        if own_share is not None:
+            point["val_own_top_share"] = round(own_share, 4)
+        if best is None or val < best[0] * (1 - config.min_delta):
+            best = (val, point["step"], copy.deepcopy(gates.state_dict()))
+        log(f"mole step {point['step']}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
+        if ckpt:
+            _save_checkpoint(ckpt, meta, point["step"], elapsed + time.perf_counter() - started, curve, best,
+                             memory, gates, opt)
+
     try:
         if config.route_init_per_task and not resumed:
             picked = sample_owned(labelled, own, config.route_init_per_task, config.seed)
@@ -246,15 +262,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
                                                          batch_size=config.batch_size, log=log)}
             curve.append(point)
             if val_features:  # step 0 scores the fitted gates: a run that never beats them keeps them
-                val, own_share = _validation_loss(router, fused, mixture, val_features, val_own, config.batch_size,
-                                                  device)
-                point["val_task_loss"] = round(val, 4)
-                if own_share is not None:
-                    point["val_own_top_share"] = round(own_share, 4)
-                best = (val, 0, copy.deepcopy(gates.state_dict()))
-                log(f"mole step 0 (routing start): validation task loss {val:.4f}")
-                if ckpt:
-                    _save_checkpoint(ckpt, meta, 0, time.perf_counter() - started, curve, best, memory, gates, opt)
+                validate(point)
         bar = tqdm(range(first, config.steps), desc=f"train mole ({config.granularity})", unit="step",
                    disable=not progress, initial=first, total=config.steps)
         for step in bar:
@@ -280,16 +288,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             window = []
             if not val_features:
                 continue
-            val, own_share = _validation_loss(router, fused, mixture, val_features, val_own, config.batch_size, device)
-            point["val_task_loss"] = round(val, 4)
-            if own_share is not None:
-                point["val_own_top_share"] = round(own_share, 4)
-            if best is None or val < best[0] * (1 - config.min_delta):
-                best = (val, step + 1, copy.deepcopy(gates.state_dict()))
-            log(f"mole step {step + 1}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
-            if ckpt:
-                _save_checkpoint(ckpt, meta, step + 1, elapsed + time.perf_counter() - started, curve, best,
-                                 memory, gates, opt)
+            validate(point)
             if _flat(step + 1, best[1], config):
                 stopped = "flat"
                 break
