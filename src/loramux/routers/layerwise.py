@@ -22,20 +22,31 @@ def prompt_batch(fused: "FusedModel", prompts: list[str]) -> tuple[torch.Tensor,
 
     if isinstance(prompts, str) or not prompts:
         raise LoramuxError("route() takes a non-empty list of prompts; wrap a single prompt in a list")
-    base = fused.base
-    fmt = PromptFormatter(base.tokenizer)
-    rows = [fmt.encode_prompt(p) for p in prompts]
-    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-    return left_pad(rows, pad, device=next(base.model.parameters()).device)
+    fmt = PromptFormatter(fused.base.tokenizer)
+    return token_batch(fused, [fmt.encode_prompt(p) for p in prompts])
+
+
+def token_batch(fused: "FusedModel", rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids left-padded on the model's device: (input_ids, attention_mask)."""
+    tokenizer = fused.base.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return left_pad(rows, pad, device=next(fused.base.model.parameters()).device)
+
+
+def forward_prompts(fused: "FusedModel", mixture, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """One forward of a left-padded batch of prompts under `mixture`, positioned as the engine's
+    prefill positions them; no cache is kept (routing reads the gates, not the logits)."""
+    with fused.mixture(mixture, attention_mask=mask):
+        fused.base.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         logits_to_keep=1, use_cache=False)
 
 
 @torch.no_grad()
 def prefill(router, fused: "FusedModel", ids: torch.Tensor, mask: torch.Tensor):
     """One forward with the router's gate active and recording; returns its recorder."""
     try:
-        with router.recording(mask) as rec, fused.mixture(router.layer_mixture(), attention_mask=mask):
-            fused.base.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                             logits_to_keep=1)
+        with router.recording(mask) as rec:
+            forward_prompts(fused, router.layer_mixture(), ids, mask)
     finally:
         if hasattr(router, "release"):
             router.release()

@@ -60,10 +60,8 @@ def record_pooled(gates: MoleGates, fused: "FusedModel", prompts: list[list[int]
     """Unit -> (N, d) its input pooled over each prompt, with each prompt's own adapter alone
     active (fused slot own[i], weight 1) in every adapted module."""
     from ...fusion import LayerMixture
-    from ...training.batching import left_pad
+    from ..layerwise import forward_prompts, token_batch
 
-    device = next(fused.base.model.parameters()).device
-    pad = fused.base.tokenizer.pad_token_id if fused.base.tokenizer.pad_token_id is not None else 0
     # allocated once, before the forwards: thousands of small pooled tensors kept between the
     # forwards' large transient ones fragment the CPU heap (RSS grew ~25 MB per prompt)
     pooled = {u: torch.empty(len(prompts), fused.layers[gates.anchor[u]].base.in_features) for u in gates.units}
@@ -79,12 +77,10 @@ def record_pooled(gates: MoleGates, fused: "FusedModel", prompts: list[list[int]
     for b in range(0, len(order), batch_size):
         batch = order[b:b + batch_size]
         rows = torch.tensor(batch)
-        ids, mask = left_pad([prompts[i] for i in batch], pad, device=device)
-        onehot = torch.zeros(len(batch), len(fused.adapters), device=device)
+        ids, mask = token_batch(fused, [prompts[i] for i in batch])
+        onehot = torch.zeros(len(batch), len(fused.adapters), device=ids.device)
         onehot[torch.arange(len(batch)), torch.tensor([own[i] for i in batch])] = 1.0
-        with fused.mixture(LayerMixture(gate), attention_mask=mask):
-            fused.base.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                             logits_to_keep=1, use_cache=False)
+        forward_prompts(fused, LayerMixture(gate), ids, mask)
     return pooled
 
 
