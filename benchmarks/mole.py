@@ -79,7 +79,7 @@ def main() -> None:
         timings.setdefault(name, info.get("seconds"))
         training[name] = {k: info.get(k) for k in ("train_config", "steps_run", "stopped", "best_step",
                                                    "best_val_task_loss", "gate_params", "curve", "sharpen",
-                                                   "sharpen_curve", "sharpen_examples")}
+                                                   "sharpen_curve", "sharpen_examples", "gate_pool")}
     test = load_tasks(args.data_dir, tasks, "test")
     strategies = ("oracle", "uniform", *(f"mole:{m}" for m in gates))
     fused = FusedModel(base)

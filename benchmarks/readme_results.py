@@ -188,7 +188,9 @@ def routing_real(d: dict) -> list[tuple[str, str]]:
             f"composite cost {behind['arrow']['drop_points']:.2f} / {behind['mole_routed']['drop_points']:.2f} points "
             f"({behind['arrow']['abstained_in_library']} / {behind['mole_routed']['abstained_in_library']} prompts "
             f"sent to the base model)" + (f"; the gates fitted to route first {behind['mole_routed_init']['drop_points']:.2f} "
-                                          f"points" if "mole_routed_init" in behind else ""))]
+                                          f"points" if "mole_routed_init" in behind else "")
+            + (f"; that start alone {behind['mole_route_start']['drop_points']:.2f} points"
+               if "mole_route_start" in behind else ""))]
           if (behind := d.get("in_forward_routers", {}).get("behind_dlp_test")) else []),
         (f"a 15th adapter added and the DLP head retrained from cached embeddings "
          f"({'the trained library' if d['library'] == 'given' else d['library']})",
@@ -231,7 +233,8 @@ def general_cost(d: dict) -> list[tuple[str, str]]:
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
            ("router_dlp.json", router_dlp), ("routing_real.json", routing_real),
            ("unseen_all_prompts.json", unseen), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
-           ("mole_routed_sharpen.json", mole), ("mole_routed_init.json", mole), ("mole_route_start.json", mole), ("general_cost.json", general_cost),
+           ("mole_routed_sharpen.json", mole), ("mole_routed_pooled.json", mole), ("mole_routed_init.json", mole),
+           ("mole_route_start.json", mole), ("general_cost.json", general_cost),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 
