@@ -137,21 +137,38 @@ def gate_stamp(lib: Library, name: str) -> dict:
     stored now are still those: the stored directory (the library writes a new one on every save,
     retraining or recalibrating), the sharpening, how training pooled the gates' inputs and how
     long it trained."""
-    info = gate_info(lib, name)
-    return {"gates_dir": lib.router_dir(name).name, "sharpen": info.get("sharpen") or 1.0,
-            "gate_pool": info.get("gate_pool"), "seconds": info.get("seconds")}
+    where = lib.router_dir(name)
+    info = json.loads((where / "router.json").read_text()).get("info", {})
+    return {"gates_dir": where.name, "sharpen": info.get("sharpen") or 1.0, "gate_pool": info.get("gate_pool"),
+            "seconds": info.get("seconds")}
 
 
-def gates_changed(was: dict, now: dict) -> str | None:
-    """Why a row stamped `was` no longer describes the gates stamped `now` (gate_stamp), as a tag
-    for its key among superseded rows; None when nothing it recorded changed. Rows written before
-    the stamp carry part of it (a sharpening; in unseen.py also the training seconds), and only
-    what a row carries is compared."""
-    if (was.get("sharpen") or 1.0) != now["sharpen"]:
-        return f"sharpen{was.get('sharpen') or 1.0:g}"
-    if any(k in was and was[k] != now[k] for k in ("gates_dir", "gate_pool", "seconds")):
-        return was.get("gates_dir") or f"trained{was.get('seconds') or 0:g}s"
+def gates_changed(was: dict, now: dict) -> tuple[str, str] | None:
+    """(tag, why) when a row stamped `was` no longer describes the gates stamped `now` (gate_stamp):
+    retrained, recalibrated or saved again; None when nothing it recorded changed. Rows written
+    before the stamp carry part of it (a sharpening; in unseen.py also the training seconds), and
+    only what a row carries is compared. The tag names the row among superseded ones
+    (`superseded_key` keeps it unique)."""
+    sharpen = was.get("sharpen") or 1.0
+    then = was.get("gates_dir") or f"trained{was.get('seconds') or 0:g}s"
+    if any(k in was and was[k] != now[k] for k in ("gate_pool", "seconds")):
+        pool = {"prompt": "the prompt"}.get(was.get("gate_pool"), "the prompt and the answer")
+        return then, (f"scored with gates since retrained (then: pooled over {pool} in training, "
+                      f"{was.get('seconds')} s of training, logits x {sharpen:g})")
+    if sharpen != now["sharpen"]:
+        return (f"sharpen{sharpen:g}", f"scored with the gates' logits x {sharpen:g}; the gates were calibrated "
+                                       f"to x {now['sharpen']:g} since")
+    if "gates_dir" in was and was["gates_dir"] != now["gates_dir"]:
+        return then, "scored with gates saved again since (the same training and sharpening)"
     return None
+
+
+def superseded_key(rows: dict, name: str, tag: str) -> str:
+    """`name@tag`, numbered when `rows` already holds it: a superseded row is never overwritten."""
+    key, n = f"{name}@{tag}", 2
+    while key in rows:
+        key, n = f"{name}@{tag}#{n}", n + 1
+    return key
 
 
 def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, names=tuple(MOLE)) -> None:

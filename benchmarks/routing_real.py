@@ -258,20 +258,24 @@ def measured_drop(lib: Library, base, test, limit: int) -> dict:
 
 
 def superseded_gates(before: dict, now: dict) -> dict:
-    """The earlier run's superseded rows, and its MoLE rows whose gates were recalibrated or
-    retrained since (composite.gates_changed): numbers of other gates are kept, not overwritten.
-    A row from before the gates were stamped, whose numbers changed, is kept as `unstamped`."""
-    from composite import gates_changed
+    """The earlier run's superseded rows, and its MoLE rows whose gates were retrained, recalibrated
+    or saved again since (composite.gates_changed): numbers of other gates are kept, not
+    overwritten. A row from before the gates were stamped carries only a sharpening; it is kept
+    as `unstamped` when its numbers changed, and is replaced unmarked when retrained gates happen
+    to score the same."""
+    from composite import gates_changed, superseded_key
 
     out = dict(before.get("superseded", {}))
     for name, row in now.items():
         was = before.get(name)
         if not (isinstance(row, dict) and "sharpen" in row and was):  # MoLE rows alone carry a stamp
             continue
-        tag = gates_changed(was, row) or (None if "gates_dir" in was or was.get("composite_test_off")
+        changed = gates_changed(was, row)
+        tag = changed[0] if changed else (None if "gates_dir" in was or was.get("composite_test_off")
                                           == row["composite_test_off"] else "unstamped")
         if tag:
-            out[f"{name}@{tag}"] = {**was, "command": before.get("command"), "date": before.get("date")}
+            out[superseded_key(out, name, tag)] = {**was, "command": before.get("command"),
+                                                   "date": before.get("date")}
     return out
 
 

@@ -43,7 +43,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from composite import (RESULTS, common_args, ensure_dlp, ensure_library, ensure_mbc, ensure_merges, ensure_mole,
-                       ensure_multitask, gate_info, gate_stamp, gates_changed, library_sha, log)
+                       ensure_multitask, gate_info, gate_stamp, gates_changed, library_sha, log,
+                       superseded_key)
 from routing_real import UNSEEN
 
 from loramux import Library, LoraTrainConfig, load_base, load_tasks
@@ -132,7 +133,8 @@ def main() -> None:
             gates = harness.split(":")[1]
             ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, names=(gates,))
             info = gate_info(lib, gates)
-            # gate_pool "prompt": pooled as at inference in training; absent: over prompt and answer
+            # gate_pool "prompt": pooled as at inference in training; None (or absent, in rows written
+            # before the stamp): over the prompt and the answer
             kept = ("steps_run", "stopped", "best_step", "best_val_task_loss")
             result.setdefault("mole_training", {})[s] = {"cap": (info.get("train_config") or {}).get("steps"),
                                                          **{k: info.get(k) for k in kept}, **gate_stamp(lib, gates)}
@@ -220,21 +222,20 @@ def general_sha(lib: Library, work: Library) -> str:
 
 
 def gates_since(result: dict, s: str, lib: Library) -> bool:
-    """Whether row `s` scored MoLE gates that were since recalibrated (calibrate.py re-saves them)
-    or retrained (composite.gates_changed); then its row moves to `superseded` to be scored anew."""
+    """Whether row `s` scored MoLE gates that were since retrained, recalibrated (calibrate.py
+    re-saves them) or saved again (composite.gates_changed); then its row moves to `superseded`
+    to be scored anew."""
     gates = STRATEGIES[s][0].partition(":")[2]
     if not gates or s not in result.get("mole_training", {}) or gates not in lib.routers():
         return False  # rows are kept across library builds: gates not stored here leave the row as it is
-    was, now = result["mole_training"][s], gate_stamp(lib, gates)
-    if not (tag := gates_changed(was, now)):
+    changed = gates_changed(result["mole_training"][s], gate_stamp(lib, gates))
+    if not changed:
         return False
+    tag, why = changed
     row = {k: result[k].pop(s) for k in ROW_KEYS if s in result.get(k, {})}
     row["minus_base"] = result.get("versus", {}).get("minus_base", {}).get(s)
-    why = (f"scored with the gates' logits x {was.get('sharpen') or 1.0:g}; the gates were calibrated to "
-           f"x {now['sharpen']:g} since" if tag.startswith("sharpen") else
-           f"scored with gates since retrained (then: gate_pool {was.get('gate_pool')!r}, "
-           f"{was.get('seconds')} s of training)")
-    result.setdefault("superseded", {})[f"{s}@{tag}"] = {"why": why, "row": row}
+    superseded = result.setdefault("superseded", {})
+    superseded[superseded_key(superseded, s, tag)] = {"why": why, "row": row}
     log(f"{s}: {why}; scoring the row again")
     return True
 
@@ -268,6 +269,9 @@ ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_po
 # The MBC cluster library is served with the test once a DLP router is trained for it (mbc_arrow_abstain).
 AS_SERVED = ("dlp", "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain",
              "mbc_arrow_abstain", "mole_routed_init_abstain", "mole_route_start_abstain", *GENERAL)
+# gate sets run after their recipe's results were seen: they count against do-no-harm (a library
+# stores and serves them like any other) but never as the best routed strategy
+ABLATIONS = ("mole_route_start", "mole_route_start_abstain", "mole_route_start_abstain_general")
 
 
 def versus(result: dict) -> dict:
@@ -284,13 +288,15 @@ def versus(result: dict) -> dict:
     if "minus_base" in out:
         vs = out["minus_base"]
         routed = {s: vs[s]["difference"] for s in ROUTED if s in vs}
-        best = max(routed, key=routed.get) if routed else None
+        chosen = {s: d for s, d in routed.items() if s not in ABLATIONS}
+        best = max(chosen, key=chosen.get) if chosen else None
         out["goals"] = {"do_no_harm_min_points": -0.5, "best_routed_min_points": 2.0,
                         "routers_below_base_minus_0.5": sorted(s for s in routed if routed[s] < -0.5),
                         "as_served_below_base_minus_0.5": sorted(s for s in AS_SERVED
                                                                  if s in routed and routed[s] < -0.5),
                         "as_served": [s for s in AS_SERVED if s in routed],
                         "best_routed": best, "best_routed_points": routed.get(best),
+                        "ablations_not_best": [s for s in ABLATIONS if s in routed],
                         "how": "point estimates of strategy minus base on the same prompts; each interval in "
                                "minus_base says how much of the difference the prompts resolve"}
     return out

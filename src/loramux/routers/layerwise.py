@@ -33,6 +33,7 @@ def token_batch(fused: "FusedModel", rows: list[list[int]]) -> tuple[torch.Tenso
     return left_pad(rows, pad, device=next(fused.base.model.parameters()).device)
 
 
+@torch.no_grad()
 def forward_prompts(fused: "FusedModel", mixture, ids: torch.Tensor, mask: torch.Tensor) -> None:
     """One forward of a left-padded batch of prompts under `mixture`, positioned as the engine's
     prefill positions them; no cache is kept (routing reads the gates, not the logits)."""

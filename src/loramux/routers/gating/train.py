@@ -249,7 +249,8 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             point["val_own_top_share"] = round(own_share, 4)
         if best is None or val < best[0] * (1 - config.min_delta):
             best = (val, point["step"], copy.deepcopy(gates.state_dict()))
-        log(f"mole step {point['step']}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
+        start = " (routing start)" if point["step"] == 0 else ""
+        log(f"mole step {point['step']}{start}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
         if ckpt:
             _save_checkpoint(ckpt, meta, point["step"], elapsed + time.perf_counter() - started, curve, best,
                              memory, gates, opt)
