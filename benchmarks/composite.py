@@ -171,10 +171,15 @@ def superseded_key(rows: dict, name: str, tag: str) -> str:
     return key
 
 
-def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, names=tuple(MOLE)) -> None:
-    from loramux.routers.gating import CheckpointOtherRecipe, MoleTrainConfig, task_owners, train_mole
+def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, names=tuple(MOLE),
+                sharpen_grid: tuple[float, ...] = ()) -> list[str]:
+    """Train the gate sets `names` that the library does not hold with today's recipe; with a
+    sharpening grid, calibrate them before they are saved, as `loramux router train --sharpen-grid`
+    does (a routing start is weighed against the kept gates only then: calibrate.py). Returns the
+    names trained."""
+    from loramux.routers.gating import CheckpointOtherRecipe, MoleTrainConfig, calibrate_sharpen, task_owners, train_mole
 
-    tasks = None
+    tasks, trained = None, []
     for name in names:
         config = MoleTrainConfig(**mole_config(name, steps))
         try:  # reuse stored gates only when they were trained with this recipe (and so have a curve)
@@ -194,9 +199,13 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, na
         except CheckpointOtherRecipe:
             shutil.rmtree(ckpt)
             router = train_mole(fused, tasks, config, checkpoint_dir=ckpt, owners=owners)
+        if sharpen_grid:
+            calibrate_sharpen(router, tasks, sharpen_grid, log=log)
         router.save(lib, name)
         timings[name] = router.info["seconds"]
+        trained.append(name)
         fused.unfuse()
+    return trained
 
 
 # TIES and DARE as their papers define them: on each adapter's task vector dW = B A (PEFT's *_svd

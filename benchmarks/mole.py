@@ -61,13 +61,13 @@ def main() -> None:
     started = time.perf_counter()
     base, lib, tasks = setup(args)
     timings: dict = {}
-    ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, gates)
-    if args.calibrate_sharpen:
+    grid = tuple(float(g) for g in args.calibrate_sharpen.split(",")) if args.calibrate_sharpen else ()
+    trained = ensure_mole(base, lib, args.data_dir, args.mole_steps, timings, gates, sharpen_grid=grid)
+    if grid:  # the gates trained just now were calibrated before they were saved
         from loramux.routers.gating import calibrate_sharpen
 
-        grid = tuple(float(g) for g in args.calibrate_sharpen.split(","))
         train_tasks = load_tasks(args.data_dir, tasks, "train")
-        for name in gates:
+        for name in (g for g in gates if g not in trained):
             fused = FusedModel(base)
             router = load_router(lib, "mole", name=name, fused=fused)
             calibrate_sharpen(router, train_tasks, grid, log=log)
@@ -79,7 +79,8 @@ def main() -> None:
         timings.setdefault(name, info.get("seconds"))
         training[name] = {k: info.get(k) for k in ("train_config", "steps_run", "stopped", "best_step",
                                                    "best_val_task_loss", "gate_params", "curve", "sharpen",
-                                                   "sharpen_curve", "sharpen_examples", "gate_pool")}
+                                                   "sharpen_curve", "sharpen_examples", "gate_pool",
+                                                   "kept_by", "sharpen_curves_by_step")}
     test = load_tasks(args.data_dir, tasks, "test")
     strategies = ("oracle", "uniform", *(f"mole:{m}" for m in gates))
     fused = FusedModel(base)

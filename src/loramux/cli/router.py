@@ -71,7 +71,9 @@ def train(
                                                            "curve (0: none, run every step)."),
     sharpen_grid: Optional[str] = typer.Option(None, help="mole: after training, choose a factor on the gate "
                                                           "logits from these (e.g. 1,1.5,2,3,4) by the held-out "
-                                                          "validation loss, stored with the gates."),
+                                                          "validation loss, stored with the gates; with "
+                                                          "--route-init-per-task, the routing start is weighed too "
+                                                          "and kept if it is better sharpened."),
     device: str = DEVICE,  # mole: the base model; dlp: the sentence encoder (or the base with --encoder base)
     dtype: str = DTYPE,
 ) -> None:

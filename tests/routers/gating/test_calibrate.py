@@ -74,3 +74,33 @@ def test_calibration_needs_validation_examples_and_a_positive_grid(tiny_model_di
                                                     eval_every=2), progress=False, log=lambda s: None)
     with pytest.raises(LoramuxError, match="factors > 0"):
         calibrate_sharpen(some, tasks, (0.0,), log=lambda s: None)
+
+
+def test_a_routing_start_is_weighed_sharpened_against_the_kept_gates(tiny_model_dir, lib, tmp_path):
+    tasks = _toy_tasks(tmp_path)
+    fused = fused_for(tiny_model_dir, lib)
+    config = MoleTrainConfig(granularity="layer", steps=4, batch_size=4, lr=0.1, val_per_task=2, eval_every=2)
+    router = train_mole(fused, tasks, config, progress=False, log=lambda s: None)
+    assert router.start is None  # no routing start: nothing else to weigh
+    kept, kept_step = {k: v.clone() for k, v in router.gates.state_dict().items()}, str(router.info["best_step"])
+    # a stand-in start: other gates (their projections moved), as train_mole leaves them in memory
+    start = {k: v + (0.5 if "projs" in k else 0.0) for k, v in kept.items()}
+    router.start = {k: v.clone() for k, v in start.items()}
+    messages = []
+    losses = calibrate_sharpen(router, tasks, (2.0, 4.0), log=messages.append)
+    curves = router.info["sharpen_curves_by_step"]
+    best_step = str(router.info["best_step"])
+    assert set(curves) == {"0", kept_step} and curves[best_step] == {str(f): v for f, v in losses.items()}
+    chosen = min(((s, f) for s in curves for f in curves[s]),
+                 key=lambda sf: (curves[sf[0]][sf[1]], sf[0] != kept_step, sf[1] != "1.0"))
+    assert (best_step, str(router.sharpen)) == chosen
+    expect = start if chosen[0] == "0" else kept
+    assert all(torch.equal(router.gates.state_dict()[k], expect[k]) for k in kept)
+    assert (router.info.get("kept_by") == "sharpened validation") == (chosen[0] == "0")
+    assert router.start is None and sum("(routing start)" in m for m in messages) == 3
+    # a start identical to the kept gates ties everywhere: the trained gates stay
+    router2 = train_mole(fused, tasks, config, progress=False, log=lambda s: None)
+    kept_step2 = router2.info["best_step"]
+    router2.start = {k: v.clone() for k, v in router2.gates.state_dict().items()}
+    calibrate_sharpen(router2, tasks, (2.0,), log=lambda s: None)
+    assert router2.info["best_step"] == kept_step2 and "kept_by" not in router2.info

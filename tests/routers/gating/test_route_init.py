@@ -87,7 +87,7 @@ def test_training_from_a_routing_start_scores_it_first_and_keeps_it_when_nothing
     assert start["step"] == 0 and start["route_init"]["prompts"] == 3 * 8 and "val_task_loss" in start
     # lr 0: the main loop never moves the gates, so the routing start is the best and is kept
     assert router.info["best_step"] == 0 and router.info["stopped"] == "flat" and router.info["steps_run"] == 4
-    assert router.info["gate_pool"] == "prompt"
+    assert router.info["gate_pool"] == "prompt" and router.start is None  # the start is what was kept
     plain = train_mole(fused, tasks, dataclasses.replace(config, route_init_per_task=0), progress=False,
                        log=lambda s: None)
     assert start["val_own_top_share"] > 1 / 3 and plain.info["curve"][0]["step"] == 2
@@ -126,6 +126,10 @@ def test_a_run_stopped_after_its_routing_start_resumes_from_it_without_fitting_a
     assert untimed(resumed.info["curve"]) == untimed(whole.info["curve"])
     a, b = whole.gates.state_dict(), resumed.gates.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # the routing start is in the checkpoint: a resumed run still has it for calibrate_sharpen
+    assert (whole.start is None) == (resumed.start is None) == (whole.info["best_step"] == 0)
+    if whole.start is not None:
+        assert all(torch.allclose(whole.start[k], resumed.start[k]) for k in whole.start)
 
 
 def test_a_checkpoint_from_before_prompt_pooling_is_another_recipe(tiny_model_dir, lib, tmp_path):
@@ -158,3 +162,38 @@ def test_the_routing_start_alone_is_zero_steps_and_zero_steps_needs_it(tiny_mode
     assert router.info["steps_run"] == 0 and router.info["best_step"] == 0 and len(router.info["curve"]) == 1
     with pytest.raises(LoramuxError, match="0 only with route_init_per_task"):
         MoleTrainConfig(steps=0)
+
+
+def test_the_routing_start_outlives_a_resume_when_later_gates_are_kept(tiny_model_dir, lib, tmp_path, monkeypatch):
+    import itertools
+
+    monkeypatch.setattr("loramux.routers.gating.route_init.FIT_STEPS", 2)
+    tasks = word_tasks(tmp_path)
+    fused = fused_for(tiny_model_dir, lib)
+    config = MoleTrainConfig(granularity="layer", steps=4, batch_size=6, lr=0.01, val_per_task=2, eval_every=2,
+                             route_init_per_task=2)
+
+    def falling(calls):  # every evaluation better than the last: the last step is kept, not the start
+        return lambda *a, **k: (1.0 - 0.1 * next(calls), None)
+
+    monkeypatch.setattr("loramux.routers.gating.train._validation_loss", falling(itertools.count()))
+    whole = train_mole(fused, tasks, config, progress=False, log=lambda s: None, owners=task_owners(lib))
+    assert whole.info["best_step"] == 4 and whole.start is not None
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_2(msg):
+        if msg.startswith("mole step 2"):
+            raise Stop
+    monkeypatch.setattr("loramux.routers.gating.train._validation_loss", falling(itertools.count()))
+    with pytest.raises(Stop):
+        train_mole(fused, tasks, config, progress=False, log=stop_at_step_2, checkpoint_dir=tmp_path / "ck",
+                   owners=task_owners(lib))
+    calls = itertools.count()
+    next(calls)  # the step-0 evaluation ran before the stop
+    monkeypatch.setattr("loramux.routers.gating.train._validation_loss", falling(calls))
+    resumed = train_mole(fused, tasks, config, progress=False, log=lambda s: None, checkpoint_dir=tmp_path / "ck",
+                         resume=True, owners=task_owners(lib))
+    assert resumed.info["best_step"] == 4
+    assert all(torch.allclose(whole.start[k], resumed.start[k], atol=1e-6) for k in whole.start)

@@ -4,6 +4,12 @@ The gates' answer loss is measured on the validation examples `train_mole` held 
 `val_per_task` examples of each task, by the same seed), once per factor of a grid; the factor
 with the lowest loss is stored with the gates. No test example is read. Beyond the paper
 (arXiv 2404.13628), whose gates keep the temperature they were trained with.
+
+Gates trained from a routing start (route_init.py) that kept a later step carry the start too
+(`MoleRouter.start`, in memory, straight after `train_mole`). Training kept the later step by
+its unsharpened loss, but the gates are served sharpened, and a start fitted to route gains more
+from sharpening: both are scored over the grid, and the pair (gates, factor) with the lowest
+loss is kept; a tie keeps the trained gates.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ GRID = (1.0, 1.5, 2.0, 3.0, 4.0)
 def calibrate_sharpen(router: "MoleRouter", tasks: list["Task"], grid: tuple[float, ...] = GRID, *,
                       log: Callable[[str], None] = print) -> dict[float, float]:
     """Set `router.sharpen` (and its info, saved with the gates) to the factor of `grid` with the
-    lowest validation answer loss; 1.0 stays unless another factor is strictly lower. `tasks`: the
-    training tasks the gates were trained on. Returns {factor: validation answer loss}."""
+    lowest validation answer loss; 1.0 stays unless another factor is strictly lower. With a
+    routing start in hand (`router.start`), the start and the kept gates are both scored and the
+    better pair kept (module docstring). `tasks`: the training tasks the gates were trained on.
+    Returns {factor: validation answer loss} of the gates kept."""
     from ...data import PromptFormatter
     from ...training.batching import LazyFeatures
 
@@ -46,19 +54,42 @@ def calibrate_sharpen(router: "MoleRouter", tasks: list["Task"], grid: tuple[flo
     fused = router.fused
     features = LazyFeatures(PromptFormatter(fused.base.tokenizer), [e for e, _ in val], config["max_seq_len"])
     device = next(fused.base.model.parameters()).device
-    losses: dict[float, float] = {}
+    factors = sorted({1.0, *map(float, grid)})
+    kept = router.info.get("best_step")
+    trained = None  # the kept gates, restored after the start was scored (None: nothing else is scored)
+    if router.start is not None:
+        trained = {k: v.detach().clone() for k, v in router.gates.state_dict().items()}
+    candidates = {kept: trained, **({0: router.start} if router.start is not None else {})}
+    curves: dict = {}
     before = router.sharpen
     try:
-        for factor in sorted({1.0, *map(float, grid)}):
-            router.sharpen = factor
-            with torch.no_grad():
-                loss, _ = _validation_loss(router, fused, router.layer_mixture(), features, [-1] * len(val),
-                                           config["batch_size"], device)
-            losses[factor] = round(loss, 4)
-            log(f"mole sharpen {factor:g}: validation answer loss {loss:.4f}")
+        for step, state in candidates.items():
+            if state is not None:
+                router.gates.load_state_dict(state)
+            curves[step] = {}
+            for factor in factors:
+                router.sharpen = factor
+                with torch.no_grad():
+                    loss, _ = _validation_loss(router, fused, router.layer_mixture(), features, [-1] * len(val),
+                                               config["batch_size"], device)
+                curves[step][factor] = round(loss, 4)
+                log(f"mole sharpen {factor:g}{' (routing start)' if step != kept else ''}: "
+                    f"validation answer loss {loss:.4f}")
     except BaseException:
         router.sharpen = before  # a failed calibration leaves the gates as they were
+        if trained is not None:
+            router.gates.load_state_dict(trained)
         raise
-    router.sharpen = min(losses, key=lambda f: (losses[f], f != 1.0))
-    router.info.update(sharpen_curve={str(f): v for f, v in losses.items()}, sharpen_examples=len(val))
-    return losses
+    # the lowest loss; on a tie the trained gates, then factor 1
+    step, factor = min(((s, f) for s in curves for f in curves[s]),
+                       key=lambda sf: (curves[sf[0]][sf[1]], sf[0] != kept, sf[1] != 1.0))
+    if candidates[step] is not None:
+        router.gates.load_state_dict(candidates[step])
+    router.sharpen = factor
+    if step != kept:  # the start wins once sharpened
+        router.info.update(best_step=step, best_val_task_loss=curves[step][1.0], kept_by="sharpened validation")
+    router.info.update(sharpen_curve={str(f): v for f, v in curves[step].items()}, sharpen_examples=len(val),
+                       **({"sharpen_curves_by_step": {str(s): {str(f): v for f, v in c.items()} for s, c in curves.items()}}
+                          if len(curves) > 1 else {}))
+    router.start = None
+    return curves[step]

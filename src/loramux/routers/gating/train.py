@@ -228,8 +228,9 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     meta = {"config": asdict(config), "adapters": list(fused.adapters), "tasks": [t.name for t in tasks],
             "owners": dict(owners) if routes else None, "gate_pool": "prompt"}
     resumed = bool(resume and ckpt and (ckpt / _STATE).is_file())
+    start = None  # the routing start's gates (step 0), kept for calibrate_sharpen to weigh against the kept ones
     if resumed:
-        first, elapsed, curve, best, memory = _load_checkpoint(ckpt, meta, gates, opt)
+        first, elapsed, curve, best, memory, start = _load_checkpoint(ckpt, meta, gates, opt)
         log(f"mole: resuming at step {first} from {ckpt}")
         if first % config.eval_every and first < config.steps:
             # written at an earlier cap between evaluations: a run with this cap never evaluated there
@@ -249,11 +250,11 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             point["val_own_top_share"] = round(own_share, 4)
         if best is None or val < best[0] * (1 - config.min_delta):
             best = (val, point["step"], copy.deepcopy(gates.state_dict()))
-        start = " (routing start)" if point["step"] == 0 else ""
-        log(f"mole step {point['step']}{start}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
+        label = " (routing start)" if point["step"] == 0 else ""
+        log(f"mole step {point['step']}{label}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
         if ckpt:
             _save_checkpoint(ckpt, meta, point["step"], elapsed + time.perf_counter() - started, curve, best,
-                             memory, gates, opt)
+                             memory, gates, opt, start)
 
     try:
         if config.route_init_per_task and not resumed:
@@ -263,6 +264,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
                                                          batch_size=config.batch_size, log=log)}
             curve.append(point)
             if val_features:  # step 0 scores the fitted gates: a run that never beats them keeps them
+                start = copy.deepcopy(gates.state_dict())
                 validate(point)
         bar = tqdm(range(first, config.steps), desc=f"train mole ({config.granularity})", unit="step",
                    disable=not progress, initial=first, total=config.steps)
@@ -299,6 +301,8 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             p.requires_grad_(f)
     if best is not None:
         gates.load_state_dict(best[2])
+    # in memory only (the router's save writes the kept gates): calibrate_sharpen weighs it sharpened
+    router.start = start if best is not None and best[1] != 0 else None
     seconds = elapsed + time.perf_counter() - started
     gates.eval()
     steps_run = curve[-1]["step"] if curve else config.steps
@@ -366,7 +370,7 @@ _STATE = "state.json"
 
 
 def _save_checkpoint(ckpt: Path, meta: dict, step: int, elapsed: float, curve: list, best, memory: torch.Tensor,
-                     gates: MoleGates, opt: torch.optim.Optimizer) -> None:
+                     gates: MoleGates, opt: torch.optim.Optimizer, start: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     from ..._atomic import atomic_write_json
@@ -374,6 +378,7 @@ def _save_checkpoint(ckpt: Path, meta: dict, step: int, elapsed: float, curve: l
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors = {f"gates.{k}": v.detach().cpu().contiguous() for k, v in gates.state_dict().items()}
     tensors |= {f"best.{k}": v.detach().cpu().contiguous() for k, v in best[2].items()}
+    tensors |= {f"start.{k}": v.detach().cpu().contiguous() for k, v in (start or {}).items()}
     state = opt.state_dict()
     for pid, st in state["state"].items():
         for k, v in st.items():
@@ -419,6 +424,7 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
     device = gates.log_tau.device
     gates.load_state_dict({k[6:]: v.to(device) for k, v in flat.items() if k.startswith("gates.")})
     best_state = {k[5:]: v.to(device) for k, v in flat.items() if k.startswith("best.")}
+    start = {k[6:]: v.to(device) for k, v in flat.items() if k.startswith("start.")} or None
     moments: dict[int, dict] = {}
     for key, v in flat.items():
         if key.startswith("opt."):
@@ -426,4 +432,4 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
             moments.setdefault(int(pid), {})[name] = v.to(device) if v.dim() else v
     opt.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
     best = (state["best"][0], state["best"][1], best_state)
-    return state["step"], state["elapsed"], state["curve"], best, flat["memory"].to(device)
+    return state["step"], state["elapsed"], state["curve"], best, flat["memory"].to(device), start
