@@ -58,6 +58,9 @@ MOLE = {"mole_layer": {"granularity": "layer"}, "mole_block": {"granularity": "b
         "mole_layer_pooled": {"granularity": "layer", "balance_over": "pooled"},
         "mole_layer_routed": {"granularity": "layer", "route_alpha": 1.0},
         "mole_layer_routed_init": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64},
+        # the same recipe, trained again where mole.py --calibrate-sharpen weighs its start against
+        # its kept gates (calibrate.py): a stored gate set no longer has its start
+        "mole_layer_routed_init_chosen": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64},
         # an ablation: the routing start alone, no training after it (its own step count, whatever the cap)
         "mole_layer_route_start": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64, "steps": 0}}
 

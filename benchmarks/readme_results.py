@@ -119,6 +119,7 @@ def mole(d: dict) -> list[tuple[str, str]]:
              "mole_layer_pooled": "layer, balance pooled over layers (paper)",
              "mole_layer_routed": "layer with the routing term",
              "mole_layer_routed_init": "layer with the routing term, fitted to route first",
+             "mole_layer_routed_init_chosen": "the same, start or trained gates chosen sharpened on validation",
              "mole_layer_route_start": "layer, the routing start alone"}
     gates = ", ".join(f"{label} {a[k]:.3f}" for k, label in names.items() if k in a)  # the gate sets this run scored
     steps = "; ".join(f"{k} {v['steps_run']} steps, stopped on {v['stopped']}"
@@ -235,7 +236,7 @@ SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json"
            ("router_dlp.json", router_dlp), ("routing_real.json", routing_real),
            ("unseen_all_prompts.json", unseen), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
            ("mole_routed_sharpen.json", mole), ("mole_routed_pooled.json", mole), ("mole_routed_init.json", mole),
-           ("mole_route_start.json", mole), ("general_cost.json", general_cost),
+           ("mole_route_start.json", mole), ("mole_routed_init_chosen.json", mole), ("general_cost.json", general_cost),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 
