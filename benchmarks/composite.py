@@ -59,10 +59,14 @@ MOLE = {"mole_layer": {"granularity": "layer"}, "mole_block": {"granularity": "b
         "mole_layer_routed": {"granularity": "layer", "route_alpha": 1.0},
         "mole_layer_routed_init": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64},
         # the same recipe, trained again where mole.py --calibrate-sharpen weighs its start against
-        # its kept gates (calibrate.py): a stored gate set no longer has its start
+        # its kept gates (calibrate.py): a stored gate set no longer has its start (NEEDS_GRID)
         "mole_layer_routed_init_chosen": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64},
         # an ablation: the routing start alone, no training after it (its own step count, whatever the cap)
         "mole_layer_route_start": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64, "steps": 0}}
+
+# gate sets trained only with a sharpening grid (mole.py --calibrate-sharpen), which chooses between
+# their routing start and their kept gates before they are saved; left out of the default lists
+NEEDS_GRID = ("mole_layer_routed_init_chosen",)
 
 
 def log(msg: str) -> None:
@@ -183,6 +187,9 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, na
     from loramux.routers.gating import CheckpointOtherRecipe, MoleTrainConfig, calibrate_sharpen, task_owners, train_mole
 
     tasks, trained = None, []
+    if not sharpen_grid and (unready := [n for n in names if n in NEEDS_GRID]):
+        raise SystemExit(f"{unready}: trained only with a sharpening grid (mole.py --calibrate-sharpen), which "
+                         f"weighs their routing start against their kept gates before they are saved")
     for name in names:
         config = MoleTrainConfig(**mole_config(name, steps))
         try:  # reuse stored gates only when they were trained with this recipe (and so have a curve)
@@ -449,7 +456,8 @@ def setup(args) -> tuple:
     return base, lib, tasks
 
 
-ROUTED = ("base", "oracle", "uniform", "dlp_p0.3", "dlp_p0.6", "dlp_p0.9", "dlp_p1.0", *MOLE, "arrow")
+ROUTED = ("base", "oracle", "uniform", "dlp_p0.3", "dlp_p0.6", "dlp_p0.9", "dlp_p1.0",
+          *(m for m in MOLE if m not in NEEDS_GRID), "arrow")
 FIXED = ("ties", "dare", "multitask")
 EXTRAS = {"mbc": "mbc_arrow", "dynamic": "dynamic_oracle"}
 
@@ -465,7 +473,8 @@ def recipes(args, base, train: list) -> dict[str, dict]:
               "limit_per_task": args.limit_per_task, "seed": args.seed}
     out = {s: common for s in ROUTED}
     out.update({m: {**common, "merge": {**MERGE, "rank": "library total"}} for m in ("ties", "dare")})
-    out.update({m: {**common, "mole_steps": args.mole_steps, "gates": mole_config(m, args.mole_steps)} for m in MOLE})
+    out.update({m: {**common, "mole_steps": args.mole_steps, "gates": mole_config(m, args.mole_steps)}
+                for m in MOLE if m in ROUTED})
     out["multitask"] = {**common, "multitask_steps": args.multitask_steps}
     out["mbc_arrow"] = {**common, "mbc_k": args.mbc_k}
     out["dynamic_oracle"] = {**common, "dynamic": dataclasses.asdict(DynamicConfig())}

@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from composite import MOLE, common_args, cost_ratios, ensure_mole, gate_info, library_sha, log, setup
+from composite import MOLE, NEEDS_GRID, common_args, cost_ratios, ensure_mole, gate_info, library_sha, log, setup
 
 from loramux import load_tasks
 from loramux.bench.machine import machine
@@ -39,7 +39,7 @@ def main() -> None:
     ap = common_args(__doc__)
     ap.add_argument("--mole-steps", type=int, default=MoleTrainConfig().steps, help="at most (validation stops it)")
     ap.add_argument("--profile-per-task", type=int, default=8, help="test prompts per task for the gate profiles")
-    ap.add_argument("--gates", default=",".join(MOLE), help="which gate sets to train and score; one 14-adapter "
+    ap.add_argument("--gates", default=",".join(m for m in MOLE if m not in NEEDS_GRID), help="which gate sets to train and score; one 14-adapter "
                     "set takes up to ~90 min on 2 cores")
     ap.add_argument("--mask-gates", default=None, help="the gate set scored with each task's own adapter masked "
                     "(default: the first of --gates)")

@@ -125,6 +125,7 @@ def mole(d: dict) -> list[tuple[str, str]]:
     steps = "; ".join(f"{k} {v['steps_run']} steps, stopped on {v['stopped']}"
                       + (f", logits x {v['sharpen']:g} chosen on validation" if v.get("sharpen", 1.0) != 1.0 else "")
                       + (", pooled over the prompt alone in training" if v.get("gate_pool") == "prompt" else "")
+                      + (f", kept step {v['best_step']} ({v['kept_by']})" if v.get("kept_by") else "")
                       for k, v in d.get("training", {}).items())
     masked = d.get("masked_gates", "mole_layer")  # files written before --mask-gates masked mole_layer
     cost = f"; gating {_x(d['gate_cost_ratio'])} a fixed mixture" if d.get("gate_cost_ratio") else ""

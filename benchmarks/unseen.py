@@ -135,7 +135,7 @@ def main() -> None:
             info = gate_info(lib, gates)
             # gate_pool "prompt": pooled as at inference in training; None (or absent, in rows written
             # before the stamp): over the prompt and the answer
-            kept = ("steps_run", "stopped", "best_step", "best_val_task_loss")
+            kept = ("steps_run", "stopped", "best_step", "best_val_task_loss", "kept_by")
             result.setdefault("mole_training", {})[s] = {"cap": (info.get("train_config") or {}).get("steps"),
                                                          **{k: info.get(k) for k in kept}, **gate_stamp(lib, gates)}
         if where == "lib":

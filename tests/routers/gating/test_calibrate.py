@@ -104,3 +104,9 @@ def test_a_routing_start_is_weighed_sharpened_against_the_kept_gates(tiny_model_
     router2.start = {k: v.clone() for k, v in router2.gates.state_dict().items()}
     calibrate_sharpen(router2, tasks, (2.0,), log=lambda s: None)
     assert router2.info["best_step"] == kept_step2 and "kept_by" not in router2.info
+    # gates kept at step 0 are the start: a start in hand is not scored as a second candidate
+    router2.info["best_step"], router2.start = 0, {k: v + 1.0 for k, v in router2.gates.state_dict().items()}
+    before = {k: v.clone() for k, v in router2.gates.state_dict().items()}
+    calibrate_sharpen(router2, tasks, (2.0,), log=lambda s: None)
+    assert "sharpen_curves_by_step" not in router2.info and router2.start is None
+    assert all(torch.equal(before[k], v) for k, v in router2.gates.state_dict().items())

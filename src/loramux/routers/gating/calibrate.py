@@ -56,10 +56,11 @@ def calibrate_sharpen(router: "MoleRouter", tasks: list["Task"], grid: tuple[flo
     device = next(fused.base.model.parameters()).device
     factors = sorted({1.0, *map(float, grid)})
     kept = router.info.get("best_step")
+    start = router.start if kept != 0 else None  # kept at step 0, the gates in hand are the start
     trained = None  # the kept gates, restored after the start was scored (None: nothing else is scored)
-    if router.start is not None:
+    if start is not None:
         trained = {k: v.detach().clone() for k, v in router.gates.state_dict().items()}
-    candidates = {kept: trained, **({0: router.start} if router.start is not None else {})}
+    candidates = {kept: trained, **({0: start} if start is not None else {})}
     curves: dict = {}
     before = router.sharpen
     try:
@@ -88,8 +89,13 @@ def calibrate_sharpen(router: "MoleRouter", tasks: list["Task"], grid: tuple[flo
     router.sharpen = factor
     if step != kept:  # the start wins once sharpened
         router.info.update(best_step=step, best_val_task_loss=curves[step][1.0], kept_by="sharpened validation")
-    router.info.update(sharpen_curve={str(f): v for f, v in curves[step].items()}, sharpen_examples=len(val),
-                       **({"sharpen_curves_by_step": {str(s): {str(f): v for f, v in c.items()} for s, c in curves.items()}}
-                          if len(curves) > 1 else {}))
+    router.info.update(sharpen_curve={str(f): v for f, v in curves[step].items()}, sharpen_examples=len(val))
+    if len(curves) > 1:
+        router.info["sharpen_curves_by_step"] = {str(s): {str(f): v for f, v in c.items()} for s, c in curves.items()}
+        other = min(curves[kept if step != kept else 0].values())
+        log(f"mole: kept the {'routing start' if step != kept else f'gates of step {kept}'} at x {factor:g} "
+            f"(validation answer loss {curves[step][factor]:.4f}; the other gates' best {other:.4f})")
+    else:  # a later calibration of stored gates: one candidate, the earlier comparison's grid is gone
+        router.info.pop("sharpen_curves_by_step", None)
     router.start = None
     return curves[step]

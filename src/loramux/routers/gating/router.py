@@ -68,7 +68,8 @@ class MoleRouter(InForwardRouter):
         self._stored: str | None = None  # set when loaded from stored weights: what they are, and the mask
         self.sharpen = self.info.get("sharpen", 1.0)
         self.collected: list[torch.Tensor] | None = None  # training: every unit's weights, for the balance loss
-        # train_mole's routing start (a state dict) when it kept later gates; never saved (calibrate.py)
+        # train_mole's routing start (a state dict) when it kept later gates, for calibrate.py; not saved
+        # with the gates (save), though train_mole's checkpoints hold it
         self.start: dict[str, torch.Tensor] | None = None
         self._current: dict[str, torch.Tensor] = {}
         self._frozen: dict[str, torch.Tensor] | None = None

@@ -229,9 +229,14 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             "owners": dict(owners) if routes else None, "gate_pool": "prompt"}
     resumed = bool(resume and ckpt and (ckpt / _STATE).is_file())
     start = None  # the routing start's gates (step 0), kept for calibrate_sharpen to weigh against the kept ones
+    if ckpt and not resumed:
+        (ckpt / _START).unlink(missing_ok=True)  # an earlier run's, in a directory this run starts afresh
     if resumed:
         first, elapsed, curve, best, memory, start = _load_checkpoint(ckpt, meta, gates, opt)
         log(f"mole: resuming at step {first} from {ckpt}")
+        if config.route_init_per_task and start is None and val_features:
+            log("mole: this checkpoint does not hold the routing start (written before it was kept); "
+                "calibrate_sharpen will weigh the kept gates alone")
         if first % config.eval_every and first < config.steps:
             # written at an earlier cap between evaluations: a run with this cap never evaluated there
             raise CheckpointPastCap(f"the MoLE checkpoint in {str(ckpt)!r} was written at step {first}, an earlier "
@@ -254,7 +259,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
         log(f"mole step {point['step']}{label}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
         if ckpt:
             _save_checkpoint(ckpt, meta, point["step"], elapsed + time.perf_counter() - started, curve, best,
-                             memory, gates, opt, start)
+                             memory, gates, opt, start if point["step"] == 0 else None)
 
     try:
         if config.route_init_per_task and not resumed:
@@ -367,10 +372,13 @@ def _validation_loss(router, fused, mixture, features, own: list[int], batch_siz
 
 
 _STATE = "state.json"
+_START = "start.safetensors"
 
 
 def _save_checkpoint(ckpt: Path, meta: dict, step: int, elapsed: float, curve: list, best, memory: torch.Tensor,
                      gates: MoleGates, opt: torch.optim.Optimizer, start: dict | None = None) -> None:
+    """`start`: the routing start, given at step 0 alone (a fresh run) and written once beside the
+    step files, which are rewritten at every evaluation."""
     from safetensors.torch import save_file
 
     from ..._atomic import atomic_write_json
@@ -378,7 +386,8 @@ def _save_checkpoint(ckpt: Path, meta: dict, step: int, elapsed: float, curve: l
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors = {f"gates.{k}": v.detach().cpu().contiguous() for k, v in gates.state_dict().items()}
     tensors |= {f"best.{k}": v.detach().cpu().contiguous() for k, v in best[2].items()}
-    tensors |= {f"start.{k}": v.detach().cpu().contiguous() for k, v in (start or {}).items()}
+    if start is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in start.items()}, ckpt / _START)
     state = opt.state_dict()
     for pid, st in state["state"].items():
         for k, v in st.items():
@@ -424,7 +433,8 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
     device = gates.log_tau.device
     gates.load_state_dict({k[6:]: v.to(device) for k, v in flat.items() if k.startswith("gates.")})
     best_state = {k[5:]: v.to(device) for k, v in flat.items() if k.startswith("best.")}
-    start = {k[6:]: v.to(device) for k, v in flat.items() if k.startswith("start.")} or None
+    start = ({k: v.to(device) for k, v in load_file(ckpt / _START).items()} if (ckpt / _START).is_file()
+             else None)
     moments: dict[int, dict] = {}
     for key, v in flat.items():
         if key.startswith("opt."):
