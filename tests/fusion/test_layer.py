@@ -172,6 +172,29 @@ def test_layer_mixture_calls_the_gate_with_name_input_and_mask():
     assert close(out, explicit(layer, factors, x, weights[:, None]), atol=1e-4)
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_a_gate_that_weighs_some_slots_computes_only_those(per_token):
+    """LayerMixture.slots: a slot the gate never weighs (a general adapter loaded beside the gated
+    ones) is left out of the fast path's layout; the output is the reference loop's over all slots."""
+    layer, factors = make_layer(ranks=[2, 4, None, 8, 32])
+    x = torch.randn(2, 4, 12, requires_grad=per_token)
+    shape = (2, 4, 5) if per_token else (2, 5)
+    weights = torch.softmax(torch.randn(shape), -1) * torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+
+    def gate(name, x, mask):
+        return weights
+
+    mix = LayerMixture(gate, slots=(0, 1, 2, 3))
+    layer.state.mixture = mix
+    with torch.set_grad_enabled(per_token):  # training gates: the autograd branch
+        out = layer(x)
+    assert close(out.detach(), run(layer, x.detach(), mix, reference=True), atol=1e-5)
+    assert layer._some[1][0].shape == (12, 2 + 4 + 8) and layer._flat is None  # the rank-32 slot left out
+    C = weights if per_token else weights[:, None]
+    assert close(out.detach(), explicit(layer, factors, x.detach(), C), atol=1e-4)
+    assert close(run(layer, x.detach(), LayerMixture(gate, slots=(2,))), layer.base(x.detach()), atol=1e-6)  # skips it
+
+
 def test_no_mixture_is_the_base_layer_and_remove_slot_keeps_the_others():
     layer, factors = make_layer()
     x = torch.randn(2, 3, 12)
@@ -249,7 +272,7 @@ def test_few_tokens_per_row_read_only_the_union_of_selected_slots(union_on_cpu):
     mix = SequenceMixture(idx, w)
     C = torch.zeros(4, 1, 5).scatter_add_(-1, idx[:, None], w[:, None])
     _check_decode_shapes(layer, factors, mix, C)
-    assert layer._flat is None and layer._union[1].shape == (12, 3 * layer.max_rank)  # 3 slots, not 5
+    assert layer._flat is None and layer._union[1].shape == (12, 2 + 4 + 8)  # slots 0, 1, 3 at their own ranks
 
 
 def test_few_selections_per_step_are_gathered_per_row(union_on_cpu):
@@ -258,3 +281,34 @@ def test_few_selections_per_step_are_gathered_per_row(union_on_cpu):
     mix = SequenceMixture(idx, w)
     run(layer, torch.randn(2, 1, 12), mix)
     assert layer._union is None and layer._cache[0] is mix
+
+
+def test_a_wide_slot_widens_only_itself():
+    """A rank-32 adapter beside rank-2..8 ones (a library's general adapter, say): the flat layout
+    keeps each slot's real rank columns, and a gathered row pads only to the widest row."""
+    ranks = [2, 4, None, 8, 32]
+    layer, factors = make_layer(ranks=ranks)
+    x = torch.randn(3, 4, 12)
+    C = torch.softmax(torch.randn(3, 4, 5), -1)
+    mix = TokenMixture(torch.arange(5).expand(3, 4, 5), C)
+    assert close(run(layer, x, mix), explicit(layer, factors, x, C), atol=1e-4)
+    assert layer._flat[0].shape == (12, 2 + 4 + 8 + 32)  # not 5 x 32
+    narrow = SequenceMixture(torch.tensor([[0, 1], [3, 2], [1, 1]]), torch.tensor([[0.5, 0.5], [1.0, 2.0], [0.3, 0.7]]))
+    assert close(run(layer, x, narrow), run(layer, x, narrow, reference=True), atol=1e-5)
+    assert layer._cache[2][0].shape == (3, 12, 8)  # the widest row: slot 3 (rank 8) and a slot that skips this layer
+    wide = SequenceMixture(torch.tensor([[0, 4], [3, 1], [2, 0]]), torch.tensor([[0.5, -1.0], [1.0, 2.0], [0.3, 0.7]]))
+    assert close(run(layer, x, wide), run(layer, x, wide, reference=True), atol=1e-5)
+    assert layer._cache[2][0].shape == (3, 12, 2 + 32)
+    shared = SequenceMixture(torch.tensor([[1, 3]] * 3), torch.tensor([[0.6, 0.4]] * 3))
+    for x_ in (x, torch.randn(3, 1, 12)):
+        assert close(run(layer, x_, shared), run(layer, x_, shared, reference=True), atol=1e-5)
+    assert layer._cache[2][0].shape == (12, 4 + 8)
+
+
+def test_removing_the_widest_slot_narrows_the_stack():
+    layer, factors = make_layer(ranks=[2, 32, 4])
+    layer.remove_slot(1)
+    assert layer.max_rank == 4 and layer.ranks.tolist() == [2, 4]
+    x, mix = torch.randn(2, 3, 12), SequenceMixture(torch.tensor([[0, 1], [1, 0]]), torch.tensor([[1.0, 0.5], [0.2, 0.8]]))
+    C = torch.zeros(2, 1, 2).scatter_add_(-1, mix.indices[:, None], mix.weights[:, None])
+    assert close(run(layer, x, mix), explicit(layer, [factors[0], factors[2]], x, C), atol=1e-4)

@@ -29,7 +29,11 @@ When every row has the same mixture the batched matmuls become two plain ones, a
 `state.fold` the mixture is folded once into a copy of the base weight, W' = W0 + B_cat·diag(c)·A_cat,
 so a long decode with one mixture costs exactly a base forward per step (at the price of one
 extra copy of each adapted weight while that mixture is in use).
-Ranks may differ: slots are zero-padded to the largest rank, which leaves the sum unchanged.
+Ranks may differ: slots are stored zero-padded to the largest rank (the reference loop, the
+gates and Arrow read that stack), but every fast path lays out each slot's own rank alone, so a
+high-rank adapter beside low-rank ones (a library's general adapter, say) widens only itself: the
+flat layouts keep the Σ r_i real rank columns, and a gathered row keeps its selected slots' real
+columns, padded only to the widest row of the batch (zero rows of the stack, so the sum is exact).
 
 Precision: the factors are kept in fp32 whatever the base's dtype (`factor_dtype`), as PEFT keeps
 LoRA weights (its `autocast_adapter_dtype`). Over a bf16/fp16 base the update is computed in fp32 on
@@ -78,12 +82,14 @@ class MultiLoraLinear(nn.Module):
         # without one has gate_w = 0, gate_b = 0 and is not gated (`gated` False).
         self.register_buffer("gate_w", torch.zeros(0, d_in, dtype=dtype, device=device), persistent=False)  # (K, d_in)
         self.register_buffer("gate_b", torch.zeros(0, dtype=dtype, device=device), persistent=False)  # (K,)
+        self.register_buffer("ranks", torch.zeros(0, dtype=torch.long, device=device), persistent=False)  # (K,) each slot's own
         self.gated: list[bool] = []
         self.any_gated = False
         self._cache: tuple | None = None
         self._folded: tuple | None = None
         self._flat: tuple | None = None
         self._union: tuple | None = None
+        self._some: tuple | None = None
 
     # ------------------------------------------------------------------ slots
     @property
@@ -110,12 +116,13 @@ class MultiLoraLinear(nn.Module):
             new_B[K, :, :r] = B.to(new_B)
         self.lora_A, self.lora_B = new_A, new_B
         self.scaling = torch.cat([self.scaling, self.scaling.new_tensor([scaling if A is not None else 0.0])])
+        self.ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
         w = gate[0].reshape(1, -1).to(self.gate_w) if gate is not None else self.gate_w.new_zeros(1, self.base.in_features)
         b = gate[1].reshape(1).to(self.gate_b) if gate is not None else self.gate_b.new_zeros(1)
         self.gate_w, self.gate_b = torch.cat([self.gate_w, w]), torch.cat([self.gate_b, b])
         self.gated.append(gate is not None and A is not None)
         self.any_gated = any(self.gated)
-        self._cache = self._folded = self._flat = self._union = None
+        self._cache = self._folded = self._flat = self._union = self._some = None
 
     def move_slot(self, src: int, dst: int) -> None:
         """Move slot `src` to index `dst` (the others keep their order): a replaced adapter keeps
@@ -123,17 +130,22 @@ class MultiLoraLinear(nn.Module):
         order = [i for i in range(self.num_slots) if i != src]
         order.insert(dst, src)
         self.lora_A, self.lora_B, self.scaling = self.lora_A[order], self.lora_B[order], self.scaling[order]
+        self.ranks = self.ranks[order]
         self.gate_w, self.gate_b = self.gate_w[order], self.gate_b[order]
         self.gated = [self.gated[i] for i in order]
-        self._cache = self._folded = self._flat = self._union = None
+        self._cache = self._folded = self._flat = self._union = self._some = None
 
     def remove_slot(self, k: int) -> None:
         keep = [i for i in range(self.num_slots) if i != k]
         self.lora_A, self.lora_B, self.scaling = self.lora_A[keep], self.lora_B[keep], self.scaling[keep]
+        self.ranks = self.ranks[keep]
+        if self.ranks.numel() and int(self.ranks.max()) < self.max_rank:  # the widest slot left: narrow the stack
+            r = int(self.ranks.max())
+            self.lora_A, self.lora_B = self.lora_A[:, :r].contiguous(), self.lora_B[:, :, :r].contiguous()
         self.gate_w, self.gate_b = self.gate_w[keep], self.gate_b[keep]
         self.gated.pop(k)
         self.any_gated = any(self.gated)
-        self._cache = self._folded = self._flat = self._union = None
+        self._cache = self._folded = self._flat = self._union = self._some = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +177,12 @@ class MultiLoraLinear(nn.Module):
             # only on the tokens that chose it (a grouped GEMM) measured 1.1-1.4x slower than
             # dense over all K=14 slots on the 2-core CPU (batch 8 x 96, top-4), because it
             # materialises k outputs per token before scattering them back.
-            return self._add_dense_delta(y, x3, self.dense_weights(x3, mix))
+            C = self.dense_weights(x3, mix)
+            slots = mix.slots if isinstance(mix, LayerMixture) else None
+            if slots is not None and len(slots) < self.num_slots:  # the gate weighs only these (mixture.py)
+                *flat, index = self._some_flat(slots)
+                return self._add_dense_delta(y, x3, C[..., index], flat, self.scaling[index])
+            return self._add_dense_delta(y, x3, C, self._all_flat(), self.scaling)
         return y + (delta[:, 0] if squeeze else delta).to(y.dtype)
 
     def dense_weights(self, x: torch.Tensor, mix: Mixture) -> torch.Tensor:
@@ -201,36 +218,49 @@ class MultiLoraLinear(nn.Module):
             delta += C[..., i : i + 1] * self.scaling[i] * ((x @ self.lora_A[i].T) @ self.lora_B[i].T)
         return delta
 
-    def _add_dense_delta(self, y: torch.Tensor, x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        """y + all K adapters as one rank-K·r LoRA, each rank block scaled by its coefficient.
-        x: (B, T, d_in); y: the base output, (B, T, d_out) or (B, d_out) for 2-D inputs."""
-        K, r = self.num_slots, self.max_rank
-        At, Bt = self._all_flat()
-        z = x @ At  # (B, T, K·r)
-        coef = (C * self.scaling).unsqueeze(-1)  # each rank block times its weight
+    def _add_dense_delta(self, y: torch.Tensor, x: torch.Tensor, C: torch.Tensor, flat: tuple,
+                         scaling: torch.Tensor) -> torch.Tensor:
+        """y + the slots of `flat` (`_flat_factors`) as one rank-Σr LoRA, each slot's rank columns
+        scaled by its coefficient in C (B, T or 1, slots) times its `scaling` (slots,). x: (B, T, d_in);
+        y: the base output, (B, T, d_out) or (B, d_out) for 2-D inputs."""
+        At, Bt, owner = flat
+        if owner.numel() == 0:  # none of these slots adapts this layer
+            return y
+        z = x @ At  # (B, T, Σr)
+        coef = (C * scaling)[..., owner]  # each rank column times its slot's weight
         if (torch.is_grad_enabled() and (C.requires_grad or x.requires_grad or y.requires_grad)) \
                 or z.dtype != y.dtype or not y.is_contiguous():  # training gates: autograd needs z
-            z = (z.view(*z.shape[:-1], K, r) * coef).view(z.shape)
-            delta = (z @ Bt).to(y.dtype)  # (B, T, d_out)
+            delta = ((z * coef) @ Bt).to(y.dtype)  # (B, T, d_out)
             return y + (delta[:, 0] if y.dim() == 2 else delta)
-        z.view(*z.shape[:-1], K, r).mul_(coef)
+        z.mul_(coef)
         # The second matmul accumulates into y, the base output made for this call: an
         # out-of-place y + delta wrote two more output-sized tensors per layer.
-        y.view(-1, y.shape[-1]).addmm_(z.view(-1, K * r), Bt)
+        y.view(-1, y.shape[-1]).addmm_(z.view(-1, z.shape[-1]), Bt)
         return y
 
-    def _all_flat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every slot's factors as one rank-K·r pair, laid out once per set of slots."""
+    def _all_flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every slot's factors as one rank-Σr pair, laid out once per set of slots."""
         if self._flat is None:
-            self._flat = self._flat_factors(slice(None))
+            self._flat = self._flat_factors(torch.arange(self.num_slots, device=self.lora_A.device))
         return self._flat
 
-    def _flat_factors(self, slots) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chosen slots' factors as one rank-U·r pair: At (d_in, U·r), Bt (U·r, d_out), rows of Bt
-        ordered (slot, rank) like the columns of At."""
-        A, B = self.lora_A[slots], self.lora_B[slots]
-        U, r = A.shape[0], self.max_rank
-        return A.reshape(U * r, -1).T.contiguous(), B.permute(0, 2, 1).reshape(U * r, self.base.out_features).contiguous()
+    def _some_flat(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_flat_factors` of these slots and the slots as a tensor, kept for the last set asked for
+        (a router asks for the same set at every layer and step)."""
+        if self._some is None or self._some[0] != slots:
+            index = torch.tensor(slots, device=self.lora_A.device, dtype=torch.long)
+            self._some = (slots, (*self._flat_factors(index), index))
+        return self._some[1]
+
+    def _flat_factors(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chosen slots' factors as one LoRA of their real ranks, padding left out: At (d_in, Σr),
+        Bt (Σr, d_out), and owner (Σr,), the position in `slots` each rank column belongs to."""
+        R = self.max_rank
+        real = (torch.arange(R, device=slots.device) < self.ranks[slots][:, None]).reshape(-1)  # (U·R,)
+        A = self.lora_A[slots].reshape(-1, self.base.in_features)[real]
+        B = self.lora_B[slots].permute(0, 2, 1).reshape(-1, self.base.out_features)[real]
+        owner = torch.arange(slots.numel(), device=slots.device).repeat_interleave(R)[real]
+        return A.T.contiguous(), B.contiguous(), owner
 
     # Measured on the 2-core CPU (fp32; benchmarks/results/cpu_profile.json, "gemm"): with the
     # narrow factors as contiguous matrices a one-row LoRA update is ~1.9x faster (decode); with
@@ -257,7 +287,15 @@ class MultiLoraLinear(nn.Module):
             r = self.max_rank
             A_cat = self.lora_A[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_in)
             Bt = self.lora_B.transpose(1, 2)[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_out), one strided gather
-            coef = coef.repeat_interleave(r, dim=1)[:, None, :]  # (B', 1, m·r): rank block i gets w_i·s_i
+            coef = coef.repeat_interleave(r, dim=1)  # (B', m·r): rank block i gets w_i·s_i
+            real = (torch.arange(r, device=device) < self.ranks[idx][..., None]).reshape(Bsz, m * r)
+            width = int(real.sum(1).max()) if real.numel() else 0
+            if width < m * r:  # ranks differ: each row keeps its real columns first, padded to the widest row
+                keep = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :width]  # (B', width)
+                A_cat, Bt = A_cat.gather(1, keep[..., None].expand(-1, -1, A_cat.shape[2])), \
+                    Bt.gather(1, keep[..., None].expand(-1, -1, Bt.shape[2]))
+                coef = coef.gather(1, keep) * real.gather(1, keep)  # a row's padding columns: zero rows, weight 0
+            coef = coef[:, None, :]  # (B', 1, width)
             At = A_cat.transpose(1, 2)
             if Bsz == 1:
                 At, Bt, coef = At[0], Bt[0], coef[0, 0]
@@ -298,19 +336,18 @@ class MultiLoraLinear(nn.Module):
             coef = self.scaling.new_zeros(inverse.shape[0], slots.numel()).scatter_add_(
                 1, inverse, mix.weights.to(device=x.device, dtype=self.scaling.dtype)) * self.scaling[slots]  # (B, U)
             if slots.numel() == self.num_slots:  # every slot: the layout the dense path keeps
-                At, Bt = self._all_flat()
+                At, Bt, owner = self._all_flat()
             else:
-                At, Bt = self._flat_factors(slots)
-            self._union = (mix, At, Bt, coef[:, None, :, None])  # (B, 1, U, 1): broadcasts over tokens and ranks
+                At, Bt, owner = self._flat_factors(slots)
+            self._union = (mix, At, Bt, coef[:, None, owner])  # (B, 1, Σr): broadcasts over tokens
         _, At, Bt, coef = self._union
         d_in, d_out = x.shape[-1], y.shape[-1]
-        z = x.reshape(-1, d_in) @ At  # (B·T, U·r)
-        U = coef.shape[2]
-        zw = z.view(coef.shape[0], -1, U, z.shape[-1] // U)
+        z = x.reshape(-1, d_in) @ At  # (B·T, Σr)
+        zw = z.view(coef.shape[0], -1, z.shape[-1])
         if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
             z = (zw * coef).view(z.shape)
         else:
-            zw.mul_(coef)  # decode: no autograd, weight the rank blocks in place
+            zw.mul_(coef)  # decode: no autograd, weight the rank columns in place
         return torch.addmm(y.reshape(-1, d_out), z, Bt).view(y.shape)  # the second matmul accumulates into y
 
     def _folded_weight(self, mix: SequenceMixture, device: torch.device) -> torch.Tensor | None:

@@ -79,9 +79,14 @@ LayerGate = Callable[[str, "torch.Tensor", "torch.Tensor | None"], "torch.Tensor
 
 @dataclass(frozen=True)
 class LayerMixture:
-    """Weights computed at each adapted layer by a gate, per sequence (MoLE) or per token (Arrow)."""
+    """Weights computed at each adapted layer by a gate, per sequence (MoLE) or per token (Arrow).
+    `slots`: the only slots the gate ever weighs (None: any); the fused layers' fast path leaves the
+    others out, so an adapter loaded beside the gated ones (the library's general adapter, which
+    serves abstained prompts) costs nothing in their forward. The gate still returns all K columns,
+    zero outside `slots`; the reference loop reads them all."""
 
     gate: LayerGate
+    slots: tuple[int, ...] | None = None
 
 
 Mixture = Union[SequenceMixture, TokenMixture, LayerMixture]

@@ -85,10 +85,14 @@ class InForwardRouter:
     def recorded(self, recorder) -> None:
         """Called when a prefill's recording ends (MoLE keeps its weights for the decode steps)."""
 
+    def gated_slots(self) -> tuple[int, ...] | None:
+        """The fused slots the gate can weigh; None: every loaded adapter."""
+        return None
+
     def layer_mixture(self):
         from ..fusion import LayerMixture
 
-        return LayerMixture(self.gate)
+        return LayerMixture(self.gate, self.gated_slots())
 
     @contextlib.contextmanager
     def recording(self, attention_mask: torch.Tensor) -> Iterator:

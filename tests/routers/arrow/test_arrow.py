@@ -109,6 +109,12 @@ def test_the_librarys_general_adapter_is_never_a_candidate(tiny_model_dir, arrow
     assert router.candidates == ["t0", "t1", "t3", "t4"] and plain.candidates == ["t0", "t1", "t2", "t3", "t4"]
     C = router.gate("model.layers.0.self_attn.q_proj", torch.randn(2, 3, 32), None)
     assert float(C[..., 2].abs().sum()) == 0.0
+    assert router.layer_mixture().slots == (0, 1, 3, 4)  # the fused layers leave it out of Arrow's forward
+    ids = torch.tensor([fused.base.tokenizer("The quick brown fox")["input_ids"]], device=fused.base.model.device)
+    with torch.no_grad(), fused.mixture(router.layer_mixture()):
+        fast = fused.base.model(input_ids=ids).logits
+    with torch.no_grad(), fused.mixture(router.layer_mixture(), reference=True):  # every slot, t2's at weight 0
+        assert torch.allclose(fast, fused.base.model(input_ids=ids).logits, atol=1e-5)
     assert router.cache_key != plain.cache_key  # cached predictions of one are not the other's
     with pytest.raises(LoramuxError, match="'t2' is the library's general adapter"):
         ArrowRouter(fused, arrow_lib, ArrowConfig(candidates=("t1", "t2")))

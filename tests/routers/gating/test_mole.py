@@ -423,6 +423,10 @@ def test_gates_over_a_fused_model_that_also_holds_the_general_adapter(tiny_model
             with r.recording(mask), fused.mixture(r.layer_mixture(), attention_mask=mask):
                 outs.append(fused.base.model(input_ids=ids, attention_mask=mask).logits)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert loaded.layer_mixture().slots == (0, 1, 2) and router.layer_mixture().slots is None
+    with torch.no_grad(), loaded.recording(mask), both.mixture(loaded.layer_mixture(), attention_mask=mask,
+                                                                reference=True):  # the general slot computed, at 0
+        assert torch.allclose(outs[1], both.base.model(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
     with pytest.raises(LoramuxError, match=r"\['a', 'b', 'c'\] are not loaded"):
         MoleRouter(FusedModel(load_base(str(tiny_model_dir))), router.gates, NAMES)
     partial = FusedModel(load_base(str(tiny_model_dir)))

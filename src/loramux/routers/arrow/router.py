@@ -141,6 +141,8 @@ class ArrowRouter(InForwardRouter):
         # not all); None with a caller's prototypes function.
         some = f"|{self.candidates}" if len(self.candidates) < len(names) else ""
         self.cache_key = f"arrow|{self.config!r}{some}" if self._own_prototypes else None
+        weighed = [k for k, n in enumerate(names) if n in wanted or k in subtract]
+        self._weighed = None if len(weighed) == len(names) else tuple(weighed)  # the rest: always weight 0
         self._offset = None
         if subtract:  # every general adapter at -1/G, in every module and token
             self._offset = torch.zeros(len(names))
@@ -160,6 +162,11 @@ class ArrowRouter(InForwardRouter):
                                   offset)
 
     # ------------------------------------------------------------------ the gate
+    def gated_slots(self) -> tuple[int, ...] | None:
+        """The candidates and the subtracted general adapters; the library's general adapter and
+        any adapter left out of `candidates` are never weighed, so the fused layers skip them."""
+        return self._weighed
+
     def gate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-token weights over all K slots at module `name`: (B, T, K), top-k nonzero per token."""
         if tuple(self.fused.adapters) != self._slots:

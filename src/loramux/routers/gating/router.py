@@ -135,6 +135,11 @@ class MoleRouter(InForwardRouter):
             self._slots_for = self.fused.version
         return self._slots
 
+    def gated_slots(self) -> tuple[int, ...] | None:
+        """The fused layers compute only the gated adapters' slots (the others get weight 0)."""
+        slots = self.slots()
+        return None if slots is None else tuple(slots.tolist())
+
     def _to_slots(self, w: torch.Tensor) -> torch.Tensor:
         """(B, K gated) weights -> (B, fused slots): 0 for loaded adapters the gates do not cover."""
         slots = self.slots()
