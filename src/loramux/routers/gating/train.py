@@ -245,16 +245,17 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
         if best is not None and _flat(first, best[1], config):
             stopped, first = "flat", config.steps  # it had stopped on a flat curve: nothing left to train
 
-    def validate(point: dict) -> None:
+    def validate(point: dict, snapshot: dict | None = None) -> None:
         """Score the gates on the validation examples at `point` of the curve; keep them when they are
-        the best so far, and write the checkpoint."""
+        the best so far (as `snapshot`, a copy of their state already made, or a new copy), and write
+        the checkpoint."""
         nonlocal best
         val, own_share = _validation_loss(router, fused, mixture, val_features, val_own, config.batch_size, device)
         point["val_task_loss"] = round(val, 4)
         if own_share is not None:
             point["val_own_top_share"] = round(own_share, 4)
         if best is None or val < best[0] * (1 - config.min_delta):
-            best = (val, point["step"], copy.deepcopy(gates.state_dict()))
+            best = (val, point["step"], snapshot if snapshot is not None else copy.deepcopy(gates.state_dict()))
         label = " (routing start)" if point["step"] == 0 else ""
         log(f"mole step {point['step']}{label}: validation task loss {val:.4f} (best {best[0]:.4f} at step {best[1]})")
         if ckpt:
@@ -270,7 +271,7 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
             curve.append(point)
             if val_features:  # step 0 scores the fitted gates: a run that never beats them keeps them
                 start = copy.deepcopy(gates.state_dict())
-                validate(point)
+                validate(point, start)  # one copy serves as the start and as the first best
         bar = tqdm(range(first, config.steps), desc=f"train mole ({config.granularity})", unit="step",
                    disable=not progress, initial=first, total=config.steps)
         for step in bar:
