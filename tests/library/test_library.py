@@ -296,3 +296,33 @@ def test_the_general_adapter_is_stored_never_routed_and_dropped_with_its_adapter
     lib.set_general("a")
     lib.set_general(None)
     assert lib.general is None and lib.routable() == ["a", "b", "c"]
+
+
+def test_a_settled_manifest_is_parsed_once_and_a_change_by_another_writer_is_seen(tiny_base, peft_dir, tmp_path,
+                                                                                   monkeypatch):
+    import loramux.library.library as library_module
+
+    monkeypatch.setattr(library_module, "_SETTLED_NS", 0)  # every manifest counts as settled at once
+    reader, writer = Library(tmp_path / "lib", create=True), Library(tmp_path / "lib")
+    writer.add("a", peft_dir, base=tiny_base)
+    parses = []
+    real = library_module.json.loads
+    monkeypatch.setattr(library_module.json, "loads", lambda text: parses.append(1) or real(text))
+    assert reader.names() == ["a"] and reader.general is None and reader.routers() == {}
+    assert len(parses) == 1  # a server asks on every request: one parse, then a stat per call
+    writer.add("b", peft_dir, base=tiny_base)  # another process's write: a new file (atomic rename)
+    assert reader.names() == ["a", "b"]
+    reader.set_general("b")
+    assert writer.general == "b" and reader.routable() == ["a"]
+
+
+def test_a_manifest_written_just_now_is_read_again(tiny_base, peft_dir, tmp_path, monkeypatch):
+    import loramux.library.library as library_module
+
+    lib = Library(tmp_path / "lib", create=True)
+    lib.add("a", peft_dir, base=tiny_base)
+    parses = []
+    real = library_module.json.loads
+    monkeypatch.setattr(library_module.json, "loads", lambda text: parses.append(1) or real(text))
+    lib.names(), lib.names()
+    assert len(parses) == 2  # younger than _SETTLED_NS: a later write in the same clock tick could look alike

@@ -22,9 +22,11 @@ alone (docs/routing.md, section 1). A multi-task LoRA is the natural general ada
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 MANIFEST = "loramux-library.json"
 FORMAT = "loramux-library"
 FORMAT_VERSION = 1
+_SETTLED_NS = 100_000_000  # `Library._parsed`
 
 
 class Library:
@@ -50,6 +53,7 @@ class Library:
 
     def __init__(self, path: str | Path, *, create: bool = False):
         self.path = Path(path).expanduser()
+        self._cache: tuple | None = None  # (the manifest's stat key, its parse): `_parsed`
         manifest = self.path / MANIFEST
         if not manifest.is_file():
             if not create:
@@ -77,7 +81,28 @@ class Library:
 
     def _read_state(self) -> tuple[dict[str, AdapterSpec], str | None]:
         """(adapters, the general adapter's name or None), from one read of the manifest."""
+        adapters, general, _ = self._parsed()
+        return dict(adapters), general
+
+    def _read_routers(self) -> dict[str, dict]:
+        return copy.deepcopy(self._parsed()[2])
+
+    def _parsed(self) -> tuple[dict[str, AdapterSpec], str | None, dict[str, dict]]:
+        """The manifest as it is on disk now, parsed again only when it changed. Every write replaces
+        the file by a rename (`atomic_write_json`), so a new manifest is a new inode: its stat tells
+        a change made by any process, and a server that reads the library on every request pays a
+        stat, not a parse. Callers get copies (`_read_state`, `_read_routers`)."""
         path = self.path / MANIFEST
+        st = path.stat()
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        # A file's mtime has the kernel's coarse clock (milliseconds); two more writes within one
+        # tick could reuse this inode and size. So a manifest younger than _SETTLED_NS is parsed
+        # but not kept: once it is older, any later write has a later mtime.
+        settled = time.time_ns() - st.st_mtime_ns > _SETTLED_NS
+        # stat before read: a manifest replaced in between is read under the older key, so the
+        # next call reads it again rather than keeping stale data under the newer key
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -89,11 +114,10 @@ class Library:
                                f"reads up to {FORMAT_VERSION}: upgrade loramux")
         adapters = {name: AdapterSpec.from_dict(d) for name, d in data.get("adapters", {}).items()}
         general = data.get("general")
-        return adapters, general if isinstance(general, str) and general in adapters else None
-
-    def _read_routers(self) -> dict[str, dict]:
-        data = json.loads((self.path / MANIFEST).read_text())
-        return dict(data.get("routers", {}))
+        parsed = (adapters, general if isinstance(general, str) and general in adapters else None,
+                  dict(data.get("routers", {})))
+        self._cache = (key, parsed) if settled else None
+        return parsed
 
     def _write_manifest(self, adapters: dict[str, AdapterSpec], routers: dict[str, dict] | None = None,
                         general: str | None | bool = True) -> None:
