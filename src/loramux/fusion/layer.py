@@ -82,7 +82,9 @@ class MultiLoraLinear(nn.Module):
         # without one has gate_w = 0, gate_b = 0 and is not gated (`gated` False).
         self.register_buffer("gate_w", torch.zeros(0, d_in, dtype=dtype, device=device), persistent=False)  # (K, d_in)
         self.register_buffer("gate_b", torch.zeros(0, dtype=dtype, device=device), persistent=False)  # (K,)
-        self.register_buffer("ranks", torch.zeros(0, dtype=torch.long, device=device), persistent=False)  # (K,) each slot's own
+        # (K,) each slot's own rank, on the host: a gathered mixture's widths are read there, never
+        # waiting on the device (its indices are made on the host too: FusedModel.sequence_mixture)
+        self.ranks = torch.zeros(0, dtype=torch.long)
         self.gated: list[bool] = []
         self.any_gated = False
         self._cache: tuple | None = None
@@ -116,7 +118,7 @@ class MultiLoraLinear(nn.Module):
             new_B[K, :, :r] = B.to(new_B)
         self.lora_A, self.lora_B = new_A, new_B
         self.scaling = torch.cat([self.scaling, self.scaling.new_tensor([scaling if A is not None else 0.0])])
-        self.ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
+        self.ranks = torch.cat([self.ranks, torch.tensor([r])])
         w = gate[0].reshape(1, -1).to(self.gate_w) if gate is not None else self.gate_w.new_zeros(1, self.base.in_features)
         b = gate[1].reshape(1).to(self.gate_b) if gate is not None else self.gate_b.new_zeros(1)
         self.gate_w, self.gate_b = torch.cat([self.gate_w, w]), torch.cat([self.gate_b, b])
@@ -256,7 +258,7 @@ class MultiLoraLinear(nn.Module):
         """The chosen slots' factors as one LoRA of their real ranks, padding left out: At (d_in, Σr),
         Bt (Σr, d_out), and owner (Σr,), the position in `slots` each rank column belongs to."""
         R = self.max_rank
-        real = (torch.arange(R, device=slots.device) < self.ranks[slots][:, None]).reshape(-1)  # (U·R,)
+        real = (torch.arange(R) < self.ranks[slots.cpu()][:, None]).reshape(-1).to(slots.device)  # (U·R,)
         A = self.lora_A[slots].reshape(-1, self.base.in_features)[real]
         B = self.lora_B[slots].permute(0, 2, 1).reshape(-1, self.base.out_features)[real]
         owner = torch.arange(slots.numel(), device=slots.device).repeat_interleave(R)[real]
@@ -271,8 +273,10 @@ class MultiLoraLinear(nn.Module):
     def _gathered(self, mix: SequenceMixture, device: torch.device,
                   rows: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-row concatenated factors of the selected adapters, cached for this mixture object:
-        At (B', d_in, m·r), Bt (B', m·r, d_out) and the coefficient w·s of each rank column,
-        coef (B', 1, m·r); 2-D factors and coef (m·r,) when every row mixes the same way (B' = 1).
+        At (B', d_in, c), Bt (B', c, d_out) and the coefficient w·s of each rank column,
+        coef (B', 1, c); 2-D factors and coef (c,) when every row mixes the same way (B' = 1).
+        c is the most real rank columns any row selects: m·r when each selected slot has the
+        stack's rank r, fewer when a wider slot elsewhere set r.
 
         The weights scale the rank-m·r intermediate, not B: that is T·m·r numbers per row rather
         than m·r·d_out, and each factor is one gather. (Scaling B and building both layouts up
@@ -288,13 +292,15 @@ class MultiLoraLinear(nn.Module):
             A_cat = self.lora_A[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_in)
             Bt = self.lora_B.transpose(1, 2)[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_out), one strided gather
             coef = coef.repeat_interleave(r, dim=1)  # (B', m·r): rank block i gets w_i·s_i
-            real = (torch.arange(r, device=device) < self.ranks[idx][..., None]).reshape(Bsz, m * r)
+            real = (torch.arange(r) < self.ranks[mix.indices.long().cpu()[:Bsz]][..., None]).reshape(Bsz, m * r)
             width = int(real.sum(1).max()) if real.numel() else 0
             if width < m * r:  # ranks differ: each row keeps its real columns first, padded to the widest row
                 keep = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :width]  # (B', width)
+                real = real.gather(1, keep).to(device=device, dtype=coef.dtype)
+                keep = keep.to(device)
                 A_cat, Bt = A_cat.gather(1, keep[..., None].expand(-1, -1, A_cat.shape[2])), \
                     Bt.gather(1, keep[..., None].expand(-1, -1, Bt.shape[2]))
-                coef = coef.gather(1, keep) * real.gather(1, keep)  # a row's padding columns: zero rows, weight 0
+                coef = coef.gather(1, keep) * real  # a row's padding columns: zero rows, weight 0
             coef = coef[:, None, :]  # (B', 1, width)
             At = A_cat.transpose(1, 2)
             if Bsz == 1:
