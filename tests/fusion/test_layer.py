@@ -189,7 +189,7 @@ def test_a_gate_that_weighs_some_slots_computes_only_those(per_token):
     with torch.set_grad_enabled(per_token):  # training gates: the autograd branch
         out = layer(x)
     assert close(out.detach(), run(layer, x.detach(), mix, reference=True), atol=1e-5)
-    assert layer._some[1][0].shape == (12, 2 + 4 + 8) and layer._flat is None  # the rank-32 slot left out
+    assert layer._some[(0, 1, 2, 3)][0].shape == (12, 2 + 4 + 8) and layer._flat is None  # the rank-32 slot left out
     C = weights if per_token else weights[:, None]
     assert close(out.detach(), explicit(layer, factors, x.detach(), C), atol=1e-4)
     assert close(run(layer, x.detach(), LayerMixture(gate, slots=(2,))), layer.base(x.detach()), atol=1e-6)  # skips it
@@ -312,3 +312,45 @@ def test_removing_the_widest_slot_narrows_the_stack():
     x, mix = torch.randn(2, 3, 12), SequenceMixture(torch.tensor([[0, 1], [1, 0]]), torch.tensor([[1.0, 0.5], [0.2, 0.8]]))
     C = torch.zeros(2, 1, 2).scatter_add_(-1, mix.indices[:, None], mix.weights[:, None])
     assert close(run(layer, x, mix), explicit(layer, [factors[0], factors[2]], x, C), atol=1e-4)
+
+
+def test_zero_weight_entries_need_no_columns():
+    """FusedModel.sequence_mixture pads a shorter row with zero-weight entries: a row of one wide
+    adapter beside rows of three narrow ones stays as wide as that adapter."""
+    layer, _ = make_layer(ranks=[8, 8, 8, 32])
+    mix = SequenceMixture(torch.tensor([[0, 1, 2], [3, 3, 3]]), torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]]))
+    x = torch.randn(2, 3, 12)
+    assert close(run(layer, x, mix), run(layer, x, mix, reference=True), atol=1e-5)
+    assert layer._cache[2][0].shape == (2, 12, 32)  # not 3 x 32
+
+
+def test_layer_mixture_slots_are_checked_and_the_reference_holds_the_gate_to_them():
+    with pytest.raises(LoramuxError, match="distinct slot numbers"):
+        LayerMixture(lambda *a: None, slots=(0, 0, 2))
+    assert LayerMixture(lambda *a: None, slots=(3, 0)).slots == (0, 3)
+    layer, _ = make_layer()
+    weights = torch.softmax(torch.randn(2, 5), -1)
+    x = torch.randn(2, 3, 12)
+    with pytest.raises(LoramuxError, match="slot 7 does not exist"):
+        run(layer, x, LayerMixture(lambda *a: weights, slots=(0, 7)))
+    with pytest.raises(LoramuxError, match="outside LayerMixture.slots"):  # slot 4 has weight: the fast path drops it
+        run(layer, x, LayerMixture(lambda *a: weights, slots=(0, 1, 2, 3)), reference=True)
+    layer.move_slot(4, 0)  # the kept layouts follow the slots
+    only = weights * torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])
+    run(layer, x, LayerMixture(lambda *a: only, slots=(0, 1)))
+    assert (0, 1) in layer._some
+    layer.move_slot(0, 4)
+    assert layer._some is None
+
+
+def test_the_union_of_slots_that_skip_this_layer_adds_nothing(union_on_cpu):
+    layer, _ = make_layer()  # slot 2 does not adapt this layer
+    mix = SequenceMixture(torch.tensor([[2], [2], [2]]), torch.tensor([[1.0], [0.5], [2.0]]))
+    x = torch.randn(3, 1, 12)
+    assert close(run(layer, x, mix), layer.base(x), atol=1e-6)
+    assert layer._union is not None and layer._union[1].shape == (12, 0)
+
+
+def test_slot_ranks_are_kept_on_the_host():
+    layer, _ = make_layer()
+    assert layer.ranks.device.type == "cpu" and layer.ranks.tolist() == [2, 4, 0, 8, 4]

@@ -326,3 +326,14 @@ def test_a_manifest_written_just_now_is_read_again(tiny_base, peft_dir, tmp_path
     monkeypatch.setattr(library_module.json, "loads", lambda text: parses.append(1) or real(text))
     lib.names(), lib.names()
     assert len(parses) == 2  # younger than _SETTLED_NS: a later write in the same clock tick could look alike
+
+
+def test_what_a_read_returns_is_the_callers_own(tiny_base, peft_dir, tmp_path, monkeypatch):
+    import loramux.library.library as library_module
+
+    monkeypatch.setattr(library_module, "_SETTLED_NS", 0)
+    lib = Library(tmp_path / "lib", create=True)
+    lib.add("a", peft_dir, base=tiny_base)
+    lib._read_manifest().pop("a")
+    lib.routers()["x"] = {"kind": "dlp"}
+    assert lib.names() == ["a"] and lib.routers() == {}

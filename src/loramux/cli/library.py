@@ -56,8 +56,8 @@ def general(
     others = [spec.rank for spec in lib.routable_specs()]
     if name and others and lib.get(name).rank > max(others):  # docs/routing.md: a general adapter's cost
         typer.echo(f"warning: {name!r} has rank {lib.get(name).rank}, the routed adapters at most {max(others)}; the "
-                   f"fused layer pads every slot to the largest rank, so every routed forward costs more while it "
-                   f"is loaded (docs/routing.md)", err=True)
+                   f"prompts it serves cost a forward of its rank, and a server batch that mixes them with routed "
+                   f"prompts pads those rows to its width (docs/routing.md)", err=True)
     for router in sorted(usable - set(lib.usable_routers())):  # e.g. trained to route to it, or trained while it was general
         typer.echo(f"warning: stored router {router!r} is refused now ({lib.routers()[router]['kind']}); retrain it "
                    f"with `loramux router train --library {lib.path}`", err=True)

@@ -84,14 +84,14 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("gate_b", torch.zeros(0, dtype=dtype, device=device), persistent=False)  # (K,)
         # (K,) each slot's own rank, on the host: a gathered mixture's widths are read there, never
         # waiting on the device (its indices are made on the host too: FusedModel.sequence_mixture)
-        self.ranks = torch.zeros(0, dtype=torch.long)
+        self.ranks = torch.zeros(0, dtype=torch.long, device="cpu")
         self.gated: list[bool] = []
         self.any_gated = False
         self._cache: tuple | None = None
         self._folded: tuple | None = None
         self._flat: tuple | None = None
         self._union: tuple | None = None
-        self._some: tuple | None = None
+        self._some: dict | None = None  # slots -> their flat layout (`_some_flat`)
 
     # ------------------------------------------------------------------ slots
     @property
@@ -118,7 +118,7 @@ class MultiLoraLinear(nn.Module):
             new_B[K, :, :r] = B.to(new_B)
         self.lora_A, self.lora_B = new_A, new_B
         self.scaling = torch.cat([self.scaling, self.scaling.new_tensor([scaling if A is not None else 0.0])])
-        self.ranks = torch.cat([self.ranks, torch.tensor([r])])
+        self.ranks = torch.cat([self.ranks, torch.tensor([r], device="cpu")])
         w = gate[0].reshape(1, -1).to(self.gate_w) if gate is not None else self.gate_w.new_zeros(1, self.base.in_features)
         b = gate[1].reshape(1).to(self.gate_b) if gate is not None else self.gate_b.new_zeros(1)
         self.gate_w, self.gate_b = torch.cat([self.gate_w, w]), torch.cat([self.gate_b, b])
@@ -174,6 +174,13 @@ class MultiLoraLinear(nn.Module):
         x3 = x[:, None] if squeeze else x
         if state.reference:
             delta = self.reference_delta(x3, mix)
+            slots = mix.slots if isinstance(mix, LayerMixture) else None
+            if slots is not None:  # the fast path computes only these: the reference checks the gate keeps to them
+                outside = torch.ones(self.num_slots, dtype=torch.bool)
+                outside[list(slots)] = False
+                if bool(self.dense_weights(x3, mix)[..., outside.to(x.device)].any()):
+                    raise LoramuxError(f"gate at {self.name} weighs slots outside LayerMixture.slots {slots}; the "
+                                       f"fast path would drop them")
         else:
             # Per-token top-k weights (Arrow) go through the dense path: running each adapter
             # only on the tokens that chose it (a grouped GEMM) measured 1.1-1.4x slower than
@@ -181,6 +188,8 @@ class MultiLoraLinear(nn.Module):
             # materialises k outputs per token before scattering them back.
             C = self.dense_weights(x3, mix)
             slots = mix.slots if isinstance(mix, LayerMixture) else None
+            if slots and slots[-1] >= self.num_slots:
+                raise LoramuxError(f"layer mixture: slot {slots[-1]} does not exist at {self.name} ({self.num_slots} slots)")
             if slots is not None and len(slots) < self.num_slots:  # the gate weighs only these (mixture.py)
                 *flat, index = self._some_flat(slots)
                 return self._add_dense_delta(y, x3, C[..., index], flat, self.scaling[index])
@@ -243,25 +252,33 @@ class MultiLoraLinear(nn.Module):
     def _all_flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every slot's factors as one rank-Σr pair, laid out once per set of slots."""
         if self._flat is None:
-            self._flat = self._flat_factors(torch.arange(self.num_slots, device=self.lora_A.device))
+            self._flat = self._flat_factors(torch.arange(self.num_slots, device="cpu"))
         return self._flat
 
+    _SOME_KEPT = 4  # slot sets whose layouts are kept (a server alternating Arrow and MoLE has 2)
+
     def _some_flat(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`_flat_factors` of these slots and the slots as a tensor, kept for the last set asked for
-        (a router asks for the same set at every layer and step)."""
-        if self._some is None or self._some[0] != slots:
-            index = torch.tensor(slots, device=self.lora_A.device, dtype=torch.long)
-            self._some = (slots, (*self._flat_factors(index), index))
-        return self._some[1]
+        """`_flat_factors` of these slots and the slots as a device tensor, kept per set of slots (a
+        router asks for the same set at every layer and step)."""
+        if self._some is None:
+            self._some = {}
+        if slots not in self._some:
+            if len(self._some) >= self._SOME_KEPT:
+                self._some.pop(next(iter(self._some)))
+            host = torch.tensor(slots, dtype=torch.long, device="cpu")
+            self._some[slots] = (*self._flat_factors(host), host.to(self.lora_A.device))
+        return self._some[slots]
 
     def _flat_factors(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The chosen slots' factors as one LoRA of their real ranks, padding left out: At (d_in, Σr),
-        Bt (Σr, d_out), and owner (Σr,), the position in `slots` each rank column belongs to."""
-        R = self.max_rank
-        real = (torch.arange(R) < self.ranks[slots.cpu()][:, None]).reshape(-1).to(slots.device)  # (U·R,)
-        A = self.lora_A[slots].reshape(-1, self.base.in_features)[real]
-        B = self.lora_B[slots].permute(0, 2, 1).reshape(-1, self.base.out_features)[real]
-        owner = torch.arange(slots.numel(), device=slots.device).repeat_interleave(R)[real]
+        """The chosen slots' (a host tensor) factors as one LoRA of their real ranks, padding left
+        out: At (d_in, Σr), Bt (Σr, d_out), and owner (Σr,), the position in `slots` of each rank
+        column's slot. The row index is made on the host and copied once: no wait on the device."""
+        R, device = self.max_rank, self.lora_A.device
+        real = torch.arange(R) < self.ranks[slots][:, None]  # (U, R)
+        rows = (slots[:, None] * R + torch.arange(R))[real].to(device)  # (Σr,) rows of the (K·R)-row stack
+        owner = torch.arange(slots.numel())[:, None].expand(-1, R)[real].to(device)
+        A = self.lora_A.reshape(-1, self.base.in_features).index_select(0, rows)
+        B = self.lora_B.transpose(1, 2).reshape(-1, self.base.out_features).index_select(0, rows)
         return A.T.contiguous(), B.contiguous(), owner
 
     # Measured on the 2-core CPU (fp32; benchmarks/results/cpu_profile.json, "gemm"): with the
@@ -292,12 +309,15 @@ class MultiLoraLinear(nn.Module):
             A_cat = self.lora_A[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_in)
             Bt = self.lora_B.transpose(1, 2)[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_out), one strided gather
             coef = coef.repeat_interleave(r, dim=1)  # (B', m·r): rank block i gets w_i·s_i
-            real = (torch.arange(r) < self.ranks[mix.indices.long().cpu()[:Bsz]][..., None]).reshape(Bsz, m * r)
+            # on the host: a slot's real rank columns, where its weight is not 0 (FusedModel.sequence_mixture
+            # pads shorter rows with zero-weight entries, which need no columns)
+            real = ((torch.arange(r) < self.ranks[mix.indices.long().cpu()[:Bsz]][..., None])
+                    & (mix.weights.cpu()[:Bsz] != 0)[..., None]).reshape(Bsz, m * r)
             width = int(real.sum(1).max()) if real.numel() else 0
             if width < m * r:  # ranks differ: each row keeps its real columns first, padded to the widest row
                 keep = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :width]  # (B', width)
-                real = real.gather(1, keep).to(device=device, dtype=coef.dtype)
-                keep = keep.to(device)
+                both = torch.stack([keep, real.gather(1, keep).long()]).to(device)  # one copy to the device
+                keep, real = both[0], both[1].to(coef.dtype)
                 A_cat, Bt = A_cat.gather(1, keep[..., None].expand(-1, -1, A_cat.shape[2])), \
                     Bt.gather(1, keep[..., None].expand(-1, -1, Bt.shape[2]))
                 coef = coef.gather(1, keep) * real  # a row's padding columns: zero rows, weight 0
@@ -337,16 +357,18 @@ class MultiLoraLinear(nn.Module):
     def _add_union_delta(self, y: torch.Tensor, x: torch.Tensor, mix: SequenceMixture) -> torch.Tensor:
         """y + Σ_u coef[b, u] · B_u (A_u x) over the union of selected slots, cached per mixture object."""
         if self._union is None or self._union[0] is not mix:
-            slots, inverse = mix.union
-            slots, inverse = slots.to(x.device), inverse.to(x.device)
+            host, inverse = mix.union
+            slots, inverse = host.to(x.device), inverse.to(x.device)
             coef = self.scaling.new_zeros(inverse.shape[0], slots.numel()).scatter_add_(
                 1, inverse, mix.weights.to(device=x.device, dtype=self.scaling.dtype)) * self.scaling[slots]  # (B, U)
             if slots.numel() == self.num_slots:  # every slot: the layout the dense path keeps
                 At, Bt, owner = self._all_flat()
             else:
-                At, Bt, owner = self._flat_factors(slots)
+                At, Bt, owner = self._flat_factors(host.cpu())
             self._union = (mix, At, Bt, coef[:, None, owner])  # (B, 1, Σr): broadcasts over tokens
         _, At, Bt, coef = self._union
+        if At.shape[1] == 0:  # none of the selected slots adapts this layer
+            return y
         d_in, d_out = x.shape[-1], y.shape[-1]
         z = x.reshape(-1, d_in) @ At  # (B·T, Σr)
         zw = z.view(coef.shape[0], -1, z.shape[-1])

@@ -88,5 +88,12 @@ class LayerMixture:
     gate: LayerGate
     slots: tuple[int, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if self.slots is not None:
+            slots = tuple(self.slots)
+            if not all(isinstance(k, int) and k >= 0 for k in slots) or len(set(slots)) != len(slots):
+                raise LoramuxError(f"layer mixture: slots must be distinct slot numbers >= 0; got {slots}")
+            object.__setattr__(self, "slots", tuple(sorted(slots)))
+
 
 Mixture = Union[SequenceMixture, TokenMixture, LayerMixture]

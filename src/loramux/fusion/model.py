@@ -206,7 +206,7 @@ class FusedModel:
     def release(self) -> None:
         """Drop cached gathered and folded factors (frees the folded weight copies)."""
         for layer in self.layers.values():
-            layer._cache = layer._folded = layer._union = None
+            layer._cache = layer._folded = layer._union = layer._some = None
 
     def adapter_bytes(self) -> int:
         """Bytes held by the stacked adapter factors of all layers."""

@@ -80,7 +80,9 @@ class Library:
         return self._read_state()[0]
 
     def _read_state(self) -> tuple[dict[str, AdapterSpec], str | None]:
-        """(adapters, the general adapter's name or None), from one read of the manifest."""
+        """(adapters, the general adapter's name or None), from one read of the manifest. The specs
+        are frozen and shared by every read of one manifest (a deep copy per read cost more than
+        the parse it saves): their dicts (files, the training config) are never to be changed."""
         adapters, general, _ = self._parsed()
         return dict(adapters), general
 
@@ -94,13 +96,16 @@ class Library:
         stat, not a parse. Callers get copies (`_read_state`, `_read_routers`)."""
         path = self.path / MANIFEST
         st = path.stat()
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        # A file's mtime has the kernel's coarse clock (milliseconds); two more writes within one
-        # tick could reuse this inode and size. So a manifest younger than _SETTLED_NS is parsed
-        # but not kept: once it is older, any later write has a later mtime.
-        settled = time.time_ns() - st.st_mtime_ns > _SETTLED_NS
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        cache = self._cache  # one read: another thread may replace it
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        # A file's mtime has the kernel's coarse clock (milliseconds; whole seconds on some
+        # filesystems); two more writes within one tick could reuse this inode and size. So a
+        # manifest younger than a tick is parsed but not kept: once it is older, any later write
+        # has a later mtime.
+        tick = _SETTLED_NS if st.st_mtime_ns % 1_000_000_000 else 2_000_000_000
+        settled = time.time_ns() - st.st_mtime_ns > tick
         # stat before read: a manifest replaced in between is read under the older key, so the
         # next call reads it again rather than keeping stale data under the newer key
         try:

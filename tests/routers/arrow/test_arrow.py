@@ -115,6 +115,12 @@ def test_the_librarys_general_adapter_is_never_a_candidate(tiny_model_dir, arrow
         fast = fused.base.model(input_ids=ids).logits
     with torch.no_grad(), fused.mixture(router.layer_mixture(), reference=True):  # every slot, t2's at weight 0
         assert torch.allclose(fast, fused.base.model(input_ids=ids).logits, atol=1e-5)
+    gks = ArrowRouter(fused, arrow_lib, ArrowConfig(top_k=2, gks=True, general=("t4",)))  # t4 subtracted at -1
+    assert gks.layer_mixture().slots == (0, 1, 3, 4)
+    with torch.no_grad(), fused.mixture(gks.layer_mixture()):
+        fast = fused.base.model(input_ids=ids).logits
+    with torch.no_grad(), fused.mixture(gks.layer_mixture(), reference=True):
+        assert torch.allclose(fast, fused.base.model(input_ids=ids).logits, atol=1e-5)
     assert router.cache_key != plain.cache_key  # cached predictions of one are not the other's
     with pytest.raises(LoramuxError, match="'t2' is the library's general adapter"):
         ArrowRouter(fused, arrow_lib, ArrowConfig(candidates=("t1", "t2")))

@@ -54,6 +54,7 @@ class MoleRouter(InForwardRouter):
             raise LoramuxError(f"the gates were trained for adapters {list(adapters)}; {missing} are not loaded in the "
                                f"fused model (it has {list(fused.adapters)})")
         self._slots: torch.Tensor | None = None
+        self._gated: tuple[int, ...] | None = None
         self._slots_for = -1  # the fused model's version the slot index was read at
         unknown = sorted(set(mask) - set(adapters))
         if unknown:
@@ -131,14 +132,16 @@ class MoleRouter(InForwardRouter):
             missing = [a for a in self.adapters if a not in loaded]
             if missing:
                 raise LoramuxError(f"the gates' adapters {missing} were unloaded from the fused model")
-            self._slots = None if loaded == self.adapters else torch.tensor([loaded.index(a) for a in self.adapters])
+            gated = [loaded.index(a) for a in self.adapters]
+            self._slots = None if loaded == self.adapters else torch.tensor(gated)
+            self._gated = None if loaded == self.adapters else tuple(gated)  # on the host: gated_slots
             self._slots_for = self.fused.version
         return self._slots
 
     def gated_slots(self) -> tuple[int, ...] | None:
         """The fused layers compute only the gated adapters' slots (the others get weight 0)."""
-        slots = self.slots()
-        return None if slots is None else tuple(slots.tolist())
+        self.slots()  # brought up to date with the loaded adapters
+        return self._gated
 
     def _to_slots(self, w: torch.Tensor) -> torch.Tensor:
         """(B, K gated) weights -> (B, fused slots): 0 for loaded adapters the gates do not cover."""
