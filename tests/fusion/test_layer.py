@@ -81,7 +81,7 @@ def test_shared_mixture_and_2d_inputs():
     mix = SequenceMixture(torch.tensor([[1, 3]] * 4), torch.tensor([[0.6, 0.4]] * 4))
     x = torch.randn(4, 7, 12)
     assert close(run(layer, x, mix), run(layer, x, mix, reference=True), atol=1e-5)
-    assert layer._cache[1][0].dim() == 2  # one gathered pair of factors served all rows
+    assert layer._cache[1][0][1].dim() == 2  # one gathered pair of factors served all rows
     x2 = torch.randn(4, 12)  # (N, d_in): one token per row
     assert close(run(layer, x2, mix), run(layer, x2[:, None], mix)[:, 0], atol=1e-6)
 
@@ -101,7 +101,7 @@ def test_each_layout_is_made_only_when_asked_for():
     run(layer, torch.randn(2, 100, 12), mix)  # a prefill: transposed views only
     assert layer._cache[1] is None
     run(layer, torch.randn(2, 1, 12), mix)  # then decode: the contiguous layout, once
-    assert layer._cache[1] is not None and layer._cache[1][0].is_contiguous()
+    assert layer._cache[1] is not None and layer._cache[1][0][1].is_contiguous()
 
 
 def test_gathered_factors_are_cached_per_mixture_object():
@@ -295,14 +295,14 @@ def test_a_wide_slot_widens_only_itself():
     assert layer._flat[0].shape == (12, 2 + 4 + 8 + 32)  # not 5 x 32
     narrow = SequenceMixture(torch.tensor([[0, 1], [3, 2], [1, 1]]), torch.tensor([[0.5, 0.5], [1.0, 2.0], [0.3, 0.7]]))
     assert close(run(layer, x, narrow), run(layer, x, narrow, reference=True), atol=1e-5)
-    assert layer._cache[2][0].shape == (3, 12, 8)  # the widest row: slot 3 (rank 8) and a slot that skips this layer
+    assert layer._cache[2][0][1].shape == (3, 12, 8)  # the widest row: slot 3 (rank 8) and a slot that skips this layer
     wide = SequenceMixture(torch.tensor([[0, 4], [3, 1], [2, 0]]), torch.tensor([[0.5, -1.0], [1.0, 2.0], [0.3, 0.7]]))
     assert close(run(layer, x, wide), run(layer, x, wide, reference=True), atol=1e-5)
-    assert layer._cache[2][0].shape == (3, 12, 2 + 32)
+    assert [(g[0].tolist(), g[1].shape) for g in layer._cache[2]] == [([1, 2], (2, 12, 12)), ([0], (1, 12, 34))]
     shared = SequenceMixture(torch.tensor([[1, 3]] * 3), torch.tensor([[0.6, 0.4]] * 3))
     for x_ in (x, torch.randn(3, 1, 12)):
         assert close(run(layer, x_, shared), run(layer, x_, shared, reference=True), atol=1e-5)
-    assert layer._cache[2][0].shape == (12, 4 + 8)
+    assert layer._cache[2][0][1].shape == (12, 4 + 8)
 
 
 def test_removing_the_widest_slot_narrows_the_stack():
@@ -321,7 +321,7 @@ def test_zero_weight_entries_need_no_columns():
     mix = SequenceMixture(torch.tensor([[0, 1, 2], [3, 3, 3]]), torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]]))
     x = torch.randn(2, 3, 12)
     assert close(run(layer, x, mix), run(layer, x, mix, reference=True), atol=1e-5)
-    assert layer._cache[2][0].shape == (2, 12, 32)  # not 3 x 32
+    assert layer._cache[2][0][1].shape == (2, 12, 32)  # not 3 x 32
 
 
 def test_layer_mixture_slots_are_checked_and_the_reference_holds_the_gate_to_them():
@@ -354,3 +354,24 @@ def test_the_union_of_slots_that_skip_this_layer_adds_nothing(union_on_cpu):
 def test_slot_ranks_are_kept_on_the_host():
     layer, _ = make_layer()
     assert layer.ranks.device.type == "cpu" and layer.ranks.tolist() == [2, 4, 0, 8, 4]
+
+
+@pytest.mark.parametrize("T", [1, 5, 100])  # decode, a short prefill, the transposed-view layout
+def test_rows_of_very_different_widths_are_computed_in_two_groups(T):
+    """A wide adapter serving some rows (a general adapter, for prompts a router abstained on)
+    beside narrow ones: the narrow rows are not padded to the wide rows' width."""
+    layer, _ = make_layer(ranks=[2, 4, None, 2, 32])
+    idx = torch.tensor([[0, 1], [4, 4], [3, 0], [1, 3], [4, 4], [0, 0]])
+    w = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.3, 0.7], [1.0, -0.5], [1.0, 0.0], [1.0, 0.0]])
+    mix = SequenceMixture(idx, w)
+    x = torch.randn(6, T, 12)
+    reference = run(layer, x, mix, reference=True)
+    assert close(run(layer, x, mix), reference, atol=1e-4)
+    groups = layer._cache[2]
+    assert [(g[0].tolist(), g[1].shape[-1]) for g in groups] == [([0, 2, 3, 5], 6), ([1, 4], 32)]
+    x.requires_grad_(True)  # the autograd branch
+    layer.state.mixture = mix
+    out = layer(x)
+    out.sum().backward()
+    assert close(out.detach(), reference, atol=1e-4) and x.grad is not None
+    assert close(run(layer, x.detach()[:, 0], mix), reference[:, 0], atol=1e-4)  # 2-D inputs

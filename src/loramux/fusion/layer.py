@@ -55,6 +55,19 @@ from ..errors import LoramuxError
 from .mixture import LayerMixture, Mixture, SequenceMixture
 
 
+def _split(counts: torch.Tensor, saves: float) -> tuple[torch.Tensor, int] | None:
+    """The narrow group of rows (host index, its width) that splitting rows of these real-column
+    `counts` into two groups, each padded to its widest row, makes; None when that saves less
+    than `saves` of the columns padding every row to the widest one costs."""
+    widest, best = int(counts.max()), None
+    padded = counts.numel() * widest
+    for t in sorted(set(counts.tolist()))[:-1]:
+        cost = int((counts <= t).sum()) * t + int((counts > t).sum()) * widest
+        if cost <= (1 - saves) * padded and (best is None or cost < best[1]):
+            best = (t, cost)
+    return None if best is None else ((counts <= best[0]).nonzero()[:, 0], best[0])
+
+
 @dataclass
 class FusionState:
     """Shared by all fused layers of one model: what the current forward should mix."""
@@ -287,12 +300,17 @@ class MultiLoraLinear(nn.Module):
     # in an earlier run). The row count picks the layout; each is made only when first asked for.
     _MANY_ROWS = 64
 
-    def _gathered(self, mix: SequenceMixture, device: torch.device,
-                  rows: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row concatenated factors of the selected adapters, cached for this mixture object:
-        At (B', d_in, c), Bt (B', c, d_out) and the coefficient w·s of each rank column,
-        coef (B', 1, c); 2-D factors and coef (c,) when every row mixes the same way (B' = 1).
-        c is the most real rank columns any row selects: m·r when each selected slot has the
+    # Rows whose selections differ much in width (a wide general adapter serving the prompts a
+    # router abstained on, beside narrow routed ones) are split in two groups, each padded to its
+    # own widest row, when that saves at least this share of the padded columns.
+    _SPLIT_SAVES = 0.25
+
+    def _gathered(self, mix: SequenceMixture, device: torch.device, rows: int = 1) -> list[tuple]:
+        """Per-row concatenated factors of the selected adapters, cached for this mixture object,
+        as groups of rows (rows, At, Bt, coef): rows None (every row) or a device index; At
+        (B', d_in, c), Bt (B', c, d_out) and the coefficient w·s of each rank column, coef (B', 1, c);
+        2-D factors and coef (c,) when every row mixes the same way (one group, B' = 1). c is the
+        most real rank columns a row of the group selects: m·r when each selected slot has the
         stack's rank r, fewer when a wider slot elsewhere set r.
 
         The weights scale the rank-m·r intermediate, not B: that is T·m·r numbers per row rather
@@ -313,7 +331,8 @@ class MultiLoraLinear(nn.Module):
             # pads shorter rows with zero-weight entries, which need no columns)
             real = ((torch.arange(r) < self.ranks[mix.indices.long().cpu()[:Bsz]][..., None])
                     & (mix.weights.cpu()[:Bsz] != 0)[..., None]).reshape(Bsz, m * r)
-            width = int(real.sum(1).max()) if real.numel() else 0
+            counts = real.sum(1)
+            width = int(counts.max()) if real.numel() else 0
             if width < m * r:  # ranks differ: each row keeps its real columns first, padded to the widest row
                 keep = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :width]  # (B', width)
                 both = torch.stack([keep, real.gather(1, keep).long()]).to(device)  # one copy to the device
@@ -324,13 +343,21 @@ class MultiLoraLinear(nn.Module):
             coef = coef[:, None, :]  # (B', 1, width)
             At = A_cat.transpose(1, 2)
             if Bsz == 1:
-                At, Bt, coef = At[0], Bt[0], coef[0, 0]
-            cache = self._cache = [mix, None, (At, Bt, coef)]
+                groups = [(None, At[0], Bt[0], coef[0, 0])]
+            else:
+                groups = [(None, At, Bt, coef)]
+                narrow = _split(counts, self._SPLIT_SAVES)
+                if narrow is not None:  # (rows, width) of the narrow group; the rest keep `width`
+                    lo, t = narrow
+                    hi = (counts > t).nonzero()[:, 0]
+                    lo_d, hi_d = lo.to(device), hi.to(device)
+                    groups = [(lo_d, At[lo_d, :, :t], Bt[lo_d, :t], coef[lo_d, :, :t]),
+                              (hi_d, At[hi_d], Bt[hi_d], coef[hi_d])]
+            cache = self._cache = [mix, None, groups]
         if rows > self._MANY_ROWS:
             return cache[2]
         if cache[1] is None:
-            At, Bt, coef = cache[2]
-            cache[1] = (At.contiguous(), Bt, coef)
+            cache[1] = [(g, At.contiguous(), Bt, coef) for g, At, Bt, coef in cache[2]]
         return cache[1]
 
     # Decode with many rows, each its own mixture: gathering gives every row its own copy of its m
@@ -383,16 +410,20 @@ class MultiLoraLinear(nn.Module):
         if self._folded is not None and self._folded[0] is mix:
             return self._folded[1]
         self._folded = None  # free the previous fold before making the next
-        At, Bt, coef = self._gathered(mix, device)
-        if At.dim() != 2:
+        groups = self._gathered(mix, device)
+        if len(groups) > 1 or groups[0][1].dim() != 2:
             return None
+        _, At, Bt, coef = groups[0]
         weight = torch.addmm(self.base.weight, (Bt * coef[:, None]).T, At.T)  # (d_out, d_in)
         self._folded = (mix, weight)
         return weight
 
     def _add_sequence_delta(self, y: torch.Tensor, x: torch.Tensor, mix: SequenceMixture) -> torch.Tensor:
         """y + the per-row mixture's update, accumulated into y by the second matmul (no extra pass)."""
-        At, Bt, coef = self._gathered(mix, x.device, rows=x.numel() // x.shape[-1])
+        groups = self._gathered(mix, x.device, rows=x.numel() // x.shape[-1])
+        if len(groups) > 1:
+            return self._add_grouped_delta(y, x, groups)
+        _, At, Bt, coef = groups[0]
         # Without autograd the update accumulates into y, the base output made just for this
         # call: an out-of-place add copied y first (0.56 s of a 6.7 s 16 x 120 prefill).
         grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or coef.requires_grad)
@@ -410,6 +441,16 @@ class MultiLoraLinear(nn.Module):
             return out[:, 0] if x.dim() == 2 else out  # (B, T, d_out)
         y3.baddbmm_(z.mul_(coef), Bt)
         return y
+
+    def _add_grouped_delta(self, y: torch.Tensor, x: torch.Tensor, groups: list[tuple]) -> torch.Tensor:
+        """y + each group's rows' update, computed at the group's own width."""
+        x3, y3 = (x[:, None], y[:, None]) if x.dim() == 2 else (x, y)
+        grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+        out = y3
+        for rows, At, Bt, coef in groups:
+            delta = (x3.index_select(0, rows).bmm(At) * coef).bmm(Bt)  # (B_g, T, d_out)
+            out = out.index_add(0, rows, delta) if grad else out.index_add_(0, rows, delta)
+        return out[:, 0] if x.dim() == 2 else out
 
     def extra_repr(self) -> str:
         return f"name={self.name}, slots={self.num_slots}, max_rank={self.max_rank}"
