@@ -226,6 +226,17 @@ def ensure_mole(base, lib: Library, data_dir: str, steps: int, timings: dict, na
 MERGE = {"weight": 1.0, "density": 0.5, "seed": 0}
 
 
+def copy_routers(lib: Library, side: Library) -> None:
+    """Store `lib`'s usable routers in `side` (a library holding the same adapters and more), and
+    drop those of side's that `lib` no longer has or refuses."""
+    entries, usable = lib.routers(), lib.usable_routers()
+    for name, d in usable.items():
+        side.save_router(name, entries[name]["kind"], list(entries[name]["adapters"]),
+                         lambda dest, d=d: [shutil.copy2(f, dest / f.name) for f in d.iterdir()])
+    for name in set(side.routers()) - set(usable):
+        side.remove_router(name)
+
+
 def ensure_merges(base, lib: Library, work: Library, timings: dict) -> None:
     """TIES and DARE-TIES merges of every adapter (PEFT), stored in a side library."""
     names = lib.names()

@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from composite import (RESULTS, common_args, ensure_dlp, ensure_library, ensure_mbc, ensure_merges, ensure_mole,
-                       ensure_multitask, gate_info, gate_stamp, gates_changed, library_sha, log,
+                       copy_routers, ensure_multitask, gate_info, gate_stamp, gates_changed, library_sha, log,
                        superseded_key)
 from routing_real import UNSEEN
 
@@ -191,8 +191,6 @@ def ensure_general(base, lib: Library, work: Library) -> Library:
     copied again only when its source changed: `copied-from.json` keeps the source files' sha256
     (Library.add writes the weights anew, so the copy's own sha256 need not equal the source's).
     The routers are copied every time (they are small); one no longer usable in the source goes."""
-    import shutil
-
     side = Library(lib.path.with_name(lib.path.name + "-general"), create=True)
     record = side.path / "copied-from.json"
     copied = json.loads(record.read_text()) if record.is_file() else {}
@@ -206,12 +204,7 @@ def ensure_general(base, lib: Library, work: Library) -> Library:
     for name in set(side.names()) - set(wanted):
         side.remove(name)
     side.set_general("multitask")
-    entries, usable = lib.routers(), lib.usable_routers()  # a router the source refuses is not copied
-    for name, d in usable.items():
-        side.save_router(name, entries[name]["kind"], list(entries[name]["adapters"]),
-                         lambda dest, d=d: [shutil.copy2(f, dest / f.name) for f in d.iterdir()])
-    for name in set(side.routers()) - set(usable):
-        side.remove_router(name)
+    copy_routers(lib, side)
     return side
 
 
