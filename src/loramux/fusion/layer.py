@@ -324,22 +324,25 @@ class MultiLoraLinear(nn.Module):
                 idx, coef = idx[:1], coef[:1]  # every row mixes the same way: one shared pair of factors
             Bsz, m = idx.shape
             r = self.max_rank
-            A_cat = self.lora_A[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_in)
-            Bt = self.lora_B.transpose(1, 2)[idx].reshape(Bsz, m * r, -1)  # (B', m·r, d_out), one strided gather
-            coef = coef.repeat_interleave(r, dim=1)  # (B', m·r): rank block i gets w_i·s_i
-            # on the host: a slot's real rank columns, where its weight is not 0 (FusedModel.sequence_mixture
-            # pads shorter rows with zero-weight entries, which need no columns)
-            real = ((torch.arange(r) < self.ranks[mix.indices.long().cpu()[:Bsz]][..., None])
+            # On the host: each selected slot's real rank columns, where its weight is not 0
+            # (FusedModel.sequence_mixture pads shorter rows with zero-weight entries, which need no
+            # columns), real ones first in each row, up to the widest row's count. Only those rows of
+            # the factors are gathered: the stack is padded to its widest slot, and gathering whole
+            # padded slots per row cost more than the forward once a rank-112 adapter was loaded.
+            host = mix.indices.long().cpu()[:Bsz]
+            real = ((torch.arange(r) < self.ranks[host][..., None])
                     & (mix.weights.cpu()[:Bsz] != 0)[..., None]).reshape(Bsz, m * r)
             counts = real.sum(1)
             width = int(counts.max()) if real.numel() else 0
-            if width < m * r:  # ranks differ: each row keeps its real columns first, padded to the widest row
-                keep = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :width]  # (B', width)
-                both = torch.stack([keep, real.gather(1, keep).long()]).to(device)  # one copy to the device
-                keep, real = both[0], both[1].to(coef.dtype)
-                A_cat, Bt = A_cat.gather(1, keep[..., None].expand(-1, -1, A_cat.shape[2])), \
-                    Bt.gather(1, keep[..., None].expand(-1, -1, Bt.shape[2]))
-                coef = coef.gather(1, keep) * real  # a row's padding columns: zero rows, weight 0
+            keep = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :width]  # (B', width)
+            slot = host.repeat_interleave(r, dim=1).gather(1, keep)  # each kept column's slot ...
+            col = (keep % r) if r else keep  # ... and its column within the slot
+            index = torch.stack([slot, col, real.gather(1, keep).long(), keep]).to(device)  # one copy
+            slot, col, on, keep = index[0], index[1], index[2], index[3]
+            A_cat = self.lora_A[slot, col]  # (B', width, d_in)
+            Bt = self.lora_B[slot, :, col]  # (B', width, d_out)
+            # a row's columns past its own count point at some slot's column with weight 0: exact
+            coef = coef.repeat_interleave(r, dim=1).gather(1, keep) * on.to(coef.dtype)
             coef = coef[:, None, :]  # (B', 1, width)
             At = A_cat.transpose(1, 2)
             if Bsz == 1:
