@@ -226,11 +226,21 @@ def unseen(d: dict) -> list[tuple[str, str]]:
 
 
 def general_cost(d: dict) -> list[tuple[str, str]]:
-    a, b = d["ratios"]["library"], d["ratios"]["with_general"]
-    return [("a rank-112 general adapter (the multi-task LoRA) loaded beside the 14 rank-8 adapters, forward of "
-             "8 x 96 tokens / base",
-             ", ".join(f"{k} {a[k]:.2f} -> {b[k]:.2f}" for k in ("arrow", "mole_layer_routed", "dlp") if k in a and k in b)
-             + " (every slot padded to the largest rank; no router gives it weight)")]
+    runs = d["runs"]
+
+    def moves(run: dict) -> str:
+        a, b = run["ratios"]["library"], run["ratios"]["with_general"]
+        return ", ".join(f"{k} {a[k]:.2f} -> {b[k]:.2f}" for k in ("arrow", "mole_layer_routed", "dlp")
+                         if k in a and k in b)
+
+    rows = [("a rank-112 general adapter (the multi-task LoRA) loaded beside the 14 rank-8 adapters, forward of "
+             "8 x 96 tokens / base, every slot padded to the largest rank (the fused layer before the own-rank "
+             "layouts)", moves(runs["padded_multitask"]) + " (no router gives it weight)")]
+    if "padded" in runs and "own_ranks" in runs:
+        rows.append(("the same with a random rank-112 stand-in as general, the same script run over the padded "
+                     "and then the own-rank fused layer", f"padded: {moves(runs['padded'])}; own ranks: "
+                     f"{moves(runs['own_ranks'])}"))
+    return rows
 
 
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
