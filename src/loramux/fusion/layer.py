@@ -185,9 +185,9 @@ class MultiLoraLinear(nn.Module):
         y = base_out()
         squeeze = x.dim() == 2  # (N, d_in) inputs are treated as (N, 1, d_in)
         x3 = x[:, None] if squeeze else x
+        slots = mix.slots if isinstance(mix, LayerMixture) else None
         if state.reference:
             delta = self.reference_delta(x3, mix)
-            slots = mix.slots if isinstance(mix, LayerMixture) else None
             if slots is not None:  # the fast path computes only these: the reference checks the gate keeps to them
                 outside = torch.ones(self.num_slots, dtype=torch.bool)
                 outside[list(slots)] = False
@@ -200,7 +200,6 @@ class MultiLoraLinear(nn.Module):
             # dense over all K=14 slots on the 2-core CPU (batch 8 x 96, top-4), because it
             # materialises k outputs per token before scattering them back.
             C = self.dense_weights(x3, mix)
-            slots = mix.slots if isinstance(mix, LayerMixture) else None
             if slots and slots[-1] >= self.num_slots:
                 raise LoramuxError(f"layer mixture: slot {slots[-1]} does not exist at {self.name} ({self.num_slots} slots)")
             if slots is not None and len(slots) < self.num_slots:  # the gate weighs only these (mixture.py)
@@ -336,7 +335,7 @@ class MultiLoraLinear(nn.Module):
             width = int(counts.max()) if real.numel() else 0
             keep = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :width]  # (B', width)
             slot = host.repeat_interleave(r, dim=1).gather(1, keep)  # each kept column's slot ...
-            col = (keep % r) if r else keep  # ... and its column within the slot
+            col = keep % r  # ... and its column within the slot (r > 0: a rank-0 layer returned above)
             index = torch.stack([slot, col, real.gather(1, keep).long(), keep]).to(device)  # one copy
             slot, col, on, keep = index[0], index[1], index[2], index[3]
             A_cat = self.lora_A[slot, col]  # (B', width, d_in)

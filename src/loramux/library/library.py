@@ -93,7 +93,8 @@ class Library:
         """The manifest as it is on disk now, parsed again only when it changed. Every write replaces
         the file by a rename (`atomic_write_json`), so a new manifest is a new inode: its stat tells
         a change made by any process, and a server that reads the library on every request pays a
-        stat, not a parse. Callers get copies (`_read_state`, `_read_routers`)."""
+        stat, not a parse. The specs are shared (frozen); routers are copied per call (`_read_state`,
+        `_read_routers`)."""
         path = self.path / MANIFEST
         st = path.stat()
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
