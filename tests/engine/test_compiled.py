@@ -5,7 +5,7 @@ import torch
 
 from loramux.bench.speed import random_adapter
 from loramux.engine import compiled as compiled_module
-from loramux.engine.compiled import CompiledDecoder
+from loramux.engine.compiled import CompiledDecoder, table_width
 from loramux.engine.scheduler import Scheduler
 from loramux.errors import LoramuxError
 
@@ -209,8 +209,9 @@ def test_the_lora_table_sheds_positions_no_row_uses(engine):
     """The table holds every adapter's factors: once its unused trailing positions are more than
     half of it, they go, and a table no row uses is dropped. It keeps 2 positions at least (a
     dimension of 1 would be one more compiled shape)."""
-    for i in range(2):  # five adapters, so that a table can shrink to rows still using it
-        engine.fused.add_adapter(f"x{i}", random_adapter(engine.base, 4, i))
+    for i in range(2):  # five adapters, so that a table can shrink to rows still using it (rank 8: one
+        # position each, the fixture's widest rank being the width; pieces: the test below)
+        engine.fused.add_adapter(f"x{i}", random_adapter(engine.base, 8, i))
     slots = compiled(engine).compiled.slots()
     rows = _admit(engine, slots, [{"a": 1.0}, {"b": 0.5, "a": 0.5}, {"c": 1.0}, {"x0": 1.0}, {"x1": 1.0}])
     assert slots.table == ["a", "b", "c", "x0", "x1"]
@@ -231,12 +232,52 @@ def test_the_lora_table_sheds_positions_no_row_uses(engine):
     assert slots.table == ["c", "a", "b"] and _picked(slots, more[0]) == {"a": 0.25, "b": 0.25}
 
 
+def test_the_table_width_is_the_rank_most_adapters_have():
+    assert table_width([8] * 14 + [112]) == 8  # a general adapter does not widen the routed ones
+    assert table_width([4, 8]) == 8 and table_width([4, 4, 8]) == 4
+    assert table_width([1, 1]) == 2 and table_width([0, 0]) == 0 == table_width([])
+
+
+def test_a_wider_adapter_takes_several_positions_and_decodes_as_alone(where, engine):
+    """A rank-20 adapter beside two rank-8 ones (and ranks 4 and 2): a position keeps 8 columns,
+    the wide adapter takes three (8 + 8 + 4), a row mixing it picks all three at its weight, and
+    (fp32) rows decode token for token as each would alone on the eager path. An unused wide
+    adapter whose pieces straddle the table's cut goes whole."""
+    engine.fused.add_adapter("d", random_adapter(engine.base, 8, 6))
+    engine.fused.add_adapter("wide", random_adapter(engine.base, 20, 7))
+    slots = compiled(engine).compiled.slots()
+    assert slots.width == 8
+    rows = _admit(engine, slots, [{"a": 1.0}, {"wide": 1.0}, {"b": 0.5, "wide": 0.5}])
+    assert slots.table == ["a", "wide", "wide", "wide", "b"]
+    picks, weights = slots.rows()
+    assert picks[rows[2]].tolist() == [4, 1, 2, 3] and weights[rows[2]].tolist() == [0.5] * 4
+    assert _picked(slots, rows[1]) == {"wide": 1.0} and _picked(slots, rows[0]) == {"a": 1.0}
+    q = slots.lora["q_proj"][0]  # (layers, P, W, d_in): the third piece holds columns 16..19, then zeros
+    assert bool(q[:, 3, :4].any()) and not bool(q[:, 3, 4:].any())
+    slots.free([rows[1], rows[2]])  # wide unused, kept; b unused
+    slots.free([rows[0]])  # nothing used: the table goes
+    assert slots.table == [] and slots.lora is None
+    kept = _admit(engine, slots, [{"a": 1.0}, {"wide": 1.0}, {"b": 1.0}])
+    slots.free([kept[1], kept[2]])  # the cut at 2 positions falls inside wide's pieces
+    assert slots.table == ["a", None] and "wide" not in slots.refs
+    assert _picked(slots, kept[0]) == {"a": 1.0}
+    if where.dtype != "float32":
+        return
+    sched = Scheduler(engine, max_batch=4)
+    requests = [greedy(PROMPTS[0], {"wide": 1.0}, n=6), greedy(PROMPTS[1], {"a": 0.4, "wide": 0.6}, n=6),
+                greedy(PROMPTS[2], {"b": 1.0}, n=6)]
+    futures = [sched.submit(r) for r in requests]
+    sched.run_until_idle()
+    for request, future in zip(requests, futures):
+        assert future.result().token_ids == alone(engine, request)
+
+
 def test_a_failure_while_filling_the_table_leaves_it_consistent(engine, monkeypatch):
     """An error half-way through a row's adapters (e.g. out of memory) fails that admission
     alone: no slot held, no adapter counted or named at a half-written position, the running
     rows' picks unchanged. Twice: before any factor is written, and after an unused adapter's
     position was taken and partly overwritten."""
-    engine.fused.add_adapter("x0", random_adapter(engine.base, 4, 0))
+    engine.fused.add_adapter("x0", random_adapter(engine.base, 8, 0))  # one position (the width: 8)
     slots = compiled(engine).compiled.slots()
     running = _admit(engine, slots, [{"a": 1.0}])
     real = slots.decoder.fused.slot

@@ -63,6 +63,16 @@ def _pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
+def table_width(ranks: list[int]) -> int:
+    """The rank columns a table position holds: the rank most adapters have (the larger on a tie),
+    so the common adapter fits one position and a rarer wider one (a general adapter) takes
+    several; 0 when no adapter adapts anything. At least 2: Dynamo specialises a dimension of size 1."""
+    ranks = [r for r in ranks if r > 0]
+    if not ranks:
+        return 0
+    return max(2, max(set(ranks), key=lambda r: (ranks.count(r), r)))
+
+
 class CompiledDecoder:
     """The compiled step of one engine, and what filling a batch's adapter table needs."""
 
@@ -174,7 +184,14 @@ class Slots:
     adapters' factors held once, where factors copied per row (each row's mixture folded into its own A)
     were 48 copies (~3.4x the bytes; at rank 8 on the default model 470 MB a step, about the
     base's 538). A position whose adapter no row uses any more keeps its factors for a later row
-    that mixes it, until a new adapter needs the position."""
+    that mixes it, until a new adapter needs the position.
+
+    Adapters of different ranks: a position holds `width` rank columns, the rank most loaded
+    adapters have (`table_width`), and a wider adapter takes as many positions as its rank needs
+    (its pieces), each row that mixes it picking all of them at its weight; a narrower one is
+    zero-padded within its one position. A rank-112 general adapter beside rank-8 routed ones is 14
+    positions of 8 columns, so a row that does not mix it reads 8 columns per adapter, not 112
+    (a table padded to the widest rank cost every row that width)."""
 
     def __init__(self, decoder: CompiledDecoder):
         self.decoder = decoder
@@ -186,11 +203,7 @@ class Slots:
         self.mixtures: list[dict[str, float] | None] = []
         self.table: list[str | None] = []  # the adapter at each table position
         self.refs: dict[str, int] = {}  # adapter -> used slots that mix it
-        fused = decoder.fused
-        # ranks per position: the widest rank any fused layer holds
-        self.width = max((fused.layers[name].max_rank for name in decoder.fused_at.values()), default=0)
-        if self.width == 1:  # rank-1 adapters: W, a dynamic dimension, would be 1, a size Dynamo specialises on
-            self.width = 2
+        self.width = table_width([self._rank(a) for a in decoder.fused.adapters])
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # proj -> A, B (see _grow)
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # picks, weights: rows() builds them
 
@@ -230,37 +243,58 @@ class Slots:
         self.used += [False] * extra
         self.mixtures += [None] * extra
 
+    def _rank(self, name: str) -> int:
+        """Adapter `name`'s widest rank over the modules the step applies. (`name` is loaded: its
+        rows were prefilled with it; `_place` looks its slot up with the checked `slot`.)"""
+        dec = self.decoder
+        k = dec.fused.adapters.index(name)
+        return max((int(dec.fused.layers[m].ranks[k]) for m in dec.fused_at.values()), default=0)
+
+    def _pieces(self, name: str) -> int:
+        """The table positions adapter `name` takes: its rank in pieces of `width` columns."""
+        return max(1, -(-self._rank(name) // self.width))
+
     def _positions_needed(self, wanted: frozenset[str]) -> int:
         """Table positions for the adapters `wanted` by rows being admitted, on top of the batch's."""
         spare = sum(1 for a in self.table if a is None or (not self.refs.get(a) and a not in wanted))
-        return len(self.table) + max(0, len(wanted - set(self.table)) - spare)
+        new = sum(self._pieces(a) for a in wanted - set(self.table))
+        return len(self.table) + max(0, new - spare)
 
-    def _place(self, name: str, keep: frozenset[str] = frozenset()) -> int:
-        """The table position holding adapter `name`, writing its factors into a free one if the
-        table does not hold it (admit sized the table for `keep`, the adapters wanted by the rows
-        it admits: a position whose adapter is unused is free unless that adapter is in `keep`)."""
+    def _evict(self, name: str) -> None:
+        """Forget unused adapter `name`: its positions are free (their factors are overwritten when
+        taken)."""
+        self.refs.pop(name, None)
+        self.table = [None if a == name else a for a in self.table]
+
+    def _place(self, name: str, keep: frozenset[str] = frozenset()) -> list[int]:
+        """The table positions holding adapter `name`'s pieces in order, writing its factors into
+        free ones if the table does not hold it (admit sized the table for `keep`, the adapters
+        wanted by the rows it admits: the positions of an unused adapter are free unless that
+        adapter is in `keep`; an adapter is evicted whole, never left with some of its pieces)."""
         if name in self.table:
-            return self.table.index(name)
-        free = [p for p, a in enumerate(self.table) if a is None] or \
-               [p for p, a in enumerate(self.table) if not self.refs.get(a) and a not in keep]
-        p = free[0]
+            return [p for p, a in enumerate(self.table) if a == name]
         dec = self.decoder
         k = dec.fused.slot(name)
-        if self.table[p] is not None:  # free while written: a failure half-way leaves no adapter named here
-            self.refs.pop(self.table[p], None)
-            self.table[p] = None
+        n = self._pieces(name)
+        while sum(a is None for a in self.table) < n:
+            self._evict(next(a for a in self.table if a is not None and not self.refs.get(a) and a not in keep))
+        # free while written: a failure half-way leaves no adapter named at these positions
+        where = [p for p, a in enumerate(self.table) if a is None][:n]
+        W = self.width
         for (i, proj), module in dec.fused_at.items():
             layer = dec.fused.layers[module]
             A, B = self.lora[proj]
-            A[i, p] = 0
-            B[i, p] = 0
-            if layer.max_rank == 0:  # no loaded adapter adapts this module
-                continue
-            r = layer.lora_A.shape[1]
-            A[i, p, :r] = layer.lora_A[k] * layer.scaling[k]
-            B[i, p, :r] = layer.lora_B[k].T
-        self.table[p] = name
-        return p
+            r = int(layer.ranks[k]) if layer.num_slots else 0  # 0: this adapter does not adapt the module
+            for j, p in enumerate(where):
+                A[i, p] = 0
+                B[i, p] = 0
+                cols = max(0, min(W, r - j * W))
+                if cols:
+                    A[i, p, :cols] = layer.lora_A[k, j * W:j * W + cols] * layer.scaling[k]
+                    B[i, p, :cols] = layer.lora_B[k, :, j * W:j * W + cols].T
+        for p in where:
+            self.table[p] = name
+        return where
 
     def _write_mixture(self, slot: int, mixture: dict[str, float] | None, keep: frozenset[str] = frozenset()) -> None:
         """Slot `slot`'s mixture: its adapters placed in the table, and the table's reference counts
@@ -287,14 +321,17 @@ class Slots:
         if self.lora is None:
             return None
         if self._rows is None:
-            where = {a: p for p, a in enumerate(self.table) if a is not None}
-            mixes = [list((m or {}).items()) for m in self.mixtures]
+            where: dict[str, list[int]] = {}  # adapter -> its pieces' positions
+            for p, a in enumerate(self.table):
+                if a is not None:
+                    where.setdefault(a, []).append(p)
+            mixes = [[(p, w) for a, w in (m or {}).items() for p in where[a]] for m in self.mixtures]
             J = max([_MIN_DYNAMIC] + [len(m) for m in mixes])
             picks = torch.zeros(self.capacity, J, dtype=torch.long)
             weights = torch.zeros(self.capacity, J, dtype=torch.float32)
             for s, m in enumerate(mixes):
-                for j, (a, w) in enumerate(m):
-                    picks[s, j], weights[s, j] = where[a], w
+                for j, (p, w) in enumerate(m):
+                    picks[s, j], weights[s, j] = p, w
             device = self.decoder.device
             self._rows = (picks.to(device), weights.to(device))
         return self._rows
@@ -310,10 +347,11 @@ class Slots:
         if dead <= len(self.table) // 2:
             return
         lora = {proj: (A[:, :live].clone(), B[:, :live].clone()) for proj, (A, B) in self.lora.items()} if live else None
-        for a in self.table[live:]:
-            if a is not None:
-                self.refs.pop(a, None)
-        self.lora, self.table, self._rows = lora, self.table[:live], None
+        dropped = {a for a in self.table[live:] if a is not None}
+        for a in dropped:  # unused; one with pieces on both sides of the cut goes whole
+            self.refs.pop(a, None)
+        table = [None if a in dropped else a for a in self.table[:live]]
+        self.lora, self.table, self._rows = lora, table, None
 
     def admit(self, cache, mask: torch.Tensor, mixtures: list[dict[str, float] | None]) -> list[int]:
         """Take the rows of an eager prefill: `cache` its KV cache (`mask` (B, W): a row's tokens
