@@ -47,6 +47,7 @@ from loramux.bench.speed import _median_times
 from loramux.evaluation.harness import EvalConfig, evaluate, to_markdown
 from loramux.evaluation.plots import plot_results
 from loramux.fusion import FusedModel
+from loramux.routers.gating.route_init import ROUTE_FIT
 from loramux.training import train_adapters, train_lora
 
 RESULTS = Path(__file__).parent / "results"
@@ -122,9 +123,12 @@ def same_gate_recipe(stored: dict, wanted: dict) -> bool:
     not matter. Gates pooled over prompt and answer in training (stored without `gate_pool`, so
     before `route_init_per_task` existed too) are not what today's trainer gives. The step
     count is a cap: gates that stopped on a flat curve within this cap, or ran to exactly this
-    cap, are the gates it trains."""
+    cap, are the gates it trains. A routing start must be fitted as today's (`ROUTE_FIT`)."""
     if stored.get("gate_pool") != "prompt":
         return False
+    if wanted.get("route_init_per_task") and \
+            ((stored.get("curve") or [{}])[0].get("route_init") or {}).get("fit") != ROUTE_FIT:
+        return False  # a routing start fitted another way (route_init.py, ROUTE_FIT)
     config = {"balance_over": "pooled", "route_alpha": 0.0, **(stored.get("train_config") or {})}
     if wanted["balance_alpha"] == 0:
         config, wanted = {**config, "balance_over": None}, {**wanted, "balance_over": None}

@@ -73,6 +73,31 @@ def test_fitted_gates_route_held_out_prompts_to_their_own_adapter(tiny_model_dir
     assert sum(hits) / len(hits) >= 2 / 3  # twice chance on prompts the fit never saw
 
 
+def test_the_fit_standardises_and_folds_back_into_the_gate_whatever_its_temperature():
+    """Inputs that share a large common part and differ in a small one (as pooled prompts sharing a
+    chat template do): the fit routes them, and the gate's own forward (LayerNorm, projection, τ)
+    gives the logits fitted on standardised features, whatever τ the gate starts with."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 60, 16
+    y = torch.arange(n) % 3
+    common = torch.randn(d, generator=g) * 10
+    x = common + 0.05 * torch.randn(n, d, generator=g)
+    x[torch.arange(n), y] += 0.3  # the class is a small shift along one feature
+    fused = type("Fused", (), {"layers": {"m": None}})()
+
+    def fitted(temperature):
+        gates = MoleGates({"m": d}, 3, MoleConfig("layer", init_temperature=temperature, gate_input="input"))
+        share = fit_gates(gates, fused, {"m": x}, y)
+        with torch.no_grad():
+            return share["m"], gates.logits("m", x[:, None, :], None)
+
+    share, logits = fitted(1.0)
+    assert share >= 0.95
+    share_hot, logits_hot = fitted(2.5)
+    assert share_hot == share
+    torch.testing.assert_close(logits_hot, logits, atol=1e-4, rtol=1e-4)
+
+
 def test_training_from_a_routing_start_scores_it_first_and_keeps_it_when_nothing_beats_it(tiny_model_dir, lib,
                                                                                            tmp_path):
     tasks = word_tasks(tmp_path)

@@ -126,19 +126,27 @@ class MoleGates(nn.Module):
         """(B, K) logits / τ from the unit's input x (B, T, d), its attention mask (B, T) or None,
         and (reading outputs) the fused layer of the unit's first module, whose slots are the K
         (or, given `slots`, whose slots at those indices are)."""
+        return self.head(unit, self.features(unit, pool(x, mask), layer, slots))
+
+    def features(self, unit: str, pooled: torch.Tensor, layer=None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """What the unit's gate normalises, from its pooled input (B, d): the K adapters' outputs
+        on it (B, K, d_out) when the gate reads outputs, else the pooled input itself. It holds no
+        trainable parameter, so a fit on fixed inputs computes it once (route_init.py)."""
+        dtype = self.projs[self.index[unit]].weight.dtype
+        if self.config.gate_input != "outputs":
+            return pooled.to(dtype)
+        A, B, scaling = layer.lora_A, layer.lora_B, layer.scaling
+        if slots is not None:
+            A, B, scaling = A[slots], B[slots], scaling[slots]
+        A, B = A.to(dtype), B.to(dtype)  # (K, r, d_in), (K, d_out, r)
+        z = torch.einsum("bd,krd->bkr", pooled.to(dtype), A) * scaling.to(dtype)[None, :, None]
+        return torch.einsum("bkr,kor->bko", z, B)
+
+    def head(self, unit: str, features: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits / τ from `features`: normalised (each adapter's output on its own),
+        flattened, projected."""
         i = self.index[unit]
-        pooled = pool(x, mask)
-        dtype = self.projs[i].weight.dtype
-        if self.config.gate_input == "outputs":
-            A, B, scaling = layer.lora_A, layer.lora_B, layer.scaling
-            if slots is not None:
-                A, B, scaling = A[slots], B[slots], scaling[slots]
-            A, B = A.to(dtype), B.to(dtype)  # (K, r, d_in), (K, d_out, r)
-            z = torch.einsum("bd,krd->bkr", pooled.to(dtype), A) * scaling.to(dtype)[None, :, None]
-            h = self.norms[i](torch.einsum("bkr,kor->bko", z, B)).flatten(1)  # (B, K·d_out)
-        else:
-            h = self.norms[i](pooled.to(dtype))
-        return self.projs[i](h) / self.log_tau[i].exp()
+        return self.projs[i](self.norms[i](features).flatten(1)) / self.log_tau[i].exp()
 
     @property
     def n_params(self) -> int:

@@ -61,7 +61,7 @@ import torch
 
 from ...errors import LoramuxError
 from .gates import MoleConfig, MoleGates, gated_modules, out_widths
-from .route_init import route_init, sample_owned
+from .route_init import ROUTE_FIT, route_init, sample_owned
 from .router import MoleRouter
 
 if TYPE_CHECKING:
@@ -226,7 +226,8 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     first, elapsed = 0, 0.0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     meta = {"config": asdict(config), "adapters": list(fused.adapters), "tasks": [t.name for t in tasks],
-            "owners": dict(owners) if routes else None, "gate_pool": "prompt"}
+            "owners": dict(owners) if routes else None, "gate_pool": "prompt",
+            "route_fit": ROUTE_FIT if config.route_init_per_task else None}
     resumed = bool(resume and ckpt and (ckpt / _STATE).is_file())
     start = None  # the routing start's gates (step 0), kept for calibrate_sharpen to weigh against the kept ones
     if ckpt and not resumed:
