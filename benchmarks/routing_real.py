@@ -24,6 +24,10 @@ and while the library grows. Writes benchmarks/results/routing_real.json.
   mole_layer_route_start) in front of them (routers/abstention.py):
   the in-library composite with the test on (arrow_abstain, mole_abstain) and off, and how many
   in-library prompts it sent to the base model. What it gains outside the library is unseen.py's.
+- in_forward_routers.mole_formats (with --only mole_formats --gates NAME): the stored gates on
+  the in-library test prompts (--limit-per-task a task) in the three formats above: the share of
+  (prompt, gate) pairs whose largest weight is on the prompt's own adapter, and that adapter's mean
+  weight. Gates fitted to route (route_init.py) saw the tasks' own templates alone.
 - growth_seconds: adding a 15th adapter to the library and retraining the router's head from
   cached embeddings (warm-started), then loading the new router beside the running one.
 
@@ -80,10 +84,13 @@ def main() -> None:
     ap.add_argument("--limit-per-task", type=int, default=40, help="with --library: composite prompts per task, "
                                                                     "and prompts per task for Arrow/MoLE scores")
     ap.add_argument("--output", default=str(RESULTS / "routing_real.json"))
-    ap.add_argument("--only", choices=("in_forward", "behind_test"), default=None,
+    ap.add_argument("--gates", default="mole_layer_route_start",
+                    help="with --only mole_formats: the stored gate set to measure")
+    ap.add_argument("--only", choices=("in_forward", "behind_test", "mole_formats"), default=None,
                     help="in_forward: (re)measure only the Arrow/MoLE section (needs --library) and keep the rest "
                          "of --output as it is; the routers measured record this command and date. behind_test: only "
-                         "the composite cost of the DLP test in front of Arrow and MoLE, likewise")
+                         "the composite cost of the DLP test in front of Arrow and MoLE, likewise. mole_formats: "
+                         "only the stored gates --gates on the in-library prompts in three formats, likewise")
     ap.add_argument("--routers", default="arrow,mole", help="with --only in_forward: which of arrow,mole to measure "
                                                            "(the others keep their rows)")
     args = ap.parse_args()
@@ -105,7 +112,11 @@ def main() -> None:
         stamp = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
         kept = result.get("in_forward_routers", {})
-        if args.only == "behind_test":
+        if args.only == "mole_formats":
+            section = mole_formats(Library(Path(args.library)), base, test, args.limit_per_task, args.gates)
+            result["in_forward_routers"] = {**kept, "mole_formats": {**kept.get("mole_formats", {}), args.gates: {
+                **section, **stamp, "machine": machine()}}}
+        elif args.only == "behind_test":
             section = behind_test_drop(Library(Path(args.library)), base, test, args.limit_per_task)
             section["superseded"] = superseded_gates(kept.get("behind_dlp_test", {}), section)
             result["in_forward_routers"] = {**kept, "behind_dlp_test": {**section, **stamp, "machine": machine()}}
@@ -356,6 +367,43 @@ def mole_confidence(router, prompts: list[str], batch: int = 8) -> torch.Tensor:
             for r in router.route(prompts[b:b + batch]):
                 out.append(sum(max(w.values()) for w in r.layers.values()) / len(r.layers))
     return torch.tensor(out)
+
+
+def mole_formats(lib: Library, base, test, limit: int, name: str, batch: int = 8) -> dict:
+    """The stored gates `name` on in-library test prompts rendered in each format: the share of
+    (prompt, gate) pairs whose largest weight is on the prompt's own adapter, and its mean weight."""
+    from loramux.evaluation.harness import sample_indices
+    from loramux.fusion import FusedModel
+    from loramux.routers import load_router
+    from loramux.routers.gating import task_owners
+
+    fused = FusedModel(base)
+    router = load_router(lib, "mole", fused=fused, name=name)
+    owners = task_owners(lib)
+    idx = sample_indices(test, limit, 0)
+    result: dict = {"what": "share of (prompt, gate) pairs whose largest weight is on the prompt's own adapter "
+                            "(own_top), and the own adapter's weight averaged over gates and prompts (own_weight)",
+                    "sharpen": router.info.get("sharpen"), "n": sum(len(idx[t.name]) for t in test if t.name in owners)}
+    for fmt in ("own", "other_template", "raw"):
+        per_task = {}
+        for t in test:
+            own = owners.get(t.name)
+            if own is None:
+                continue
+            prompts = [render(t.examples[i], fmt) for i in idx[t.name]]
+            top, weight = [], []
+            for b in range(0, len(prompts), batch):
+                with torch.no_grad():
+                    for r in router.route(prompts[b:b + batch]):
+                        units = list(r.layers.values())
+                        top.append(sum(max(w, key=w.get) == own for w in units) / len(units))
+                        weight.append(sum(w.get(own, 0.0) for w in units) / len(units))
+            per_task[t.name] = {"own_top": round(sum(top) / len(top), 4), "own_weight": round(sum(weight) / len(weight), 4)}
+        result[fmt] = {k: round(sum(v[k] for v in per_task.values()) / len(per_task), 4) for k in ("own_top", "own_weight")}
+        result[fmt]["per_task"] = per_task
+        log(f"mole_formats {name} {fmt}: {result[fmt]['own_top']} own top, {result[fmt]['own_weight']} own weight")
+    fused.unfuse()
+    return result
 
 
 def in_forward_scores(lib: Library, base, test, unseen, limit: int, routers=("arrow", "mole")) -> dict:

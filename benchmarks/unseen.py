@@ -20,10 +20,13 @@ the same cache. Strategies:
   mbc_arrow; mole (layer gates, balanced per gate); mole_pooled (layer gates with the paper's
   balance pooled over gates); mole_routed (layer gates with loramux's routing term); mole_routed_init
   (the same, fitted to route before training: route_init.py); mole_route_start (an ablation: that
-  start alone, not trained after it); ties; multitask;
+  start alone, not trained after it); mole_routed_init_chosen (the start or the trained gates,
+  whichever the sharpened validation loss keeps: calibrate.py; trained by mole.py
+  --calibrate-sharpen first); ties; multitask;
   and, behind the library's DLP out-of-library test (a prompt it rejects goes to the base model):
   dlp_soft_abstain (top-p 0.9, the test on: what `top_p: 0.9` serves by default), arrow_abstain,
   arrow_gks_abstain, mole_routed_abstain, mole_routed_init_abstain, mole_route_start_abstain,
+  mole_routed_init_chosen_abstain,
   mbc_arrow_abstain (behind a DLP router trained for the cluster library, as `loramux router train`
   does for any library); and with the multi-task LoRA as the library's general adapter, serving
   what they abstain on (`loramux library general`): dlp_general, dlp_soft_abstain_general,
@@ -78,7 +81,11 @@ STRATEGIES = {"base": ("base", "lib"), "uniform": ("uniform", "lib"), "dlp": ("d
               # an ablation: that start alone, no training after it (composite.py's mole_layer_route_start)
               "mole_route_start": ("mole:mole_layer_route_start", "lib"),
               "mole_route_start_abstain": ("mole_abstain:mole_layer_route_start", "lib"),
-              "mole_route_start_abstain_general": ("mole_abstain:mole_layer_route_start", "general")}
+              "mole_route_start_abstain_general": ("mole_abstain:mole_layer_route_start", "general"),
+              # the routing start or the trained gates, whichever the sharpened validation loss keeps
+              # (composite.py's mole_layer_routed_init_chosen; mole.py --calibrate-sharpen trains it)
+              "mole_routed_init_chosen": ("mole:mole_layer_routed_init_chosen", "lib"),
+              "mole_routed_init_chosen_abstain": ("mole_abstain:mole_layer_routed_init_chosen", "lib")}
 
 
 def main() -> None:
@@ -255,13 +262,15 @@ GENERAL = ("dlp_general", "dlp_soft_abstain_general", "arrow_abstain_general", "
            "mole_routed_abstain_general", "mole_routed_init_abstain_general", "mole_route_start_abstain_general")
 ROUTED = ("dlp", "dlp_soft", "arrow", "arrow_gks", "mbc_arrow", "mole", "mole_pooled", "mole_routed",
           "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain", "mbc_arrow_abstain",
-          "mole_routed_init", "mole_routed_init_abstain", "mole_route_start", "mole_route_start_abstain", *GENERAL)
+          "mole_routed_init", "mole_routed_init_abstain", "mole_route_start", "mole_route_start_abstain",
+          "mole_routed_init_chosen", "mole_routed_init_chosen_abstain", *GENERAL)
 # what the server runs for each router by default over a library whose DLP router stores a test:
 # DLP abstains by it at any top-p, and it stands in front of Arrow and MoLE (routers/abstention.py);
 # over the library that names a general adapter, the same routers with it serving abstentions.
 # The MBC cluster library is served with the test once a DLP router is trained for it (mbc_arrow_abstain).
 AS_SERVED = ("dlp", "dlp_soft_abstain", "arrow_abstain", "arrow_gks_abstain", "mole_routed_abstain",
-             "mbc_arrow_abstain", "mole_routed_init_abstain", "mole_route_start_abstain", *GENERAL)
+             "mbc_arrow_abstain", "mole_routed_init_abstain", "mole_route_start_abstain",
+             "mole_routed_init_chosen_abstain", *GENERAL)
 # gate sets run after their recipe's results were seen: they count against do-no-harm (a library
 # stores and serves them like any other) but never as the best routed strategy
 ABLATIONS = ("mole_route_start", "mole_route_start_abstain", "mole_route_start_abstain_general")
