@@ -96,6 +96,9 @@ def test_the_fit_standardises_and_folds_back_into_the_gate_whatever_its_temperat
     share_hot, logits_hot = fitted(2.5)
     assert share_hot == share
     torch.testing.assert_close(logits_hot, logits, atol=1e-4, rtol=1e-4)
+    one = MoleGates({"m": d}, 3, MoleConfig("layer", gate_input="input"))
+    assert fit_gates(one, fused, {"m": x[:1]}, y[:1])["m"] == 1.0  # one prompt: no spread, still finite
+    assert all(bool(p.isfinite().all()) for p in one.parameters())
 
 
 def test_training_from_a_routing_start_scores_it_first_and_keeps_it_when_nothing_beats_it(tiny_model_dir, lib,

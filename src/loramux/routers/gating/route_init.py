@@ -110,7 +110,7 @@ def fit_gates(gates: MoleGates, fused: "FusedModel", pooled: dict[str, torch.Ten
         proj = gates.projs[i]
         with torch.no_grad():
             h = gates.norms[i](gates.features(unit, pooled[unit].to(device), layer)).flatten(1)
-            mu, sd = h.mean(0), h.std(0) + _STD_EPS
+            mu, sd = h.mean(0), h.std(0, correction=0) + _STD_EPS  # one prompt: spread 0, not NaN
             z = (h - mu) / sd
             del h
         W = torch.zeros_like(proj.weight, requires_grad=True)
