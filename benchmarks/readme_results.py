@@ -126,6 +126,8 @@ def mole(d: dict) -> list[tuple[str, str]]:
                       + (f", logits x {v['sharpen']:g} chosen on validation" if v.get("sharpen", 1.0) != 1.0 else "")
                       + (", pooled over the prompt alone in training" if v.get("gate_pool") == "prompt" else "")
                       + (f", kept step {v['best_step']} ({v['kept_by']})" if v.get("kept_by") else "")
+                      + (f", start fitted {fit}" if (fit := ((v.get("curve") or [{}])[0].get("route_init") or {})
+                                                      .get("fit")) else "")
                       for k, v in d.get("training", {}).items())
     masked = d.get("masked_gates", "mole_layer")  # files written before --mask-gates masked mole_layer
     cost = f"; gating {_x(d['gate_cost_ratio'])} a fixed mixture" if d.get("gate_cost_ratio") else ""
@@ -243,11 +245,27 @@ def general_cost(d: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def general_decode_cost(d: dict) -> list[tuple[str, str]]:
+    runs = d["runs"]
+
+    def moves(run: dict) -> str:
+        r = run["tokens_per_s_vs_library"]
+        return f"no row on it {r['routed']:.2f}, 2 of 8 rows on it {r['two_general']:.2f}"
+
+    if not {"padded", "pieces"} <= set(runs):
+        return []
+    return [("compiled decode, 8 greedy rows, tokens/s with a rank-112 stand-in general adapter loaded beside the "
+             "14 rank-8 adapters / without it; the adapter table padded to the widest rank, then the general "
+             "adapter split over several positions", f"padded: {moves(runs['padded'])}; split: {moves(runs['pieces'])}")]
+
+
 SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json", serve), ("scale.json", scale),
            ("router_dlp.json", router_dlp), ("routing_real.json", routing_real),
            ("unseen_all_prompts.json", unseen), ("arrow.json", arrow), ("mole.json", mole), ("mole_routed.json", mole),
            ("mole_routed_sharpen.json", mole), ("mole_routed_pooled.json", mole), ("mole_routed_init.json", mole),
-           ("mole_route_start.json", mole), ("mole_routed_init_chosen.json", mole), ("general_cost.json", general_cost),
+           ("mole_route_start.json", mole), ("mole_routed_init_chosen.json", mole),
+           ("mole_route_start_standardized.json", mole), ("mole_routed_init_chosen_standardized.json", mole),
+           ("general_cost.json", general_cost), ("general_decode_cost.json", general_decode_cost),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
 

@@ -84,8 +84,9 @@ def main() -> None:
     ap.add_argument("--limit-per-task", type=int, default=40, help="with --library: composite prompts per task, "
                                                                     "and prompts per task for Arrow/MoLE scores")
     ap.add_argument("--output", default=str(RESULTS / "routing_real.json"))
-    ap.add_argument("--gates", default="mole_layer_route_start",
-                    help="with --only mole_formats: the stored gate set to measure")
+    ap.add_argument("--gates", default=None,
+                    help="the stored gate set to measure: with --only mole_formats (default mole_layer_route_start), "
+                         "and with --only in_forward (default mole_layer; another is kept under mole:NAME)")
     ap.add_argument("--only", choices=("in_forward", "behind_test", "mole_formats"), default=None,
                     help="in_forward: (re)measure only the Arrow/MoLE section (needs --library) and keep the rest "
                          "of --output as it is; the routers measured record this command and date. behind_test: only "
@@ -113,8 +114,9 @@ def main() -> None:
         result = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
         kept = result.get("in_forward_routers", {})
         if args.only == "mole_formats":
-            section = mole_formats(Library(Path(args.library)), base, test, args.limit_per_task, args.gates)
-            result["in_forward_routers"] = {**kept, "mole_formats": {**kept.get("mole_formats", {}), args.gates: {
+            gates = args.gates or "mole_layer_route_start"
+            section = mole_formats(Library(Path(args.library)), base, test, args.limit_per_task, gates)
+            result["in_forward_routers"] = {**kept, "mole_formats": {**kept.get("mole_formats", {}), gates: {
                 **section, **stamp, "machine": machine()}}}
         elif args.only == "behind_test":
             section = behind_test_drop(Library(Path(args.library)), base, test, args.limit_per_task)
@@ -122,8 +124,10 @@ def main() -> None:
             result["in_forward_routers"] = {**kept, "behind_dlp_test": {**section, **stamp, "machine": machine()}}
         else:
             wanted = tuple(r for r in args.routers.split(",") if r)
-            section = in_forward_scores(Library(Path(args.library)), base, test, unseen, args.limit_per_task, wanted)
-            result["in_forward_routers"] = {**kept, **section, **{r: {**section[r], **stamp} for r in wanted}}
+            section = in_forward_scores(Library(Path(args.library)), base, test, unseen, args.limit_per_task, wanted,
+                                        gates=args.gates or "mole_layer")
+            measured = [k for k in section if k.split(":")[0] in wanted]
+            result["in_forward_routers"] = {**kept, **section, **{r: {**section[r], **stamp} for r in measured}}
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
         log(f"wrote the in_forward_routers section of {args.output}")
         return
@@ -406,8 +410,10 @@ def mole_formats(lib: Library, base, test, limit: int, name: str, batch: int = 8
     return result
 
 
-def in_forward_scores(lib: Library, base, test, unseen, limit: int, routers=("arrow", "mole")) -> dict:
-    """AUROC of Arrow's and MoLE's own out-of-library scores (low confidence = outside)."""
+def in_forward_scores(lib: Library, base, test, unseen, limit: int, routers=("arrow", "mole"),
+                      gates: str = "mole_layer") -> dict:
+    """AUROC of Arrow's and MoLE's own out-of-library scores (low confidence = outside); MoLE's
+    of the stored gates `gates`, kept under "mole" for mole_layer and "mole:<gates>" otherwise."""
     from loramux.fusion import FusedModel
     from loramux.routers import load_router
 
@@ -416,11 +422,12 @@ def in_forward_scores(lib: Library, base, test, unseen, limit: int, routers=("ar
     result = {"n_in_library": len(inside), "n_out_of_library": len(outside)}
     scorers = {"arrow": ("arrow", {}, arrow_alignment,
                          "mean over real tokens and modules of max_i |cos(h, prototype_i)|"),
-               "mole": ("mole", {"name": "mole_layer"}, mole_confidence,
+               "mole": ("mole", {"name": gates}, mole_confidence,
                         "mean over the layer gates of the largest gate weight")}
-    for key, (method, options, score, what) in scorers.items():
-        if key not in routers:
+    for which, (method, options, score, what) in scorers.items():
+        if which not in routers:
             continue
+        key = f"mole:{gates}" if which == "mole" and gates != "mole_layer" else which
         fused = FusedModel(base)
         try:
             router = load_router(lib, method, fused=fused, **options)
