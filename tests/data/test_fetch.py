@@ -53,3 +53,23 @@ def test_fetch_errors(tmp_path, fake_download):
         fetch_mod.fetch_bigbench(["beta"], tmp_path)
     with pytest.raises(LoramuxError, match="no tasks given"):
         fetch_mod.fetch_bigbench([], tmp_path)
+
+
+def test_an_index_without_the_package_says_where_a_copy_is_read_from(tmp_path, monkeypatch):
+    """pip failing (an index that lists only the 0.0.1 placeholder) names the cache folder; an
+    archive put there is read without asking pip."""
+    import subprocess
+
+    calls = []
+
+    def failing(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for bigbench==1.0.0")
+
+    monkeypatch.setattr(fetch_mod.subprocess, "run", failing)
+    cache = tmp_path / "downloads"
+    with pytest.raises(LoramuxError, match="put a copy of bigbench-1.0.0.tar.gz in") as err:
+        fetch_mod._download_sdist(cache)
+    assert str(cache) in str(err.value) and len(calls) == 1
+    _sdist(cache / "bigbench-1.0.0.tar.gz")
+    assert fetch_mod._download_sdist(cache) == cache / "bigbench-1.0.0.tar.gz" and len(calls) == 1

@@ -35,7 +35,10 @@ def _download_sdist(cache: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(cache.glob("bigbench-1.0.0.tar.gz"))
     if result.returncode != 0 or not found:
-        raise LoramuxError(f"could not download {BIGBENCH_SDIST} with `{' '.join(cmd)}`:\n{result.stderr[-2000:]}")
+        raise LoramuxError(f"could not download {BIGBENCH_SDIST} with `{' '.join(cmd)}`:\n{result.stderr[-2000:]}\n"
+                           f"Where the package index does not serve it (some mirrors list only the 0.0.1 "
+                           f"placeholder, which holds no tasks), put a copy of bigbench-1.0.0.tar.gz in {cache} "
+                           f"and run again: it is read from there.")
     return found[0]
 
 
