@@ -63,7 +63,12 @@ MOLE = {"mole_layer": {"granularity": "layer"}, "mole_block": {"granularity": "b
         # its kept gates (calibrate.py): a stored gate set no longer has its start (NEEDS_GRID)
         "mole_layer_routed_init_chosen": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64},
         # an ablation: the routing start alone, no training after it (its own step count, whatever the cap)
-        "mole_layer_route_start": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64, "steps": 0}}
+        "mole_layer_route_start": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 64, "steps": 0},
+        # the same start fitted on each prompt in four training formats (routers/sentence/formats.py), half
+        # the prompts per task: gates that route the content, not only the template (routing_real.py
+        # --only mole_formats measures them on a held-out template)
+        "mole_layer_route_start_formats": {"granularity": "layer", "route_alpha": 1.0, "route_init_per_task": 32,
+                                           "route_init_formats": ("own", "raw", "qa", "instruction"), "steps": 0}}
 
 # gate sets trained only with a sharpening grid (mole.py --calibrate-sharpen), which chooses between
 # their routing start and their kept gates before they are saved; left out of the default lists
@@ -126,10 +131,12 @@ def same_gate_recipe(stored: dict, wanted: dict) -> bool:
     cap, are the gates it trains. A routing start must be fitted as today's (`ROUTE_FIT`)."""
     if stored.get("gate_pool") != "prompt":
         return False
+    wanted = json.loads(json.dumps(wanted))  # as stored: tuples read back as lists
     if wanted.get("route_init_per_task") and \
             ((stored.get("curve") or [{}])[0].get("route_init") or {}).get("fit") != ROUTE_FIT:
         return False  # a routing start fitted another way (route_init.py, ROUTE_FIT)
-    config = {"balance_over": "pooled", "route_alpha": 0.0, **(stored.get("train_config") or {})}
+    config = {"balance_over": "pooled", "route_alpha": 0.0, "route_init_formats": ["own"],
+              **(stored.get("train_config") or {})}
     if wanted["balance_alpha"] == 0:
         config, wanted = {**config, "balance_over": None}, {**wanted, "balance_over": None}
     if {**config, "steps": None} != {**wanted, "steps": None}:

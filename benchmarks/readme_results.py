@@ -120,7 +120,8 @@ def mole(d: dict) -> list[tuple[str, str]]:
              "mole_layer_routed": "layer with the routing term",
              "mole_layer_routed_init": "layer with the routing term, fitted to route first",
              "mole_layer_routed_init_chosen": "the same, start or trained gates chosen sharpened on validation",
-             "mole_layer_route_start": "layer, the routing start alone"}
+             "mole_layer_route_start": "layer, the routing start alone",
+             "mole_layer_route_start_formats": "layer, the routing start alone, fitted in four formats"}
     gates = ", ".join(f"{label} {a[k]:.3f}" for k, label in names.items() if k in a)  # the gate sets this run scored
     steps = "; ".join(f"{k} {v['steps_run']} steps, stopped on {v['stopped']}"
                       + (f", logits x {v['sharpen']:g} chosen on validation" if v.get("sharpen", 1.0) != 1.0 else "")

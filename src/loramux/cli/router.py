@@ -61,6 +61,9 @@ def train(
                                                                         "first fitted to route to the task's adapter, "
                                                                         "before training (0 = off: start uniform, "
                                                                         "as the paper does)."),
+    route_init_formats: str = typer.Option(",".join(_M.route_init_formats), help="mole: the formats each of those "
+                                           "prompts is fitted in, comma-separated, of own, raw, stripped, qa, "
+                                           "instruction, chat (own alone: the task's template)."),
     balance_over: str = typer.Option(_M.balance_over, help="mole: units (each gate balanced over the prompts it "
                                                            "sees) or pooled (one balance over all gates: the paper's)."),
     steps: int = typer.Option(_M.steps, help="mole: optimizer steps at most (training stops earlier when the "
@@ -95,7 +98,9 @@ def train(
 
         config = MoleTrainConfig(granularity=granularity, gate_input=gate_input, balance_alpha=balance_alpha,
                                  balance_over=balance_over, route_alpha=route_alpha,
-                                 route_init_per_task=route_init_per_task, lr=lr or _M.lr,
+                                 route_init_per_task=route_init_per_task,
+                                 route_init_formats=tuple(f.strip() for f in route_init_formats.split(",") if f.strip()),
+                                 lr=lr or _M.lr,
                                  steps=steps, batch_size=batch_size or _M.batch_size, seed=seed,
                                  val_per_task=val_per_task)
         fused = FusedModel(load_base(model, device=device, dtype=dtype))

@@ -119,6 +119,11 @@ def test_training_from_a_routing_start_scores_it_first_and_keeps_it_when_nothing
     plain = train_mole(fused, tasks, dataclasses.replace(config, route_init_per_task=0), progress=False,
                        log=lambda s: None)
     assert start["val_own_top_share"] > 1 / 3 and plain.info["curve"][0]["step"] == 2
+    # each prompt of the start in two formats: twice the prompts, the same examples
+    two = train_mole(fused, tasks, dataclasses.replace(config, steps=0, route_init_formats=("own", "raw")),
+                     progress=False, log=lambda s: None, owners=owners)
+    assert two.info["curve"][0]["route_init"]["prompts"] == 3 * 8 * 2
+    assert list(two.info["train_config"]["route_init_formats"]) == ["own", "raw"]
 
 
 def test_a_run_stopped_after_its_routing_start_resumes_from_it_without_fitting_again(tiny_model_dir, lib, tmp_path,

@@ -78,6 +78,9 @@ class MoleTrainConfig:
     balance_over: str = "units"  # "units": each gated unit balanced on its own; "pooled": the paper's
     route_alpha: float = 0.0  # β of the routing term (module docstring); 0: the paper's objective
     route_init_per_task: int = 0  # prompts per task the gates are first fitted to route (route_init.py); 0: none
+    # each of those prompts rendered in these formats (routers/sentence/formats.py TRAIN_FORMATS), so
+    # that the start routes the content, not only its task's template; ("own",): the template alone
+    route_init_formats: tuple[str, ...] = ("own",)
     # The paper's gate projects K·d normalised features: an early Adam step moves each weight by
     # about lr, a logit by about lr·K·d·E|h| (≈ 0.6 at 1e-4 for 14 adapters of width 576), so
     # 1e-3 flips gates from uniform to one-hot within two steps.
@@ -99,6 +102,10 @@ class MoleTrainConfig:
             raise LoramuxError(f"route_alpha must be >= 0; got {self.route_alpha!r}")
         if self.route_init_per_task < 0:
             raise LoramuxError(f"route_init_per_task must be >= 0; got {self.route_init_per_task!r}")
+        from ..sentence.formats import check_formats
+
+        object.__setattr__(self, "route_init_formats", tuple(self.route_init_formats))  # a stored list reads back
+        check_formats(self.route_init_formats)
         if self.balance_over not in BALANCE_OVER:
             raise LoramuxError(f"balance_over must be one of {', '.join(BALANCE_OVER)}; got {self.balance_over!r}")
         if not 0 <= self.balance_memory < 1:
@@ -225,7 +232,8 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
     started = time.perf_counter()
     first, elapsed = 0, 0.0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    meta = {"config": asdict(config), "adapters": list(fused.adapters), "tasks": [t.name for t in tasks],
+    # the config as a checkpoint stores it (tuples read back as lists)
+    meta = {"config": json.loads(json.dumps(asdict(config))), "adapters": list(fused.adapters), "tasks": [t.name for t in tasks],
             "owners": dict(owners) if routes else None, "gate_pool": "prompt",
             "route_fit": ROUTE_FIT if config.route_init_per_task else None}
     resumed = bool(resume and ckpt and (ckpt / _STATE).is_file())
@@ -265,9 +273,12 @@ def train_mole(fused: "FusedModel", tasks: list["Task"], config: MoleTrainConfig
 
     try:
         if config.route_init_per_task and not resumed:
+            from ..sentence.formats import render
+
             picked = sample_owned(labelled, own, config.route_init_per_task, config.seed)
-            prompts = [fmt.encode_prompt(labelled[i][0].prompt)[-config.max_seq_len:] for i in picked]
-            point = {"step": 0, "route_init": route_init(gates, fused, prompts, [own[i] for i in picked],
+            rows = [(i, f) for i in picked for f in config.route_init_formats]
+            prompts = [fmt.encode_prompt(render(labelled[i][0], f))[-config.max_seq_len:] for i, f in rows]
+            point = {"step": 0, "route_init": route_init(gates, fused, prompts, [own[i] for i, _ in rows],
                                                          batch_size=config.batch_size, log=log)}
             curve.append(point)
             if val_features:  # step 0 scores the fitted gates: a run that never beats them keeps them
@@ -422,7 +433,8 @@ def _load_checkpoint(ckpt: Path, meta: dict, gates: MoleGates, opt: torch.optim.
     cap = meta["config"]["steps"]
     meta = {**meta, "config": {**meta["config"], "steps": None}}
     if isinstance(state.get("config"), dict):  # written before balance_over (trained pooled) or route_alpha
-        state["config"] = {"balance_over": "pooled", "route_alpha": 0.0, **state["config"], "steps": None}
+        state["config"] = {"balance_over": "pooled", "route_alpha": 0.0, "route_init_formats": ["own"],
+                           **state["config"], "steps": None}
     if {k: state.get(k) for k in meta} != meta:
         diff = sorted(k for k in meta if k != "config" and state.get(k) != meta[k])
         diff += sorted(f"config.{k}" for k in meta["config"] if (state.get("config") or {}).get(k) != meta["config"][k])
