@@ -266,6 +266,7 @@ SOURCES = [("foundation.json", foundation), ("speed.json", speed), ("serve.json"
            ("mole_routed_sharpen.json", mole), ("mole_routed_pooled.json", mole), ("mole_routed_init.json", mole),
            ("mole_route_start.json", mole), ("mole_routed_init_chosen.json", mole),
            ("mole_route_start_standardized.json", mole), ("mole_routed_init_chosen_standardized.json", mole),
+           ("mole_route_start_formats.json", mole),
            ("general_cost.json", general_cost), ("general_decode_cost.json", general_decode_cost),
            ("dynamic_lora.json", dynamic_lora), ("composite.json", composite)]
 
