@@ -383,9 +383,11 @@ def mole_formats(lib: Library, base, test, limit: int, name: str, batch: int = 8
     from loramux.routers import load_router
     from loramux.routers.gating import task_owners
 
+    owners = task_owners(lib)
+    if not any(t.name in owners for t in test):
+        raise SystemExit("--only mole_formats: no test task has an own adapter in the library")
     fused = FusedModel(base)
     router = load_router(lib, "mole", fused=fused, name=name)
-    owners = task_owners(lib)
     idx = sample_indices(test, limit, 0)
     result: dict = {"what": "share of (prompt, gate) pairs whose largest weight is on the prompt's own adapter "
                             "(own_top), and the own adapter's weight averaged over gates and prompts (own_weight)",
@@ -402,7 +404,9 @@ def mole_formats(lib: Library, base, test, limit: int, name: str, batch: int = 8
                 with torch.no_grad():
                     for r in router.route(prompts[b:b + batch]):
                         units = list(r.layers.values())
-                        top.append(sum(max(w, key=w.get) == own for w in units) / len(units))
+                        # on top: strictly above every other adapter (the weights are rounded to 4
+                        # decimals, so a near-uniform gate's tie is a miss, not the first adapter's win)
+                        top.append(sum(w[own] > max(v for a, v in w.items() if a != own) for w in units) / len(units))
                         weight.append(sum(w.get(own, 0.0) for w in units) / len(units))
             per_task[t.name] = {"own_top": round(sum(top) / len(top), 4), "own_weight": round(sum(weight) / len(weight), 4)}
         result[fmt] = {k: round(sum(v[k] for v in per_task.values()) / len(per_task), 4) for k in ("own_top", "own_weight")}

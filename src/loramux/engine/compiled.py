@@ -190,8 +190,10 @@ class Slots:
     adapters have (`table_width`), and a wider adapter takes as many positions as its rank needs
     (its pieces), each row that mixes it picking all of them at its weight; a narrower one is
     zero-padded within its one position. A rank-112 general adapter beside rank-8 routed ones is 14
-    positions of 8 columns, so a row that does not mix it reads 8 columns per adapter, not 112
-    (a table padded to the widest rank cost every row that width)."""
+    positions of 8 columns, so a batch in which no row mixes it reads 8 columns per adapter, not
+    112 (a table padded to the widest rank cost every row that width). The picks per row are the
+    batch's longest, so while one row mixes the general adapter every row reads 14 positions
+    (zero-weight picks past its own)."""
 
     def __init__(self, decoder: CompiledDecoder):
         self.decoder = decoder

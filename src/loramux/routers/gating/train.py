@@ -104,8 +104,14 @@ class MoleTrainConfig:
             raise LoramuxError(f"route_init_per_task must be >= 0; got {self.route_init_per_task!r}")
         from ..sentence.formats import check_formats
 
-        object.__setattr__(self, "route_init_formats", tuple(self.route_init_formats))  # a stored list reads back
-        check_formats(self.route_init_formats)
+        if isinstance(self.route_init_formats, str):
+            raise LoramuxError(f"route_init_formats must be a sequence of format names, e.g. ('own', 'raw'); got "
+                               f"the string {self.route_init_formats!r}")
+        check_formats(tuple(self.route_init_formats))
+        # a stored list reads back as a tuple; without a start the formats change nothing, so they are
+        # not allowed to make two equal runs look like two recipes
+        object.__setattr__(self, "route_init_formats",
+                           tuple(self.route_init_formats) if self.route_init_per_task else ("own",))
         if self.balance_over not in BALANCE_OVER:
             raise LoramuxError(f"balance_over must be one of {', '.join(BALANCE_OVER)}; got {self.balance_over!r}")
         if not 0 <= self.balance_memory < 1:
