@@ -230,3 +230,14 @@ def test_the_routing_start_outlives_a_resume_when_later_gates_are_kept(tiny_mode
                          resume=True, owners=task_owners(lib))
     assert resumed.info["best_step"] == 4
     assert all(torch.allclose(whole.start[k], resumed.start[k], atol=1e-6) for k in whole.start)
+
+
+def test_route_init_formats_are_names_and_mean_nothing_without_a_start():
+    from loramux.errors import LoramuxError
+
+    with pytest.raises(LoramuxError, match="sequence of format names"):
+        MoleTrainConfig(route_init_per_task=4, route_init_formats="raw")
+    with pytest.raises(LoramuxError, match="subset of"):
+        MoleTrainConfig(route_init_per_task=4, route_init_formats=("other_template",))  # held out: never fitted
+    assert MoleTrainConfig(route_init_per_task=4, route_init_formats=["own", "raw"]).route_init_formats == ("own", "raw")
+    assert MoleTrainConfig(route_init_formats=("raw",)).route_init_formats == ("own",)  # no start: one recipe
