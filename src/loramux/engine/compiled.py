@@ -286,7 +286,7 @@ class Slots:
         for (i, proj), module in dec.fused_at.items():
             layer = dec.fused.layers[module]
             A, B = self.lora[proj]
-            r = int(layer.ranks[k]) if layer.num_slots else 0  # 0: this adapter does not adapt the module
+            r = int(layer.ranks[k])  # every fused layer has a slot per adapter; 0 where it does not adapt it
             for j, p in enumerate(where):
                 A[i, p] = 0
                 B[i, p] = 0

@@ -49,6 +49,7 @@ FIT_LR = 1e-3
 ROUTE_FIT = "standardized"
 _STD_EPS = 1e-3  # added to each feature's spread: a feature constant over the prompts is not blown up
 
+
 def sample_owned(labelled: list[tuple["Example", str]], own: list[int], per_task: int,
                  seed: int) -> list[int]:
     """Indices into `labelled` of up to `per_task` seeded examples of each task that has an own
