@@ -73,6 +73,7 @@ MOLE = {"mole_layer": {"granularity": "layer"}, "mole_block": {"granularity": "b
 # gate sets trained only with a sharpening grid (mole.py --calibrate-sharpen), which chooses between
 # their routing start and their kept gates before they are saved; left out of the default lists
 NEEDS_GRID = ("mole_layer_routed_init_chosen",)
+RECIPE_CHANGED = "its recipe changed since"  # why a row moved to `superseded` (and may come back)
 
 
 def log(msg: str) -> None:
@@ -512,6 +513,31 @@ def library_sha(lib: Library, names: list[str] | None = None) -> str:
     return hashlib.sha256(json.dumps({s.name: s.files for s in specs}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def settle_rows(result: dict, recipe: dict, wanted: list[str], rescore: set[str]) -> dict:
+    """The rows of `result` this run keeps: those whose recipe is today's, except the ones scored
+    again (`rescore`). A row left out is kept under `superseded`, never silently lost: its recipe
+    changed, or it is scored again (e.g. on a rebuilt library, so that rows compared with each other
+    come from one build of the adapters)."""
+    kept = {s: v for s, v in result.get("strategies", {}).items()
+            if result.get("recipes", {}).get(s) == recipe.get(s) and s not in rescore}
+    superseded = result.setdefault("superseded", {})
+    for s, row in result.get("strategies", {}).items():
+        if s not in kept:
+            why = ("scored again (--rescore) by the run of " + datetime.now(timezone.utc).date().isoformat()
+                   if s in rescore and result.get("recipes", {}).get(s) == recipe.get(s) else RECIPE_CHANGED)
+            superseded[superseded_key(superseded, s, f"build{row.get('library_sha')}")] = {
+                "why": why, "row": row, "recipe": result.get("recipes", {}).get(s), "command": result.get("command"),
+                "date": result.get("date")}
+    # and one set aside by a run with other flags comes back when they match again (the newest such)
+    for key in reversed(list(superseded)):
+        s, old = key.split("@")[0], superseded[key]
+        if s in wanted and s not in kept and s not in rescore and old.get("why") == RECIPE_CHANGED \
+                and old.get("recipe") == recipe.get(s):
+            kept[s] = superseded.pop(key)["row"]
+            log(f"{s}: its row set aside by an earlier run has this recipe again; restored")
+    return kept
+
+
 def main() -> None:
     ap = common_args(__doc__)
     ap.add_argument("--mole-steps", type=int, default=400, help="at most (validation stops it)")
@@ -550,19 +576,7 @@ def main() -> None:
     # Rows already in the output with the same recipe stay: each is hours of CPU, and a run that
     # spans sessions (or machines, with the adapter cache gone) goes on from what was committed.
     result = json.loads(out.read_text()) if out.is_file() else {}
-    kept = {s: v for s, v in result.get("strategies", {}).items()
-            if result.get("recipes", {}).get(s) == recipe.get(s) and s not in rescore}
-    # a row left out is kept under superseded (never silently lost): its recipe changed, or it is
-    # scored again here (--rescore: on a rebuilt library, so that rows compared with each other
-    # come from one build of the adapters)
-    superseded = result.setdefault("superseded", {})
-    for s, row in result.get("strategies", {}).items():
-        if s not in kept:
-            why = ("scored again (--rescore) by the run of " + datetime.now(timezone.utc).date().isoformat()
-                   if s in rescore and result.get("recipes", {}).get(s) == recipe.get(s) else "its recipe changed since")
-            superseded[superseded_key(superseded, s, f"build{row.get('library_sha')}")] = {
-                "why": why, "row": row, "recipe": result.get("recipes", {}).get(s), "command": result.get("command"),
-                "date": result.get("date")}
+    kept = settle_rows(result, recipe, wanted, rescore)
     result.update(strategies=kept, recipes={s: recipe[s] for s in kept})
     todo = [s for s in wanted if s not in kept]
     log(f"kept from {out.name}: {sorted(kept) or 'none'}; to compute: {todo or 'none'}")
