@@ -649,15 +649,22 @@ def main() -> None:
         dynamic = Library(dyn_path)
     # costs: every kind this run can measure, side by side; kinds it cannot (no library built this
     # run) keep their ratios from the run that measured them
+    measured: dict[str, float] = {}
     if lib is not None or dynamic is not None:
         fixed = Library(lib_path.with_name(lib_path.name + "-baselines")) if lib is not None else None
-        kinds.update(kind_ratios(base, lib, dynamic, fixed=fixed))
+        measured = kind_ratios(base, lib, dynamic, fixed=fixed)
+        kinds.update(measured)
         result["cost_measured"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                   "kinds": sorted(kinds)}
+                                   "kinds": sorted(measured)}
+    for k in [k for k in kinds if k not in measured and all(kind_of(s) != k for s in result["strategies"])]:
+        del kinds[k]  # an older run's ratio that no row uses any more
     for s, v in result["strategies"].items():
         v["cost_ratio"] = kinds.get(kind_of(s))  # None until a run with what it needs measures it
-    if "mole_layer" in kinds and "uniform" in kinds:
-        result["mole_gate_cost_ratio"] = round(kinds["mole_layer"] / kinds["uniform"], 3)
+    # MoLE's gating over the uniform mixture of the same adapters (issue 6), both from one run
+    if {"mole_layer", "uniform"} <= measured.keys():
+        result["mole_gate_cost_ratio"] = round(measured["mole_layer"] / measured["uniform"], 3)
+    elif "mole_layer" not in kinds:
+        result.pop("mole_gate_cost_ratio", None)
     order = [s for s in (*ROUTED, *FIXED, *EXTRAS.values()) if s in result["strategies"]]
     result["strategies"] = {s: result["strategies"][s] for s in order}
     result.update({"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
