@@ -572,7 +572,7 @@ def main() -> None:
     lib_path = Path(args.library or default_library_path())
     tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
     train, test = load_tasks(args.data_dir, tasks, "train"), load_tasks(args.data_dir, tasks, "test")
-    recipe = recipes(args, base, train)
+    recipe = json.loads(json.dumps(recipes(args, base, train)))  # as stored: tuples read back as lists
     # Rows already in the output with the same recipe stay: each is hours of CPU, and a run that
     # spans sessions (or machines, with the adapter cache gone) goes on from what was committed.
     result = json.loads(out.read_text()) if out.is_file() else {}
@@ -671,6 +671,10 @@ def main() -> None:
                    "machine": machine(), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps,
                    "wall_seconds_last_run": round(time.perf_counter() - started, 1), "home": str(loramux_home()),
                    "missing": [s for s in wanted if s not in result["strategies"]]})
+    if (lib_path / "loramux-library.json").is_file():  # gate sets trained by mole.py: their stored time
+        stored = Library(lib_path).routers()
+        for s in (s for s in MOLE if s in result["strategies"] and s not in timings and s in stored):
+            timings[s] = gate_info(Library(lib_path), s).get("seconds")
     result["cold_run_seconds"] = cold_run_seconds(result, lib_path, timings, args.mbc_k)
     builds = {v["library_sha"] for s, v in result["strategies"].items() if s in ROUTED}
     if len(builds) > 1:
@@ -685,11 +689,11 @@ def cold_run_seconds(result: dict, lib_path: Path, timings: dict, mbc_k: int) ->
     Parts whose library is not on this machine are left out and named in `not_here`."""
     seen: set[str] = set()
 
-    def trained(path: Path) -> float | None:
-        if not (path / "loramux-library.json").is_file():
+    def trained(path: Path, only: str | None = None) -> float | None:
+        if not (path / "loramux-library.json").is_file() or (only and only not in Library(path)):
             return None
         total = 0.0
-        for spec in Library(path).list():
+        for spec in Library(path).list() if only is None else [Library(path).get(only)]:
             t = spec.training
             key = json.dumps([t.data, t.config], sort_keys=True) if t else None
             if t is None or key in seen:
@@ -699,10 +703,12 @@ def cold_run_seconds(result: dict, lib_path: Path, timings: dict, mbc_k: int) ->
         return round(total, 1)
 
     parts = {"library": trained(lib_path),
-             "multitask": trained(lib_path.with_name(lib_path.name + "-baselines")),
+             "multitask": trained(lib_path.with_name(lib_path.name + "-baselines"), "multitask"),
              f"mbc_k{mbc_k}": trained(lib_path.with_name(f"{lib_path.name}-mbc{mbc_k}")),
              "dynamic_oracle": trained(lib_path.with_name(lib_path.name + "-dynamic-oracle")),
-             **{f"train_{k}": v for k, v in timings.items() if k != "dynamic_oracle"},
+             # what this file's rows used (a gate set or merge trained for a row since superseded is not)
+             **{f"train_{k}": v for k, v in timings.items()
+                if k == "dlp" or (k in result["strategies"] and k != "dynamic_oracle")},  # that one: its library
              "scoring": round(sum(v.get("seconds") or 0.0 for v in result["strategies"].values()), 1)}
     if any(s.startswith("dlp") for s in result["strategies"]):  # a router trained by an older run has no timing
         parts.setdefault("train_dlp", None)
