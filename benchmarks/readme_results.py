@@ -161,9 +161,13 @@ def _gain(d: dict) -> str:
 def composite(d: dict) -> list[tuple[str, str]]:
     s = d["strategies"]
     best = sorted(s, key=lambda k: -s[k]["average"])
+    build = s.get("oracle", {}).get("library_sha")
+    own = [k for k in best if s[k].get("library_sha") != build]  # merges, multi-task, MBC, Dynamic: own weights
     return [(f"every strategy, 14 test sets mixed ({d['limit_per_task']} prompts each; `composite.md`)",
              "average " + ", ".join(f"{k} {s[k]['average']:.3f}" for k in best)
-             + (f" (still to run: {', '.join(d['missing'])})" if d.get("missing") else ""))]
+             + (f" (still to run: {', '.join(d['missing'])})" if d.get("missing") else "")
+             + (f"; the library's rows from one build (sha {build[:8]}); {', '.join(own)}: their own weights"
+                if build and own else ""))]
 
 
 def routing_real(d: dict) -> list[tuple[str, str]]:
