@@ -585,7 +585,9 @@ def main() -> None:
     kinds: dict = result.setdefault("cost_kind_ratios", {})
 
     def keep(name: str, row: dict, sha: str) -> None:
-        result["strategies"][name] = {**row, "library_sha": sha}
+        # each row names the run that scored it: the file's `command` is only the last run's
+        result["strategies"][name] = {**row, "library_sha": sha, "command": "python " + " ".join(sys.argv),
+                                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result["recipes"][name] = recipe[name]
         log(f"{name}: average {row['average']:.4f}")
         write(result, out)
