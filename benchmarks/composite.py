@@ -73,7 +73,12 @@ MOLE = {"mole_layer": {"granularity": "layer"}, "mole_block": {"granularity": "b
 # gate sets trained only with a sharpening grid (mole.py --calibrate-sharpen), which chooses between
 # their routing start and their kept gates before they are saved; left out of the default lists
 NEEDS_GRID = ("mole_layer_routed_init_chosen",)
-RECIPE_CHANGED = "its recipe changed since"  # why a row moved to `superseded` (and may come back)
+# gate sets run after their recipe's results were seen (the routing start alone, and fitted in
+# several formats): reported, and marked so, beside the recipe they ablate
+MOLE_ABLATIONS = ("mole_layer_route_start", "mole_layer_route_start_formats")
+# why a row moved to `superseded`: the first kind may come back (restore), the second not
+RECIPE_CHANGED = "its recipe changed since"
+OTHER_BUILD = "scored on another build of the library; scored again (--rescore)"
 
 
 def log(msg: str) -> None:
@@ -483,6 +488,7 @@ def setup(args) -> tuple:
 
 ROUTED = ("base", "oracle", "uniform", "dlp_p0.3", "dlp_p0.6", "dlp_p0.9", "dlp_p1.0", *MOLE, "arrow")
 FIXED = ("ties", "dare", "multitask")
+DERIVED = (*ROUTED, "ties", "dare")  # rows whose weights are the private library's, or merged from it
 EXTRAS = {"mbc": "mbc_arrow", "dynamic": "dynamic_oracle"}
 
 
@@ -513,29 +519,42 @@ def library_sha(lib: Library, names: list[str] | None = None) -> str:
     return hashlib.sha256(json.dumps({s.name: s.files for s in specs}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def settle_rows(result: dict, recipe: dict, wanted: list[str], rescore: set[str]) -> dict:
-    """The rows of `result` this run keeps: those whose recipe is today's, except the ones scored
-    again (`rescore`). A row left out is kept under `superseded`, never silently lost: its recipe
-    changed, or it is scored again (e.g. on a rebuilt library, so that rows compared with each other
-    come from one build of the adapters)."""
-    kept = {s: v for s, v in result.get("strategies", {}).items()
-            if result.get("recipes", {}).get(s) == recipe.get(s) and s not in rescore}
-    superseded = result.setdefault("superseded", {})
+def row_build(row: dict) -> str | None:
+    """The build of the private library a row was scored on (a merge records the library it merged;
+    a library row's own weights are that build)."""
+    return row.get("build", row.get("library_sha"))
+
+
+def set_aside(result: dict, recipe: dict, wanted: list[str], rescore: set[str], build: str | None) -> dict:
+    """The rows of `result` this run keeps. A wanted row whose recipe changed, or one named in
+    `rescore` that another build of the private library scored (`build`: today's, None when none is
+    built yet), moves to `superseded`, never silently lost; so a resumed --rescore run goes on where
+    it stopped. Rows this run does not ask for stay as they are."""
+    recipes, superseded = result.get("recipes", {}), result.setdefault("superseded", {})
+    kept = {}
     for s, row in result.get("strategies", {}).items():
-        if s not in kept:
-            why = ("scored again (--rescore) by the run of " + datetime.now(timezone.utc).date().isoformat()
-                   if s in rescore and result.get("recipes", {}).get(s) == recipe.get(s) else RECIPE_CHANGED)
-            superseded[superseded_key(superseded, s, f"build{row.get('library_sha')}")] = {
-                "why": why, "row": row, "recipe": result.get("recipes", {}).get(s), "command": result.get("command"),
-                "date": result.get("date")}
-    # and one set aside by a run with other flags comes back when they match again (the newest such)
+        stale = s in wanted and recipes.get(s) != recipe.get(s)
+        rebuilt = s in rescore and (build is None or row_build(row) != build)
+        if not (stale or rebuilt):
+            kept[s] = row
+            continue
+        superseded[superseded_key(superseded, s, f"build{row.get('library_sha')}")] = {
+            "why": RECIPE_CHANGED if stale else OTHER_BUILD, "row": row, "recipe": recipes.get(s),
+            "command": row.get("command", result.get("command")), "date": row.get("date", result.get("date"))}
+    return kept
+
+
+def restore(result: dict, recipe: dict, wanted: list[str], kept: dict, build: str | None) -> None:
+    """Bring back into `kept` each wanted row that a run with other flags set aside, when today's
+    flags give its recipe again (the newest such), and, for a row of the private library's weights,
+    when it was scored on today's build."""
+    superseded = result.get("superseded", {})
     for key in reversed(list(superseded)):
         s, old = key.split("@")[0], superseded[key]
-        if s in wanted and s not in kept and s not in rescore and old.get("why") == RECIPE_CHANGED \
-                and old.get("recipe") == recipe.get(s):
+        if s in wanted and s not in kept and old.get("why") == RECIPE_CHANGED and old.get("recipe") == recipe.get(s) \
+                and (s not in DERIVED or row_build(old["row"]) == build):
             kept[s] = superseded.pop(key)["row"]
             log(f"{s}: its row set aside by an earlier run has this recipe again; restored")
-    return kept
 
 
 def main() -> None:
@@ -565,9 +584,11 @@ def main() -> None:
         [*(s for s in ROUTED if s not in NEEDS_GRID), *FIXED, *(EXTRAS[e] for e in sorted(extras))]
     known = (*ROUTED, *FIXED, *EXTRAS.values())
     rescore = set(filter(None, args.rescore.split(",")))
-    if set(wanted) - set(known) or rescore - set(wanted):
-        raise SystemExit(f"--strategies {sorted(set(wanted) - set(known))}: unknown; choose from {', '.join(known)}"
-                         if set(wanted) - set(known) else f"--rescore {sorted(rescore - set(wanted))}: not in --strategies")
+    if set(wanted) - set(known):
+        raise SystemExit(f"--strategies {sorted(set(wanted) - set(known))}: unknown; choose from {', '.join(known)}")
+    if rescore - set(wanted):
+        raise SystemExit(f"--rescore {sorted(rescore - set(wanted))}: not among the strategies this run scores "
+                         f"({', '.join(wanted)})")
     base = load_base(args.model) if args.model else load_base()
     lib_path = Path(args.library or default_library_path())
     tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in Path(args.data_dir).iterdir() if p.is_dir())
@@ -576,17 +597,21 @@ def main() -> None:
     # Rows already in the output with the same recipe stay: each is hours of CPU, and a run that
     # spans sessions (or machines, with the adapter cache gone) goes on from what was committed.
     result = json.loads(out.read_text()) if out.is_file() else {}
-    kept = settle_rows(result, recipe, wanted, rescore)
-    result.update(strategies=kept, recipes={s: recipe[s] for s in kept})
+    build = library_sha(Library(lib_path)) if (lib_path / "loramux-library.json").is_file() else None
+    kept = set_aside(result, recipe, wanted, rescore, build)
+    restore(result, recipe, wanted, kept, build)
+    stored = result.get("recipes", {})
+    result.update(strategies=kept, recipes={s: recipe[s] if s in wanted else stored.get(s, recipe.get(s)) for s in kept})
     todo = [s for s in wanted if s not in kept]
     log(f"kept from {out.name}: {sorted(kept) or 'none'}; to compute: {todo or 'none'}")
     config = EvalConfig((), args.limit_per_task, args.seed, cache_dir=str(prediction_cache_path()))
     timings: dict = result.setdefault("train_seconds", {})
     kinds: dict = result.setdefault("cost_kind_ratios", {})
 
-    def keep(name: str, row: dict, sha: str) -> None:
+    def keep(name: str, row: dict, sha: str, build: str | None = None) -> None:
         # each row names the run that scored it: the file's `command` is only the last run's
-        result["strategies"][name] = {**row, "library_sha": sha, "command": "python " + " ".join(sys.argv),
+        result["strategies"][name] = {**row, "library_sha": sha, **({"build": build} if build else {}),
+                                      "command": "python " + " ".join(sys.argv),
                                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result["recipes"][name] = recipe[name]
         log(f"{name}: average {row['average']:.4f}")
@@ -621,7 +646,7 @@ def main() -> None:
             fused = FusedModel(base)
             r = evaluate(fused, side, test, dataclasses.replace(config, strategies=("oracle",)), log=log)
             fused.unfuse()
-            keep(s, r["strategies"]["oracle"], library_sha(work, [s]))
+            keep(s, r["strategies"]["oracle"], library_sha(work, [s]), library_sha(lib) if s in DERIVED else None)
     dynamic = None
     if "mbc_arrow" in todo:  # the MBC cluster library, routed by Arrow
         k = args.mbc_k
@@ -658,8 +683,8 @@ def main() -> None:
         kinds.update(measured)
         result["cost_measured"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                    "kinds": sorted(measured)}
-    for k in [k for k in kinds if k not in measured and all(kind_of(s) != k for s in result["strategies"])]:
-        del kinds[k]  # an older run's ratio that no row uses any more
+    for k in [k for k in kinds if k != "base" and all(kind_of(s) != k for s in result["strategies"])]:
+        del kinds[k]  # a ratio no row uses (a gate set stored in the library but not scored here, say)
     for s, v in result["strategies"].items():
         v["cost_ratio"] = kinds.get(kind_of(s))  # None until a run with what it needs measures it
     # MoLE's gating over the uniform mixture of the same adapters (issue 6), both from one run
@@ -673,10 +698,6 @@ def main() -> None:
                    "machine": machine(), "limit_per_task": args.limit_per_task, "mole_steps": args.mole_steps,
                    "wall_seconds_last_run": round(time.perf_counter() - started, 1), "home": str(loramux_home()),
                    "missing": [s for s in wanted if s not in result["strategies"]]})
-    if (lib_path / "loramux-library.json").is_file():  # gate sets trained by mole.py: their stored time
-        stored = Library(lib_path).routers()
-        for s in (s for s in MOLE if s in result["strategies"] and s not in timings and s in stored):
-            timings[s] = gate_info(Library(lib_path), s).get("seconds")
     result["cold_run_seconds"] = cold_run_seconds(result, lib_path, timings, args.mbc_k)
     builds = {v["library_sha"] for s, v in result["strategies"].items() if s in ROUTED}
     if len(builds) > 1:
@@ -708,12 +729,16 @@ def cold_run_seconds(result: dict, lib_path: Path, timings: dict, mbc_k: int) ->
              "multitask": trained(lib_path.with_name(lib_path.name + "-baselines"), "multitask"),
              f"mbc_k{mbc_k}": trained(lib_path.with_name(f"{lib_path.name}-mbc{mbc_k}")),
              "dynamic_oracle": trained(lib_path.with_name(lib_path.name + "-dynamic-oracle")),
-             # what this file's rows used (a gate set or merge trained for a row since superseded is not)
-             **{f"train_{k}": v for k, v in timings.items()
-                if k == "dlp" or (k in result["strategies"] and k != "dynamic_oracle")},  # that one: its library
+             # the routers, gates and merges this file's rows used (not those of superseded rows); the
+             # Dynamic LoRAs' training is their library's, above
+             **{f"train_{k}": v for k, v in timings.items() if k in result["strategies"] and k != "dynamic_oracle"},
              "scoring": round(sum(v.get("seconds") or 0.0 for v in result["strategies"].values()), 1)}
     if any(s.startswith("dlp") for s in result["strategies"]):  # a router trained by an older run has no timing
-        parts.setdefault("train_dlp", None)
+        parts["train_dlp"] = timings.get("dlp")
+    gates = [s for s in MOLE if s in result["strategies"]]
+    stored = Library(lib_path).routers() if gates and (lib_path / "loramux-library.json").is_file() else {}
+    for s in gates:  # the stored gates' own record, whoever trained them (mole.py trains some)
+        parts[f"train_{s}"] = gate_info(Library(lib_path), s).get("seconds") if s in stored else None
     out = {k: v for k, v in parts.items() if v is not None}
     out["total"] = round(sum(out.values()), 1)
     out["not_here"] = sorted(k for k, v in parts.items() if v is None)
@@ -746,8 +771,9 @@ def targets(result: dict) -> list[str]:
     for m in (m for m in MOLE if m in avg):
         if comparable(m, "uniform", "oracle"):  # issue 27's goals for MoLE (masking: mole.py)
             u, o = avg["uniform"], avg["oracle"]
-            check(f"MoLE ({m}) ≥ uniform mixture + 5 points", avg[m] >= u + 0.05, f"{pts(avg[m])} vs {pts(u)}")
-            check(f"MoLE ({m}) ≥ oracle − 3 points", avg[m] >= o - 0.03, f"{pts(avg[m])} vs {pts(o)}")
+            tag = f"MoLE ({m}{', an ablation' if m in MOLE_ABLATIONS else ''})"
+            check(f"{tag} ≥ uniform mixture + 5 points", avg[m] >= u + 0.05, f"{pts(avg[m])} vs {pts(u)}")
+            check(f"{tag} ≥ oracle − 3 points", avg[m] >= o - 0.03, f"{pts(avg[m])} vs {pts(o)}")
     for a in (a for a in ("arrow", "mbc_arrow") if a in avg and "base" in avg):
         check(f"{a} ≥ base", avg[a] >= avg["base"], f"{pts(avg[a])} vs {pts(avg['base'])}")
     if "multitask" in avg:

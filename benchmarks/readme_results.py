@@ -162,12 +162,18 @@ def composite(d: dict) -> list[tuple[str, str]]:
     s = d["strategies"]
     best = sorted(s, key=lambda k: -s[k]["average"])
     build = s.get("oracle", {}).get("library_sha")
-    own = [k for k in best if s[k].get("library_sha") != build]  # merges, multi-task, MBC, Dynamic: own weights
+    own = [k for k in best if k in OWN_WEIGHTS]
+    older = [k for k in best if k not in OWN_WEIGHTS and s[k].get("build", s[k].get("library_sha")) != build]
     return [(f"every strategy, 14 test sets mixed ({d['limit_per_task']} prompts each; `composite.md`)",
              "average " + ", ".join(f"{k} {s[k]['average']:.3f}" for k in best)
              + (f" (still to run: {', '.join(d['missing'])})" if d.get("missing") else "")
-             + (f"; the library's rows from one build (sha {build[:8]}); {', '.join(own)}: their own weights"
-                if build and own else ""))]
+             + (f"; the library's rows from one build (sha {build[:8]})" if build else "")
+             + (f"; {', '.join(own)}: weights of their own" if own else "")
+             + (f"; {', '.join(older)}: an older build" if older else ""))]
+
+
+# composite.json rows whose weights are not the private library's (merged, trained apart)
+OWN_WEIGHTS = ("ties", "dare", "multitask", "mbc_arrow", "dynamic_oracle")
 
 
 def routing_real(d: dict) -> list[tuple[str, str]]:
