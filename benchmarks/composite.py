@@ -568,8 +568,9 @@ def main() -> None:
     ap.add_argument("--with", dest="extra", default="", help="mbc,dynamic: also the library-sized extras")
     ap.add_argument("--strategies", default=None, help="score only these (default: all built)")
     ap.add_argument("--rescore", default="",
-                    help="score these strategies again even where a row of their recipe is kept (e.g. after the "
-                         "library was rebuilt); the old rows move to `superseded`")
+                    help="score these strategies again where their row came from another build of the private "
+                         "library (after a rebuild, so that rows compared come from one build); the old rows "
+                         "move to `superseded`")
     ap.add_argument("--output", default=str(RESULTS / "composite.json"))
     args = ap.parse_args()
 
@@ -608,9 +609,9 @@ def main() -> None:
     timings: dict = result.setdefault("train_seconds", {})
     kinds: dict = result.setdefault("cost_kind_ratios", {})
 
-    def keep(name: str, row: dict, sha: str, build: str | None = None) -> None:
+    def keep(name: str, row: dict, sha: str, merged_from: str | None = None) -> None:
         # each row names the run that scored it: the file's `command` is only the last run's
-        result["strategies"][name] = {**row, "library_sha": sha, **({"build": build} if build else {}),
+        result["strategies"][name] = {**row, "library_sha": sha, **({"build": merged_from} if merged_from else {}),
                                       "command": "python " + " ".join(sys.argv),
                                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result["recipes"][name] = recipe[name]
