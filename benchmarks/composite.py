@@ -737,9 +737,10 @@ def cold_run_seconds(result: dict, lib_path: Path, timings: dict, mbc_k: int) ->
     if any(s.startswith("dlp") for s in result["strategies"]):  # a router trained by an older run has no timing
         parts["train_dlp"] = timings.get("dlp")
     gates = [s for s in MOLE if s in result["strategies"]]
-    stored = Library(lib_path).routers() if gates and (lib_path / "loramux-library.json").is_file() else {}
+    lib = Library(lib_path) if gates and (lib_path / "loramux-library.json").is_file() else None
+    stored = lib.routers() if lib is not None else {}
     for s in gates:  # the stored gates' own record, whoever trained them (mole.py trains some)
-        parts[f"train_{s}"] = gate_info(Library(lib_path), s).get("seconds") if s in stored else None
+        parts[f"train_{s}"] = gate_info(lib, s).get("seconds") if s in stored else None
     out = {k: v for k, v in parts.items() if v is not None}
     out["total"] = round(sum(out.values()), 1)
     out["not_here"] = sorted(k for k, v in parts.items() if v is None)

@@ -99,7 +99,7 @@ def train(
         config = MoleTrainConfig(granularity=granularity, gate_input=gate_input, balance_alpha=balance_alpha,
                                  balance_over=balance_over, route_alpha=route_alpha,
                                  route_init_per_task=route_init_per_task,
-                                 route_init_formats=tuple(f.strip() for f in route_init_formats.split(",") if f.strip()),
+                                 route_init_formats=tuple(_names(route_init_formats) or ()),
                                  lr=lr or _M.lr,
                                  steps=steps, batch_size=batch_size or _M.batch_size, seed=seed,
                                  val_per_task=val_per_task)
